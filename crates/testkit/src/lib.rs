@@ -1,1 +1,11 @@
-//! testkit
+//! Test-only helpers: every test gets its own PostgreSQL database and its own RabbitMQ
+//! vhost, both removed when the guard drops, so tests run in parallel, beside a running
+//! orderflow, and leave nothing behind. A test that cannot reach a server fails.
+
+mod broker;
+mod db;
+mod wait;
+
+pub use broker::*;
+pub use db::*;
+pub use wait::wait_until;

@@ -1,0 +1,1 @@
+//! Owned by the event-store work: `TestDb`.
