@@ -18,7 +18,13 @@ pub const REJECT_ORDER: &str = "order.reject";
 pub const SET_STOCK: &str = "stock.set";
 
 /// Every routing key the commands exchange accepts.
-pub const ROUTING_KEYS: [&str; 5] = [PLACE_ORDER, CANCEL_ORDER, APPROVE_ORDER, REJECT_ORDER, SET_STOCK];
+pub const ROUTING_KEYS: [&str; 5] = [
+    PLACE_ORDER,
+    CANCEL_ORDER,
+    APPROVE_ORDER,
+    REJECT_ORDER,
+    SET_STOCK,
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderLine {
@@ -155,7 +161,9 @@ pub fn decode(routing_key: &str, body: &[u8]) -> Result<Command, CommandDecodeEr
         });
     }
     if !ROUTING_KEYS.contains(&routing_key) {
-        return Err(CommandDecodeError::UnknownRoutingKey(routing_key.to_owned()));
+        return Err(CommandDecodeError::UnknownRoutingKey(
+            routing_key.to_owned(),
+        ));
     }
     let text = std::str::from_utf8(body).map_err(|_| CommandDecodeError::NotUtf8)?;
     let invalid = |e: serde_json::Error| CommandDecodeError::InvalidBody {
@@ -193,7 +201,9 @@ mod tests {
     #[test]
     fn decodes_a_place_order() {
         let cmd = decode_json(PLACE_ORDER, &place_body()).expect("valid body");
-        let Command::PlaceOrder(p) = cmd else { panic!("wrong command") };
+        let Command::PlaceOrder(p) = cmd else {
+            panic!("wrong command")
+        };
         assert_eq!(p.items[0].quantity, 2);
         assert_eq!(p.shipping.map(|s| s.method), Some(ShippingMethod::Express));
     }
@@ -202,9 +212,14 @@ mod tests {
     fn null_shipping_is_a_digital_order_but_missing_shipping_is_an_error() {
         let mut body = place_body();
         body["shipping"] = serde_json::Value::Null;
-        assert!(matches!(decode_json(PLACE_ORDER, &body), Ok(Command::PlaceOrder(p)) if p.shipping.is_none()));
+        assert!(
+            matches!(decode_json(PLACE_ORDER, &body), Ok(Command::PlaceOrder(p)) if p.shipping.is_none())
+        );
         body.as_object_mut().map(|o| o.remove("shipping"));
-        assert!(matches!(decode_json(PLACE_ORDER, &body), Err(CommandDecodeError::InvalidBody { .. })));
+        assert!(matches!(
+            decode_json(PLACE_ORDER, &body),
+            Err(CommandDecodeError::InvalidBody { .. })
+        ));
     }
 
     #[test]
@@ -217,7 +232,9 @@ mod tests {
         assert!(decode_json(PLACE_ORDER, &body).is_err());
         assert_eq!(
             decode(PLACE_ORDER.replace("place", "teleport").as_str(), b"{}"),
-            Err(CommandDecodeError::UnknownRoutingKey("order.teleport".into()))
+            Err(CommandDecodeError::UnknownRoutingKey(
+                "order.teleport".into()
+            ))
         );
         assert!(matches!(
             decode(SET_STOCK, &vec![b' '; MAX_BODY_BYTES + 1]),
@@ -229,7 +246,10 @@ mod tests {
 
     #[test]
     fn commands_round_trip_through_their_bodies() {
-        let cmd = Command::SetStock(SetStock { sku: "A".into(), quantity: 3 });
+        let cmd = Command::SetStock(SetStock {
+            sku: "A".into(),
+            quantity: 3,
+        });
         assert_eq!(decode(cmd.routing_key(), &cmd.to_body()), Ok(cmd));
     }
 }

@@ -373,7 +373,10 @@ pub enum DecodeError {
     #[error("unknown event type '{0}'")]
     UnknownType(String),
     #[error("event type '{event_type}' has no decoder for schema version {schema_version}")]
-    UnknownVersion { event_type: String, schema_version: i32 },
+    UnknownVersion {
+        event_type: String,
+        schema_version: i32,
+    },
     #[error("malformed {event_type} payload: {reason}")]
     Malformed { event_type: String, reason: String },
 }
@@ -533,17 +536,25 @@ mod tests {
     #[test]
     fn unknown_types_and_versions_are_errors_not_panics() {
         let p = serde_json::json!({});
-        assert!(matches!(DomainEvent::decode("Nope", 1, &p), Err(DecodeError::UnknownType(_))));
+        assert!(matches!(
+            DomainEvent::decode("Nope", 1, &p),
+            Err(DecodeError::UnknownType(_))
+        ));
         assert!(matches!(
             DomainEvent::decode("StockSet", 99, &p),
             Err(DecodeError::UnknownVersion { .. })
         ));
-        assert!(matches!(DomainEvent::decode("StockSet", 1, &p), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(
+            DomainEvent::decode("StockSet", 1, &p),
+            Err(DecodeError::Malformed { .. })
+        ));
     }
 
     #[test]
     fn event_type_names_match_the_catalogue() {
-        let e = DomainEvent::PaymentTimedOut(PaymentTimedOut { order_id: Uuid::nil() });
+        let e = DomainEvent::PaymentTimedOut(PaymentTimedOut {
+            order_id: Uuid::nil(),
+        });
         let tagged = serde_json::to_value(&e).unwrap_or_default();
         assert_eq!(tagged["type"], e.event_type());
         assert!(EVENT_TYPES.contains(&e.event_type()));

@@ -19,8 +19,17 @@ mod tests {
     #[test]
     fn derived_ids_are_stable_and_distinct() {
         let m = Uuid::from_u128(42);
-        assert_eq!(derive_event_id(m, "order", 0), derive_event_id(m, "order", 0));
-        assert_ne!(derive_event_id(m, "order", 0), derive_event_id(m, "order", 1));
-        assert_ne!(derive_event_id(m, "order", 0), derive_event_id(m, "payment", 0));
+        assert_eq!(
+            derive_event_id(m, "order", 0),
+            derive_event_id(m, "order", 0)
+        );
+        assert_ne!(
+            derive_event_id(m, "order", 0),
+            derive_event_id(m, "order", 1)
+        );
+        assert_ne!(
+            derive_event_id(m, "order", 0),
+            derive_event_id(m, "payment", 0)
+        );
     }
 }
