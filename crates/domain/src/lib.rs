@@ -13,14 +13,20 @@ pub mod events;
 pub mod ids;
 pub mod money;
 pub mod order;
+pub mod payment;
 pub mod rules;
+pub mod shipment;
+pub mod stock;
 pub mod streams;
 
 pub use events::{DecodeError, DomainEvent, EventEnvelope};
 pub use ids::derive_event_id;
 pub use money::Cents;
 pub use order::{OrderInput, OrderState, OrderStatus};
+pub use payment::{GatewayAction, PaymentInput, PaymentState};
 pub use rules::Rules;
+pub use shipment::{ShipmentInput, ShipmentState};
+pub use stock::{StockInput, StockState};
 
 /// A state folded from the events of one stream.
 pub trait Evolve: Default {

@@ -1,0 +1,230 @@
+//! One order's payment, folded from its `payment-<order id>` stream.
+//!
+//! The payment service records the request (with the payment timer), asks
+//! [`next_action`] what to tell the gateway, and records the gateway's answer. It
+//! compensates by itself: a capture that is, or becomes, unwanted (the order was
+//! cancelled, or the payment had timed out) is refunded; a request in flight when the
+//! order is cancelled is voided, and a capture that still arrives is refunded.
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::events::{
+    DomainEvent, OrderAccepted, PaymentCaptured, PaymentDeclined, PaymentRefunded,
+    PaymentRequested, PaymentTimedOut, PaymentVoided,
+};
+use crate::rules;
+use crate::{Cents, Evolve};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PaymentState {
+    pub requested: Option<PaymentRequested>,
+    /// The amount captured; `None` until captured.
+    pub captured_cents: Option<Cents>,
+    pub refunded_cents: Cents,
+    pub declined: bool,
+    pub timed_out: bool,
+    pub voided: bool,
+    /// The order was cancelled: any capture is to be refunded. Set by `PaymentVoided`,
+    /// and by folding the order's `OrderCancelled` event (not on this stream) into the
+    /// state: the payment service does so when handling `OrderCancelled`.
+    pub order_cancelled: bool,
+    /// The last `stream_version` of `payment-<id>` folded (0-based); `None` for an
+    /// empty stream. `OrderCancelled` does not count.
+    pub version: Option<i64>,
+}
+
+impl PaymentState {
+    /// Captured, declined, or voided: the gateway answered or we stopped asking.
+    pub fn is_settled(&self) -> bool {
+        self.captured_cents.is_some() || self.declined || self.voided
+    }
+
+    /// Requested and neither settled nor timed out: a capture may still be tried.
+    pub fn is_open(&self) -> bool {
+        self.requested.is_some() && !self.is_settled() && !self.timed_out
+    }
+
+    /// What must go back to the customer: a capture the order does not keep.
+    pub fn refund_owed(&self) -> Cents {
+        let unwanted = self.voided || self.timed_out || self.order_cancelled;
+        match self.captured_cents {
+            Some(captured) if unwanted => captured.saturating_sub(self.refunded_cents).max(0),
+            _ => 0,
+        }
+    }
+
+    fn order_id(&self) -> Option<Uuid> {
+        self.requested.as_ref().map(|r| r.order_id)
+    }
+}
+
+impl Evolve for PaymentState {
+    fn apply(&mut self, event: &DomainEvent) {
+        use DomainEvent as E;
+        match event {
+            E::PaymentRequested(e) => self.requested = Some(e.clone()),
+            E::PaymentCaptured(e) => self.captured_cents = Some(e.amount_cents),
+            E::PaymentDeclined(_) => self.declined = true,
+            E::PaymentTimedOut(_) => self.timed_out = true,
+            E::PaymentVoided(_) => {
+                self.voided = true;
+                self.order_cancelled = true;
+            }
+            E::PaymentRefunded(e) => {
+                self.refunded_cents = self.refunded_cents.saturating_add(e.amount_cents);
+            }
+            E::OrderCancelled(_) => {
+                // Known from the order stream; not a payment-stream event.
+                self.order_cancelled = true;
+                return;
+            }
+            _ => return,
+        }
+        self.version = Some(self.version.map_or(0, |v| v + 1));
+    }
+}
+
+/// Folds one event into the state (see [`PaymentState::order_cancelled`]).
+pub fn evolve(mut state: PaymentState, event: &DomainEvent) -> PaymentState {
+    state.apply(event);
+    state
+}
+
+/// Everything the payment reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentInput {
+    /// The order's fulfilment started: request the payment, start the payment timer.
+    Request(OrderAccepted, DateTime<Utc>),
+    /// The gateway captured the money.
+    Captured { gateway_reference: String },
+    /// The gateway declined.
+    Declined { reason: String },
+    /// The payment timer fired.
+    TimedOut,
+    /// The order was cancelled.
+    OrderCancelled,
+    /// The gateway refunded what was owed.
+    Refunded { gateway_reference: String },
+}
+
+/// What the payment does about one input: the events to append to `payment-<id>`.
+pub fn decide(state: &PaymentState, input: PaymentInput) -> Vec<DomainEvent> {
+    match input {
+        PaymentInput::Request(accepted, now) => request(state, accepted, now),
+        PaymentInput::Captured { gateway_reference } => captured(state, gateway_reference),
+        PaymentInput::Declined { reason } => declined(state, reason),
+        PaymentInput::TimedOut => timed_out(state),
+        PaymentInput::OrderCancelled => void(state),
+        PaymentInput::Refunded { gateway_reference } => refunded(state, gateway_reference),
+    }
+}
+
+fn request(state: &PaymentState, accepted: OrderAccepted, now: DateTime<Utc>) -> Vec<DomainEvent> {
+    if state.requested.is_some() {
+        return vec![];
+    }
+    vec![DomainEvent::PaymentRequested(PaymentRequested {
+        order_id: accepted.order_id,
+        amount_cents: accepted.total_cents,
+        currency: accepted.currency,
+        payment_token: accepted.payment_token,
+        expires_at: rules::after(now, accepted.payment_timeout_ms),
+    })]
+}
+
+/// Recorded once, even after a void or timeout: money moved (and is then refunded).
+fn captured(state: &PaymentState, gateway_reference: String) -> Vec<DomainEvent> {
+    match &state.requested {
+        Some(requested) if state.captured_cents.is_none() => {
+            vec![DomainEvent::PaymentCaptured(PaymentCaptured {
+                order_id: requested.order_id,
+                amount_cents: requested.amount_cents,
+                gateway_reference,
+            })]
+        }
+        _ => vec![],
+    }
+}
+
+fn declined(state: &PaymentState, reason: String) -> Vec<DomainEvent> {
+    match state.order_id() {
+        Some(order_id) if state.is_open() => vec![DomainEvent::PaymentDeclined(PaymentDeclined {
+            order_id,
+            reason,
+        })],
+        _ => vec![],
+    }
+}
+
+fn timed_out(state: &PaymentState) -> Vec<DomainEvent> {
+    match state.order_id() {
+        Some(order_id) if state.is_open() => {
+            vec![DomainEvent::PaymentTimedOut(PaymentTimedOut { order_id })]
+        }
+        _ => vec![],
+    }
+}
+
+fn void(state: &PaymentState) -> Vec<DomainEvent> {
+    match state.order_id() {
+        Some(order_id) if state.is_open() => {
+            vec![DomainEvent::PaymentVoided(PaymentVoided { order_id })]
+        }
+        _ => vec![],
+    }
+}
+
+fn refunded(state: &PaymentState, gateway_reference: String) -> Vec<DomainEvent> {
+    let owed = state.refund_owed();
+    match state.order_id() {
+        Some(order_id) if owed > 0 => vec![DomainEvent::PaymentRefunded(PaymentRefunded {
+            order_id,
+            amount_cents: owed,
+            gateway_reference,
+        })],
+        _ => vec![],
+    }
+}
+
+/// A call to make to the payment gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayAction {
+    Capture {
+        amount_cents: Cents,
+        token: String,
+        idempotency_key: String,
+    },
+    Refund {
+        amount_cents: Cents,
+        idempotency_key: String,
+    },
+}
+
+/// What to ask the gateway next, if anything: capture an open request, or refund a
+/// capture the order does not keep. Keys are stable per order and step, so repeating
+/// a call moves no money twice.
+pub fn next_action(state: &PaymentState) -> Option<GatewayAction> {
+    let requested = state.requested.as_ref()?;
+    let owed = state.refund_owed();
+    if owed > 0 {
+        return Some(GatewayAction::Refund {
+            amount_cents: owed,
+            idempotency_key: refund_key(requested.order_id),
+        });
+    }
+    state.is_open().then(|| GatewayAction::Capture {
+        amount_cents: requested.amount_cents,
+        token: requested.payment_token.clone(),
+        idempotency_key: capture_key(requested.order_id),
+    })
+}
+
+/// The gateway idempotency key of the order's capture.
+pub fn capture_key(order_id: Uuid) -> String {
+    format!("capture-{order_id}")
+}
+
+/// The gateway idempotency key of the order's refund.
+pub fn refund_key(order_id: Uuid) -> String {
+    format!("refund-{order_id}")
+}
