@@ -587,3 +587,653 @@ fn mark_shipped(state: &OrderState) -> Vec<DomainEvent> {
         _ => vec![],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::{OrderLine, Shipping, ShippingMethod};
+    use crate::fold;
+    use chrono::TimeDelta;
+
+    const ORDER_ID: Uuid = Uuid::from_u128(0xA11CE);
+
+    fn now() -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(20_000)
+    }
+
+    fn line(sku: &str, quantity: i64, unit_price_cents: i64) -> OrderLine {
+        OrderLine {
+            sku: sku.into(),
+            quantity,
+            unit_price_cents,
+        }
+    }
+
+    /// Two lines, 2 000 cents, shipped standard.
+    fn small_order() -> PlaceOrder {
+        PlaceOrder {
+            order_id: ORDER_ID,
+            customer_id: "c-1".into(),
+            currency: "EUR".into(),
+            items: vec![line("A", 2, 500), line("B", 1, 1_000)],
+            payment_token: "tok_ok".into(),
+            shipping: Some(Shipping {
+                method: ShippingMethod::Standard,
+                address: "1 Main St".into(),
+            }),
+        }
+    }
+
+    fn digital_order() -> PlaceOrder {
+        PlaceOrder {
+            shipping: None,
+            ..small_order()
+        }
+    }
+
+    /// At the review threshold exactly.
+    fn big_order() -> PlaceOrder {
+        PlaceOrder {
+            items: vec![line("A", 2, 50_000)],
+            ..small_order()
+        }
+    }
+
+    fn known_skus() -> BTreeSet<String> {
+        ["A", "B"].into_iter().map(String::from).collect()
+    }
+
+    fn types(events: &[DomainEvent]) -> Vec<&'static str> {
+        events.iter().map(DomainEvent::event_type).collect()
+    }
+
+    /// Given the events so far, when an input arrives, then these events; the history
+    /// grows by what was decided, as the store would.
+    struct Saga {
+        cmd: PlaceOrder,
+        history: Vec<DomainEvent>,
+    }
+
+    impl Saga {
+        fn new(cmd: PlaceOrder) -> Self {
+            Saga {
+                cmd,
+                history: vec![],
+            }
+        }
+
+        fn placed(cmd: PlaceOrder) -> Self {
+            let mut saga = Saga::new(cmd);
+            saga.place(saga.cmd.clone());
+            saga
+        }
+
+        fn state(&self) -> OrderState {
+            fold(&self.history)
+        }
+
+        fn when(&mut self, input: OrderInput<'_>) -> Vec<DomainEvent> {
+            let decided = decide(&self.state(), input);
+            self.history.extend(decided.iter().cloned());
+            decided
+        }
+
+        fn place(&mut self, cmd: PlaceOrder) -> Vec<DomainEvent> {
+            let (rules, skus) = (Rules::default(), known_skus());
+            self.when(OrderInput::Place {
+                cmd,
+                rules: &rules,
+                known_skus: &skus,
+                now: now(),
+            })
+        }
+
+        fn reserve(&mut self, line: u32) -> Vec<DomainEvent> {
+            let item = self.item(line);
+            self.when(OrderInput::LineReserved(StockReserved {
+                sku: item.sku,
+                order_id: ORDER_ID,
+                line,
+                quantity: item.quantity,
+            }))
+        }
+
+        fn out_of_stock(&mut self, line: u32) -> Vec<DomainEvent> {
+            let item = self.item(line);
+            self.when(OrderInput::LineOutOfStock(StockReservationFailed {
+                sku: item.sku,
+                order_id: ORDER_ID,
+                line,
+                requested: item.quantity,
+                available: 0,
+            }))
+        }
+
+        fn capture(&mut self) -> Vec<DomainEvent> {
+            self.when(OrderInput::PaymentCaptured(PaymentCaptured {
+                order_id: ORDER_ID,
+                amount_cents: 2_000,
+                gateway_reference: "gw-1".into(),
+            }))
+        }
+
+        fn decline(&mut self) -> Vec<DomainEvent> {
+            self.when(OrderInput::PaymentDeclined(PaymentDeclined {
+                order_id: ORDER_ID,
+                reason: "card declined".into(),
+            }))
+        }
+
+        fn time_out_payment(&mut self) -> Vec<DomainEvent> {
+            self.when(OrderInput::PaymentTimedOut(PaymentTimedOut {
+                order_id: ORDER_ID,
+            }))
+        }
+
+        fn cancel(&mut self) -> Vec<DomainEvent> {
+            self.when(OrderInput::Cancel(CancelOrder {
+                order_id: ORDER_ID,
+                reason: "changed my mind".into(),
+            }))
+        }
+
+        fn approve(&mut self) -> Vec<DomainEvent> {
+            self.when(OrderInput::Approve(ApproveOrder {
+                order_id: ORDER_ID,
+                reviewer: "rita".into(),
+            }))
+        }
+
+        fn reject(&mut self) -> Vec<DomainEvent> {
+            self.when(OrderInput::Reject(RejectOrder {
+                order_id: ORDER_ID,
+                reviewer: "rita".into(),
+                reason: "looks fraudulent".into(),
+            }))
+        }
+
+        fn confirm(&mut self) {
+            for line in 0..self.lines() {
+                self.reserve(line);
+            }
+            self.capture();
+        }
+
+        fn lines(&self) -> u32 {
+            u32::try_from(self.cmd.items.len()).unwrap_or(0)
+        }
+
+        fn item(&self, line: u32) -> OrderLine {
+            self.cmd.items[line as usize].clone()
+        }
+
+        fn status(&self) -> &'static str {
+            status_name(&self.state())
+        }
+    }
+
+    fn cancel_reason(events: &[DomainEvent]) -> Option<(CancelReason, String, Option<String>)> {
+        events.iter().find_map(|e| match e {
+            DomainEvent::OrderCancelled(c) => Some((c.reason, c.detail.clone(), c.by.clone())),
+            _ => None,
+        })
+    }
+
+    fn released_lines(events: &[DomainEvent]) -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                DomainEvent::StockReleaseRequested(r) => Some(r.line),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn refusal(events: &[DomainEvent]) -> Option<(String, String)> {
+        match events {
+            [DomainEvent::OrderCommandRefused(r)] => Some((r.command.clone(), r.reason.clone())),
+            _ => None,
+        }
+    }
+
+    // ------------------------------------------------------------ placing
+
+    #[test]
+    fn a_valid_order_is_placed_and_accepted() {
+        let mut saga = Saga::new(small_order());
+        let events = saga.place(small_order());
+        assert_eq!(types(&events), ["OrderPlaced", "OrderAccepted"]);
+        let DomainEvent::OrderPlaced(placed) = &events[0] else {
+            panic!("not placed")
+        };
+        assert_eq!((placed.total_cents, placed.item_count), (2_000, 3));
+        assert!(placed.plan.ship && !placed.plan.review);
+        let DomainEvent::OrderAccepted(accepted) = &events[1] else {
+            panic!("not accepted")
+        };
+        assert_eq!(
+            (accepted.total_cents, accepted.payment_timeout_ms),
+            (2_000, 30_000)
+        );
+        assert_eq!(accepted.items, small_order().items);
+        assert_eq!(saga.status(), "pending");
+    }
+
+    #[test]
+    fn an_invalid_order_is_placed_and_rejected_with_the_detail() {
+        let mut cmd = small_order();
+        cmd.items.push(line("NOPE", 1, 1));
+        let mut saga = Saga::new(cmd.clone());
+        let events = saga.place(cmd);
+        assert_eq!(types(&events), ["OrderPlaced", "OrderRejected"]);
+        let DomainEvent::OrderRejected(rejected) = &events[1] else {
+            panic!("not rejected")
+        };
+        assert_eq!(rejected.reason, CancelReason::InvalidOrder);
+        assert!(rejected.detail.contains("NOPE"));
+        assert_eq!(saga.status(), "rejected");
+        assert_eq!(saga.state().cancel_reason, Some(CancelReason::InvalidOrder));
+    }
+
+    #[test]
+    fn an_order_at_the_threshold_is_sent_for_review_until_the_review_timeout() {
+        let mut saga = Saga::new(big_order());
+        let events = saga.place(big_order());
+        assert_eq!(types(&events), ["OrderPlaced", "OrderSentForReview"]);
+        let DomainEvent::OrderSentForReview(review) = &events[1] else {
+            panic!("not sent for review")
+        };
+        assert_eq!(review.expires_at, now() + TimeDelta::hours(24));
+        assert_eq!(
+            (review.total_cents, review.threshold_cents),
+            (100_000, 100_000)
+        );
+        assert_eq!(saga.status(), "under_review");
+    }
+
+    #[test]
+    fn placing_the_same_order_again_has_no_effect() {
+        let mut saga = Saga::placed(small_order());
+        assert_eq!(saga.place(small_order()), vec![]);
+        let mut rejected = Saga::placed(PlaceOrder {
+            currency: "USD".into(),
+            ..small_order()
+        });
+        assert_eq!(rejected.place(rejected.cmd.clone()), vec![]);
+    }
+
+    #[test]
+    fn placing_other_content_under_an_existing_id_is_refused() {
+        let mut saga = Saga::placed(small_order());
+        let events = saga.place(PlaceOrder {
+            payment_token: "tok_decline".into(),
+            ..small_order()
+        });
+        assert!(matches!(refusal(&events), Some((c, _)) if c == "order.place"));
+        assert_eq!(saga.status(), "pending");
+    }
+
+    // ------------------------------------------------------------ review
+
+    #[test]
+    fn approving_an_order_under_review_starts_fulfilment() {
+        let mut saga = Saga::placed(big_order());
+        assert_eq!(types(&saga.approve()), ["OrderApproved", "OrderAccepted"]);
+        assert_eq!(saga.status(), "pending");
+    }
+
+    #[test]
+    fn a_duplicate_approve_is_refused() {
+        let mut saga = Saga::placed(big_order());
+        saga.approve();
+        let events = saga.approve();
+        assert!(
+            matches!(refusal(&events), Some((c, r)) if c == "order.approve" && r.contains("pending"))
+        );
+    }
+
+    #[test]
+    fn approve_or_reject_of_an_order_not_under_review_is_refused() {
+        let mut saga = Saga::placed(small_order());
+        assert!(matches!(refusal(&saga.approve()), Some((c, _)) if c == "order.approve"));
+        assert!(matches!(refusal(&saga.reject()), Some((c, _)) if c == "order.reject"));
+        let mut missing = Saga::new(small_order());
+        assert!(refusal(&missing.approve()).is_some());
+        assert!(refusal(&missing.reject()).is_some());
+    }
+
+    #[test]
+    fn rejecting_an_order_under_review_cancels_it_naming_the_reviewer() {
+        let mut saga = Saga::placed(big_order());
+        let events = saga.reject();
+        assert_eq!(types(&events), ["OrderCancelled"]);
+        assert_eq!(
+            cancel_reason(&events),
+            Some((
+                CancelReason::ReviewRejected,
+                "looks fraudulent".into(),
+                Some("rita".into())
+            ))
+        );
+        assert_eq!(saga.status(), "cancelled");
+    }
+
+    #[test]
+    fn the_review_timer_cancels_an_order_still_under_review() {
+        let mut saga = Saga::placed(big_order());
+        let events = saga.when(OrderInput::ReviewExpired {
+            now: now() + TimeDelta::hours(24),
+        });
+        assert!(matches!(
+            cancel_reason(&events),
+            Some((CancelReason::ReviewExpired, _, None))
+        ));
+    }
+
+    #[test]
+    fn the_review_timer_has_no_effect_before_it_is_due_or_after_a_decision() {
+        let mut saga = Saga::placed(big_order());
+        assert_eq!(saga.when(OrderInput::ReviewExpired { now: now() }), vec![]);
+        saga.approve();
+        let late = now() + TimeDelta::hours(25);
+        assert_eq!(saga.when(OrderInput::ReviewExpired { now: late }), vec![]);
+        let mut never_reviewed = Saga::placed(small_order());
+        assert_eq!(
+            never_reviewed.when(OrderInput::ReviewExpired { now: late }),
+            vec![]
+        );
+    }
+
+    // ------------------------------------------------------------ the join
+
+    #[test]
+    fn the_order_is_confirmed_when_the_payment_completes_the_join() {
+        let mut saga = Saga::placed(small_order());
+        assert_eq!(types(&saga.reserve(0)), ["OrderLineReserved"]);
+        assert_eq!(types(&saga.reserve(1)), ["OrderLineReserved"]);
+        let events = saga.capture();
+        assert_eq!(types(&events), ["OrderPaymentCaptured", "OrderConfirmed"]);
+        let DomainEvent::OrderConfirmed(confirmed) = &events[1] else {
+            panic!("not confirmed")
+        };
+        assert_eq!(confirmed.delivery_delay_ms, 2_000);
+        assert_eq!(confirmed.shipping, small_order().shipping);
+        assert_eq!(saga.status(), "confirmed");
+    }
+
+    #[test]
+    fn the_order_is_confirmed_when_the_last_reservation_completes_the_join() {
+        let mut saga = Saga::placed(small_order());
+        saga.reserve(1);
+        assert_eq!(types(&saga.capture()), ["OrderPaymentCaptured"]);
+        assert_eq!(
+            types(&saga.reserve(0)),
+            ["OrderLineReserved", "OrderConfirmed"]
+        );
+        assert_eq!(saga.status(), "confirmed");
+    }
+
+    #[test]
+    fn a_digital_order_completes_once_confirmed() {
+        let mut saga = Saga::placed(digital_order());
+        saga.capture();
+        saga.reserve(0);
+        let events = saga.reserve(1);
+        assert_eq!(
+            types(&events),
+            ["OrderLineReserved", "OrderConfirmed", "OrderCompleted"]
+        );
+        assert_eq!(saga.status(), "completed");
+    }
+
+    #[test]
+    fn repeated_outcomes_are_recorded_once_and_confirm_once() {
+        let mut saga = Saga::placed(small_order());
+        saga.confirm();
+        assert_eq!(saga.reserve(0), vec![]);
+        assert_eq!(saga.capture(), vec![]);
+        assert_eq!(saga.out_of_stock(1), vec![]);
+        assert_eq!(saga.decline(), vec![]);
+        let confirmations = saga
+            .history
+            .iter()
+            .filter(|e| e.event_type() == "OrderConfirmed")
+            .count();
+        assert_eq!(confirmations, 1);
+    }
+
+    #[test]
+    fn outcomes_for_unknown_lines_or_orders_have_no_effect() {
+        let mut saga = Saga::placed(small_order());
+        let stray = OrderInput::LineReserved(StockReserved {
+            sku: "A".into(),
+            order_id: ORDER_ID,
+            line: 7,
+            quantity: 1,
+        });
+        assert_eq!(saga.when(stray), vec![]);
+        let mut missing = Saga::new(small_order());
+        assert_eq!(missing.reserve(0), vec![]);
+        assert_eq!(missing.capture(), vec![]);
+        assert_eq!(missing.decline(), vec![]);
+    }
+
+    // ------------------------------------------------------------ failures and compensation
+
+    #[test]
+    fn missing_stock_cancels_and_releases_reserved_lines() {
+        let mut saga = Saga::placed(small_order());
+        saga.reserve(0);
+        let events = saga.out_of_stock(1);
+        assert_eq!(
+            types(&events),
+            [
+                "OrderLineOutOfStock",
+                "OrderCancelled",
+                "StockReleaseRequested"
+            ]
+        );
+        assert!(
+            matches!(cancel_reason(&events), Some((CancelReason::OutOfStock, d, None)) if d.contains("'B'"))
+        );
+        assert_eq!(released_lines(&events), [0]);
+        assert_eq!(saga.status(), "cancelled");
+    }
+
+    #[test]
+    fn missing_stock_after_a_cancellation_is_only_recorded() {
+        let mut saga = Saga::placed(small_order());
+        saga.out_of_stock(0);
+        assert_eq!(types(&saga.out_of_stock(1)), ["OrderLineOutOfStock"]);
+        assert_eq!(saga.state().cancel_reason, Some(CancelReason::OutOfStock));
+    }
+
+    #[test]
+    fn a_declined_payment_cancels_and_releases_reserved_lines() {
+        let mut saga = Saga::placed(small_order());
+        saga.reserve(0);
+        saga.reserve(1);
+        let events = saga.decline();
+        assert_eq!(
+            types(&events),
+            [
+                "OrderPaymentFailed",
+                "OrderCancelled",
+                "StockReleaseRequested",
+                "StockReleaseRequested"
+            ]
+        );
+        assert!(matches!(
+            cancel_reason(&events),
+            Some((CancelReason::PaymentDeclined, _, _))
+        ));
+        assert_eq!(released_lines(&events), [0, 1]);
+        assert_eq!(saga.state().lines, [LineStatus::ReleaseRequested; 2]);
+    }
+
+    #[test]
+    fn a_payment_timeout_cancels_with_payment_timeout() {
+        let mut saga = Saga::placed(small_order());
+        saga.reserve(1);
+        let events = saga.time_out_payment();
+        assert!(matches!(
+            cancel_reason(&events),
+            Some((CancelReason::PaymentTimeout, _, _))
+        ));
+        assert_eq!(released_lines(&events), [1]);
+        assert_eq!(
+            saga.state().payment,
+            PaymentStatus::Failed(PaymentFailure::Timeout)
+        );
+    }
+
+    #[test]
+    fn a_payment_captured_after_the_timeout_fired_changes_nothing_here() {
+        // The payment stream records the capture and refunds it (see payment.rs).
+        let mut saga = Saga::placed(small_order());
+        saga.time_out_payment();
+        saga.reserve(0);
+        assert_eq!(saga.capture(), vec![]);
+        assert_eq!(saga.status(), "cancelled");
+    }
+
+    #[test]
+    fn a_reservation_arriving_after_the_cancellation_is_recorded_and_released() {
+        let mut saga = Saga::placed(small_order());
+        saga.decline();
+        let events = saga.reserve(0);
+        assert_eq!(
+            types(&events),
+            ["OrderLineReserved", "StockReleaseRequested"]
+        );
+        assert_eq!(released_lines(&events), [0]);
+        assert_eq!(saga.reserve(0), vec![]);
+        assert_eq!(saga.status(), "cancelled");
+    }
+
+    // ------------------------------------------------------------ cancel
+
+    #[test]
+    fn cancel_while_the_payment_is_in_flight_cancels_and_a_late_capture_is_only_recorded() {
+        let mut saga = Saga::placed(small_order());
+        saga.reserve(0);
+        let events = saga.cancel();
+        assert_eq!(types(&events), ["OrderCancelled", "StockReleaseRequested"]);
+        assert_eq!(
+            cancel_reason(&events),
+            Some((
+                CancelReason::CustomerCancelled,
+                "changed my mind".into(),
+                None
+            ))
+        );
+        saga.reserve(1);
+        assert_eq!(types(&saga.capture()), ["OrderPaymentCaptured"]);
+        assert_eq!(saga.status(), "cancelled");
+    }
+
+    #[test]
+    fn an_order_under_review_can_be_cancelled() {
+        let mut saga = Saga::placed(big_order());
+        assert_eq!(types(&saga.cancel()), ["OrderCancelled"]);
+    }
+
+    #[test]
+    fn a_confirmed_order_can_be_cancelled_releasing_every_line() {
+        let mut saga = Saga::placed(small_order());
+        saga.confirm();
+        let events = saga.cancel();
+        assert_eq!(released_lines(&events), [0, 1]);
+        assert_eq!(saga.status(), "cancelled");
+        assert_eq!(saga.when(OrderInput::MarkShipped), vec![]);
+    }
+
+    #[test]
+    fn cancel_is_refused_once_shipped_completed_cancelled_or_rejected_or_never_placed() {
+        let mut shipped = Saga::placed(small_order());
+        shipped.confirm();
+        shipped.when(OrderInput::MarkShipped);
+        let mut completed = Saga::placed(digital_order());
+        completed.confirm();
+        let mut cancelled = Saga::placed(small_order());
+        cancelled.cancel();
+        let mut rejected = Saga::placed(PlaceOrder {
+            items: vec![],
+            ..small_order()
+        });
+        let mut missing = Saga::new(small_order());
+        for (saga, status) in [
+            (&mut shipped, "shipped"),
+            (&mut completed, "completed"),
+            (&mut cancelled, "cancelled"),
+            (&mut rejected, "rejected"),
+        ] {
+            let events = saga.cancel();
+            assert!(
+                matches!(refusal(&events), Some((c, r)) if c == "order.cancel" && r.contains(status)),
+                "{status}: {events:?}"
+            );
+            assert_eq!(saga.status(), status);
+        }
+        assert!(matches!(refusal(&missing.cancel()), Some((_, r)) if r.contains("does not exist")));
+    }
+
+    // ------------------------------------------------------------ shipping
+
+    #[test]
+    fn a_confirmed_order_with_shipping_is_marked_shipped() {
+        let mut saga = Saga::placed(small_order());
+        assert_eq!(saga.when(OrderInput::MarkShipped), vec![]);
+        saga.confirm();
+        assert_eq!(types(&saga.when(OrderInput::MarkShipped)), ["OrderShipped"]);
+        assert_eq!(saga.status(), "shipped");
+        assert_eq!(saga.when(OrderInput::MarkShipped), vec![]);
+    }
+
+    #[test]
+    fn a_digital_order_is_never_shipped() {
+        let mut saga = Saga::placed(digital_order());
+        saga.confirm();
+        assert_eq!(saga.when(OrderInput::MarkShipped), vec![]);
+    }
+
+    // ------------------------------------------------------------ state
+
+    #[test]
+    fn the_state_counts_stream_versions_and_ignores_other_streams() {
+        let saga = Saga::placed(small_order());
+        assert_eq!(OrderState::default().version, None);
+        assert_eq!(saga.state().version, Some(1));
+        let other = DomainEvent::PaymentTimedOut(PaymentTimedOut { order_id: ORDER_ID });
+        assert_eq!(evolve(saga.state(), &other), saga.state());
+        assert_eq!(saga.state().plan().map(|p| p.ship), Some(true));
+        assert_eq!(saga.state().order_id(), Some(ORDER_ID));
+    }
+
+    #[test]
+    fn status_names_are_the_read_models() {
+        let names: Vec<_> = [
+            OrderStatus::Rejected,
+            OrderStatus::UnderReview,
+            OrderStatus::Accepted,
+            OrderStatus::Confirmed,
+            OrderStatus::Completed,
+            OrderStatus::Shipped,
+            OrderStatus::Cancelled,
+        ]
+        .map(OrderStatus::as_str)
+        .into();
+        assert_eq!(
+            names,
+            [
+                "rejected",
+                "under_review",
+                "pending",
+                "confirmed",
+                "completed",
+                "shipped",
+                "cancelled"
+            ]
+        );
+    }
+}
