@@ -1,1 +1,29 @@
-//! bus
+//! The RabbitMQ adapter (lapin): topology, confirmed publishing, a consume loop with
+//! bounded concurrency, in-process retries and dead-lettering, and the dead-letter
+//! operations behind `orderflow dlq`.
+//!
+//! The bus knows nothing of the domain: it moves bytes with properties, and handlers
+//! (given as [`Handler`] trait objects) say what became of each message ([`Outcome`]).
+//!
+//! Reconnecting is the application's job (lapin's `reconnect_manual` example): every
+//! operation asks [`Bus`] for a live channel, and the bus re-opens the connection with
+//! an exponential backoff when it died, re-declaring the topology each time.
+
+mod connection;
+mod consume;
+mod dlq;
+mod error;
+mod message;
+mod publish;
+pub mod topology;
+
+pub use connection::{Bus, BusOptions};
+pub use consume::{consume, ConsumeOptions, Handler};
+pub use dlq::{dlq_list, dlq_retry, DeadLetter, DlqSelector};
+pub use error::BusError;
+pub use message::{
+    headers as header_names, Incoming, Outcome, OutgoingMessage, OutgoingProperties,
+};
+pub use topology::{
+    declare_topology, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE,
+};

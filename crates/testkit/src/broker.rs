@@ -1,1 +1,172 @@
 //! Owned by the bus work: `TestVhost`.
+//!
+//! Each test gets a RabbitMQ vhost of its own, created with `rabbitmqctl` and deleted when
+//! the guard drops, so tests run in parallel (and beside a running orderflow) without
+//! seeing each other's queues.
+
+use anyhow::{bail, Context};
+
+const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A throw-away vhost. `url` is the base `AMQP_URL` pointed at it.
+#[derive(Debug)]
+pub struct TestVhost {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestVhost {
+    /// Creates `orderflow_test_<uuid>` and grants the `guest` user full permissions on it.
+    /// Fails (never skips) when the broker or `rabbitmqctl` cannot be reached.
+    pub async fn new() -> anyhow::Result<TestVhost> {
+        let base = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
+        let name = format!("orderflow_test_{}", uuid::Uuid::new_v4().simple());
+        let url = with_vhost(&base, &name)?;
+        rabbitmqctl(&["add_vhost", &name]).await?;
+        let vhost = TestVhost { name, url };
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ])
+        .await?;
+        Ok(vhost)
+    }
+
+    /// Makes the broker close every client connection to this vhost (a broker-side
+    /// network failure, as seen by the clients).
+    pub async fn close_all_connections(&self) -> anyhow::Result<()> {
+        rabbitmqctl(&[
+            "close_all_connections",
+            "--vhost",
+            &self.name,
+            "closed by a test",
+        ])
+        .await
+    }
+
+    /// Number of client connections the broker currently has open on this vhost.
+    pub async fn connection_count(&self) -> anyhow::Result<usize> {
+        let out =
+            rabbitmqctl_output(&["list_connections", "-q", "--no-table-headers", "vhost"]).await?;
+        Ok(out.lines().filter(|line| line.trim() == self.name).count())
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let (program, mut args) = match command() {
+            Ok(command) => command,
+            Err(err) => {
+                eprintln!("TestVhost: cannot delete vhost {}: {err:#}", self.name);
+                return;
+            }
+        };
+        args.extend(["delete_vhost".to_owned(), self.name.clone()]);
+        match std::process::Command::new(&program).args(&args).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "TestVhost: `{program} delete_vhost {}` failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(err) => eprintln!("TestVhost: cannot run `{program}`: {err}"),
+        }
+    }
+}
+
+/// The rabbitmqctl command line, from `ORDERFLOW_RABBITMQCTL` (split on whitespace,
+/// e.g. `docker compose exec -T rabbitmq rabbitmqctl`) or plain `rabbitmqctl`.
+fn command() -> anyhow::Result<(String, Vec<String>)> {
+    let line = std::env::var("ORDERFLOW_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
+    let mut words = line.split_whitespace().map(str::to_owned);
+    let Some(program) = words.next() else {
+        bail!("ORDERFLOW_RABBITMQCTL is set but empty");
+    };
+    Ok((program, words.collect()))
+}
+
+async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+    rabbitmqctl_output(args).await.map(drop)
+}
+
+async fn rabbitmqctl_output(args: &[&str]) -> anyhow::Result<String> {
+    let (program, mut full) = command()?;
+    full.extend(args.iter().map(|arg| (*arg).to_owned()));
+    let out = tokio::process::Command::new(&program)
+        .args(&full)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| {
+            format!("cannot run `{program}` (set ORDERFLOW_RABBITMQCTL to override)")
+        })?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            full.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `base` with its path replaced by the percent-encoded `vhost` (query kept).
+fn with_vhost(base: &str, vhost: &str) -> anyhow::Result<String> {
+    let (without_query, query) = match base.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (base, None),
+    };
+    let Some(scheme_end) = without_query.find("://") else {
+        bail!("AMQP_URL is not a URL (no scheme)");
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = without_query[authority_start..]
+        .find('/')
+        .map_or(without_query.len(), |i| authority_start + i);
+    let mut url = format!(
+        "{}/{}",
+        &without_query[..authority_end],
+        percent_encode(vhost)
+    );
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    Ok(url)
+}
+
+fn percent_encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vhost_replaces_the_path_and_keeps_the_query() -> anyhow::Result<()> {
+        assert_eq!(
+            with_vhost("amqp://guest:guest@127.0.0.1:5672/%2f", "a b")?,
+            "amqp://guest:guest@127.0.0.1:5672/a%20b"
+        );
+        assert_eq!(
+            with_vhost("amqp://u:p@host?heartbeat=10", "v")?,
+            "amqp://u:p@host/v?heartbeat=10"
+        );
+        Ok(())
+    }
+}

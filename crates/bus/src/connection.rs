@@ -1,0 +1,226 @@
+//! The shared connection: connect with backoff, re-declare the topology on every
+//! (re)connect, hand out live channels.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
+use lapin::options::ConfirmSelectOptions;
+use lapin::types::LongString;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::topology::declare_topology;
+use crate::BusError;
+
+/// Tunables of a [`Bus`]; `BusOptions::default()` suits production.
+#[derive(Debug, Clone)]
+pub struct BusOptions {
+    /// How long [`Bus::connect`] (and each reconnect) keeps trying before failing.
+    pub connect_timeout: Duration,
+    /// How long a publish keeps retrying transient failures (reconnecting meanwhile).
+    pub publish_timeout: Duration,
+    /// Shown in the broker's connection list.
+    pub connection_name: String,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        BusOptions {
+            connect_timeout: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(30),
+            connection_name: "orderflow".to_owned(),
+        }
+    }
+}
+
+/// A cloneable handle on one RabbitMQ connection (re-opened when it dies) and one
+/// confirm-mode publishing channel. Consumers open channels of their own.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Holds the password: never logged, never in an error.
+    uri: AMQPUri,
+    /// `host:port/vhost`, for logs and errors.
+    endpoint: String,
+    options: BusOptions,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    connection: Option<Connection>,
+    publisher: Option<Channel>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("endpoint", &self.inner.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// Connects (retrying with backoff for up to 30 s) and declares the topology.
+    pub async fn connect(amqp_url: &str) -> Result<Bus, BusError> {
+        Bus::connect_with(amqp_url, BusOptions::default()).await
+    }
+
+    pub async fn connect_with(amqp_url: &str, options: BusOptions) -> Result<Bus, BusError> {
+        let uri: AMQPUri = amqp_url
+            .parse()
+            .map_err(|reason: String| BusError::InvalidUrl {
+                // the parser may quote the whole URL, password included
+                reason: reason.replace(amqp_url, "<the URL>"),
+            })?;
+        let endpoint = format!(
+            "{}:{}/{}",
+            uri.authority.host, uri.authority.port, uri.vhost
+        );
+        let bus = Bus {
+            inner: Arc::new(Inner {
+                uri,
+                endpoint,
+                options,
+                state: Mutex::new(State::default()),
+            }),
+        };
+        let mut state = bus.inner.state.lock().await;
+        bus.ensure_connected(&mut state).await?;
+        drop(state);
+        Ok(bus)
+    }
+
+    /// `host:port/vhost` of the broker (no credentials).
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    pub fn options(&self) -> &BusOptions {
+        &self.inner.options
+    }
+
+    /// A new channel on the live connection (reconnecting first if it died). The
+    /// caller owns it; dropping the last clone closes it.
+    pub async fn open_channel(&self) -> Result<Channel, BusError> {
+        let mut state = self.inner.state.lock().await;
+        let connection = self.ensure_connected(&mut state).await?;
+        connection
+            .create_channel()
+            .await
+            .map_err(|e| BusError::amqp("opening a channel", e))
+    }
+
+    /// The shared confirm-mode channel used for publishing.
+    pub(crate) async fn publish_channel(&self) -> Result<Channel, BusError> {
+        let mut state = self.inner.state.lock().await;
+        if let Some(channel) = &state.publisher {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let connection = self.ensure_connected(&mut state).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| BusError::amqp("opening the publishing channel", e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| BusError::amqp("enabling publisher confirms", e))?;
+        state.publisher = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// The live connection, re-opened with backoff (bounded by `connect_timeout`) and
+    /// the topology re-declared if it died.
+    async fn ensure_connected<'a>(&self, state: &'a mut State) -> Result<&'a Connection, BusError> {
+        let alive = state
+            .connection
+            .as_ref()
+            .is_some_and(|connection| connection.status().connected());
+        if !alive {
+            if state.connection.is_some() {
+                warn!(endpoint = %self.inner.endpoint, "RabbitMQ connection lost; reconnecting");
+            }
+            state.publisher = None;
+            state.connection = None;
+            state.connection = Some(self.connect_with_backoff().await?);
+        }
+        match &state.connection {
+            Some(connection) => Ok(connection),
+            None => unreachable!("a connection was just stored"),
+        }
+    }
+
+    async fn connect_with_backoff(&self) -> Result<Connection, BusError> {
+        let timeout = self.inner.options.connect_timeout;
+        let mut schedule = reconnect_schedule(timeout);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.connect_once().await {
+                Ok(connection) => {
+                    info!(endpoint = %self.inner.endpoint, attempt, "connected to RabbitMQ");
+                    return Ok(connection);
+                }
+                Err(source) => match schedule.next_backoff() {
+                    Some(pause) => {
+                        warn!(
+                            endpoint = %self.inner.endpoint,
+                            attempt,
+                            error = %source,
+                            retry_in = ?pause,
+                            "cannot connect to RabbitMQ"
+                        );
+                        tokio::time::sleep(pause).await;
+                    }
+                    None => {
+                        return Err(BusError::Connect {
+                            endpoint: self.inner.endpoint.clone(),
+                            waited: timeout,
+                            source,
+                        })
+                    }
+                },
+            }
+        }
+    }
+
+    async fn connect_once(&self) -> Result<Connection, lapin::Error> {
+        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
+            self.inner.options.connection_name.as_bytes(),
+        ));
+        let connection = Connection::connect_uri(self.inner.uri.clone(), properties).await?;
+        let channel = connection.create_channel().await?;
+        if let Err(err) = declare_topology(&channel).await {
+            warn!(endpoint = %self.inner.endpoint, error = %err, "declaring the topology failed");
+            return Err(match err {
+                BusError::Amqp { source, .. } => source,
+                _ => lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                    lapin::ConnectionState::Error,
+                )),
+            });
+        }
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(connection)
+    }
+}
+
+/// Exponential backoff with jitter: 100 ms doubling up to 5 s, for `max_elapsed` in all.
+pub(crate) fn reconnect_schedule(max_elapsed: Duration) -> ExponentialBackoff {
+    ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(100))
+        .with_multiplier(2.0)
+        .with_randomization_factor(0.3)
+        .with_max_interval(Duration::from_secs(5))
+        .with_max_elapsed_time(Some(max_elapsed))
+        .build()
+}

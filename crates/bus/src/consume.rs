@@ -1,0 +1,393 @@
+//! The consume loop: prefetch-bounded deliveries, a semaphore-bounded number of handlers
+//! at once, manual acks after the handler returns, in-process retries with backoff,
+//! dead-lettering with a confirm before the ack, reconnecting when the connection dies.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Consumer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::message::{headers, short};
+use crate::publish::Prepared;
+use crate::topology::DEAD_LETTER_QUEUE;
+use crate::{Bus, BusError, Incoming, Outcome};
+
+/// Handles one message. The handler commits its effects before returning; the bus acks
+/// only then. It must be idempotent: a message can be delivered again after a crash or
+/// a lost connection (`Incoming::redelivered` hints at it).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome>;
+}
+
+/// How [`consume`] runs.
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// Unacked deliveries the broker sends ahead (`basic.qos`): the back-pressure.
+    pub prefetch: u16,
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// Retries after the first attempt for [`Outcome::Retry`] before dead-lettering.
+    pub max_retries: u32,
+    /// Consumer tags are `<prefix>-<uuid>`.
+    pub consumer_tag_prefix: String,
+    /// First pause between retries (doubling, with jitter).
+    pub retry_initial_interval: Duration,
+    /// Give up retrying (and dead-letter) once this much time has passed.
+    pub retry_max_elapsed: Duration,
+    /// On shutdown, how long in-flight handlers may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions {
+            prefetch: 32,
+            concurrency: 8,
+            max_retries: 3,
+            consumer_tag_prefix: "orderflow".to_owned(),
+            retry_initial_interval: Duration::from_millis(50),
+            retry_max_elapsed: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ConsumeOptions {
+    fn validate(&self) -> Result<u32, BusError> {
+        let invalid = |reason: &str| BusError::InvalidOptions {
+            reason: reason.to_owned(),
+        };
+        if self.prefetch == 0 {
+            return Err(invalid(
+                "prefetch must be at least 1 (0 would mean unbounded)",
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("concurrency must be at least 1"));
+        }
+        let permits = u32::try_from(self.concurrency.min(Semaphore::MAX_PERMITS))
+            .map_err(|_| invalid("concurrency is too large"))?;
+        Ok(permits)
+    }
+
+    fn retry_schedule(&self) -> ExponentialBackoff {
+        ExponentialBackoffBuilder::new()
+            .with_initial_interval(self.retry_initial_interval)
+            .with_multiplier(2.0)
+            .with_randomization_factor(0.5)
+            .with_max_interval(self.retry_max_elapsed)
+            .with_max_elapsed_time(Some(self.retry_max_elapsed))
+            .build()
+    }
+}
+
+/// Consumes `queue` until `shutdown` resolves, then stops taking deliveries, lets the
+/// in-flight handlers finish (up to `shutdown_grace`) and returns.
+///
+/// A lost connection or channel is re-opened with backoff and consuming resumes (the
+/// broker redelivers what was not acked). Returns an error only for what retrying
+/// cannot fix (bad options, a queue that does not exist, access refused).
+pub async fn consume(
+    bus: &Bus,
+    queue: &str,
+    options: ConsumeOptions,
+    handler: Arc<dyn Handler>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BusError> {
+    let permits = options.validate()?;
+    let queue_name = short("queue", queue)?;
+    let semaphore = Arc::new(Semaphore::new(permits as usize));
+    let mut reconnect = crate::connection::reconnect_schedule(Duration::MAX);
+    reconnect.max_elapsed_time = None;
+    tokio::pin!(shutdown);
+
+    loop {
+        let started = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            started = start(bus, &queue_name, &options) => started,
+        };
+        let (channel, mut consumer) = match started {
+            Ok(started) => started,
+            Err(err) if err.is_transient() => {
+                let pause = reconnect.next_backoff().unwrap_or(Duration::from_secs(5));
+                warn!(queue, error = %err, retry_in = ?pause, "cannot start consuming; retrying");
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(pause) => continue,
+                }
+            }
+            Err(err) => return Err(err),
+        };
+        reconnect.reset();
+        info!(queue, consumer_tag = %consumer.tag(), "consuming");
+
+        let stopped = loop {
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break true,
+                permit = semaphore.clone().acquire_owned() => permit,
+            };
+            let Ok(permit) = permit else {
+                // the semaphore is never closed
+                break true;
+            };
+            let next = tokio::select! {
+                biased;
+                () = &mut shutdown => break true,
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let span = info_span!(
+                        "delivery",
+                        queue,
+                        message_id = delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(ShortString::as_str),
+                        correlation_id = delivery
+                            .properties
+                            .correlation_id()
+                            .as_ref()
+                            .map(ShortString::as_str),
+                        routing_key = delivery.routing_key.as_str(),
+                        redelivered = delivery.redelivered,
+                    );
+                    tokio::spawn(
+                        process(
+                            bus.clone(),
+                            handler.clone(),
+                            delivery,
+                            options.clone(),
+                            permit,
+                        )
+                        .instrument(span),
+                    );
+                }
+                Some(Err(err)) => {
+                    warn!(queue, error = %err, "consumer failed; reconnecting");
+                    break false;
+                }
+                None => {
+                    warn!(
+                        queue,
+                        "consumer was cancelled by the broker; re-subscribing"
+                    );
+                    break false;
+                }
+            }
+        };
+        if stopped {
+            let tag = consumer.tag();
+            if let Err(err) = channel
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
+            {
+                debug!(queue, error = %err, "cancelling the consumer failed");
+            }
+            drain(&semaphore, permits, options.shutdown_grace, queue).await;
+            let _ = channel.close(200, "shutting down".into()).await;
+            return Ok(());
+        }
+        drop(consumer);
+        drop(channel);
+    }
+    drain(&semaphore, permits, options.shutdown_grace, queue).await;
+    Ok(())
+}
+
+async fn start(
+    bus: &Bus,
+    queue: &ShortString,
+    options: &ConsumeOptions,
+) -> Result<(Channel, Consumer), BusError> {
+    let channel = bus.open_channel().await?;
+    channel
+        .basic_qos(options.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| BusError::amqp(format!("setting prefetch on {queue}"), e))?;
+    let tag = short(
+        "consumer tag",
+        &format!(
+            "{}-{}",
+            options.consumer_tag_prefix,
+            uuid::Uuid::new_v4().simple()
+        ),
+    )?;
+    let consumer = channel
+        .basic_consume(
+            queue.clone(),
+            tag,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BusError::amqp(format!("consuming {queue}"), e))?;
+    Ok((channel, consumer))
+}
+
+/// Waits until every in-flight handler has given its permit back, up to `grace`.
+async fn drain(semaphore: &Semaphore, permits: u32, grace: Duration, queue: &str) {
+    match tokio::time::timeout(grace, semaphore.acquire_many(permits)).await {
+        Ok(_) => info!(queue, "stopped consuming; in-flight handlers finished"),
+        Err(_) => warn!(
+            queue,
+            ?grace,
+            "stopped consuming; some handlers did not finish in time (their messages will be redelivered)"
+        ),
+    }
+}
+
+/// What finally becomes of one delivery.
+enum Verdict {
+    Ack,
+    DeadLetter { reason: String, attempts: u32 },
+}
+
+/// Runs the handler (retrying as asked), then acks or dead-letters. Holds its
+/// semaphore permit until the delivery is settled.
+async fn process(
+    bus: Bus,
+    handler: Arc<dyn Handler>,
+    delivery: Delivery,
+    options: ConsumeOptions,
+    _permit: OwnedSemaphorePermit,
+) {
+    let incoming = Incoming::from_delivery(&delivery);
+    let verdict = run_handler(&handler, &incoming, &options).await;
+    match verdict {
+        Verdict::Ack => ack(&delivery).await,
+        Verdict::DeadLetter { reason, attempts } => {
+            warn!(reason = %reason, attempts, "dead-lettering message");
+            match dead_letter(&bus, &delivery, &reason, attempts).await {
+                Ok(()) => ack(&delivery).await,
+                Err(err) => {
+                    error!(error = %err, "could not dead-letter the message; returning it to the queue");
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    };
+                    if let Err(err) = delivery.acker.nack(requeue).await {
+                        warn!(error = %err, "nack failed (the broker will redeliver)");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn run_handler(
+    handler: &Arc<dyn Handler>,
+    incoming: &Incoming,
+    options: &ConsumeOptions,
+) -> Verdict {
+    let mut schedule = options.retry_schedule();
+    let mut attempts: u32 = 0;
+    loop {
+        attempts = attempts.saturating_add(1);
+        let task_handler = handler.clone();
+        let msg = incoming.clone();
+        // The handler runs in a task of its own so that a panic ends up here as a
+        // JoinError instead of unwinding through the consumer.
+        let joined = tokio::spawn(async move { task_handler.handle(msg).await }).await;
+        match joined {
+            Ok(Outcome::Ack) => return Verdict::Ack,
+            Ok(Outcome::DeadLetter { reason }) => return Verdict::DeadLetter { reason, attempts },
+            Ok(Outcome::Retry { reason }) => {
+                let pause = if attempts > options.max_retries {
+                    None
+                } else {
+                    schedule.next_backoff()
+                };
+                match pause {
+                    Some(pause) => {
+                        debug!(reason = %reason, attempts, retry_in = ?pause, "handler asked to retry");
+                        tokio::time::sleep(pause).await;
+                    }
+                    None => {
+                        return Verdict::DeadLetter {
+                            reason: format!("{reason} (gave up after {attempts} attempts)"),
+                            attempts,
+                        }
+                    }
+                }
+            }
+            Err(join_error) => {
+                let detail = if join_error.is_panic() {
+                    let payload = join_error.into_panic();
+                    payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .map_or_else(
+                            || "handler panicked".to_owned(),
+                            |m| format!("handler panicked: {m}"),
+                        )
+                } else {
+                    "handler task was cancelled".to_owned()
+                };
+                error!(reason = %detail, attempts, "handler failed");
+                return Verdict::DeadLetter {
+                    reason: detail,
+                    attempts,
+                };
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // the channel is gone: the broker will redeliver, the handler is idempotent
+        warn!(error = %err, "ack failed (the broker will redeliver)");
+    }
+}
+
+/// Publishes the delivery to `orderflow.dead-letter` through the default exchange with
+/// its body and properties as received plus the `x-orderflow-*` headers, and waits for
+/// the confirm.
+pub(crate) async fn dead_letter(
+    bus: &Bus,
+    delivery: &Delivery,
+    reason: &str,
+    attempts: u32,
+) -> Result<(), BusError> {
+    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    let mut put = |name: &str, value: AMQPValue| {
+        table.insert(ShortString::from(name), value);
+    };
+    put(
+        headers::ERROR,
+        AMQPValue::LongString(LongString::from(reason.as_bytes())),
+    );
+    put(
+        headers::ORIGINAL_EXCHANGE,
+        AMQPValue::LongString(LongString::from(delivery.exchange.as_str().as_bytes())),
+    );
+    put(
+        headers::ORIGINAL_ROUTING_KEY,
+        AMQPValue::LongString(LongString::from(delivery.routing_key.as_str().as_bytes())),
+    );
+    put(
+        headers::ATTEMPTS,
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    let properties = delivery.properties.clone().with_headers(table);
+    let message = Prepared::new("", DEAD_LETTER_QUEUE, &delivery.data, properties, true)?;
+    bus.publish_prepared(&message).await
+}

@@ -1,0 +1,188 @@
+//! The dead-letter queue, for `orderflow dlq list|retry`.
+
+use std::collections::BTreeMap;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::Channel;
+use tracing::{info, warn};
+
+use crate::message::{headers, render_headers};
+use crate::publish::Prepared;
+use crate::topology::DEAD_LETTER_QUEUE;
+use crate::{Bus, BusError};
+
+/// Header the broker adds to messages redelivered from a quorum queue; stripped on retry.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// A message in `orderflow.dead-letter`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message_id: Option<String>,
+    /// The exchange it was first published to (`x-orderflow-original-exchange`).
+    pub exchange: String,
+    /// The routing key it was first published with (`x-orderflow-original-routing-key`).
+    pub routing_key: String,
+    /// Why it was dead-lettered (`x-orderflow-error`).
+    pub error: String,
+    /// Handler attempts before it was dead-lettered (0 when unknown).
+    pub attempts: u32,
+    pub body: Vec<u8>,
+    /// All headers, rendered as strings.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl DeadLetter {
+    fn from_delivery(delivery: &Delivery) -> Self {
+        let headers = render_headers(delivery.properties.headers().as_ref());
+        let get = |name: &str| headers.get(name).cloned().unwrap_or_default();
+        DeadLetter {
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ToString::to_string),
+            exchange: get(headers::ORIGINAL_EXCHANGE),
+            routing_key: get(headers::ORIGINAL_ROUTING_KEY),
+            error: get(headers::ERROR),
+            attempts: get(headers::ATTEMPTS).parse().unwrap_or(0),
+            body: delivery.data.clone(),
+            headers,
+        }
+    }
+
+    /// Whether it carries the headers needed to send it back where it came from.
+    fn has_origin(&self) -> bool {
+        self.headers.contains_key(headers::ORIGINAL_EXCHANGE)
+            && self.headers.contains_key(headers::ORIGINAL_ROUTING_KEY)
+    }
+}
+
+/// Which dead letters [`dlq_retry`] sends back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DlqSelector {
+    All,
+    MessageId(String),
+}
+
+impl DlqSelector {
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        match self {
+            DlqSelector::All => true,
+            DlqSelector::MessageId(id) => letter.message_id.as_deref() == Some(id.as_str()),
+        }
+    }
+}
+
+/// Up to `limit` dead letters, oldest first, left in the queue (fetched unacked, then
+/// returned to the queue by closing the channel).
+pub async fn dlq_list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+    let channel = bus.open_channel().await?;
+    let mut letters = Vec::new();
+    let result = async {
+        while letters.len() < limit {
+            match get(&channel).await? {
+                Some(delivery) => letters.push(DeadLetter::from_delivery(&delivery)),
+                None => break,
+            }
+        }
+        Ok::<(), BusError>(())
+    }
+    .await;
+    close(&channel).await;
+    result.map(|()| letters)
+}
+
+/// Republishes the selected dead letters to their original exchange and routing key
+/// (without the `x-orderflow-*` headers, with a confirm; unroutable is an error), then
+/// removes them from the dead-letter queue. Looks at the messages present when it
+/// starts (not at those dead-lettered again meanwhile). Returns how many it sent.
+pub async fn dlq_retry(bus: &Bus, selector: DlqSelector) -> Result<usize, BusError> {
+    let channel = bus.open_channel().await?;
+    let result = retry_on(bus, &channel, &selector).await;
+    // unselected messages were fetched unacked: closing the channel returns them
+    close(&channel).await;
+    result
+}
+
+async fn retry_on(bus: &Bus, channel: &Channel, selector: &DlqSelector) -> Result<usize, BusError> {
+    let queue = channel
+        .queue_declare(
+            ShortString::from(DEAD_LETTER_QUEUE),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BusError::amqp(format!("inspecting {DEAD_LETTER_QUEUE}"), e))?;
+    let mut remaining = queue.message_count();
+    let mut retried = 0;
+    while remaining > 0 {
+        let Some(delivery) = get(channel).await? else {
+            break;
+        };
+        remaining -= 1;
+        let letter = DeadLetter::from_delivery(&delivery);
+        if !selector.matches(&letter) {
+            continue;
+        }
+        if !letter.has_origin() {
+            warn!(
+                message_id = ?letter.message_id,
+                "dead letter has no original exchange/routing key; leaving it"
+            );
+            continue;
+        }
+        let mut table = FieldTable::default();
+        if let Some(existing) = delivery.properties.headers() {
+            for (name, value) in existing.inner() {
+                let name_str = name.as_str();
+                if !name_str.starts_with(headers::PREFIX) && name_str != DELIVERY_COUNT_HEADER {
+                    table.insert(name.clone(), value.clone());
+                }
+            }
+        }
+        let properties = delivery.properties.clone().with_headers(table);
+        let message = Prepared::new(
+            &letter.exchange,
+            &letter.routing_key,
+            &delivery.data,
+            properties,
+            true,
+        )?;
+        bus.publish_prepared(&message).await?;
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| {
+                BusError::amqp(
+                    format!("removing a retried message from {DEAD_LETTER_QUEUE}"),
+                    e,
+                )
+            })?;
+        info!(message_id = ?letter.message_id, exchange = %letter.exchange, routing_key = %letter.routing_key, "dead letter retried");
+        retried += 1;
+    }
+    Ok(retried)
+}
+
+async fn get(channel: &Channel) -> Result<Option<Delivery>, BusError> {
+    channel
+        .basic_get(
+            ShortString::from(DEAD_LETTER_QUEUE),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .map(|message| message.map(|m| m.delivery))
+        .map_err(|e| BusError::amqp(format!("reading {DEAD_LETTER_QUEUE}"), e))
+}
+
+async fn close(channel: &Channel) {
+    if let Err(err) = channel.close(200, "done".into()).await {
+        warn!(error = %err, "closing the dead-letter channel failed");
+    }
+}
