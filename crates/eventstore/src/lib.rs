@@ -3,12 +3,18 @@
 //!
 //! The store knows nothing of the domain: events are `(type, schema_version, payload)`.
 
+mod append;
+mod database;
 mod error;
+mod read;
 mod store;
 mod types;
+mod wakeup;
 
+pub use database::drop_database;
 pub use error::StoreError;
-pub use store::{connect, EventStore, MIGRATOR};
+pub use store::{connect, connect_with, EventStore, MIGRATOR};
 pub use types::{
     AppendResult, ExpectedVersion, LogPosition, Metadata, NewEvent, RecordedEvent, StreamAppend,
 };
+pub use wakeup::{Wake, Wakeups, CHANNEL as NOTIFY_CHANNEL};

@@ -1,5 +1,11 @@
-use sqlx::PgPool;
+use std::sync::Arc;
 
+use sqlx::{PgConnection, PgPool};
+
+use crate::append::{self, AttemptFailure};
+use crate::database::{open_pool, parse_options};
+use crate::read::{into_events, EventRow, EVENT_COLUMNS};
+use crate::wakeup::{Signals, Wakeups};
 use crate::{
     AppendResult, ExpectedVersion, LogPosition, NewEvent, RecordedEvent, StoreError, StreamAppend,
 };
@@ -7,57 +13,335 @@ use crate::{
 /// The migrations in `migrations/` at the workspace root, applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// Pool size of `connect`.
+const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+/// How often an append whose streams all say `Any` is retried after losing a race.
+const MAX_APPEND_ATTEMPTS: u32 = 5;
+
 /// Connects to `database_url`, creating the database if it does not exist (and the role
 /// may), and applies the migrations.
 pub async fn connect(database_url: &str) -> Result<EventStore, StoreError> {
-    let _ = database_url;
-    todo!()
+    connect_with(database_url, DEFAULT_MAX_CONNECTIONS).await
 }
 
+/// `connect` with a pool of at most `max_connections` (at least 1).
+pub async fn connect_with(
+    database_url: &str,
+    max_connections: u32,
+) -> Result<EventStore, StoreError> {
+    let options = parse_options(database_url)?;
+    let pool = open_pool(options, max_connections).await?;
+    // The migrator takes an advisory lock, so processes starting together are safe.
+    MIGRATOR.run(&pool).await?;
+    Ok(EventStore::new(pool))
+}
+
+/// The event log. Cheap to clone; clones share the pool and the wake-up machinery.
 #[derive(Clone, Debug)]
 pub struct EventStore {
     pool: PgPool,
+    signals: Arc<Signals>,
 }
 
 impl EventStore {
+    /// Wraps a pool on an already migrated database.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            signals: Arc::new(Signals::new()),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// Appends `events` to one stream as versions `expected + 1 …` in one transaction.
+    /// `Conflict` if the stream's last version is not `expected_version` (also when a
+    /// concurrent writer wins), `Duplicate` if an event id is already in the log.
     pub async fn append(
         &self,
         stream_name: &str,
         expected_version: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        let _ = (stream_name, expected_version, events);
-        todo!()
+        self.append_batch(vec![StreamAppend {
+            stream_name: stream_name.to_owned(),
+            expected_version,
+            events,
+        }])
+        .await
     }
 
-    pub async fn append_batch(&self, appends: Vec<StreamAppend>) -> Result<AppendResult, StoreError> {
-        let _ = appends;
-        todo!()
+    /// Appends to several streams atomically: all or nothing, one INSERT for all events,
+    /// in the order given (which is the order followers see them). Streams that say
+    /// `Any` are retried internally when a concurrent writer takes their next version.
+    /// For a batch, `next_expected_version` is the last stream's; an append without
+    /// events only checks the expectations and returns `last_global_position` 0
+    /// (`next_expected_version` -1 for a stream with no events).
+    pub async fn append_batch(
+        &self,
+        appends: Vec<StreamAppend>,
+    ) -> Result<AppendResult, StoreError> {
+        let mut attempt = 1;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let failure = match append::attempt(&mut tx, &appends).await {
+                Ok(result) => {
+                    tx.commit().await?;
+                    self.notify_appended();
+                    return Ok(result);
+                }
+                Err(failure) => failure,
+            };
+            tx.rollback().await?;
+            match self.explain(failure, &appends).await? {
+                Some(error) => return Err(error),
+                None if attempt < MAX_APPEND_ATTEMPTS => attempt += 1,
+                None => return Err(lost_every_race(&appends)),
+            }
+        }
     }
 
+    /// Appends inside the caller's transaction (to write other rows atomically with the
+    /// events). Does not commit and does not retry: a race lost on an `Any` stream is a
+    /// `Conflict`, and after an error the transaction is aborted. After committing, call
+    /// `notify_appended` so followers wake at once.
+    pub async fn append_batch_in(
+        &self,
+        conn: &mut PgConnection,
+        appends: &[StreamAppend],
+    ) -> Result<AppendResult, StoreError> {
+        match append::attempt(conn, appends).await {
+            Ok(result) => Ok(result),
+            Err(failure) => Err(self
+                .explain(failure, appends)
+                .await?
+                .unwrap_or_else(|| lost_every_race(appends))),
+        }
+    }
+
+    /// Turns a failed attempt into the error to report, looking at the committed log
+    /// (outside the failed transaction); `None` means "retry".
+    async fn explain(
+        &self,
+        failure: AttemptFailure,
+        appends: &[StreamAppend],
+    ) -> Result<Option<StoreError>, StoreError> {
+        match failure {
+            AttemptFailure::Conflict(mismatch) => Ok(Some(mismatch.into())),
+            AttemptFailure::Database(error) => Ok(Some(error.into())),
+            AttemptFailure::EventIdTaken => {
+                let mut conn = self.pool.acquire().await?;
+                Ok(Some(append::explain_duplicate(&mut conn, appends).await?))
+            }
+            AttemptFailure::VersionTaken => {
+                let mut conn = self.pool.acquire().await?;
+                append::explain_version_clash(&mut conn, appends).await
+            }
+        }
+    }
+
+    /// Wakes followers after an append committed through `append_batch_in`.
+    pub fn notify_appended(&self) {
+        self.signals.appended(&self.pool);
+    }
+
+    /// A wake-up source for a follower of the log (see `Wakeups`). Uses one connection
+    /// of its own for `LISTEN`.
+    pub async fn follow(&self) -> Result<Wakeups, StoreError> {
+        Wakeups::start(&self.pool, self.signals.subscribe()).await
+    }
+
+    /// The stream's events from `from_version` on, oldest first.
     pub async fn read_stream(
         &self,
         stream_name: &str,
         from_version: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let _ = (stream_name, from_version);
-        todo!()
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE stream_name = $1 AND stream_version >= $2 ORDER BY stream_version"
+        ))
+        .bind(stream_name)
+        .bind(from_version)
+        .fetch_all(&self.pool)
+        .await?;
+        into_events(rows)
     }
 
+    /// The stream's last version, `None` if it has no events.
+    pub async fn stream_version(&self, stream_name: &str) -> Result<Option<i64>, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_name = $1")
+                .bind(stream_name)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(version)
+    }
+
+    /// Whether the stream has ever recorded an event of this type.
+    pub async fn stream_has_event_type(
+        &self,
+        stream_name: &str,
+        event_type: &str,
+    ) -> Result<bool, StoreError> {
+        let found: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE stream_name = $1 AND event_type = $2)",
+        )
+        .bind(stream_name)
+        .bind(event_type)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(found)
+    }
+
+    /// Of `stream_names`, those that have ever recorded an event of this type (one round
+    /// trip for many streams, e.g. all SKUs of an order).
+    pub async fn streams_with_event_type(
+        &self,
+        stream_names: &[String],
+        event_type: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT stream_name FROM events \
+             WHERE stream_name = ANY($1) AND event_type = $2 ORDER BY stream_name",
+        )
+        .bind(stream_names)
+        .bind(event_type)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(found)
+    }
+
+    /// Up to `limit` events after `after`, in `(transaction_id, global_position)` order,
+    /// and only from transactions older than every transaction still running: a
+    /// transaction that commits late cannot add an event before the returned ones, so a
+    /// follower that checkpoints the last returned `log_position()` never skips one.
+    /// The price is that a long transaction anywhere on the server holds readers back.
     pub async fn read_all(
         &self,
         after: LogPosition,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let _ = (after, limit);
-        todo!()
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE (transaction_id, global_position) > ($1, $2) \
+               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+             ORDER BY transaction_id, global_position \
+             LIMIT $3"
+        ))
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(limit.max(0))
+        .fetch_all(&self.pool)
+        .await?;
+        into_events(rows)
+    }
+
+    /// The highest `global_position` in the log (0 when empty), committed or not yet
+    /// visible to `read_all`; for lag reporting.
+    pub async fn head(&self) -> Result<i64, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(head)
+    }
+
+    /// The number of events in the log.
+    pub async fn count(&self) -> Result<i64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count)
+    }
+
+    /// The follower's saved position, `LogPosition::START` if it has none.
+    pub async fn load_checkpoint(&self, name: &str) -> Result<LogPosition, StoreError> {
+        load_checkpoint(&self.pool, name).await
+    }
+
+    /// Saves the follower's position on `conn`, typically inside the transaction that
+    /// also writes what the follower derived from the events, so both commit together.
+    pub async fn save_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+        position: LogPosition,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO checkpoints (name, transaction_id, global_position) \
+             VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
+               global_position = EXCLUDED.global_position, updated_at = now()",
+        )
+        .bind(name)
+        .bind(position.transaction_id)
+        .bind(position.global_position)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Loads the follower's position inside the caller's transaction and locks its row
+    /// until that transaction ends, so two instances of one follower take turns instead
+    /// of applying the same events twice.
+    pub async fn lock_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<LogPosition, StoreError> {
+        sqlx::query(
+            "INSERT INTO checkpoints (name, transaction_id, global_position) VALUES ($1, 0, 0) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+        let (transaction_id, global_position): (i64, i64) = sqlx::query_as(
+            "SELECT transaction_id, global_position FROM checkpoints WHERE name = $1 FOR UPDATE",
+        )
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(LogPosition {
+            transaction_id,
+            global_position,
+        })
+    }
+
+    /// Forgets the follower's position: it starts again from `LogPosition::START`
+    /// (replay).
+    pub async fn reset_checkpoint(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM checkpoints WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn load_checkpoint(pool: &PgPool, name: &str) -> Result<LogPosition, StoreError> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id, global_position FROM checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map_or(LogPosition::START, |(transaction_id, global_position)| {
+        LogPosition {
+            transaction_id,
+            global_position,
+        }
+    }))
+}
+
+/// Reported when retries on `Any` streams were all lost to concurrent writers.
+fn lost_every_race(appends: &[StreamAppend]) -> StoreError {
+    let first = appends.first();
+    StoreError::Conflict {
+        stream: first.map(|a| a.stream_name.clone()).unwrap_or_default(),
+        expected: first.and_then(|a| append::expected_as_option(a.expected_version)),
+        actual: None,
     }
 }

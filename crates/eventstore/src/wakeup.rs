@@ -1,0 +1,198 @@
+//! Wake-ups for followers of the log, without `NOTIFY` in the appending transaction.
+//!
+//! `NOTIFY` inside a transaction takes PostgreSQL's notify-queue lock at commit, which
+//! serialises all committing appenders. Instead an append, after its commit, bumps an
+//! in-process counter; one coalescing task per store sends at most one
+//! `NOTIFY orderflow_events` per `COALESCE_WINDOW` on a connection of its own, so other
+//! processes learn of the burst. A follower (`Wakeups`) wakes on an in-process append, on
+//! a notification received with `LISTEN`, or when its fallback interval runs out; the
+//! fallback covers lost notifications and transactions outside orderflow that hold the
+//! log's visible horizon back.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{ConnectOptions, PgConnection, PgPool};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::StoreError;
+
+/// The notification channel followers `LISTEN` on.
+pub const CHANNEL: &str = "orderflow_events";
+
+/// At most one NOTIFY per this long: a burst of appends costs one notification.
+const COALESCE_WINDOW: Duration = Duration::from_millis(3);
+/// Pause before the listener tries again after a failed reconnect.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// The store's side: the counter appends bump, and the coalescing task.
+#[derive(Debug)]
+pub(crate) struct Signals {
+    appended: watch::Sender<u64>,
+    coalescer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Signals {
+    pub(crate) fn new() -> Self {
+        Self {
+            appended: watch::Sender::new(0),
+            coalescer: Mutex::new(None),
+        }
+    }
+
+    /// Called after every committed append: wakes local followers at once and lets the
+    /// coalescer tell other processes.
+    pub(crate) fn appended(&self, pool: &PgPool) {
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+        self.ensure_coalescer(pool);
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// Starts the coalescer on first use (the store may be built outside a runtime) and
+    /// again if its runtime went away (each `#[tokio::test]` has its own).
+    fn ensure_coalescer(&self, pool: &PgPool) {
+        let mut slot = self
+            .coalescer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut appended = self.appended.subscribe();
+        // The append that starts us must be announced too.
+        appended.mark_changed();
+        let options = (*pool.connect_options()).clone();
+        *slot = Some(runtime.spawn(coalesce_notifications(appended, options)));
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        // The task also ends by itself once the sender is gone; aborting is just quicker.
+        if let Ok(mut slot) = self.coalescer.lock() {
+            if let Some(task) = slot.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Sends one NOTIFY per burst of appends until the store is dropped.
+async fn coalesce_notifications(mut appended: watch::Receiver<u64>, options: PgConnectOptions) {
+    let mut conn: Option<PgConnection> = None;
+    while appended.changed().await.is_ok() {
+        appended.borrow_and_update();
+        if let Err(error) = notify_once(&mut conn, &options).await {
+            // Followers elsewhere fall back to polling; the next burst reconnects.
+            tracing::warn!(%error, "could not send NOTIFY {CHANNEL}");
+            conn = None;
+        }
+        tokio::time::sleep(COALESCE_WINDOW).await;
+    }
+}
+
+async fn notify_once(
+    conn: &mut Option<PgConnection>,
+    options: &PgConnectOptions,
+) -> Result<(), sqlx::Error> {
+    let conn = match conn {
+        Some(conn) => conn,
+        None => conn.insert(options.connect().await?),
+    };
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Why `Wakeups::wait` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Something was appended (in this process or, by notification, in another); there
+    /// may be new events to read. Spurious wake-ups are possible.
+    Signalled,
+    /// The fallback interval ran out: read anyway.
+    TimedOut,
+}
+
+/// A follower's wake-up source. Read the log, then `wait`, then read again: a signal
+/// that arrives while reading is kept, so none is lost between two waits.
+#[derive(Debug)]
+pub struct Wakeups {
+    local: watch::Receiver<u64>,
+    local_open: bool,
+    remote: Arc<Notify>,
+    listener: JoinHandle<()>,
+}
+
+impl Wakeups {
+    /// Listens before returning, so every append committed after this call wakes it.
+    /// The listener has a connection of its own, outside the store's pool.
+    pub(crate) async fn start(
+        pool: &PgPool,
+        local: watch::Receiver<u64>,
+    ) -> Result<Self, StoreError> {
+        let own_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = PgListener::connect_with(&own_pool).await?;
+        listener.listen(CHANNEL).await?;
+        let remote = Arc::new(Notify::new());
+        let listener = tokio::spawn(forward_notifications(listener, remote.clone()));
+        Ok(Self {
+            local,
+            local_open: true,
+            remote,
+            listener,
+        })
+    }
+
+    /// Returns when an append happened since the last call, or after `max`.
+    pub async fn wait(&mut self, max: Duration) -> Wake {
+        tokio::select! {
+            changed = self.local.changed(), if self.local_open => {
+                if changed.is_err() {
+                    // The store is gone; only notifications and the fallback remain.
+                    self.local_open = false;
+                }
+                Wake::Signalled
+            }
+            () = self.remote.notified() => Wake::Signalled,
+            () = tokio::time::sleep(max) => Wake::TimedOut,
+        }
+    }
+}
+
+impl Drop for Wakeups {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Turns notifications into wake-ups. `notify_one` keeps a permit, so a notification
+/// that arrives while the follower reads is not lost.
+async fn forward_notifications(mut listener: PgListener, wake: Arc<Notify>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(_)) => wake.notify_one(),
+            // The connection dropped and was re-established: notifications may have been
+            // missed meanwhile, so let the follower look.
+            Ok(None) => wake.notify_one(),
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(error) => {
+                tracing::warn!(%error, "LISTEN {CHANNEL} failed; retrying");
+                wake.notify_one();
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
+        }
+    }
+}
