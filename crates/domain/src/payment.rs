@@ -228,3 +228,225 @@ pub fn capture_key(order_id: Uuid) -> String {
 pub fn refund_key(order_id: Uuid) -> String {
     format!("refund-{order_id}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{CancelReason, OrderCancelled};
+    use crate::fold;
+    use chrono::TimeDelta;
+
+    const ORDER_ID: Uuid = Uuid::from_u128(0xCAFE);
+
+    fn now() -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(20_000)
+    }
+
+    fn accepted() -> OrderAccepted {
+        OrderAccepted {
+            order_id: ORDER_ID,
+            customer_id: "c-1".into(),
+            currency: "EUR".into(),
+            items: vec![],
+            payment_token: "tok_ok".into(),
+            total_cents: 2_000,
+            payment_timeout_ms: 30_000,
+        }
+    }
+
+    fn captured() -> PaymentInput {
+        PaymentInput::Captured {
+            gateway_reference: "gw-capture".into(),
+        }
+    }
+
+    fn refunded() -> PaymentInput {
+        PaymentInput::Refunded {
+            gateway_reference: "gw-refund".into(),
+        }
+    }
+
+    fn order_cancelled() -> DomainEvent {
+        DomainEvent::OrderCancelled(OrderCancelled {
+            order_id: ORDER_ID,
+            reason: CancelReason::CustomerCancelled,
+            detail: String::new(),
+            by: None,
+        })
+    }
+
+    /// The payment stream, built by deciding each input on the state so far.
+    struct Payment(Vec<DomainEvent>);
+
+    impl Payment {
+        fn requested() -> Self {
+            let mut payment = Payment(vec![]);
+            payment.when(PaymentInput::Request(accepted(), now()));
+            payment
+        }
+
+        fn state(&self) -> PaymentState {
+            fold(&self.0)
+        }
+
+        fn when(&mut self, input: PaymentInput) -> Vec<DomainEvent> {
+            let decided = decide(&self.state(), input);
+            self.0.extend(decided.iter().cloned());
+            decided
+        }
+
+        fn types_of(&mut self, input: PaymentInput) -> Vec<&'static str> {
+            self.when(input)
+                .iter()
+                .map(DomainEvent::event_type)
+                .collect()
+        }
+    }
+
+    fn refund_of(amount_cents: Cents) -> Option<GatewayAction> {
+        Some(GatewayAction::Refund {
+            amount_cents,
+            idempotency_key: format!("refund-{ORDER_ID}"),
+        })
+    }
+
+    #[test]
+    fn an_accepted_order_requests_its_payment_once_with_a_timer() {
+        let payment = Payment::requested();
+        let [DomainEvent::PaymentRequested(requested)] = &payment.0[..] else {
+            panic!("{:?}", payment.0)
+        };
+        assert_eq!(requested.expires_at, now() + TimeDelta::seconds(30));
+        assert_eq!(
+            (requested.amount_cents, requested.payment_token.as_str()),
+            (2_000, "tok_ok")
+        );
+        let mut payment = payment;
+        assert_eq!(
+            payment.when(PaymentInput::Request(accepted(), now())),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn an_open_request_asks_the_gateway_to_capture_with_a_stable_key() {
+        let payment = Payment::requested();
+        assert_eq!(
+            next_action(&payment.state()),
+            Some(GatewayAction::Capture {
+                amount_cents: 2_000,
+                token: "tok_ok".into(),
+                idempotency_key: format!("capture-{ORDER_ID}"),
+            })
+        );
+        assert_eq!(next_action(&PaymentState::default()), None);
+    }
+
+    #[test]
+    fn a_capture_is_recorded_once_and_ends_the_gateway_calls() {
+        let mut payment = Payment::requested();
+        assert_eq!(payment.types_of(captured()), ["PaymentCaptured"]);
+        assert_eq!(payment.when(captured()), vec![]);
+        assert_eq!(payment.when(PaymentInput::TimedOut), vec![]);
+        assert_eq!(
+            payment.when(PaymentInput::Declined {
+                reason: "late".into()
+            }),
+            vec![]
+        );
+        assert_eq!(next_action(&payment.state()), None);
+    }
+
+    #[test]
+    fn a_decline_is_recorded_once_and_ends_the_gateway_calls() {
+        let mut payment = Payment::requested();
+        assert_eq!(
+            payment.types_of(PaymentInput::Declined {
+                reason: "no".into()
+            }),
+            ["PaymentDeclined"]
+        );
+        assert_eq!(
+            payment.when(PaymentInput::Declined {
+                reason: "no".into()
+            }),
+            vec![]
+        );
+        assert_eq!(payment.when(PaymentInput::TimedOut), vec![]);
+        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(next_action(&payment.state()), None);
+    }
+
+    #[test]
+    fn the_timer_times_out_an_unsettled_payment_once() {
+        let mut payment = Payment::requested();
+        assert_eq!(
+            payment.types_of(PaymentInput::TimedOut),
+            ["PaymentTimedOut"]
+        );
+        assert_eq!(payment.when(PaymentInput::TimedOut), vec![]);
+        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(Payment(vec![]).when(PaymentInput::TimedOut), vec![]);
+    }
+
+    #[test]
+    fn a_capture_after_the_timeout_is_recorded_and_refunded() {
+        let mut payment = Payment::requested();
+        payment.when(PaymentInput::TimedOut);
+        assert_eq!(payment.types_of(captured()), ["PaymentCaptured"]);
+        assert_eq!(next_action(&payment.state()), refund_of(2_000));
+        let events = payment.when(refunded());
+        assert!(
+            matches!(&events[..], [DomainEvent::PaymentRefunded(r)] if r.amount_cents == 2_000)
+        );
+        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(payment.when(refunded()), vec![]);
+    }
+
+    #[test]
+    fn cancelling_while_requested_voids_and_a_late_capture_is_refunded() {
+        let mut payment = Payment::requested();
+        assert_eq!(
+            payment.types_of(PaymentInput::OrderCancelled),
+            ["PaymentVoided"]
+        );
+        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(payment.types_of(captured()), ["PaymentCaptured"]);
+        assert_eq!(next_action(&payment.state()), refund_of(2_000));
+        assert_eq!(payment.types_of(refunded()), ["PaymentRefunded"]);
+        let state = payment.state();
+        assert_eq!(
+            (state.captured_cents, state.refunded_cents),
+            (Some(2_000), 2_000)
+        );
+    }
+
+    #[test]
+    fn cancelling_a_captured_payment_refunds_it() {
+        let mut payment = Payment::requested();
+        payment.when(captured());
+        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(
+            payment.when(refunded()),
+            vec![],
+            "the capture is kept until the order is cancelled"
+        );
+        // The payment service folds the order's OrderCancelled in before asking.
+        let state = evolve(payment.state(), &order_cancelled());
+        assert_eq!(state.version, payment.state().version);
+        assert_eq!(next_action(&state), refund_of(2_000));
+        let events = decide(&state, refunded());
+        assert!(
+            matches!(&events[..], [DomainEvent::PaymentRefunded(r)] if r.gateway_reference == "gw-refund")
+        );
+    }
+
+    #[test]
+    fn a_cancellation_before_any_request_does_nothing() {
+        let mut payment = Payment(vec![]);
+        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(payment.when(captured()), vec![]);
+        assert_eq!(payment.when(refunded()), vec![]);
+    }
+}

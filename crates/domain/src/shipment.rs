@@ -77,3 +77,95 @@ fn deliver(state: &ShipmentState) -> Vec<DomainEvent> {
         _ => vec![],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::{OrderLine, Shipping, ShippingMethod};
+    use crate::fold;
+    use chrono::TimeDelta;
+    use uuid::Uuid;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(20_000)
+    }
+
+    fn confirmed(method: Option<ShippingMethod>) -> OrderConfirmed {
+        OrderConfirmed {
+            order_id: Uuid::from_u128(5),
+            items: vec![OrderLine {
+                sku: "A".into(),
+                quantity: 1,
+                unit_price_cents: 100,
+            }],
+            shipping: method.map(|method| Shipping {
+                method,
+                address: "1 Main St".into(),
+            }),
+            delivery_delay_ms: 500,
+        }
+    }
+
+    #[test]
+    fn a_confirmed_order_ships_with_a_delivery_timer() {
+        let order = confirmed(Some(ShippingMethod::Express));
+        let events = decide(
+            &ShipmentState::default(),
+            ShipmentInput::Ship {
+                confirmed: &order,
+                now: now(),
+            },
+        );
+        let [DomainEvent::ShipmentShipped(shipped)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(shipped.deliver_at, now() + TimeDelta::milliseconds(500));
+        assert_eq!(shipped.items, order.items);
+    }
+
+    #[test]
+    fn a_shipment_ships_once() {
+        let order = confirmed(Some(ShippingMethod::Standard));
+        let ship = || ShipmentInput::Ship {
+            confirmed: &order,
+            now: now(),
+        };
+        let state: ShipmentState = fold(&decide(&ShipmentState::default(), ship()));
+        assert_eq!(decide(&state, ship()), vec![]);
+        assert_eq!(state.version, Some(0));
+    }
+
+    #[test]
+    fn a_digital_order_never_ships() {
+        let order = confirmed(None);
+        let input = ShipmentInput::Ship {
+            confirmed: &order,
+            now: now(),
+        };
+        assert_eq!(decide(&ShipmentState::default(), input), vec![]);
+    }
+
+    #[test]
+    fn a_shipped_order_is_delivered_once_and_nothing_unshipped_is_delivered() {
+        assert_eq!(
+            decide(&ShipmentState::default(), ShipmentInput::Deliver),
+            vec![]
+        );
+        let order = confirmed(Some(ShippingMethod::Standard));
+        let mut history = decide(
+            &ShipmentState::default(),
+            ShipmentInput::Ship {
+                confirmed: &order,
+                now: now(),
+            },
+        );
+        let delivered = decide(&fold(&history), ShipmentInput::Deliver);
+        assert!(
+            matches!(&delivered[..], [DomainEvent::ShipmentDelivered(d)] if d.order_id == order.order_id)
+        );
+        history.extend(delivered);
+        let state: ShipmentState = fold(&history);
+        assert!(state.delivered);
+        assert_eq!(decide(&state, ShipmentInput::Deliver), vec![]);
+    }
+}

@@ -183,3 +183,202 @@ fn commit(state: &StockState, sku: String, order_id: Uuid, line: u32) -> Vec<Dom
         None => vec![],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fold;
+
+    const ORDER_ID: Uuid = Uuid::from_u128(0xB0B);
+
+    fn set(quantity: i64) -> StockInput {
+        StockInput::Set {
+            sku: "A".into(),
+            quantity,
+        }
+    }
+
+    fn reserve(order: u128, line: u32, quantity: i64) -> StockInput {
+        StockInput::Reserve {
+            sku: "A".into(),
+            order_id: Uuid::from_u128(order),
+            line,
+            quantity,
+        }
+    }
+
+    fn release(order: u128, line: u32) -> StockInput {
+        StockInput::Release {
+            sku: "A".into(),
+            order_id: Uuid::from_u128(order),
+            line,
+        }
+    }
+
+    fn commit(order: u128, line: u32) -> StockInput {
+        StockInput::Commit {
+            sku: "A".into(),
+            order_id: Uuid::from_u128(order),
+            line,
+        }
+    }
+
+    /// Decides each input on the state so far and keeps what was decided.
+    fn run(inputs: impl IntoIterator<Item = StockInput>) -> Vec<DomainEvent> {
+        let mut history = Vec::new();
+        for input in inputs {
+            let state: StockState = fold(&history);
+            history.extend(decide(&state, input));
+        }
+        history
+    }
+
+    fn types(events: &[DomainEvent]) -> Vec<&'static str> {
+        events.iter().map(DomainEvent::event_type).collect()
+    }
+
+    #[test]
+    fn setting_stock_sets_on_hand_and_makes_the_sku_known() {
+        let state: StockState = fold(&run([set(5), set(3)]));
+        assert!(state.known);
+        assert_eq!((state.on_hand, state.reserved), (3, 0));
+        assert_eq!(state.version, Some(1));
+    }
+
+    #[test]
+    fn a_negative_stock_set_is_refused_and_changes_nothing() {
+        let events = run([set(-1)]);
+        assert_eq!(types(&events), ["StockSetRefused"]);
+        let state: StockState = fold(&events);
+        assert!(!state.known);
+        assert_eq!(state.on_hand, 0);
+    }
+
+    #[test]
+    fn a_reservation_moves_units_from_on_hand_to_reserved() {
+        let events = run([set(5), reserve(0xB0B, 0, 2)]);
+        assert_eq!(types(&events), ["StockSet", "StockReserved"]);
+        let state: StockState = fold(&events);
+        assert_eq!((state.on_hand, state.reserved), (3, 2));
+        assert_eq!(state.reservations.get(&(ORDER_ID, 0)), Some(&2));
+    }
+
+    #[test]
+    fn a_repeated_reservation_for_the_same_line_has_no_effect() {
+        let events = run([set(5), reserve(0xB0B, 0, 2), reserve(0xB0B, 0, 2)]);
+        assert_eq!(types(&events), ["StockSet", "StockReserved"]);
+    }
+
+    #[test]
+    fn a_reservation_beyond_on_hand_fails_with_what_is_available() {
+        let events = run([set(1), reserve(0xB0B, 0, 2)]);
+        let Some(DomainEvent::StockReservationFailed(failed)) = events.last() else {
+            panic!("{events:?}")
+        };
+        assert_eq!((failed.requested, failed.available), (2, 1));
+    }
+
+    #[test]
+    fn a_reservation_of_a_never_set_sku_fails_with_nothing_available() {
+        let events = run([reserve(0xB0B, 0, 1)]);
+        assert!(
+            matches!(&events[..], [DomainEvent::StockReservationFailed(f)] if f.available == 0)
+        );
+    }
+
+    #[test]
+    fn a_release_gives_the_units_back_once() {
+        let events = run([
+            set(5),
+            reserve(0xB0B, 0, 2),
+            release(0xB0B, 0),
+            release(0xB0B, 0),
+        ]);
+        assert_eq!(
+            types(&events),
+            ["StockSet", "StockReserved", "StockReleased"]
+        );
+        let state: StockState = fold(&events);
+        assert_eq!((state.on_hand, state.reserved), (5, 0));
+        assert!(state.reservations.is_empty());
+    }
+
+    #[test]
+    fn releasing_or_committing_what_was_never_reserved_has_no_effect() {
+        assert_eq!(
+            types(&run([set(5), release(0xB0B, 0), commit(0xB0B, 0)])),
+            ["StockSet"]
+        );
+    }
+
+    #[test]
+    fn a_commit_removes_the_units_from_reserved_once() {
+        let events = run([
+            set(5),
+            reserve(0xB0B, 0, 2),
+            commit(0xB0B, 0),
+            commit(0xB0B, 0),
+            release(0xB0B, 0),
+        ]);
+        assert_eq!(
+            types(&events),
+            ["StockSet", "StockReserved", "StockCommitted"]
+        );
+        let state: StockState = fold(&events);
+        assert_eq!((state.on_hand, state.reserved), (3, 0));
+    }
+
+    #[test]
+    fn a_stock_set_leaves_reservations_as_they_are() {
+        let state: StockState = fold(&run([
+            set(5),
+            reserve(0xB0B, 0, 2),
+            set(0),
+            release(0xB0B, 0),
+        ]));
+        assert_eq!((state.on_hand, state.reserved), (2, 0));
+    }
+
+    /// A small linear congruential generator: deterministic "random" sequences.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, below: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % below
+        }
+
+        fn small(&mut self, below: u64) -> i64 {
+            i64::try_from(self.next(below)).unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn on_hand_never_goes_below_zero_and_reserved_matches_the_reservations() {
+        let mut rng = Lcg(7);
+        for _ in 0..300 {
+            let mut history = Vec::new();
+            for _ in 0..60 {
+                let (order, line) = (
+                    u128::from(rng.next(4)),
+                    u32::try_from(rng.next(3)).unwrap_or(0),
+                );
+                let input = match rng.next(10) {
+                    0 => set(rng.small(12) - 2),
+                    1..=4 => reserve(order, line, rng.small(6) - 1),
+                    5..=7 => release(order, line),
+                    _ => commit(order, line),
+                };
+                let state: StockState = fold(&history);
+                history.extend(decide(&state, input));
+                let state: StockState = fold(&history);
+                assert!(state.on_hand >= 0, "on_hand below zero after {history:?}");
+                assert!(state.reserved >= 0);
+                assert_eq!(state.reserved, state.reservations.values().sum::<i64>());
+            }
+        }
+    }
+}
