@@ -271,7 +271,8 @@ pub struct PaymentTimedOut {
     pub order_id: Uuid,
 }
 
-/// The order was cancelled before the payment settled: stop trying.
+/// The order was cancelled before the payment settled (or was even requested): stop
+/// trying, and request nothing any more.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentVoided {
     pub order_id: Uuid,

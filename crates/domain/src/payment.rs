@@ -101,8 +101,8 @@ pub enum PaymentInput {
     Declined { reason: String },
     /// The payment timer fired.
     TimedOut,
-    /// The order was cancelled.
-    OrderCancelled,
+    /// The order was cancelled (possibly before its payment was even requested).
+    OrderCancelled { order_id: Uuid },
     /// The gateway refunded what was owed.
     Refunded { gateway_reference: String },
 }
@@ -114,13 +114,15 @@ pub fn decide(state: &PaymentState, input: PaymentInput) -> Vec<DomainEvent> {
         PaymentInput::Captured { gateway_reference } => captured(state, gateway_reference),
         PaymentInput::Declined { reason } => declined(state, reason),
         PaymentInput::TimedOut => timed_out(state),
-        PaymentInput::OrderCancelled => void(state),
+        PaymentInput::OrderCancelled { order_id } => void(state, order_id),
         PaymentInput::Refunded { gateway_reference } => refunded(state, gateway_reference),
     }
 }
 
+/// Once; never after the order was cancelled (a cancellation handled before the
+/// request, e.g. by a concurrent handler, voids the payment up front).
 fn request(state: &PaymentState, accepted: OrderAccepted, now: DateTime<Utc>) -> Vec<DomainEvent> {
-    if state.requested.is_some() {
+    if state.requested.is_some() || state.voided {
         return vec![];
     }
     vec![DomainEvent::PaymentRequested(PaymentRequested {
@@ -165,13 +167,15 @@ fn timed_out(state: &PaymentState) -> Vec<DomainEvent> {
     }
 }
 
-fn void(state: &PaymentState) -> Vec<DomainEvent> {
-    match state.order_id() {
-        Some(order_id) if state.is_open() => {
-            vec![DomainEvent::PaymentVoided(PaymentVoided { order_id })]
-        }
-        _ => vec![],
+/// Stops an open request. With nothing requested yet the void is recorded up front,
+/// so that an `OrderAccepted` handled late (redelivered, or concurrently) requests
+/// nothing.
+fn void(state: &PaymentState, order_id: Uuid) -> Vec<DomainEvent> {
+    let nothing_requested = state.requested.is_none() && !state.voided;
+    if state.is_open() || nothing_requested {
+        return vec![DomainEvent::PaymentVoided(PaymentVoided { order_id })];
     }
+    vec![]
 }
 
 fn refunded(state: &PaymentState, gateway_reference: String) -> Vec<DomainEvent> {
@@ -264,6 +268,10 @@ mod tests {
         PaymentInput::Refunded {
             gateway_reference: "gw-refund".into(),
         }
+    }
+
+    fn cancelled() -> PaymentInput {
+        PaymentInput::OrderCancelled { order_id: ORDER_ID }
     }
 
     fn order_cancelled() -> DomainEvent {
@@ -373,7 +381,7 @@ mod tests {
             vec![]
         );
         assert_eq!(payment.when(PaymentInput::TimedOut), vec![]);
-        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(payment.when(cancelled()), vec![]);
         assert_eq!(next_action(&payment.state()), None);
     }
 
@@ -406,11 +414,8 @@ mod tests {
     #[test]
     fn cancelling_while_requested_voids_and_a_late_capture_is_refunded() {
         let mut payment = Payment::requested();
-        assert_eq!(
-            payment.types_of(PaymentInput::OrderCancelled),
-            ["PaymentVoided"]
-        );
-        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(payment.types_of(cancelled()), ["PaymentVoided"]);
+        assert_eq!(payment.when(cancelled()), vec![]);
         assert_eq!(next_action(&payment.state()), None);
         assert_eq!(payment.types_of(captured()), ["PaymentCaptured"]);
         assert_eq!(next_action(&payment.state()), refund_of(2_000));
@@ -426,7 +431,7 @@ mod tests {
     fn cancelling_a_captured_payment_refunds_it() {
         let mut payment = Payment::requested();
         payment.when(captured());
-        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(payment.when(cancelled()), vec![]);
         assert_eq!(
             payment.when(refunded()),
             vec![],
@@ -443,9 +448,15 @@ mod tests {
     }
 
     #[test]
-    fn a_cancellation_before_any_request_does_nothing() {
+    fn a_cancellation_before_the_request_voids_up_front_and_nothing_is_requested() {
         let mut payment = Payment(vec![]);
-        assert_eq!(payment.when(PaymentInput::OrderCancelled), vec![]);
+        assert_eq!(payment.types_of(cancelled()), ["PaymentVoided"]);
+        assert_eq!(payment.when(cancelled()), vec![]);
+        assert_eq!(
+            payment.when(PaymentInput::Request(accepted(), now())),
+            vec![]
+        );
+        assert_eq!(next_action(&payment.state()), None);
         assert_eq!(payment.when(captured()), vec![]);
         assert_eq!(payment.when(refunded()), vec![]);
     }
