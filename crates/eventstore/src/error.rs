@@ -4,7 +4,9 @@ use uuid::Uuid;
 pub enum StoreError {
     /// Another writer appended to the stream first (SQLSTATE 23505 on the
     /// `(stream_name, stream_version)` key, or a version check that failed).
-    #[error("concurrency conflict on stream {stream}: expected version {expected:?}, found {actual:?}")]
+    #[error(
+        "concurrency conflict on stream {stream}: expected version {expected:?}, found {actual:?}"
+    )]
     Conflict {
         stream: String,
         expected: Option<i64>,
@@ -15,7 +17,10 @@ pub enum StoreError {
     #[error("event {event_id} is already in the log")]
     Duplicate { event_id: Uuid },
     #[error("stored event at position {global_position} is malformed: {reason}")]
-    Malformed { global_position: i64, reason: String },
+    Malformed {
+        global_position: i64,
+        reason: String,
+    },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]

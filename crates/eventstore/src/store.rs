@@ -322,18 +322,19 @@ impl EventStore {
 }
 
 async fn load_checkpoint(pool: &PgPool, name: &str) -> Result<LogPosition, StoreError> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id, global_position FROM checkpoints WHERE name = $1",
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT transaction_id, global_position FROM checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+    Ok(
+        row.map_or(LogPosition::START, |(transaction_id, global_position)| {
+            LogPosition {
+                transaction_id,
+                global_position,
+            }
+        }),
     )
-    .bind(name)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map_or(LogPosition::START, |(transaction_id, global_position)| {
-        LogPosition {
-            transaction_id,
-            global_position,
-        }
-    }))
 }
 
 /// Reported when retries on `Any` streams were all lost to concurrent writers.

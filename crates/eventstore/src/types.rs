@@ -52,7 +52,9 @@ pub struct AppendResult {
 
 /// A follower's place in the log: the pair (transaction id, global position).
 /// Ordered lexicographically; `LogPosition::START` is before every event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct LogPosition {
     pub transaction_id: i64,
     pub global_position: i64,

@@ -1,0 +1,57 @@
+use eventstore::LogPosition;
+use testkit::TestDb;
+
+#[tokio::test]
+async fn a_checkpoint_starts_at_start_and_keeps_what_was_saved() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    assert_eq!(
+        db.store.load_checkpoint("projector").await?,
+        LogPosition::START
+    );
+
+    let position = LogPosition {
+        transaction_id: 42,
+        global_position: 7,
+    };
+    let mut tx = db.pool().begin().await?;
+    db.store
+        .save_checkpoint(&mut tx, "projector", position)
+        .await?;
+    // Not visible before the caller's transaction commits.
+    assert_eq!(
+        db.store.load_checkpoint("projector").await?,
+        LogPosition::START
+    );
+    tx.commit().await?;
+    assert_eq!(db.store.load_checkpoint("projector").await?, position);
+
+    db.store.reset_checkpoint("projector").await?;
+    assert_eq!(
+        db.store.load_checkpoint("projector").await?,
+        LogPosition::START
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_leaves_the_checkpoint_as_it_was() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let saved = LogPosition {
+        transaction_id: 1,
+        global_position: 1,
+    };
+    let mut conn = db.pool().acquire().await?;
+    db.store.save_checkpoint(&mut conn, "relay", saved).await?;
+    drop(conn);
+
+    let mut tx = db.pool().begin().await?;
+    assert_eq!(db.store.lock_checkpoint(&mut tx, "relay").await?, saved);
+    let later = LogPosition {
+        transaction_id: 2,
+        global_position: 9,
+    };
+    db.store.save_checkpoint(&mut tx, "relay", later).await?;
+    tx.rollback().await?;
+    assert_eq!(db.store.load_checkpoint("relay").await?, saved);
+    Ok(())
+}

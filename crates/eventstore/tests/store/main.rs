@@ -1,0 +1,10 @@
+//! Integration tests of the event store, each against a fresh database (`TestDb`).
+
+mod append;
+mod append_only;
+mod checkpoints;
+mod connect;
+mod gap_safety;
+mod read;
+mod support;
+mod wakeups;

@@ -1,0 +1,94 @@
+use eventstore::{ExpectedVersion, LogPosition, StreamAppend};
+use testkit::TestDb;
+
+use crate::support::{event, events, follow_until};
+
+#[tokio::test]
+async fn read_all_pages_return_every_event_exactly_once_in_order() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    for i in 0..5 {
+        db.store
+            .append_batch(vec![
+                StreamAppend {
+                    stream_name: format!("order-{i}"),
+                    expected_version: ExpectedVersion::NoStream,
+                    events: events(3),
+                },
+                StreamAppend {
+                    stream_name: "stock-sku".into(),
+                    expected_version: ExpectedVersion::Any,
+                    events: events(1),
+                },
+            ])
+            .await?;
+    }
+    let seen = follow_until(&db.store, LogPosition::START, 3, 20).await?;
+    assert_eq!(seen.len(), 20);
+    let positions: Vec<_> = seen.iter().map(|e| e.log_position()).collect();
+    let mut sorted = positions.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(positions, sorted, "strictly increasing, no repeats");
+    let versions: Vec<i64> = seen
+        .iter()
+        .filter(|e| e.stream_name == "stock-sku")
+        .map(|e| e.stream_version)
+        .collect();
+    assert_eq!(versions, vec![0, 1, 2, 3, 4]);
+    assert_eq!(db.store.head().await?, seen[19].global_position);
+    Ok(())
+}
+
+#[tokio::test]
+async fn read_stream_starts_at_the_given_version() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let appended = events(5);
+    db.store
+        .append("order-1", ExpectedVersion::NoStream, appended.clone())
+        .await?;
+    db.store
+        .append("order-2", ExpectedVersion::NoStream, events(1))
+        .await?;
+    let tail = db.store.read_stream("order-1", 3).await?;
+    let versions: Vec<i64> = tail.iter().map(|e| e.stream_version).collect();
+    assert_eq!(versions, vec![3, 4]);
+    assert_eq!(tail[0].event_id, appended[3].event_id);
+    assert_eq!(tail[0].payload, appended[3].payload);
+    assert_eq!(tail[0].metadata, appended[3].metadata);
+    assert!(db.store.read_stream("order-3", 0).await?.is_empty());
+    assert_eq!(db.store.stream_version("order-3").await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn stream_has_event_type_tells_whether_a_type_was_ever_recorded() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    db.store
+        .append(
+            "stock-apple",
+            ExpectedVersion::NoStream,
+            vec![event("StockSet")],
+        )
+        .await?;
+    assert!(
+        db.store
+            .stream_has_event_type("stock-apple", "StockSet")
+            .await?
+    );
+    assert!(
+        !db.store
+            .stream_has_event_type("stock-apple", "StockReserved")
+            .await?
+    );
+    assert!(
+        !db.store
+            .stream_has_event_type("stock-pear", "StockSet")
+            .await?
+    );
+    let set = db
+        .store
+        .streams_with_event_type(&["stock-apple".into(), "stock-pear".into()], "StockSet")
+        .await?;
+    assert_eq!(set, vec!["stock-apple".to_string()]);
+    Ok(())
+}
