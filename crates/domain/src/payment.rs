@@ -170,9 +170,13 @@ fn timed_out(state: &PaymentState) -> Vec<DomainEvent> {
 /// Stops an open request. With nothing requested yet the void is recorded up front,
 /// so that an `OrderAccepted` handled late (redelivered, or concurrently) requests
 /// nothing.
+/// The order was cancelled: stop trying to capture, and, when money was captured
+/// already, record that it is owed back (so the refund survives a restart: the order's
+/// cancellation is not on this stream).
 fn void(state: &PaymentState, order_id: Uuid) -> Vec<DomainEvent> {
     let nothing_requested = state.requested.is_none() && !state.voided;
-    if state.is_open() || nothing_requested {
+    let captured_but_kept = state.captured_cents.is_some() && !state.voided && !state.timed_out;
+    if state.is_open() || nothing_requested || captured_but_kept {
         return vec![DomainEvent::PaymentVoided(PaymentVoided { order_id })];
     }
     vec![]
@@ -428,23 +432,29 @@ mod tests {
     }
 
     #[test]
-    fn cancelling_a_captured_payment_refunds_it() {
+    fn cancelling_a_captured_payment_records_the_refund_owed_on_the_payment_stream() {
         let mut payment = Payment::requested();
         payment.when(captured());
-        assert_eq!(payment.when(cancelled()), vec![]);
         assert_eq!(
             payment.when(refunded()),
             vec![],
             "the capture is kept until the order is cancelled"
         );
-        // The payment service folds the order's OrderCancelled in before asking.
+        assert_eq!(payment.types_of(cancelled()), ["PaymentVoided"]);
+        // The payment stream alone says a refund is owed: a restarted worker knows it.
+        assert_eq!(next_action(&payment.state()), refund_of(2_000));
+        assert_eq!(payment.types_of(refunded()), ["PaymentRefunded"]);
+        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(payment.when(cancelled()), vec![], "a second cancel is a no-op");
+    }
+
+    #[test]
+    fn folding_the_orders_cancellation_in_also_shows_the_refund() {
+        let mut payment = Payment::requested();
+        payment.when(captured());
         let state = evolve(payment.state(), &order_cancelled());
         assert_eq!(state.version, payment.state().version);
         assert_eq!(next_action(&state), refund_of(2_000));
-        let events = decide(&state, refunded());
-        assert!(
-            matches!(&events[..], [DomainEvent::PaymentRefunded(r)] if r.gateway_reference == "gw-refund")
-        );
     }
 
     #[test]

@@ -1,1 +1,121 @@
-fn main() {}
+//! `orderflow`: the command line and the worker process.
+mod cli;
+mod publish;
+mod queries;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use services::settings::{redact_url, Settings};
+
+use cli::{Cli, Command, DlqCommand, StockCommand};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(anyhow::Error::new(e).context("cannot start the async runtime")),
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => fail(e),
+    }
+}
+
+/// One line on stderr with the whole cause chain, and a non-zero exit.
+fn fail(error: anyhow::Error) -> ExitCode {
+    let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+    eprintln!("error: {}", chain.join(": "));
+    ExitCode::FAILURE
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    let settings = Settings::from_env()?;
+    match command {
+        Command::Run(args) => run(settings, args).await,
+        Command::PlaceOrder(args) => publish::place_order(&settings, args).await,
+        Command::Cancel { order_id, reason } => {
+            publish::command(&settings, domain::commands::Command::CancelOrder(domain::commands::CancelOrder { order_id, reason })).await
+        }
+        Command::Approve { order_id, reviewer } => {
+            publish::command(&settings, domain::commands::Command::ApproveOrder(domain::commands::ApproveOrder { order_id, reviewer }))
+                .await
+        }
+        Command::Reject { order_id, reviewer, reason } => {
+            publish::command(
+                &settings,
+                domain::commands::Command::RejectOrder(domain::commands::RejectOrder { order_id, reviewer, reason }),
+            )
+            .await
+        }
+        Command::Stock { command: StockCommand::Set { sku, quantity } } => {
+            publish::command(&settings, domain::commands::Command::SetStock(domain::commands::SetStock { sku, quantity })).await
+        }
+        Command::Status { order_id } => queries::status(&store(&settings).await?, order_id).await,
+        Command::Orders { status, limit } => queries::orders(&store(&settings).await?, status.as_deref(), limit).await,
+        Command::Reviews { limit } => queries::orders(&store(&settings).await?, Some("under_review"), limit).await,
+        Command::Events { stream_name, json } => queries::events(&store(&settings).await?, &stream_name, json).await,
+        Command::Replay { projection } => queries::replay(&store(&settings).await?, projection.as_deref()).await,
+        Command::Dlq { command: DlqCommand::List { limit } } => publish::dlq_list(&settings, limit).await,
+        Command::Dlq { command: DlqCommand::Retry { all, message_id } } => publish::dlq_retry(&settings, all, message_id).await,
+        Command::Audit => queries::audit(&store(&settings).await?).await,
+    }
+}
+
+/// Connects to the log (creating the database and applying migrations if needed).
+async fn store(settings: &Settings) -> anyhow::Result<eventstore::EventStore> {
+    eventstore::connect(&settings.database_url)
+        .await
+        .with_context(|| format!("cannot open the event log at {}", redact_url(&settings.database_url)))
+}
+
+async fn run(settings: Settings, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
+    let workers: Vec<&'static str> = if args.only.is_empty() {
+        services::runtime::ALL_WORKERS.to_vec()
+    } else {
+        args.only.iter().map(|w| worker_name(*w)).collect()
+    };
+    services::runtime::run(settings, &workers, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn worker_name(worker: cli::Worker) -> &'static str {
+    use cli::Worker::*;
+    match worker {
+        Commands => "commands",
+        Order => "order",
+        Inventory => "inventory",
+        Payment => "payment",
+        Shipping => "shipping",
+        Notification => "notification",
+        Projector => "projector",
+        Relay => "relay",
+        Timers => "timers",
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight work");
+}

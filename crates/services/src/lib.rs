@@ -1,1 +1,21 @@
-//! services
+//! The services: one module per service, each a thin shell around a pure decision of
+//! the domain, plus the relay (log → RabbitMQ), the timer scheduler and the runtime
+//! that starts them.
+pub mod audit;
+pub mod commands;
+mod error;
+pub mod exec;
+pub mod gateway;
+pub mod inventory;
+pub mod message;
+pub mod notification;
+pub mod payment;
+pub mod relay;
+pub mod runtime;
+pub mod saga;
+pub mod settings;
+pub mod shipping;
+pub mod timers;
+pub mod worker;
+
+pub use error::ServiceError;

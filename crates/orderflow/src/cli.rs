@@ -1,0 +1,208 @@
+//! The command line, as contract section 6 names it.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orderflow",
+    version,
+    about = "Event-sourced, message-driven order processing on PostgreSQL and RabbitMQ",
+    long_about = "Event-sourced, message-driven order processing on PostgreSQL and RabbitMQ.\n\n\
+                  Settings come from the environment: DATABASE_URL, AMQP_URL and the ORDERFLOW_* \
+                  variables (see docs/CONTRACT.md)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the workers (all of them in this process, or one with --only).
+    Run(RunArgs),
+    /// Publish an order.place command.
+    PlaceOrder(PlaceOrderArgs),
+    /// Publish an order.cancel command.
+    Cancel {
+        order_id: Uuid,
+        #[arg(long, default_value = "cancelled by the customer")]
+        reason: String,
+    },
+    /// Publish an order.approve command (human review).
+    Approve {
+        order_id: Uuid,
+        #[arg(long, default_value = "operator")]
+        reviewer: String,
+    },
+    /// Publish an order.reject command (human review).
+    Reject {
+        order_id: Uuid,
+        #[arg(long, default_value = "operator")]
+        reviewer: String,
+        #[arg(long, default_value = "rejected in review")]
+        reason: String,
+    },
+    /// Stock commands.
+    Stock {
+        #[command(subcommand)]
+        command: StockCommand,
+    },
+    /// Show one order's status (from the read model).
+    Status { order_id: Uuid },
+    /// List orders (from the read model), newest first.
+    Orders {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// List orders waiting for a review decision.
+    Reviews {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Show a stream's events, oldest first.
+    Events {
+        stream_name: String,
+        /// One JSON object per line, for machines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild read models from the event log.
+    Replay {
+        /// One projection (order_status, stock_levels, timers); all when omitted.
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Dead letters: messages that could not be decoded or whose retries ran out.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Check the rules of the order's course against the log; exit 1 naming offenders.
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Worker {
+    /// Commands from orderflow.commands (orders and stock).
+    Commands,
+    /// The order saga: joins reservation and payment, compensates.
+    Order,
+    /// Stock reservations, releases and commits.
+    Inventory,
+    /// Payments through the gateway simulator.
+    Payment,
+    /// Shipping and the simulated carrier.
+    Shipping,
+    /// Customer notifications.
+    Notification,
+    /// Read models (order_status, stock_levels, timers).
+    Projector,
+    /// Publishes committed events to orderflow.events (the outbox relay).
+    Relay,
+    /// Fires due timers (payment timeout, review expiry, delivery).
+    Timers,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Run only these workers (repeatable); all when omitted.
+    #[arg(long, value_enum)]
+    pub only: Vec<Worker>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlaceOrderArgs {
+    /// The order id (a new UUID when omitted).
+    #[arg(long)]
+    pub order_id: Option<Uuid>,
+    #[arg(long, default_value = "customer-1")]
+    pub customer: String,
+    /// The shop's currency by default (ORDERFLOW_CURRENCY).
+    #[arg(long)]
+    pub currency: Option<String>,
+    /// An order line as SKU:QUANTITY:UNIT_PRICE_CENTS (repeatable).
+    #[arg(long = "item", required = true, value_parser = parse_item)]
+    pub items: Vec<domain::commands::OrderLine>,
+    #[arg(long, default_value = "tok_ok")]
+    pub token: String,
+    /// Shipping method; omit (or --digital) for a digital-only order.
+    #[arg(long, value_enum, conflicts_with = "digital")]
+    pub ship: Option<Method>,
+    #[arg(long, default_value = "1 Main Street, Springfield")]
+    pub address: String,
+    /// A digital-only order (shipping: null).
+    #[arg(long)]
+    pub digital: bool,
+    /// The command's message_id (a new UUID when omitted).
+    #[arg(long)]
+    pub message_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    Standard,
+    Express,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StockCommand {
+    /// Publish a stock.set command: SKU now has N units free to sell.
+    Set { sku: String, quantity: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Show dead letters without removing them.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put dead letters back on their original exchange and routing key.
+    Retry {
+        /// Retry every dead letter.
+        #[arg(long, conflicts_with = "message_id")]
+        all: bool,
+        /// The message_id of the dead letter to retry.
+        message_id: Option<String>,
+    },
+}
+
+fn parse_item(text: &str) -> Result<domain::commands::OrderLine, String> {
+    let parts: Vec<&str> = text.rsplitn(3, ':').collect();
+    let [price, quantity, sku] = parts.as_slice() else {
+        return Err(format!("'{text}' is not SKU:QUANTITY:UNIT_PRICE_CENTS"));
+    };
+    let quantity = quantity
+        .parse::<i64>()
+        .map_err(|_| format!("quantity '{quantity}' in '{text}' is not an integer"))?;
+    let unit_price_cents = price
+        .parse::<i64>()
+        .map_err(|_| format!("price '{price}' in '{text}' is not an integer number of cents"))?;
+    Ok(domain::commands::OrderLine {
+        sku: (*sku).to_owned(),
+        quantity,
+        unit_price_cents,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_parse_from_sku_quantity_price() {
+        let line = parse_item("BOOK-1:2:1999").expect("valid item");
+        assert_eq!((line.sku.as_str(), line.quantity, line.unit_price_cents), ("BOOK-1", 2, 1999));
+        assert!(parse_item("BOOK-1:2").is_err());
+        assert!(parse_item("BOOK-1:two:1999").is_err());
+        assert!(parse_item("BOOK-1:2:19.99").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

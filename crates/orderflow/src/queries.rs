@@ -1,0 +1,167 @@
+//! Commands that read: the read model and the log.
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use eventstore::EventStore;
+use uuid::Uuid;
+
+#[derive(Debug, sqlx::FromRow)]
+struct OrderRow {
+    order_id: Uuid,
+    customer_id: String,
+    status: String,
+    cancel_reason: Option<String>,
+    total_cents: i64,
+    currency: String,
+    item_count: i32,
+    placed_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_global_position: i64,
+}
+
+const ORDER_COLUMNS: &str = "order_id, customer_id, status, cancel_reason, total_cents, currency, item_count,
+                             placed_at, updated_at, last_global_position";
+
+fn money(cents: i64, currency: &str) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02} {currency}", cents.abs() / 100, cents.abs() % 100)
+}
+
+pub async fn status(store: &EventStore, order_id: Uuid) -> anyhow::Result<ExitCode> {
+    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM order_status WHERE order_id = $1"))
+        .bind(order_id)
+        .fetch_optional(store.pool())
+        .await
+        .context("cannot read order_status")?;
+    let Some(o) = row else {
+        anyhow::bail!("no order {order_id} in the read model (unknown, or not projected yet)");
+    };
+    println!("order        {}", o.order_id);
+    println!("customer     {}", o.customer_id);
+    match &o.cancel_reason {
+        Some(reason) => println!("status       {} ({reason})", o.status),
+        None => println!("status       {}", o.status),
+    }
+    println!("total        {} ({} items)", money(o.total_cents, &o.currency), o.item_count);
+    println!("placed       {}", o.placed_at.to_rfc3339());
+    println!("updated      {}", o.updated_at.to_rfc3339());
+    println!("position     {}", o.last_global_position);
+    timeline(store, order_id).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The order's milestones: each event of its streams that moved it, with its time.
+async fn timeline(store: &EventStore, order_id: Uuid) -> anyhow::Result<()> {
+    let rows: Vec<(DateTime<Utc>, String, String)> = sqlx::query_as(
+        "SELECT recorded_at, stream_name, event_type FROM events
+          WHERE stream_name = ANY($1) ORDER BY global_position",
+    )
+    .bind(vec![
+        domain::streams::order(order_id),
+        domain::streams::payment(order_id),
+        domain::streams::shipment(order_id),
+    ])
+    .fetch_all(store.pool())
+    .await
+    .context("cannot read the order's events")?;
+    println!("timeline");
+    for (at, stream, event_type) in rows {
+        println!("  {}  {:<22} {}", at.format("%Y-%m-%d %H:%M:%S%.3f"), event_type, domain::streams::category(&stream));
+    }
+    Ok(())
+}
+
+pub async fn orders(store: &EventStore, status: Option<&str>, limit: i64) -> anyhow::Result<ExitCode> {
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM order_status
+          WHERE $1::text IS NULL OR status = $1
+          ORDER BY placed_at DESC, order_id LIMIT $2"
+    ))
+    .bind(status)
+    .bind(limit.max(0))
+    .fetch_all(store.pool())
+    .await
+    .context("cannot read order_status")?;
+    println!("{:<36}  {:<12}  {:<18}  {:>14}  {:>5}  {:<16}  placed", "order_id", "status", "cancel_reason", "total", "items", "customer");
+    for o in &rows {
+        println!(
+            "{:<36}  {:<12}  {:<18}  {:>14}  {:>5}  {:<16}  {}",
+            o.order_id,
+            o.status,
+            o.cancel_reason.as_deref().unwrap_or("-"),
+            money(o.total_cents, &o.currency),
+            o.item_count,
+            o.customer_id,
+            o.placed_at.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+    println!("({} orders)", rows.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn events(store: &EventStore, stream_name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let events = store
+        .read_stream(stream_name, 0)
+        .await
+        .with_context(|| format!("cannot read stream {stream_name}"))?;
+    if json {
+        for e in &events {
+            let line = serde_json::json!({
+                "global_position": e.global_position,
+                "stream_name": e.stream_name,
+                "stream_version": e.stream_version,
+                "event_id": e.event_id,
+                "event_type": e.event_type,
+                "schema_version": e.schema_version,
+                "payload": e.payload,
+                "metadata": e.metadata,
+                "recorded_at": e.recorded_at,
+            });
+            println!("{line}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if events.is_empty() {
+        anyhow::bail!("stream {stream_name} has no events");
+    }
+    println!("{:>7}  {:>8}  {:<23}  {:<24}  payload", "version", "position", "recorded_at", "event_type");
+    for e in &events {
+        println!(
+            "{:>7}  {:>8}  {:<23}  {:<24}  {}",
+            e.stream_version,
+            e.global_position,
+            e.recorded_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            e.event_type,
+            e.payload
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn replay(store: &EventStore, projection: Option<&str>) -> anyhow::Result<ExitCode> {
+    let projections = match projection {
+        Some(name) => vec![projector::by_name(name)?],
+        None => projector::all_projections(),
+    };
+    for p in projections {
+        let started = std::time::Instant::now();
+        let mut last_report = std::time::Instant::now();
+        let applied = projector::replay(store, p.as_ref(), |n| {
+            if last_report.elapsed().as_secs() >= 1 {
+                eprintln!("  {}: {n} events applied", p.name());
+                last_report = std::time::Instant::now();
+            }
+        })
+        .await
+        .with_context(|| format!("replay of {} failed; the old rows are untouched", p.name()))?;
+        println!("replayed {:<12} {applied} events in {:.2?}", p.name(), started.elapsed());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn audit(store: &EventStore) -> anyhow::Result<ExitCode> {
+    let report = services::audit::audit(store).await.context("audit could not read the log")?;
+    print!("{report}");
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,168 @@
+//! Following the log: live projection and replay share `apply_events`.
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::EventEnvelope;
+use eventstore::{EventStore, LogPosition, RecordedEvent, StoreError};
+use futures::future::BoxFuture;
+use sqlx::PgConnection;
+use tracing::{info, warn, Instrument};
+
+use crate::{order_status::OrderStatusProjection, stock_levels::StockLevelsProjection, timers::TimersProjection};
+
+/// Events read and applied per transaction.
+pub const PAGE_SIZE: i64 = 2_000;
+
+/// How long a caught-up projection waits for a wake-up before looking again anyway.
+const FALLBACK_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("unknown projection '{0}' (known: order_status, stock_levels, timers)")]
+    UnknownProjection(String),
+}
+
+/// A read model built from the log.
+pub trait Projection: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The tables it owns (emptied before a replay).
+    fn tables(&self) -> &'static [&'static str];
+    /// Applies a page of events, in log order, inside the caller's transaction.
+    fn apply_page<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [EventEnvelope],
+    ) -> BoxFuture<'a, Result<(), ProjectorError>>;
+}
+
+pub fn all_projections() -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(OrderStatusProjection),
+        Arc::new(StockLevelsProjection),
+        Arc::new(TimersProjection),
+    ]
+}
+
+pub fn by_name(name: &str) -> Result<Arc<dyn Projection>, ProjectorError> {
+    all_projections()
+        .into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| ProjectorError::UnknownProjection(name.to_owned()))
+}
+
+fn checkpoint_name(projection: &dyn Projection) -> String {
+    format!("projection:{}", projection.name())
+}
+
+/// Decodes a page; an event this version cannot decode (say, written by a newer one)
+/// is skipped with a warning rather than stopping every read model.
+fn decode_page(records: &[RecordedEvent]) -> Vec<EventEnvelope> {
+    records
+        .iter()
+        .filter_map(|rec| match crate::to_envelope(rec) {
+            Ok(env) => Some(env),
+            Err(error) => {
+                warn!(global_position = rec.global_position, %error, "skipping an event the projector cannot decode");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Applies the next page after the projection's checkpoint, rows and checkpoint in one
+/// transaction. Returns how many events it read (0: caught up).
+pub async fn run_once(store: &EventStore, projection: &dyn Projection) -> Result<usize, ProjectorError> {
+    let name = checkpoint_name(projection);
+    let mut tx = store.pool().begin().await?;
+    let after = store.lock_checkpoint(&mut tx, &name).await?;
+    let records = store.read_all(after, PAGE_SIZE).await?;
+    let Some(last) = records.last().map(RecordedEvent::log_position) else {
+        return Ok(0);
+    };
+    let page = decode_page(&records);
+    projection.apply_page(&mut tx, &page).await?;
+    store.save_checkpoint(&mut tx, &name, last).await?;
+    tx.commit().await?;
+    Ok(records.len())
+}
+
+/// Follows the log with every projection until `shutdown` resolves.
+pub async fn run(
+    store: EventStore,
+    projections: Vec<Arc<dyn Projection>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ProjectorError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for projection in projections {
+        let store = store.clone();
+        let span = tracing::info_span!("projection", name = projection.name());
+        tasks.spawn(follow(store, projection).instrument(span));
+    }
+    tokio::select! {
+        _ = shutdown => {
+            tasks.abort_all();
+            Ok(())
+        }
+        Some(result) = tasks.join_next() => match result {
+            Ok(outcome) => outcome,
+            Err(join_error) => {
+                warn!(%join_error, "a projection task ended unexpectedly");
+                Ok(())
+            }
+        },
+    }
+}
+
+async fn follow(store: EventStore, projection: Arc<dyn Projection>) -> Result<(), ProjectorError> {
+    let mut wakeups = store.follow().await?;
+    loop {
+        match run_once(&store, projection.as_ref()).await {
+            Ok(0) => {
+                wakeups.wait(FALLBACK_POLL).await;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                // A lost connection or a restarted server: nothing was committed, so
+                // the page is applied again from the checkpoint once the database answers.
+                warn!(%error, "projection page failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Rebuilds one projection from the start of the log in a single transaction: readers
+/// keep seeing the old rows until the new ones are committed. `progress` is called
+/// with the number of events applied so far after each page.
+pub async fn replay(
+    store: &EventStore,
+    projection: &dyn Projection,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, ProjectorError> {
+    let name = checkpoint_name(projection);
+    let mut tx = store.pool().begin().await?;
+    // Hold the checkpoint row so the live projector waits instead of racing the rebuild.
+    store.lock_checkpoint(&mut tx, &name).await?;
+    for table in projection.tables() {
+        sqlx::query(&format!("DELETE FROM {table}")).execute(&mut *tx).await?;
+    }
+    let mut after = LogPosition::START;
+    let mut applied = 0u64;
+    loop {
+        let records = store.read_all(after, PAGE_SIZE).await?;
+        let Some(last) = records.last().map(RecordedEvent::log_position) else { break };
+        projection.apply_page(&mut tx, &decode_page(&records)).await?;
+        applied += records.len() as u64;
+        after = last;
+        progress(applied);
+    }
+    store.save_checkpoint(&mut tx, &name, after).await?;
+    tx.commit().await?;
+    info!(projection = projection.name(), events = applied, "replay finished");
+    Ok(applied)
+}

@@ -1,0 +1,111 @@
+//! `timers`: the durable timers of the workflow, derived from the log. An event that
+//! starts a wait schedules a timer; the event that ends the wait removes it. The
+//! scheduler (services::timers) claims due rows and fires them; a timer that fires
+//! after the order moved on has no effect, because the domain decides again.
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use domain::{DomainEvent, EventEnvelope};
+use futures::future::BoxFuture;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::runner::{Projection, ProjectorError};
+
+pub const REVIEW_EXPIRY: &str = "review_expiry";
+pub const PAYMENT_TIMEOUT: &str = "payment_timeout";
+pub const DELIVERY: &str = "delivery";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerChange {
+    Schedule { order_id: Uuid, kind: &'static str, timer_id: Uuid, due_at: DateTime<Utc> },
+    Cancel { order_id: Uuid, kind: &'static str },
+}
+
+/// What an event does to the timers, if anything.
+pub fn change(env: &EventEnvelope) -> Option<TimerChange> {
+    use DomainEvent::*;
+    let schedule = |order_id, kind, due_at| TimerChange::Schedule {
+        order_id,
+        kind,
+        timer_id: env.event_id,
+        due_at,
+    };
+    let cancel = |order_id, kind| TimerChange::Cancel { order_id, kind };
+    Some(match &env.event {
+        OrderSentForReview(e) => schedule(e.order_id, REVIEW_EXPIRY, e.expires_at),
+        OrderApproved(e) => cancel(e.order_id, REVIEW_EXPIRY),
+        OrderCancelled(e) => cancel(e.order_id, REVIEW_EXPIRY),
+        PaymentRequested(e) => schedule(e.order_id, PAYMENT_TIMEOUT, e.expires_at),
+        PaymentCaptured(e) => cancel(e.order_id, PAYMENT_TIMEOUT),
+        PaymentDeclined(e) => cancel(e.order_id, PAYMENT_TIMEOUT),
+        PaymentTimedOut(e) => cancel(e.order_id, PAYMENT_TIMEOUT),
+        PaymentVoided(e) => cancel(e.order_id, PAYMENT_TIMEOUT),
+        ShipmentShipped(e) => schedule(e.order_id, DELIVERY, e.deliver_at),
+        ShipmentDelivered(e) => cancel(e.order_id, DELIVERY),
+        _ => return None,
+    })
+}
+
+pub struct TimersProjection;
+
+impl Projection for TimersProjection {
+    fn name(&self) -> &'static str {
+        "timers"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["timers"]
+    }
+
+    fn apply_page<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [EventEnvelope],
+    ) -> BoxFuture<'a, Result<(), ProjectorError>> {
+        Box::pin(async move {
+            // Net effect of the page per (order, kind): the last change wins.
+            let mut net: BTreeMap<(Uuid, &'static str), (TimerChange, DateTime<Utc>)> = BTreeMap::new();
+            for env in events {
+                if let Some(c) = change(env) {
+                    let key = match &c {
+                        TimerChange::Schedule { order_id, kind, .. } | TimerChange::Cancel { order_id, kind } => {
+                            (*order_id, *kind)
+                        }
+                    };
+                    net.insert(key, (c, env.recorded_at));
+                }
+            }
+            for (change, recorded_at) in net.into_values() {
+                write(conn, change, recorded_at).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn write(conn: &mut PgConnection, change: TimerChange, recorded_at: DateTime<Utc>) -> Result<(), ProjectorError> {
+    match change {
+        TimerChange::Schedule { order_id, kind, timer_id, due_at } => {
+            sqlx::query(
+                "INSERT INTO timers (timer_id, kind, order_id, due_at, scheduled_at)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (timer_id) DO NOTHING",
+            )
+            .bind(timer_id)
+            .bind(kind)
+            .bind(order_id)
+            .bind(due_at)
+            .bind(recorded_at)
+            .execute(conn)
+            .await?;
+        }
+        TimerChange::Cancel { order_id, kind } => {
+            sqlx::query("DELETE FROM timers WHERE order_id = $1 AND kind = $2")
+                .bind(order_id)
+                .bind(kind)
+                .execute(conn)
+                .await?;
+        }
+    }
+    Ok(())
+}

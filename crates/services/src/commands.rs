@@ -1,0 +1,141 @@
+//! The commands intake: everything published to `orderflow.commands` arrives here.
+//! Undecodable messages are dead-lettered (contract section 2); decoded ones go to the
+//! order saga (order.*) or to inventory (stock.set), which may refuse them as events.
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use bus::{Incoming, Outcome};
+use chrono::Utc;
+use domain::commands::{decode, Command, PlaceOrder};
+use domain::{order, stock, streams, OrderInput, OrderState, Rules, StockInput, StockState};
+use eventstore::EventStore;
+use futures::future::BoxFuture;
+use tracing::{info, Instrument};
+
+use crate::exec::{decide_on, Cause, Decided};
+use crate::message::{correlation_uuid, message_uuid};
+use crate::worker::outcome;
+use crate::ServiceError;
+
+pub struct CommandService {
+    store: EventStore,
+    rules: Rules,
+    /// SKUs known to have been set. Only grows: a SKU once set stays known.
+    known_skus: RwLock<BTreeSet<String>>,
+}
+
+impl CommandService {
+    pub fn new(store: EventStore, rules: Rules) -> CommandService {
+        CommandService {
+            store,
+            rules,
+            known_skus: RwLock::new(BTreeSet::new()),
+        }
+    }
+
+    /// Handles one decoded command; `cause` carries the message's ids.
+    pub async fn handle(&self, command: Command, cause: &Cause) -> Result<(), ServiceError> {
+        match command {
+            Command::PlaceOrder(cmd) => self.place(cmd, cause).await,
+            Command::CancelOrder(cmd) => self.on_order(cmd.order_id, cause, OrderInput::Cancel(cmd.clone())).await,
+            Command::ApproveOrder(cmd) => self.on_order(cmd.order_id, cause, OrderInput::Approve(cmd.clone())).await,
+            Command::RejectOrder(cmd) => self.on_order(cmd.order_id, cause, OrderInput::Reject(cmd.clone())).await,
+            Command::SetStock(cmd) => {
+                let input = StockInput::Set {
+                    sku: cmd.sku.clone(),
+                    quantity: cmd.quantity,
+                };
+                let decided = decide_on::<StockState, _>(&self.store, &streams::stock(&cmd.sku), cause, |s| {
+                    stock::decide(s, input.clone())
+                })
+                .await?;
+                log_decision("stock", &decided);
+                Ok(())
+            }
+        }
+    }
+
+    async fn place(&self, cmd: PlaceOrder, cause: &Cause) -> Result<(), ServiceError> {
+        let known = self.known_skus_of(&cmd).await?;
+        let now = Utc::now();
+        let decided = decide_on::<OrderState, _>(&self.store, &streams::order(cmd.order_id), cause, |s| {
+            order::decide(
+                s,
+                OrderInput::Place {
+                    cmd: cmd.clone(),
+                    rules: &self.rules,
+                    known_skus: &known,
+                    now,
+                },
+            )
+        })
+        .await?;
+        log_decision("order", &decided);
+        Ok(())
+    }
+
+    async fn on_order(&self, order_id: uuid::Uuid, cause: &Cause, input: OrderInput<'static>) -> Result<(), ServiceError> {
+        let decided =
+            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| order::decide(s, input.clone()))
+                .await?;
+        log_decision("order", &decided);
+        Ok(())
+    }
+
+    /// Which of the order's SKUs some `stock.set` named: from the cache, else the log.
+    async fn known_skus_of(&self, cmd: &PlaceOrder) -> Result<BTreeSet<String>, ServiceError> {
+        let wanted: BTreeSet<String> = cmd.items.iter().map(|l| l.sku.clone()).collect();
+        let mut known: BTreeSet<String> = {
+            let cache = self.known_skus.read().unwrap_or_else(|p| p.into_inner());
+            wanted.iter().filter(|s| cache.contains(*s)).cloned().collect()
+        };
+        let missing: Vec<String> = wanted.difference(&known).map(|s| streams::stock(s)).collect();
+        if !missing.is_empty() {
+            let found = self.store.streams_with_event_type(&missing, "StockSet").await?;
+            let found: Vec<String> = found
+                .iter()
+                .filter_map(|stream| stream.strip_prefix("stock-").map(str::to_owned))
+                .collect();
+            let mut cache = self.known_skus.write().unwrap_or_else(|p| p.into_inner());
+            cache.extend(found.iter().cloned());
+            known.extend(found);
+        }
+        Ok(known)
+    }
+}
+
+fn log_decision<S>(aggregate: &str, decided: &Decided<S>) {
+    let types: Vec<&str> = decided.events().iter().map(|e| e.event_type()).collect();
+    if types.is_empty() {
+        info!(aggregate, "command had no further effect (already handled or nothing to do)");
+    } else {
+        info!(aggregate, events = ?types, "command recorded");
+    }
+}
+
+/// The bus handler of the intake queue.
+pub struct CommandHandler(pub Arc<CommandService>);
+
+impl bus::Handler for CommandHandler {
+    fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
+        let service = Arc::clone(&self.0);
+        Box::pin(async move {
+            let command = match decode(&msg.routing_key, &msg.body) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(routing_key = %msg.routing_key, message_id = ?msg.message_id, error = %e, "dead-lettering an undecodable command");
+                    return Outcome::DeadLetter { reason: e.to_string() };
+                }
+            };
+            let cause = Cause::new(message_uuid(&msg), correlation_uuid(&msg), "commands");
+            let span = tracing::info_span!(
+                "command",
+                routing_key = %msg.routing_key,
+                message_id = %cause.causation_id,
+                correlation_id = %cause.correlation_id,
+                order_id = ?command.order_id(),
+            );
+            outcome(service.handle(command, &cause).instrument(span.clone()).await, &span)
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! The imperative shell around a pure decision: read the stream, fold, decide, append
+//! with the expected version; on a concurrency conflict, read again and decide again.
+use domain::{derive_event_id, DomainEvent, Evolve};
+use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StreamAppend};
+use tracing::debug;
+use uuid::Uuid;
+
+use crate::ServiceError;
+
+/// Conflicts are retried at once, this many times, before the message is retried later.
+const MAX_CONFLICT_RETRIES: usize = 20;
+
+/// Who decided, in reaction to what. Event ids derive from it, so handling the same
+/// message twice produces the same ids and the log refuses the second copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    pub causation_id: Uuid,
+    pub correlation_id: Uuid,
+    /// Names the decision point (e.g. `inventory.reserve.2`): one message may cause
+    /// several independent decisions, each with its own ids.
+    pub handler: String,
+}
+
+impl Cause {
+    pub fn new(causation_id: Uuid, correlation_id: Uuid, handler: impl Into<String>) -> Cause {
+        Cause {
+            causation_id,
+            correlation_id,
+            handler: handler.into(),
+        }
+    }
+
+    /// The same cause for another decision point.
+    pub fn for_handler(&self, handler: impl Into<String>) -> Cause {
+        Cause {
+            handler: handler.into(),
+            ..self.clone()
+        }
+    }
+
+    fn metadata(&self) -> Metadata {
+        Metadata {
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+        }
+    }
+
+    /// The events of a decision, ready to append (ids numbered from `first_index`).
+    pub fn new_events(&self, events: &[DomainEvent], first_index: usize) -> Vec<NewEvent> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| NewEvent {
+                event_id: derive_event_id(self.causation_id, &self.handler, first_index + i),
+                event_type: event.event_type().to_owned(),
+                schema_version: event.schema_version(),
+                payload: event.to_payload(),
+                metadata: self.metadata(),
+            })
+            .collect()
+    }
+}
+
+/// What became of a decision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decided<S> {
+    /// The events were appended; the state after them.
+    Appended { events: Vec<DomainEvent>, state: S },
+    /// The decision had no effect (no events), or the same message was handled before.
+    Nothing { state: S },
+}
+
+impl<S> Decided<S> {
+    pub fn state(&self) -> &S {
+        match self {
+            Decided::Appended { state, .. } | Decided::Nothing { state } => state,
+        }
+    }
+
+    pub fn events(&self) -> &[DomainEvent] {
+        match self {
+            Decided::Appended { events, .. } => events,
+            Decided::Nothing { .. } => &[],
+        }
+    }
+}
+
+/// A stream folded into its state, with the version the next append must expect.
+pub struct Loaded<S> {
+    pub state: S,
+    pub version: Option<i64>,
+}
+
+pub fn expected(version: Option<i64>) -> ExpectedVersion {
+    version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact)
+}
+
+/// Reads and folds a stream.
+pub async fn load<S: Evolve>(store: &EventStore, stream: &str) -> Result<Loaded<S>, ServiceError> {
+    let records = store.read_stream(stream, 0).await?;
+    let mut state = S::default();
+    let mut version = None;
+    for rec in &records {
+        let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)
+            .map_err(|e| ServiceError::CorruptStream {
+                stream: stream.to_owned(),
+                reason: e.to_string(),
+            })?;
+        state.apply(&event);
+        version = Some(rec.stream_version);
+    }
+    Ok(Loaded { state, version })
+}
+
+/// Folds `stream`, asks `decide`, appends what it decided; retries on conflicts.
+pub async fn decide_on<S, F>(store: &EventStore, stream: &str, cause: &Cause, decide: F) -> Result<Decided<S>, ServiceError>
+where
+    S: Evolve,
+    F: Fn(&S) -> Vec<DomainEvent>,
+{
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        let Loaded { mut state, version } = load::<S>(store, stream).await?;
+        let events = decide(&state);
+        if events.is_empty() {
+            return Ok(Decided::Nothing { state });
+        }
+        match store.append(stream, expected(version), cause.new_events(&events, 0)).await {
+            Ok(_) => {
+                for e in &events {
+                    state.apply(e);
+                }
+                return Ok(Decided::Appended { events, state });
+            }
+            Err(StoreError::Duplicate { event_id }) => {
+                debug!(%event_id, stream, "already handled; nothing more to do");
+                let Loaded { state, .. } = load::<S>(store, stream).await?;
+                return Ok(Decided::Nothing { state });
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(ServiceError::Contended { stream: stream.to_owned() })
+}
+
+/// Appends to several streams atomically (each with its expected version).
+pub async fn append_together(
+    store: &EventStore,
+    cause: &Cause,
+    parts: Vec<(String, Option<i64>, Vec<DomainEvent>)>,
+) -> Result<bool, ServiceError> {
+    let mut index = 0;
+    let appends = parts
+        .into_iter()
+        .map(|(stream_name, version, events)| {
+            let new = cause.new_events(&events, index);
+            index += events.len();
+            StreamAppend {
+                stream_name,
+                expected_version: expected(version),
+                events: new,
+            }
+        })
+        .collect();
+    match store.append_batch(appends).await {
+        Ok(_) => Ok(true),
+        Err(StoreError::Duplicate { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

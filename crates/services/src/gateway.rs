@@ -1,0 +1,218 @@
+//! The payment gateway, behind a trait, and the built-in simulator with the contract's
+//! test tokens. The simulator keeps its ledger in its own table (`gateway_ledger`), as
+//! a real gateway keeps it on its side: a worker that crashes between a capture and its
+//! event and captures again with the same idempotency key gets the first result back,
+//! and no money moves twice.
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rand::Rng;
+use sqlx::PgPool;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRequest {
+    pub idempotency_key: String,
+    pub token: String,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub idempotency_key: String,
+    /// The idempotency key of the capture being refunded.
+    pub capture_key: String,
+    pub amount_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureOutcome {
+    Captured { reference: String },
+    Declined { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refunded {
+    pub reference: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// Worth retrying: the gateway failed this time.
+    #[error("gateway failed transiently: {0}")]
+    Transient(String),
+    #[error("gateway storage error: {0}")]
+    Storage(#[from] sqlx::Error),
+}
+
+/// What orderflow needs from a payment gateway. Every call carries an idempotency key.
+pub trait PaymentGateway: Send + Sync + 'static {
+    /// Authorises and captures in one step.
+    fn capture(&self, request: CaptureRequest) -> BoxFuture<'_, Result<CaptureOutcome, GatewayError>>;
+    fn refund(&self, request: RefundRequest) -> BoxFuture<'_, Result<Refunded, GatewayError>>;
+}
+
+/// How the simulator treats a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenBehaviour {
+    Approve,
+    Decline,
+    /// Fails transiently on the first `FLAKY_FAILURES` attempts, then approves.
+    Flaky,
+    /// Never answers.
+    Hang,
+}
+
+const FLAKY_FAILURES: u32 = 2;
+
+fn behaviour(token: &str) -> TokenBehaviour {
+    match token {
+        "tok_ok" => TokenBehaviour::Approve,
+        "tok_flaky" => TokenBehaviour::Flaky,
+        "tok_timeout" => TokenBehaviour::Hang,
+        _ => TokenBehaviour::Decline,
+    }
+}
+
+/// The built-in gateway simulator (contract section 2, "Test payment tokens").
+pub struct Simulator {
+    pool: PgPool,
+    latency: Duration,
+    failure_rate: f64,
+    /// Attempts per idempotency key, for `tok_flaky`.
+    attempts: Mutex<HashMap<String, u32>>,
+}
+
+impl Simulator {
+    pub fn new(pool: PgPool, latency: Duration, failure_rate: f64) -> Simulator {
+        Simulator {
+            pool,
+            latency,
+            failure_rate,
+            attempts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn count_attempt(&self, key: &str) -> u32 {
+        let mut attempts = match self.attempts.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let n = attempts.entry(key.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    async fn simulate_network(&self) -> Result<(), GatewayError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if self.failure_rate > 0.0 && rand::rng().random_bool(self.failure_rate.clamp(0.0, 1.0)) {
+            return Err(GatewayError::Transient("simulated network failure".into()));
+        }
+        Ok(())
+    }
+
+    async fn recorded(&self, key: &str) -> Result<Option<(String, String)>, GatewayError> {
+        Ok(
+            sqlx::query_as("SELECT outcome, reference FROM gateway_ledger WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Records the outcome for the key, or returns the one recorded first.
+    async fn record(
+        &self,
+        key: &str,
+        kind: &str,
+        outcome: &str,
+        reference: &str,
+        amount_cents: i64,
+    ) -> Result<(String, String), GatewayError> {
+        sqlx::query(
+            "INSERT INTO gateway_ledger (idempotency_key, kind, outcome, reference, amount_cents)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(kind)
+        .bind(outcome)
+        .bind(reference)
+        .bind(amount_cents)
+        .execute(&self.pool)
+        .await?;
+        self.recorded(key)
+            .await?
+            .ok_or_else(|| GatewayError::Transient(format!("ledger lost entry {key}")))
+    }
+
+    async fn capture_inner(&self, request: CaptureRequest) -> Result<CaptureOutcome, GatewayError> {
+        self.simulate_network().await?;
+        if let Some(first) = self.recorded(&request.idempotency_key).await? {
+            return Ok(capture_outcome(first));
+        }
+        let (outcome, reference) = match behaviour(&request.token) {
+            TokenBehaviour::Approve => ("captured", format!("sim-{}", uuid::Uuid::new_v4())),
+            TokenBehaviour::Decline => ("declined", "card declined".to_owned()),
+            TokenBehaviour::Flaky => {
+                if self.count_attempt(&request.idempotency_key) <= FLAKY_FAILURES {
+                    return Err(GatewayError::Transient("tok_flaky: try again".into()));
+                }
+                ("captured", format!("sim-{}", uuid::Uuid::new_v4()))
+            }
+            TokenBehaviour::Hang => return std::future::pending().await,
+        };
+        let amount = if outcome == "captured" { request.amount_cents } else { 0 };
+        let first = self
+            .record(&request.idempotency_key, "capture", outcome, &reference, amount)
+            .await?;
+        Ok(capture_outcome(first))
+    }
+
+    async fn refund_inner(&self, request: RefundRequest) -> Result<Refunded, GatewayError> {
+        self.simulate_network().await?;
+        if let Some((_, reference)) = self.recorded(&request.idempotency_key).await? {
+            return Ok(Refunded { reference });
+        }
+        let reference = format!("sim-refund-{}", uuid::Uuid::new_v4());
+        let (_, reference) = self
+            .record(&request.idempotency_key, "refund", "refunded", &reference, -request.amount_cents)
+            .await?;
+        Ok(Refunded { reference })
+    }
+}
+
+fn capture_outcome((outcome, reference): (String, String)) -> CaptureOutcome {
+    if outcome == "captured" {
+        CaptureOutcome::Captured { reference }
+    } else {
+        CaptureOutcome::Declined { reason: reference }
+    }
+}
+
+impl PaymentGateway for Simulator {
+    fn capture(&self, request: CaptureRequest) -> BoxFuture<'_, Result<CaptureOutcome, GatewayError>> {
+        Box::pin(self.capture_inner(request))
+    }
+
+    fn refund(&self, request: RefundRequest) -> BoxFuture<'_, Result<Refunded, GatewayError>> {
+        Box::pin(self.refund_inner(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_map_to_the_contracts_behaviours() {
+        assert_eq!(behaviour("tok_ok"), TokenBehaviour::Approve);
+        assert_eq!(behaviour("tok_decline"), TokenBehaviour::Decline);
+        assert_eq!(behaviour("tok_flaky"), TokenBehaviour::Flaky);
+        assert_eq!(behaviour("tok_timeout"), TokenBehaviour::Hang);
+        assert_eq!(behaviour("tok_anything_else"), TokenBehaviour::Decline);
+    }
+}

@@ -1,0 +1,97 @@
+//! Notifications: one row per customer-facing change, with the text the customer gets.
+//! A failure here never blocks the flow: the notification queue is separate, and the
+//! message is retried or dead-lettered on its own.
+use domain::events::CancelReason;
+use domain::{DomainEvent, EventEnvelope};
+use eventstore::EventStore;
+use futures::future::BoxFuture;
+use tracing::info;
+use uuid::Uuid;
+
+use crate::worker::EventService;
+use crate::ServiceError;
+
+pub struct Notifications {
+    store: EventStore,
+}
+
+/// The kind and text of the notification an event gives the customer, if any.
+pub fn notification_for(event: &DomainEvent) -> Option<(&'static str, String)> {
+    use DomainEvent::*;
+    Some(match event {
+        OrderPlaced(e) => ("placed", format!("We received your order {} ({} items).", e.order_id, e.item_count)),
+        OrderRejected(e) => ("rejected", format!("Your order {} could not be accepted: {}.", e.order_id, e.detail)),
+        OrderSentForReview(e) => ("under_review", format!("Your order {} is being reviewed.", e.order_id)),
+        OrderConfirmed(e) => ("confirmed", format!("Your order {} is confirmed.", e.order_id)),
+        OrderCompleted(e) => ("completed", format!("Your order {} is complete; your downloads are ready.", e.order_id)),
+        ShipmentShipped(e) => (
+            "shipped",
+            format!("Your order {} is on its way ({} shipping).", e.order_id, e.shipping.method.as_str()),
+        ),
+        ShipmentDelivered(e) => ("delivered", format!("Your order {} was delivered.", e.order_id)),
+        OrderCancelled(e) => ("cancelled", format!("Your order {} was cancelled: {}.", e.order_id, cancel_text(e.reason))),
+        _ => return None,
+    })
+}
+
+fn cancel_text(reason: CancelReason) -> &'static str {
+    match reason {
+        CancelReason::InvalidOrder => "the order was invalid",
+        CancelReason::PaymentDeclined => "the payment was declined",
+        CancelReason::PaymentTimeout => "the payment did not go through in time",
+        CancelReason::OutOfStock => "an item is out of stock",
+        CancelReason::CustomerCancelled => "you cancelled it",
+        CancelReason::ReviewRejected => "it did not pass our review",
+        CancelReason::ReviewExpired => "its review was not completed in time",
+    }
+}
+
+impl Notifications {
+    pub fn new(store: EventStore) -> Notifications {
+        Notifications { store }
+    }
+
+    pub async fn react(&self, env: &EventEnvelope) -> Result<(), ServiceError> {
+        let (Some((kind, message)), Some(order_id)) = (notification_for(&env.event), env.event.order_id()) else {
+            return Ok(());
+        };
+        let customer_id = self.customer_of(order_id, &env.event).await?;
+        sqlx::query(
+            "INSERT INTO notifications (event_id, order_id, customer_id, kind, message)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(env.event_id)
+        .bind(order_id)
+        .bind(&customer_id)
+        .bind(kind)
+        .bind(&message)
+        .execute(self.store.pool())
+        .await?;
+        info!(%order_id, kind, "customer notified");
+        Ok(())
+    }
+
+    async fn customer_of(&self, order_id: Uuid, event: &DomainEvent) -> Result<Option<String>, ServiceError> {
+        if let DomainEvent::OrderPlaced(e) = event {
+            return Ok(Some(e.customer_id.clone()));
+        }
+        let customer: Option<String> = sqlx::query_scalar(
+            "SELECT payload->>'customer_id' FROM events
+              WHERE stream_name = $1 AND event_type = 'OrderPlaced' LIMIT 1",
+        )
+        .bind(domain::streams::order(order_id))
+        .fetch_optional(self.store.pool())
+        .await?;
+        Ok(customer)
+    }
+}
+
+impl EventService for Notifications {
+    fn name(&self) -> &'static str {
+        "notification"
+    }
+
+    fn on_event(&self, env: EventEnvelope) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async move { self.react(&env).await })
+    }
+}

@@ -1,0 +1,182 @@
+//! Payment: records the request (which starts the payment timer), calls the gateway
+//! with an idempotency key per order and step, records the outcome, and compensates
+//! (void before capture, refund after) when the order does not keep the money.
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use chrono::Utc;
+use domain::payment::{self, GatewayAction};
+use domain::{streams, DomainEvent, EventEnvelope, PaymentInput, PaymentState};
+use eventstore::EventStore;
+use futures::future::BoxFuture;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::exec::{decide_on, load, Cause};
+use crate::gateway::{CaptureOutcome, CaptureRequest, GatewayError, PaymentGateway, RefundRequest};
+use crate::worker::EventService;
+use crate::ServiceError;
+
+/// Every gateway call gives up after this long (a hung gateway is a transient failure).
+pub const GATEWAY_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long past the payment's expiry this worker keeps trying before it leaves the
+/// order to the payment timer.
+const GIVE_UP_AFTER_EXPIRY: chrono::Duration = chrono::Duration::seconds(5);
+
+pub struct Payments {
+    store: EventStore,
+    gateway: Arc<dyn PaymentGateway>,
+    call_timeout: Duration,
+}
+
+impl Payments {
+    pub fn new(store: EventStore, gateway: Arc<dyn PaymentGateway>) -> Payments {
+        Payments {
+            store,
+            gateway,
+            call_timeout: GATEWAY_CALL_TIMEOUT,
+        }
+    }
+
+    async fn decide(&self, order_id: Uuid, cause: &Cause, input: PaymentInput) -> Result<PaymentState, ServiceError> {
+        let decided =
+            decide_on::<PaymentState, _>(&self.store, &streams::payment(order_id), cause, |s| payment::decide(s, input.clone()))
+                .await?;
+        for e in decided.events() {
+            info!(%order_id, event = e.event_type(), "payment recorded");
+        }
+        Ok(decided.state().clone())
+    }
+
+    pub async fn react(&self, env: &EventEnvelope) -> Result<(), ServiceError> {
+        let cause = Cause::new(env.event_id, env.correlation_id, "payment");
+        match &env.event {
+            DomainEvent::OrderAccepted(e) => {
+                let input = PaymentInput::Request(e.clone(), Utc::now());
+                self.decide(e.order_id, &cause.for_handler("payment.request"), input).await?;
+                self.settle(e.order_id, &cause).await
+            }
+            DomainEvent::OrderCancelled(e) => {
+                self.decide(e.order_id, &cause.for_handler("payment.cancel"), PaymentInput::OrderCancelled { order_id: e.order_id })
+                    .await?;
+                self.settle(e.order_id, &cause).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the gateway calls the payment's state asks for until none is left.
+    /// Transient failures are retried with exponential backoff and jitter.
+    pub async fn settle(&self, order_id: Uuid, cause: &Cause) -> Result<(), ServiceError> {
+        let mut backoff = retry_schedule();
+        loop {
+            let state = load::<PaymentState>(&self.store, &streams::payment(order_id)).await?.state;
+            let Some(action) = payment::next_action(&state) else {
+                return Ok(());
+            };
+            let result = match action {
+                GatewayAction::Capture {
+                    amount_cents,
+                    token,
+                    idempotency_key,
+                } => self.capture(order_id, cause, &state, amount_cents, token, idempotency_key).await,
+                GatewayAction::Refund {
+                    amount_cents,
+                    idempotency_key,
+                } => self.refund(order_id, cause, amount_cents, idempotency_key).await,
+            };
+            match result {
+                Ok(()) => backoff.reset(),
+                Err(ServiceError::Gateway(GatewayError::Transient(reason))) => {
+                    if past_expiry(&state) {
+                        warn!(%order_id, %reason, "gateway still failing past the payment's expiry; leaving it to the payment timer");
+                        return Ok(());
+                    }
+                    let pause = backoff.next_backoff().unwrap_or(Duration::from_secs(1));
+                    warn!(%order_id, %reason, ?pause, "gateway call failed transiently; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
+    async fn capture(
+        &self,
+        order_id: Uuid,
+        cause: &Cause,
+        state: &PaymentState,
+        amount_cents: i64,
+        token: String,
+        idempotency_key: String,
+    ) -> Result<(), ServiceError> {
+        let currency = state.requested.as_ref().map(|r| r.currency.clone()).unwrap_or_default();
+        let request = CaptureRequest {
+            idempotency_key,
+            token,
+            amount_cents,
+            currency,
+        };
+        let outcome = self.call(self.gateway.capture(request)).await?;
+        let input = match outcome {
+            CaptureOutcome::Captured { reference } => PaymentInput::Captured {
+                gateway_reference: reference,
+            },
+            CaptureOutcome::Declined { reason } => PaymentInput::Declined { reason },
+        };
+        self.decide(order_id, &cause.for_handler("payment.capture"), input).await.map(|_| ())
+    }
+
+    async fn refund(&self, order_id: Uuid, cause: &Cause, amount_cents: i64, idempotency_key: String) -> Result<(), ServiceError> {
+        let request = RefundRequest {
+            idempotency_key,
+            capture_key: payment::capture_key(order_id),
+            amount_cents,
+        };
+        let refunded = self.call(self.gateway.refund(request)).await?;
+        let input = PaymentInput::Refunded {
+            gateway_reference: refunded.reference,
+        };
+        self.decide(order_id, &cause.for_handler("payment.refund"), input).await.map(|_| ())
+    }
+
+    /// A gateway call with its timeout.
+    async fn call<T>(&self, call: BoxFuture<'_, Result<T, GatewayError>>) -> Result<T, ServiceError> {
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(GatewayError::Transient(format!("no answer within {:?}", self.call_timeout)).into()),
+        }
+    }
+}
+
+fn past_expiry(state: &PaymentState) -> bool {
+    state
+        .requested
+        .as_ref()
+        .is_some_and(|r| Utc::now() > r.expires_at + GIVE_UP_AFTER_EXPIRY)
+}
+
+/// Retries of a transient gateway failure begin within a second (contract), double,
+/// and are jittered so that many orders do not retry in step.
+fn retry_schedule() -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        randomization_factor: 0.3,
+        multiplier: 2.0,
+        max_interval: Duration::from_secs(2),
+        max_elapsed_time: None,
+        ..backoff::ExponentialBackoff::default()
+    }
+}
+
+impl EventService for Payments {
+    fn name(&self) -> &'static str {
+        "payment"
+    }
+
+    fn on_event(&self, env: EventEnvelope) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async move { self.react(&env).await })
+    }
+}

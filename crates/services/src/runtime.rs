@@ -1,0 +1,178 @@
+//! `orderflow run`: starts the chosen workers in this process and stops them together.
+use std::future::Future;
+use std::sync::Arc;
+
+use bus::topology::{INVENTORY_QUEUE, NOTIFICATION_QUEUE, ORDER_QUEUE, PAYMENT_QUEUE, SHIPPING_QUEUE};
+use bus::{Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE};
+use domain::Rules;
+use eventstore::EventStore;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info};
+
+use crate::commands::{CommandHandler, CommandService};
+use crate::gateway::Simulator;
+use crate::inventory::Inventory;
+use crate::notification::Notifications;
+use crate::payment::Payments;
+use crate::saga::OrderSaga;
+use crate::settings::{redact_url, Settings};
+use crate::shipping::Shipping;
+use crate::timers::Scheduler;
+use crate::worker::{EventHandler, EventService};
+use crate::ServiceError;
+
+/// Every worker `orderflow run` knows, in start order.
+pub const ALL_WORKERS: [&str; 9] = [
+    "projector",
+    "relay",
+    "timers",
+    "commands",
+    "order",
+    "inventory",
+    "payment",
+    "shipping",
+    "notification",
+];
+
+const BUS_WORKERS: [&str; 7] = ["relay", "commands", "order", "inventory", "payment", "shipping", "notification"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the event log at {url}: {source}")]
+    Store { url: String, source: eventstore::StoreError },
+    #[error("cannot reach RabbitMQ at {url}: {source}")]
+    Bus { url: String, source: bus::BusError },
+    #[error("unknown worker '{0}'")]
+    UnknownWorker(String),
+    #[error("worker {worker} stopped: {reason}")]
+    Worker { worker: String, reason: String },
+}
+
+/// The business rules the settings configure.
+pub fn rules(settings: &Settings) -> Rules {
+    Rules {
+        currency: settings.currency.clone(),
+        review_threshold_cents: settings.review_threshold_cents,
+        review_timeout: settings.review_timeout,
+        payment_timeout: settings.payment_timeout,
+        delivery_delay: settings.delivery_delay,
+        express_delivery_delay: settings.express_delivery_delay,
+        ..Rules::default()
+    }
+}
+
+fn consume_options(worker: &str) -> ConsumeOptions {
+    let (prefetch, concurrency) = match worker {
+        // A hung gateway holds a handler until the call times out: allow many at once.
+        "payment" => (256, 128),
+        "commands" | "order" | "inventory" => (128, 32),
+        _ => (64, 16),
+    };
+    ConsumeOptions {
+        prefetch,
+        concurrency,
+        consumer_tag_prefix: format!("orderflow-{worker}"),
+        ..ConsumeOptions::default()
+    }
+}
+
+/// Runs `workers` until `shutdown` resolves or one of them fails for good.
+pub async fn run(settings: Settings, workers: &[&str], shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    if let Some(unknown) = workers.iter().find(|w| !ALL_WORKERS.contains(w)) {
+        return Err(RunError::UnknownWorker((*unknown).to_owned()));
+    }
+    let store = eventstore::connect(&settings.database_url)
+        .await
+        .map_err(|source| RunError::Store {
+            url: redact_url(&settings.database_url),
+            source,
+        })?;
+    let bus = if workers.iter().any(|w| BUS_WORKERS.contains(w)) {
+        Some(Bus::connect(&settings.amqp_url).await.map_err(|source| RunError::Bus {
+            url: redact_url(&settings.amqp_url),
+            source,
+        })?)
+    } else {
+        None
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    for worker in workers {
+        let worker = (*worker).to_owned();
+        let fut = start(&worker, &settings, &store, bus.as_ref(), stopped(stop_rx.clone()));
+        tasks.spawn(async move { (worker, fut.await) });
+    }
+    info!(workers = ?workers, "orderflow running");
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        _ = &mut shutdown => Ok(()),
+        Some(joined) = tasks.join_next() => match joined {
+            Ok((worker, Ok(()))) => Err(RunError::Worker { worker, reason: "ended unexpectedly".into() }),
+            Ok((worker, Err(e))) => Err(RunError::Worker { worker, reason: e.to_string() }),
+            Err(e) => Err(RunError::Worker { worker: "?".into(), reason: e.to_string() }),
+        },
+    };
+    let _ = stop_tx.send(true);
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((worker, Err(e))) = joined {
+            error!(%worker, error = %e, "worker failed while stopping");
+        }
+    }
+    info!("orderflow stopped");
+    result
+}
+
+/// Resolves once the stop flag is raised.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn start(
+    worker: &str,
+    settings: &Settings,
+    store: &EventStore,
+    bus: Option<&Bus>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> futures::future::BoxFuture<'static, Result<(), ServiceError>> {
+    let store = store.clone();
+    let bus = bus.cloned();
+    let settings = settings.clone();
+    let worker = worker.to_owned();
+    Box::pin(async move {
+        let bus_or_err = || bus.clone().ok_or(ServiceError::NoBus);
+        match worker.as_str() {
+            "projector" => Ok(projector::run(store, projector::all_projections(), shutdown).await?),
+            "relay" => crate::relay::run(store, bus_or_err()?, settings.database_url.clone(), shutdown).await,
+            "timers" => Scheduler::new(store).run(shutdown).await,
+            "commands" => {
+                let handler = Arc::new(CommandHandler(Arc::new(CommandService::new(store, rules(&settings)))));
+                Ok(bus::consume(&bus_or_err()?, COMMAND_INTAKE_QUEUE, consume_options("commands"), handler, shutdown).await?)
+            }
+            "order" => consume_events(bus_or_err()?, ORDER_QUEUE, OrderSaga::new(store), shutdown).await,
+            "inventory" => consume_events(bus_or_err()?, INVENTORY_QUEUE, Inventory::new(store), shutdown).await,
+            "payment" => {
+                let gateway = Arc::new(Simulator::new(
+                    store.pool().clone(),
+                    settings.gateway_latency,
+                    settings.gateway_failure_rate,
+                ));
+                consume_events(bus_or_err()?, PAYMENT_QUEUE, Payments::new(store, gateway), shutdown).await
+            }
+            "shipping" => consume_events(bus_or_err()?, SHIPPING_QUEUE, Shipping::new(store), shutdown).await,
+            "notification" => consume_events(bus_or_err()?, NOTIFICATION_QUEUE, Notifications::new(store), shutdown).await,
+            _ => Ok(()),
+        }
+    })
+}
+
+async fn consume_events<S: EventService>(
+    bus: Bus,
+    queue: &str,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let options = consume_options(service.name());
+    let handler = Arc::new(EventHandler(Arc::new(service)));
+    Ok(bus::consume(&bus, queue, options, handler, shutdown).await?)
+}

@@ -1,0 +1,58 @@
+//! The order saga's reactions: outcomes of the parallel branches (stock, payment) are
+//! recorded on the order stream, where the pure process manager (`domain::order`)
+//! joins them and decides confirmation or compensation.
+use domain::{order, streams, DomainEvent, EventEnvelope, OrderInput, OrderState};
+use eventstore::EventStore;
+use futures::future::BoxFuture;
+use tracing::info;
+
+use crate::exec::{decide_on, Cause};
+use crate::worker::EventService;
+use crate::ServiceError;
+
+pub struct OrderSaga {
+    store: EventStore,
+}
+
+impl OrderSaga {
+    pub fn new(store: EventStore) -> OrderSaga {
+        OrderSaga { store }
+    }
+
+    /// The saga's input for an event, if the saga cares about it.
+    fn input(event: &DomainEvent) -> Option<OrderInput<'static>> {
+        Some(match event {
+            DomainEvent::StockReserved(e) => OrderInput::LineReserved(e.clone()),
+            DomainEvent::StockReservationFailed(e) => OrderInput::LineOutOfStock(e.clone()),
+            DomainEvent::PaymentCaptured(e) => OrderInput::PaymentCaptured(e.clone()),
+            DomainEvent::PaymentDeclined(e) => OrderInput::PaymentDeclined(e.clone()),
+            DomainEvent::PaymentTimedOut(e) => OrderInput::PaymentTimedOut(e.clone()),
+            _ => return None,
+        })
+    }
+
+    pub async fn react(&self, env: &EventEnvelope) -> Result<(), ServiceError> {
+        let (Some(input), Some(order_id)) = (Self::input(&env.event), env.event.order_id()) else {
+            return Ok(());
+        };
+        let cause = Cause::new(env.event_id, env.correlation_id, "order");
+        let decided =
+            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), &cause, |s| order::decide(s, input.clone()))
+                .await?;
+        let types: Vec<&str> = decided.events().iter().map(|e| e.event_type()).collect();
+        if !types.is_empty() {
+            info!(%order_id, events = ?types, "order saga moved on");
+        }
+        Ok(())
+    }
+}
+
+impl EventService for OrderSaga {
+    fn name(&self) -> &'static str {
+        "order"
+    }
+
+    fn on_event(&self, env: EventEnvelope) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async move { self.react(&env).await })
+    }
+}

@@ -1,0 +1,129 @@
+//! The timer scheduler: fires due timers from the `timers` table (kept from the log by
+//! the projector). Several processes may run it: each claims due rows with
+//! `FOR UPDATE SKIP LOCKED`. Firing asks the owning aggregate to decide again, so a
+//! timer that fires after the order moved on has no effect, and firing twice (after a
+//! crash before the row was deleted) appends nothing new: the event ids derive from the
+//! timer's id.
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::{order, payment, shipment, streams, OrderInput, OrderState, PaymentInput, PaymentState, ShipmentInput, ShipmentState};
+use eventstore::EventStore;
+use projector::timers::{DELIVERY, PAYMENT_TIMEOUT, REVIEW_EXPIRY};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::exec::{decide_on, Cause};
+use crate::ServiceError;
+
+const BATCH: i64 = 100;
+/// Longest sleep between looks when no timer is due sooner.
+const MAX_IDLE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueTimer {
+    pub timer_id: Uuid,
+    pub kind: String,
+    pub order_id: Uuid,
+    pub due_at: DateTime<Utc>,
+}
+
+pub struct Scheduler {
+    store: EventStore,
+}
+
+impl Scheduler {
+    pub fn new(store: EventStore) -> Arc<Scheduler> {
+        Arc::new(Scheduler { store })
+    }
+
+    /// Fires every due timer once; returns how many fired.
+    pub async fn fire_due(&self) -> Result<usize, ServiceError> {
+        let mut tx = self.store.pool().begin().await?;
+        let due: Vec<DueTimer> = sqlx::query_as(
+            "SELECT timer_id, kind, order_id, due_at FROM timers
+              WHERE due_at <= now() ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        for timer in &due {
+            self.fire(timer).await?;
+            sqlx::query("DELETE FROM timers WHERE timer_id = $1")
+                .bind(timer.timer_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(due.len())
+    }
+
+    async fn fire(&self, timer: &DueTimer) -> Result<(), ServiceError> {
+        let cause = Cause::new(timer.timer_id, timer.timer_id, format!("timer.{}", timer.kind));
+        let order_id = timer.order_id;
+        let appended = match timer.kind.as_str() {
+            REVIEW_EXPIRY => {
+                let now = Utc::now().max(timer.due_at);
+                decide_on::<OrderState, _>(&self.store, &streams::order(order_id), &cause, |s| {
+                    order::decide(s, OrderInput::ReviewExpired { now })
+                })
+                .await?
+                .events()
+                .len()
+            }
+            PAYMENT_TIMEOUT => decide_on::<PaymentState, _>(&self.store, &streams::payment(order_id), &cause, |s| {
+                payment::decide(s, PaymentInput::TimedOut)
+            })
+            .await?
+            .events()
+            .len(),
+            DELIVERY => decide_on::<ShipmentState, _>(&self.store, &streams::shipment(order_id), &cause, |s| {
+                shipment::decide(s, ShipmentInput::Deliver)
+            })
+            .await?
+            .events()
+            .len(),
+            other => {
+                warn!(kind = other, %order_id, "unknown timer kind; dropping it");
+                0
+            }
+        };
+        info!(kind = %timer.kind, %order_id, effective = appended > 0, "timer fired");
+        Ok(())
+    }
+
+    /// How long until the next timer is due (capped), for the idle sleep.
+    async fn next_wait(&self) -> Result<Duration, ServiceError> {
+        let next: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT min(due_at) FROM timers")
+            .fetch_one(self.store.pool())
+            .await?;
+        Ok(next
+            .map(|due| (due - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .map_or(MAX_IDLE, |d| d.min(MAX_IDLE)))
+    }
+
+    /// Fires timers until `shutdown` resolves.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+        tokio::pin!(shutdown);
+        let mut wakeups = self.store.follow().await?;
+        loop {
+            let pause = match self.fire_due().await {
+                Ok(n) if n > 0 => Duration::ZERO,
+                Ok(_) => self.next_wait().await.unwrap_or(MAX_IDLE),
+                Err(error) => {
+                    warn!(%error, "firing timers failed; retrying");
+                    Duration::from_millis(500)
+                }
+            };
+            if pause.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = wakeups.wait(pause) => {}
+            }
+        }
+    }
+}
