@@ -39,7 +39,10 @@ pub(crate) async fn open_pool(
 }
 
 fn pool_options(max_connections: u32) -> PgPoolOptions {
-    PgPoolOptions::new().max_connections(max_connections.max(1))
+    // An unreachable server should fail a command in seconds, not half a minute.
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(std::time::Duration::from_secs(10))
 }
 
 /// `CREATE DATABASE` through the maintenance database of the same server.

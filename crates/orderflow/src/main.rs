@@ -27,8 +27,15 @@ fn main() -> ExitCode {
 
 /// One line on stderr with the whole cause chain, and a non-zero exit.
 fn fail(error: anyhow::Error) -> ExitCode {
-    let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
-    eprintln!("error: {}", chain.join(": "));
+    // Errors that print their source in their own message would repeat it: skip a
+    // cause that the previous line already ends with.
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if !parts.last().is_some_and(|p| p.ends_with(&cause)) {
+            parts.push(cause);
+        }
+    }
+    eprintln!("error: {}", parts.join(": "));
     ExitCode::FAILURE
 }
 
