@@ -1,8 +1,9 @@
 //! The dead-letter queue, for `orderflow dlq list|retry`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
 
-use lapin::message::Delivery;
+use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
@@ -15,6 +16,9 @@ use crate::{Bus, BusError};
 
 /// Header the broker adds to messages redelivered from a quorum queue; stripped on retry.
 const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// How long [`dlq_list`] waits for the broker to take the listed messages back.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A message in `orderflow.dead-letter`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,10 +84,16 @@ impl DlqSelector {
 pub async fn dlq_list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
     let channel = bus.open_channel().await?;
     let mut letters = Vec::new();
+    let mut ready_at_start = 0;
     let result = async {
         while letters.len() < limit {
             match get(&channel).await? {
-                Some(delivery) => letters.push(DeadLetter::from_delivery(&delivery)),
+                Some(message) => {
+                    if letters.is_empty() {
+                        ready_at_start = message.message_count.saturating_add(1);
+                    }
+                    letters.push(DeadLetter::from_delivery(&message.delivery));
+                }
                 None => break,
             }
         }
@@ -91,7 +101,44 @@ pub async fn dlq_list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetter>, BusErr
     }
     .await;
     close(&channel).await;
+    if !letters.is_empty() {
+        // A quorum queue takes the returned messages back asynchronously after the
+        // channel closed; wait (briefly) until they are ready again, so that a list or
+        // retry right after this one sees them.
+        settle(bus, ready_at_start).await;
+    }
     result.map(|()| letters)
+}
+
+/// Waits up to [`SETTLE_TIMEOUT`] until the dead-letter queue has `ready` messages.
+async fn settle(bus: &Bus, ready: u32) {
+    let started = Instant::now();
+    let Ok(channel) = bus.open_channel().await else {
+        return;
+    };
+    while started.elapsed() < SETTLE_TIMEOUT {
+        match ready_count(&channel).await {
+            Ok(count) if count >= ready => break,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => break,
+        }
+    }
+    close(&channel).await;
+}
+
+async fn ready_count(channel: &Channel) -> Result<u32, BusError> {
+    let queue = channel
+        .queue_declare(
+            ShortString::from(DEAD_LETTER_QUEUE),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BusError::amqp(format!("inspecting {DEAD_LETTER_QUEUE}"), e))?;
+    Ok(queue.message_count())
 }
 
 /// Republishes the selected dead letters to their original exchange and routing key
@@ -107,25 +154,23 @@ pub async fn dlq_retry(bus: &Bus, selector: DlqSelector) -> Result<usize, BusErr
 }
 
 async fn retry_on(bus: &Bus, channel: &Channel, selector: &DlqSelector) -> Result<usize, BusError> {
-    let queue = channel
-        .queue_declare(
-            ShortString::from(DEAD_LETTER_QUEUE),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| BusError::amqp(format!("inspecting {DEAD_LETTER_QUEUE}"), e))?;
-    let mut remaining = queue.message_count();
+    // Retried messages may be dead-lettered again while this runs: stop at the first
+    // message already retried here, and never look at more than were there at start.
+    let mut remaining = ready_count(channel).await?;
+    let mut retried_ids = HashSet::new();
     let mut retried = 0;
     while remaining > 0 {
-        let Some(delivery) = get(channel).await? else {
+        let Some(message) = get(channel).await? else {
             break;
         };
         remaining -= 1;
+        let delivery = message.delivery;
         let letter = DeadLetter::from_delivery(&delivery);
+        if let Some(id) = &letter.message_id {
+            if retried_ids.contains(id) {
+                break;
+            }
+        }
         if !selector.matches(&letter) {
             continue;
         }
@@ -165,19 +210,21 @@ async fn retry_on(bus: &Bus, channel: &Channel, selector: &DlqSelector) -> Resul
                 )
             })?;
         info!(message_id = ?letter.message_id, exchange = %letter.exchange, routing_key = %letter.routing_key, "dead letter retried");
+        if let Some(id) = letter.message_id {
+            retried_ids.insert(id);
+        }
         retried += 1;
     }
     Ok(retried)
 }
 
-async fn get(channel: &Channel) -> Result<Option<Delivery>, BusError> {
+async fn get(channel: &Channel) -> Result<Option<BasicGetMessage>, BusError> {
     channel
         .basic_get(
             ShortString::from(DEAD_LETTER_QUEUE),
             BasicGetOptions { no_ack: false },
         )
         .await
-        .map(|message| message.map(|m| m.delivery))
         .map_err(|e| BusError::amqp(format!("reading {DEAD_LETTER_QUEUE}"), e))
 }
 

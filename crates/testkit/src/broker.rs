@@ -49,6 +49,27 @@ impl TestVhost {
         .await
     }
 
+    /// `(name, type)` of every queue in this vhost, e.g. `("orderflow.order", "quorum")`.
+    pub async fn queue_types(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let out = rabbitmqctl_output(&[
+            "list_queues",
+            "-p",
+            &self.name,
+            "-q",
+            "--no-table-headers",
+            "name",
+            "type",
+        ])
+        .await?;
+        Ok(out
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                Some((words.next()?.to_owned(), words.next()?.to_owned()))
+            })
+            .collect())
+    }
+
     /// Number of client connections the broker currently has open on this vhost.
     pub async fn connection_count(&self) -> anyhow::Result<usize> {
         let out =

@@ -1,0 +1,307 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bus::{
+    header_names, Outcome, OutgoingProperties, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE,
+    DEAD_LETTER_QUEUE,
+};
+use lapin::types::AMQPValue;
+
+use crate::support::{connected, new_id, options, take_one, FnHandler, Running, Seen};
+
+fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(name))
+        .map(bus_render)
+}
+
+fn bus_render(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_outcome_moves_the_message_to_the_dead_letter_queue_and_later_messages_flow(
+) -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        options(3),
+        Arc::new(FnHandler(move |msg: bus::Incoming| {
+            let poison = msg.body == b"not json";
+            recorder.push(msg);
+            async move {
+                if poison {
+                    Outcome::DeadLetter {
+                        reason: "body is not JSON".to_owned(),
+                    }
+                } else {
+                    Outcome::Ack
+                }
+            }
+        })),
+    );
+
+    let poison_id = new_id();
+    let props = OutgoingProperties::new(poison_id.clone())
+        .with_correlation_id("corr-dl")
+        .with_header("x-tenant", "acme");
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"not json".to_vec(),
+        props,
+    )
+    .await?;
+    let later_id = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.cancel",
+        b"{}".to_vec(),
+        OutgoingProperties::new(later_id.clone()),
+    )
+    .await?;
+
+    seen.wait_for_id(&later_id).await?;
+    let dead = take_one(&bus, DEAD_LETTER_QUEUE).await?;
+    consumer.stop().await?;
+
+    assert_eq!(dead.data, b"not json");
+    let props = &dead.properties;
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.as_str()),
+        Some(poison_id.as_str())
+    );
+    assert_eq!(
+        props.correlation_id().as_ref().map(|s| s.as_str()),
+        Some("corr-dl")
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*props.delivery_mode(), Some(2));
+    assert_eq!(
+        header(&dead, header_names::ERROR).as_deref(),
+        Some("body is not JSON")
+    );
+    assert_eq!(
+        header(&dead, header_names::ORIGINAL_EXCHANGE).as_deref(),
+        Some(COMMANDS_EXCHANGE)
+    );
+    assert_eq!(
+        header(&dead, header_names::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("order.place")
+    );
+    assert_eq!(header(&dead, header_names::ATTEMPTS).as_deref(), Some("1"));
+    assert_eq!(header(&dead, "x-tenant").as_deref(), Some("acme"));
+    // the dead-lettered message was handled once, not retried
+    assert_eq!(seen.ids().iter().filter(|id| **id == poison_id).count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_that_never_succeed_end_in_the_dead_letter_queue_with_the_attempt_count(
+) -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        options(3),
+        Arc::new(FnHandler(move |_msg| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                Outcome::Retry {
+                    reason: "gateway unavailable".to_owned(),
+                }
+            }
+        })),
+    );
+    let id = new_id();
+    let started = std::time::Instant::now();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"{}".to_vec(),
+        OutgoingProperties::new(id.clone()),
+    )
+    .await?;
+    let dead = take_one(&bus, DEAD_LETTER_QUEUE).await?;
+    consumer.stop().await?;
+
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "one attempt and three retries"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "retries are quick"
+    );
+    assert_eq!(
+        dead.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(id.as_str())
+    );
+    assert_eq!(header(&dead, header_names::ATTEMPTS).as_deref(), Some("4"));
+    let error = header(&dead, header_names::ERROR).unwrap_or_default();
+    assert!(error.contains("gateway unavailable"), "{error}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retry_that_later_succeeds_is_acked_and_not_dead_lettered() -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        options(3),
+        Arc::new(FnHandler(move |msg| {
+            let call = counter.fetch_add(1, Ordering::SeqCst);
+            let recorder = recorder.clone();
+            async move {
+                if call < 2 {
+                    Outcome::Retry {
+                        reason: "flaky".to_owned(),
+                    }
+                } else {
+                    recorder.push(msg);
+                    Outcome::Ack
+                }
+            }
+        })),
+    );
+    let id = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"{}".to_vec(),
+        OutgoingProperties::new(id.clone()),
+    )
+    .await?;
+    seen.wait_for_id(&id).await?;
+    consumer.stop().await?;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        crate::support::ready_count(&bus, DEAD_LETTER_QUEUE).await?,
+        0
+    );
+    assert_eq!(
+        crate::support::ready_count(&bus, COMMAND_INTAKE_QUEUE).await?,
+        0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_panicking_handler_does_not_stop_the_consumer() -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        options(3),
+        Arc::new(FnHandler(move |msg: bus::Incoming| {
+            let recorder = recorder.clone();
+            async move {
+                if msg.routing_key == "order.explode" {
+                    panic!("boom");
+                }
+                recorder.push(msg);
+                Outcome::Ack
+            }
+        })),
+    );
+    let bad = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.explode",
+        b"{}".to_vec(),
+        OutgoingProperties::new(bad.clone()),
+    )
+    .await?;
+    let good = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"{}".to_vec(),
+        OutgoingProperties::new(good.clone()),
+    )
+    .await?;
+
+    seen.wait_for_id(&good).await?;
+    let dead = take_one(&bus, DEAD_LETTER_QUEUE).await?;
+    consumer.stop().await?;
+    assert_eq!(
+        dead.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(bad.as_str())
+    );
+    let error = header(&dead, header_names::ERROR).unwrap_or_default();
+    assert!(error.contains("handler panicked"), "{error}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_in_flight_handler_finish_and_ack() -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let entered_tx = std::sync::Mutex::new(Some(entered_tx));
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let release_rx = Arc::new(tokio::sync::Mutex::new(Some(release_rx)));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let done = finished.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        options(0),
+        Arc::new(FnHandler(move |_msg| {
+            if let Some(tx) = entered_tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = tx.send(());
+            }
+            let release_rx = release_rx.clone();
+            let done = done.clone();
+            async move {
+                if let Some(rx) = release_rx.lock().await.take() {
+                    let _ = rx.await;
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                Outcome::Ack
+            }
+        })),
+    );
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"{}".to_vec(),
+        OutgoingProperties::new(new_id()),
+    )
+    .await?;
+    tokio::time::timeout(crate::support::DEADLINE, entered_rx).await??;
+
+    let stopping = tokio::spawn(consumer.stop());
+    // the handler is still running while the consumer stops; let it finish
+    let _ = release_tx.send(());
+    stopping.await??;
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        crate::support::ready_count(&bus, COMMAND_INTAKE_QUEUE).await?,
+        0,
+        "acked"
+    );
+    Ok(())
+}

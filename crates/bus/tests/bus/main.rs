@@ -1,0 +1,8 @@
+//! Integration tests of the bus against a real RabbitMQ, each in a vhost of its own.
+
+mod consume;
+mod dlq;
+mod publish;
+mod reconnect;
+mod support;
+mod topology;

@@ -1,0 +1,50 @@
+use std::sync::Arc;
+
+use bus::{Outcome, OutgoingProperties, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE};
+
+use crate::support::{connected, new_id, options, FnHandler, Running, Seen, DEADLINE};
+
+#[tokio::test]
+async fn the_consumer_and_publisher_recover_after_the_broker_closes_their_connection(
+) -> anyhow::Result<()> {
+    let (vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        options(3),
+        Arc::new(FnHandler(move |msg| {
+            recorder.push(msg);
+            async { Outcome::Ack }
+        })),
+    );
+    let before = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"{}".to_vec(),
+        OutgoingProperties::new(before.clone()),
+    )
+    .await?;
+    seen.wait_for_id(&before).await?;
+
+    vhost.close_all_connections().await?;
+    testkit::wait_until("the old connection to be gone", DEADLINE, || async {
+        Ok((vhost.connection_count().await? == 0).then_some(()))
+    })
+    .await
+    .ok(); // the bus may already have reconnected; either way go on
+
+    let after = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"{}".to_vec(),
+        OutgoingProperties::new(after.clone()),
+    )
+    .await?;
+    seen.wait_for_id(&after).await?;
+    consumer.stop().await?;
+    Ok(())
+}
