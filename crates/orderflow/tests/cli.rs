@@ -1,0 +1,358 @@
+//! The `orderflow` binary as a user runs it: exit codes, one-line errors, and the
+//! commands that read the log and the read models (contract section 6).
+//!
+//! Its presence also makes `cargo test --workspace` build the binary that the
+//! end-to-end tests (`tests/e2e`) start.
+
+use std::process::Output;
+
+use anyhow::Context;
+use domain::commands::{OrderLine, Shipping, ShippingMethod};
+use domain::events::{CancelReason, OrderConfirmed};
+use domain::events::{
+    OrderAccepted, OrderCancelled, OrderPlaced, StockReleaseRequested, StockSet, WorkflowPlan,
+};
+use domain::DomainEvent;
+use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent};
+use testkit::TestDb;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+
+/// Runs the binary with `args` and `env` (on top of the test's environment).
+async fn orderflow(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+        .output()
+        .await
+        .with_context(|| format!("cannot run {BIN}"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Non-zero exit, exactly one `error:` line, and no panic.
+fn assert_failed_with_one_error_line(out: &Output, what: &str) -> String {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "{what}: expected failure, got {:?}",
+        out.status
+    );
+    assert!(
+        !err.contains("panicked"),
+        "{what}: the program panicked:\n{err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "{what}: expected one error line, stderr:\n{err}"
+    );
+    errors[0].to_owned()
+}
+
+#[tokio::test]
+async fn an_unknown_subcommand_fails_with_an_error_line() -> anyhow::Result<()> {
+    let out = orderflow(&["frobnicate"], &[]).await?;
+    let line = assert_failed_with_one_error_line(&out, "orderflow frobnicate");
+    assert!(line.contains("frobnicate"), "{line}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_order_id_that_is_not_a_uuid_is_refused_by_the_parser() -> anyhow::Result<()> {
+    let out = orderflow(&["status", "not-a-uuid"], &[]).await?;
+    let line = assert_failed_with_one_error_line(&out, "orderflow status not-a-uuid");
+    assert!(line.contains("not-a-uuid"), "{line}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_the_program_naming_the_setting() -> anyhow::Result<()> {
+    let out = orderflow(&["orders"], &[("ORDERFLOW_PAYMENT_TIMEOUT", "soon")]).await?;
+    let line = assert_failed_with_one_error_line(&out, "ORDERFLOW_PAYMENT_TIMEOUT=soon");
+    assert!(line.contains("ORDERFLOW_PAYMENT_TIMEOUT"), "{line}");
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_in_one_line_without_the_password() -> anyhow::Result<()> {
+    let out = orderflow(
+        &["orders"],
+        &[("DATABASE_URL", "postgres://postgres:hunter2@127.0.0.1:1/x")],
+    )
+    .await?;
+    let err = stderr(&out);
+    assert_failed_with_one_error_line(&out, "unreachable database");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!err.contains("hunter2"), "the password was printed: {err}");
+    assert!(!stdout(&out).contains("hunter2"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_of_an_unknown_order_fails() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let id = Uuid::new_v4().to_string();
+    let out = orderflow(&["status", &id], &[("DATABASE_URL", db.url())]).await?;
+    let line = assert_failed_with_one_error_line(&out, "status of an unknown order");
+    assert!(line.contains(&id), "{line}");
+    Ok(())
+}
+
+fn new_event(event: &DomainEvent, correlation_id: Uuid) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::new_v4(),
+        event_type: event.event_type().to_owned(),
+        schema_version: event.schema_version(),
+        payload: event.to_payload(),
+        metadata: Metadata {
+            correlation_id,
+            causation_id: correlation_id,
+        },
+    }
+}
+
+async fn append(store: &EventStore, stream: &str, events: &[DomainEvent]) -> anyhow::Result<()> {
+    let correlation = Uuid::new_v4();
+    let events = events.iter().map(|e| new_event(e, correlation)).collect();
+    store.append(stream, ExpectedVersion::Any, events).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn events_prints_a_stream_oldest_first_and_as_json_lines() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = domain::streams::stock("CLI-SKU");
+    let sets: Vec<DomainEvent> = [5, 7, 3]
+        .into_iter()
+        .map(|quantity| {
+            DomainEvent::StockSet(StockSet {
+                sku: "CLI-SKU".into(),
+                quantity,
+            })
+        })
+        .collect();
+    append(&db.store, &stream, &sets).await?;
+
+    let out = orderflow(&["events", &stream], &[("DATABASE_URL", db.url())]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let rows: Vec<&str> = text.lines().filter(|l| l.contains("StockSet")).collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    for (row, quantity) in rows.iter().zip(["5", "7", "3"]) {
+        assert!(row.contains(&format!("\"quantity\":{quantity}")), "{row}");
+    }
+
+    let out = orderflow(
+        &["events", &stream, "--json"],
+        &[("DATABASE_URL", db.url())],
+    )
+    .await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("every line of --json output is a JSON object")?;
+    assert_eq!(lines.len(), 3);
+    for (i, (line, quantity)) in lines.iter().zip([5, 7, 3]).enumerate() {
+        assert!(line.is_object());
+        assert_eq!(line["stream_name"], stream.as_str());
+        assert_eq!(line["stream_version"], i);
+        assert_eq!(line["event_type"], "StockSet");
+        assert_eq!(line["payload"]["quantity"], quantity);
+    }
+    Ok(())
+}
+
+type OrderRow = (
+    Uuid,
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    i32,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+    i64,
+);
+
+async fn order_rows(store: &EventStore) -> anyhow::Result<Vec<OrderRow>> {
+    Ok(sqlx::query_as(
+        "SELECT order_id, customer_id, status, cancel_reason, total_cents, currency, item_count,
+                placed_at, updated_at, last_global_position
+           FROM order_status ORDER BY order_id",
+    )
+    .fetch_all(store.pool())
+    .await?)
+}
+
+async fn stock_rows(store: &EventStore) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    Ok(
+        sqlx::query_as("SELECT sku, on_hand, reserved FROM stock_levels ORDER BY sku")
+            .fetch_all(store.pool())
+            .await?,
+    )
+}
+
+fn placed(order_id: Uuid, sku: &str, shipping: Option<Shipping>) -> OrderPlaced {
+    OrderPlaced {
+        order_id,
+        customer_id: "cli-customer".into(),
+        currency: "EUR".into(),
+        items: vec![OrderLine {
+            sku: sku.into(),
+            quantity: 2,
+            unit_price_cents: 1250,
+        }],
+        payment_token: "tok_ok".into(),
+        shipping: shipping.clone(),
+        total_cents: 2500,
+        item_count: 2,
+        plan: WorkflowPlan {
+            workflow_version: 1,
+            review: false,
+            ship: shipping.is_some(),
+            review_timeout_ms: 86_400_000,
+            payment_timeout_ms: 30_000,
+            delivery_delay_ms: 2_000,
+        },
+    }
+}
+
+fn accepted(p: &OrderPlaced) -> OrderAccepted {
+    OrderAccepted {
+        order_id: p.order_id,
+        customer_id: p.customer_id.clone(),
+        currency: p.currency.clone(),
+        items: p.items.clone(),
+        payment_token: p.payment_token.clone(),
+        total_cents: p.total_cents,
+        payment_timeout_ms: 30_000,
+    }
+}
+
+#[tokio::test]
+async fn replay_rebuilds_the_same_read_model_rows() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    append(
+        store,
+        &domain::streams::stock("REPLAY-SKU"),
+        &[DomainEvent::StockSet(StockSet {
+            sku: "REPLAY-SKU".into(),
+            quantity: 10,
+        })],
+    )
+    .await?;
+
+    // One order accepted and confirmed, one cancelled by the customer.
+    let shipping = Shipping {
+        method: ShippingMethod::Standard,
+        address: "1 Main Street".into(),
+    };
+    let first = placed(Uuid::new_v4(), "REPLAY-SKU", Some(shipping.clone()));
+    append(
+        store,
+        &domain::streams::order(first.order_id),
+        &[
+            DomainEvent::OrderPlaced(first.clone()),
+            DomainEvent::OrderAccepted(accepted(&first)),
+            DomainEvent::OrderConfirmed(OrderConfirmed {
+                order_id: first.order_id,
+                items: first.items.clone(),
+                shipping: Some(shipping),
+                delivery_delay_ms: 2_000,
+            }),
+        ],
+    )
+    .await?;
+    let second = placed(Uuid::new_v4(), "REPLAY-SKU", None);
+    append(
+        store,
+        &domain::streams::order(second.order_id),
+        &[
+            DomainEvent::OrderPlaced(second.clone()),
+            DomainEvent::OrderAccepted(accepted(&second)),
+        ],
+    )
+    .await?;
+    append(
+        store,
+        &domain::streams::order(second.order_id),
+        &[
+            DomainEvent::OrderCancelled(OrderCancelled {
+                order_id: second.order_id,
+                reason: CancelReason::CustomerCancelled,
+                detail: "changed my mind".into(),
+                by: None,
+            }),
+            DomainEvent::StockReleaseRequested(StockReleaseRequested {
+                order_id: second.order_id,
+                line: 0,
+                sku: "REPLAY-SKU".into(),
+                quantity: 2,
+            }),
+        ],
+    )
+    .await?;
+
+    // Project live, as the projector worker does.
+    for projection in projector::all_projections() {
+        testkit::wait_until(
+            "the projection to catch up",
+            std::time::Duration::from_secs(20),
+            || async {
+                Ok((projector::run_once(store, projection.as_ref()).await? == 0).then_some(()))
+            },
+        )
+        .await?;
+    }
+    let orders_before = order_rows(store).await?;
+    let stock_before = stock_rows(store).await?;
+    assert_eq!(orders_before.len(), 2);
+    let statuses: Vec<(&str, Option<&str>)> = orders_before
+        .iter()
+        .map(|r| (r.2.as_str(), r.3.as_deref()))
+        .collect();
+    assert!(statuses.contains(&("confirmed", None)), "{statuses:?}");
+    assert!(
+        statuses.contains(&("cancelled", Some("customer_cancelled"))),
+        "{statuses:?}"
+    );
+
+    let out = orderflow(&["replay"], &[("DATABASE_URL", db.url())]).await?;
+    assert!(out.status.success(), "replay failed: {}", stderr(&out));
+    assert_eq!(order_rows(store).await?, orders_before);
+    assert_eq!(stock_rows(store).await?, stock_before);
+
+    let out = orderflow(
+        &["replay", "--projection", "order_status"],
+        &[("DATABASE_URL", db.url())],
+    )
+    .await?;
+    assert!(out.status.success(), "replay failed: {}", stderr(&out));
+    assert_eq!(order_rows(store).await?, orders_before);
+
+    let out = orderflow(
+        &["replay", "--projection", "no_such_projection"],
+        &[("DATABASE_URL", db.url())],
+    )
+    .await?;
+    assert_failed_with_one_error_line(&out, "replay of an unknown projection");
+    assert_eq!(order_rows(store).await?, orders_before);
+    Ok(())
+}
