@@ -17,6 +17,10 @@ use crate::message::{correlation_uuid, message_uuid};
 use crate::worker::outcome;
 use crate::ServiceError;
 
+/// How long a command about an unknown order waits for its placement: checks × step.
+const PLACEMENT_GRACE_CHECKS: u32 = 20;
+const PLACEMENT_GRACE_STEP: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub struct CommandService {
     store: EventStore,
     rules: Rules,
@@ -75,10 +79,25 @@ impl CommandService {
     }
 
     async fn on_order(&self, order_id: uuid::Uuid, cause: &Cause, input: OrderInput<'static>) -> Result<(), ServiceError> {
+        self.await_placement(order_id).await?;
         let decided =
             decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| order::decide(s, input.clone()))
                 .await?;
         log_decision("order", &decided);
+        Ok(())
+    }
+
+    /// Commands are handled concurrently, so a cancel published right after its
+    /// `order.place` may be handled first. Give the placement a moment to land before
+    /// a command about an unknown order is refused.
+    async fn await_placement(&self, order_id: uuid::Uuid) -> Result<(), ServiceError> {
+        let stream = streams::order(order_id);
+        for _ in 0..PLACEMENT_GRACE_CHECKS {
+            if self.store.stream_has_event_type(&stream, "OrderPlaced").await? {
+                return Ok(());
+            }
+            tokio::time::sleep(PLACEMENT_GRACE_STEP).await;
+        }
         Ok(())
     }
 

@@ -1,5 +1,8 @@
 //! The imperative shell around a pure decision: read the stream, fold, decide, append
 //! with the expected version; on a concurrency conflict, read again and decide again.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use domain::{derive_event_id, DomainEvent, Evolve};
 use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StreamAppend};
 use tracing::debug;
@@ -95,11 +98,65 @@ pub fn expected(version: Option<i64>) -> ExpectedVersion {
     version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact)
 }
 
+/// Folded stream states kept between messages, so that a long stream (a popular SKU)
+/// is not read from its start for every message. Never stale: every use reads the
+/// events after the cached version first (one indexed query), so the cache only saves
+/// the fold of what was seen before. Bounded: when full it is emptied.
+pub struct StreamCache<S> {
+    entries: Mutex<HashMap<String, (S, Option<i64>)>>,
+    capacity: usize,
+}
+
+impl<S: Clone> StreamCache<S> {
+    pub fn new(capacity: usize) -> StreamCache<S> {
+        StreamCache {
+            entries: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn get(&self, stream: &str) -> Option<(S, Option<i64>)> {
+        self.lock().get(stream).cloned()
+    }
+
+    fn put(&self, stream: &str, state: &S, version: Option<i64>) {
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(stream) {
+            entries.clear();
+        }
+        entries.insert(stream.to_owned(), (state.clone(), version));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (S, Option<i64>)>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Reads and folds a stream.
 pub async fn load<S: Evolve>(store: &EventStore, stream: &str) -> Result<Loaded<S>, ServiceError> {
-    let records = store.read_stream(stream, 0).await?;
-    let mut state = S::default();
-    let mut version = None;
+    fold_from(store, stream, S::default(), None).await
+}
+
+/// Reads and folds a stream, starting from the cached state when there is one.
+pub async fn load_cached<S: Evolve + Clone>(
+    store: &EventStore,
+    cache: &StreamCache<S>,
+    stream: &str,
+) -> Result<Loaded<S>, ServiceError> {
+    let (state, version) = cache.get(stream).unwrap_or_default();
+    let loaded = fold_from(store, stream, state, version).await?;
+    cache.put(stream, &loaded.state, loaded.version);
+    Ok(loaded)
+}
+
+/// Folds the events after `version` into `state`.
+async fn fold_from<S: Evolve>(
+    store: &EventStore,
+    stream: &str,
+    mut state: S,
+    mut version: Option<i64>,
+) -> Result<Loaded<S>, ServiceError> {
+    let records = store.read_stream(stream, version.map_or(0, |v| v + 1)).await?;
     for rec in &records {
         let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)
             .map_err(|e| ServiceError::CorruptStream {
@@ -112,14 +169,45 @@ pub async fn load<S: Evolve>(store: &EventStore, stream: &str) -> Result<Loaded<
     Ok(Loaded { state, version })
 }
 
+/// Like [`decide_on`], folding from `cache`.
+pub async fn decide_on_cached<S, F>(
+    store: &EventStore,
+    cache: &StreamCache<S>,
+    stream: &str,
+    cause: &Cause,
+    decide: F,
+) -> Result<Decided<S>, ServiceError>
+where
+    S: Evolve + Clone,
+    F: Fn(&S) -> Vec<DomainEvent>,
+{
+    decide_with(store, stream, cause, decide, || load_cached(store, cache, stream)).await
+}
+
 /// Folds `stream`, asks `decide`, appends what it decided; retries on conflicts.
 pub async fn decide_on<S, F>(store: &EventStore, stream: &str, cause: &Cause, decide: F) -> Result<Decided<S>, ServiceError>
 where
     S: Evolve,
     F: Fn(&S) -> Vec<DomainEvent>,
 {
+    decide_with(store, stream, cause, decide, || load::<S>(store, stream)).await
+}
+
+async fn decide_with<S, F, L, Fut>(
+    store: &EventStore,
+    stream: &str,
+    cause: &Cause,
+    decide: F,
+    load_state: L,
+) -> Result<Decided<S>, ServiceError>
+where
+    S: Evolve,
+    F: Fn(&S) -> Vec<DomainEvent>,
+    L: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Loaded<S>, ServiceError>>,
+{
     for _ in 0..MAX_CONFLICT_RETRIES {
-        let Loaded { mut state, version } = load::<S>(store, stream).await?;
+        let Loaded { mut state, version } = load_state().await?;
         let events = decide(&state);
         if events.is_empty() {
             return Ok(Decided::Nothing { state });
@@ -133,7 +221,7 @@ where
             }
             Err(StoreError::Duplicate { event_id }) => {
                 debug!(%event_id, stream, "already handled; nothing more to do");
-                let Loaded { state, .. } = load::<S>(store, stream).await?;
+                let Loaded { state, .. } = load_state().await?;
                 return Ok(Decided::Nothing { state });
             }
             Err(StoreError::Conflict { .. }) => continue,

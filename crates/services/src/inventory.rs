@@ -8,22 +8,32 @@ use futures::future::{try_join_all, BoxFuture};
 use tracing::info;
 use uuid::Uuid;
 
-use crate::exec::{decide_on, Cause};
+use crate::exec::{decide_on_cached, Cause, StreamCache};
 use crate::worker::EventService;
 use crate::ServiceError;
 
 pub struct Inventory {
     store: EventStore,
+    /// Stock streams are long (every order touches them): fold only what is new.
+    cache: StreamCache<StockState>,
 }
+
+/// SKUs whose folded stock is kept in memory.
+const CACHED_SKUS: usize = 10_000;
 
 impl Inventory {
     pub fn new(store: EventStore) -> Inventory {
-        Inventory { store }
+        Inventory {
+            store,
+            cache: StreamCache::new(CACHED_SKUS),
+        }
     }
 
     async fn on_line(&self, cause: &Cause, sku: &str, input: StockInput) -> Result<(), ServiceError> {
-        let decided =
-            decide_on::<StockState, _>(&self.store, &streams::stock(sku), cause, |s| stock::decide(s, input.clone())).await?;
+        let decided = decide_on_cached(&self.store, &self.cache, &streams::stock(sku), cause, |s| {
+            stock::decide(s, input.clone())
+        })
+        .await?;
         for e in decided.events() {
             info!(sku, event = e.event_type(), "stock moved");
         }
