@@ -159,9 +159,10 @@ pub enum DlqCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Put dead letters back on their original exchange and routing key.
+    /// Put dead letters back on their original exchange and routing key (all of them
+    /// unless a message_id is given).
     Retry {
-        /// Retry every dead letter.
+        /// Retry every dead letter (the default).
         #[arg(long, conflicts_with = "message_id")]
         all: bool,
         /// The message_id of the dead letter to retry.

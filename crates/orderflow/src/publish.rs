@@ -79,10 +79,11 @@ pub async fn dlq_list(settings: &Settings, limit: usize) -> anyhow::Result<ExitC
 }
 
 pub async fn dlq_retry(settings: &Settings, all: bool, message_id: Option<String>) -> anyhow::Result<ExitCode> {
+    // Without a message_id every dead letter is retried (`--all` says so explicitly);
+    // one that still cannot be handled simply returns to the dead-letter queue.
     let selector = match (all, message_id) {
-        (true, _) => bus::DlqSelector::All,
         (false, Some(id)) => bus::DlqSelector::MessageId(id),
-        (false, None) => anyhow::bail!("say which dead letter to retry: a message_id, or --all"),
+        _ => bus::DlqSelector::All,
     };
     let bus = connect(settings).await?;
     let n = bus::dlq_retry(&bus, selector).await.context("cannot retry dead letters")?;
