@@ -1,6 +1,7 @@
 //! The shared connection: connect with backoff, re-declare the topology on every
 //! (re)connect, hand out live channels.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ struct Inner {
     endpoint: String,
     options: BusOptions,
     state: Mutex<State>,
+    /// Connections established so far (1 after `connect`, +1 per reconnect).
+    connects: AtomicU64,
 }
 
 #[derive(Default)]
@@ -90,6 +93,7 @@ impl Bus {
                 endpoint,
                 options,
                 state: Mutex::new(State::default()),
+                connects: AtomicU64::new(0),
             }),
         };
         let mut state = bus.inner.state.lock().await;
@@ -101,6 +105,12 @@ impl Bus {
     /// `host:port/vhost` of the broker (no credentials).
     pub fn endpoint(&self) -> &str {
         &self.inner.endpoint
+    }
+
+    /// How many connections this bus has established: 1 after [`Bus::connect`], one
+    /// more per reconnect.
+    pub fn connects(&self) -> u64 {
+        self.inner.connects.load(Ordering::Relaxed)
     }
 
     pub fn options(&self) -> &BusOptions {
@@ -171,12 +181,13 @@ impl Bus {
                     info!(endpoint = %self.inner.endpoint, attempt, "connected to RabbitMQ");
                     return Ok(connection);
                 }
-                Err(source) => match schedule.next_backoff() {
+                Err(err) if !err.is_transient() => return Err(err),
+                Err(err) => match schedule.next_backoff() {
                     Some(pause) => {
                         warn!(
                             endpoint = %self.inner.endpoint,
                             attempt,
-                            error = %source,
+                            error = %err,
                             retry_in = ?pause,
                             "cannot connect to RabbitMQ"
                         );
@@ -186,7 +197,7 @@ impl Bus {
                         return Err(BusError::Connect {
                             endpoint: self.inner.endpoint.clone(),
                             waited: timeout,
-                            source,
+                            source: Box::new(err),
                         })
                     }
                 },
@@ -194,22 +205,20 @@ impl Bus {
         }
     }
 
-    async fn connect_once(&self) -> Result<Connection, lapin::Error> {
+    async fn connect_once(&self) -> Result<Connection, BusError> {
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             self.inner.options.connection_name.as_bytes(),
         ));
-        let connection = Connection::connect_uri(self.inner.uri.clone(), properties).await?;
-        let channel = connection.create_channel().await?;
-        if let Err(err) = declare_topology(&channel).await {
-            warn!(endpoint = %self.inner.endpoint, error = %err, "declaring the topology failed");
-            return Err(match err {
-                BusError::Amqp { source, .. } => source,
-                _ => lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                    lapin::ConnectionState::Error,
-                )),
-            });
-        }
+        let connection = Connection::connect_uri(self.inner.uri.clone(), properties)
+            .await
+            .map_err(|e| BusError::amqp(format!("connecting to {}", self.inner.endpoint), e))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| BusError::amqp("opening a channel", e))?;
+        declare_topology(&channel).await?;
         let _ = channel.close(200, "topology declared".into()).await;
+        self.inner.connects.fetch_add(1, Ordering::Relaxed);
         Ok(connection)
     }
 }

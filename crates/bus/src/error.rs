@@ -12,7 +12,7 @@ pub enum BusError {
         endpoint: String,
         waited: Duration,
         #[source]
-        source: lapin::Error,
+        source: Box<BusError>,
     },
 
     #[error("{operation} failed")]
