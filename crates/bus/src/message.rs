@@ -107,8 +107,8 @@ pub struct OutgoingMessage {
     pub properties: OutgoingProperties,
 }
 
-/// A delivered message, as a handler sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A delivered message, as a handler sees it. (`Default` helps handler tests build one.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Incoming {
     pub exchange: String,
     pub routing_key: String,
