@@ -12,4 +12,7 @@ pub mod stock_levels;
 pub mod timers;
 
 pub use decode::to_envelope;
-pub use runner::{all_projections, by_name, replay, run, run_once, Projection, ProjectorError, PAGE_SIZE};
+pub use runner::{
+    all_projections, by_name, ensure_schema, replay, run, run_once, Projection, ProjectorError,
+    PAGE_SIZE,
+};

@@ -9,7 +9,10 @@ use futures::future::BoxFuture;
 use sqlx::PgConnection;
 use tracing::{info, warn, Instrument};
 
-use crate::{order_status::OrderStatusProjection, stock_levels::StockLevelsProjection, timers::TimersProjection};
+use crate::{
+    order_status::OrderStatusProjection, stock_levels::StockLevelsProjection,
+    timers::TimersProjection,
+};
 
 /// Events read and applied per transaction.
 pub const PAGE_SIZE: i64 = 2_000;
@@ -55,6 +58,18 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Projection>, ProjectorError> {
         .ok_or_else(|| ProjectorError::UnknownProjection(name.to_owned()))
 }
 
+/// The read models' tables (the same idempotent DDL the migration applies), so that a
+/// table someone dropped is created again before it is rebuilt from the log.
+const READ_MODEL_SCHEMA: &str = include_str!("../../../migrations/0010_read_models.sql");
+
+/// Creates any read-model table that is missing.
+pub async fn ensure_schema(store: &EventStore) -> Result<(), ProjectorError> {
+    sqlx::raw_sql(READ_MODEL_SCHEMA)
+        .execute(store.pool())
+        .await?;
+    Ok(())
+}
+
 fn checkpoint_name(projection: &dyn Projection) -> String {
     format!("projection:{}", projection.name())
 }
@@ -76,7 +91,10 @@ fn decode_page(records: &[RecordedEvent]) -> Vec<EventEnvelope> {
 
 /// Applies the next page after the projection's checkpoint, rows and checkpoint in one
 /// transaction. Returns how many events it read (0: caught up).
-pub async fn run_once(store: &EventStore, projection: &dyn Projection) -> Result<usize, ProjectorError> {
+pub async fn run_once(
+    store: &EventStore,
+    projection: &dyn Projection,
+) -> Result<usize, ProjectorError> {
     let name = checkpoint_name(projection);
     let mut tx = store.pool().begin().await?;
     let after = store.lock_checkpoint(&mut tx, &name).await?;
@@ -144,25 +162,36 @@ pub async fn replay(
     projection: &dyn Projection,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ProjectorError> {
+    ensure_schema(store).await?;
     let name = checkpoint_name(projection);
     let mut tx = store.pool().begin().await?;
     // Hold the checkpoint row so the live projector waits instead of racing the rebuild.
     store.lock_checkpoint(&mut tx, &name).await?;
     for table in projection.tables() {
-        sqlx::query(&format!("DELETE FROM {table}")).execute(&mut *tx).await?;
+        sqlx::query(&format!("DELETE FROM {table}"))
+            .execute(&mut *tx)
+            .await?;
     }
     let mut after = LogPosition::START;
     let mut applied = 0u64;
     loop {
         let records = store.read_all(after, PAGE_SIZE).await?;
-        let Some(last) = records.last().map(RecordedEvent::log_position) else { break };
-        projection.apply_page(&mut tx, &decode_page(&records)).await?;
+        let Some(last) = records.last().map(RecordedEvent::log_position) else {
+            break;
+        };
+        projection
+            .apply_page(&mut tx, &decode_page(&records))
+            .await?;
         applied += records.len() as u64;
         after = last;
         progress(applied);
     }
     store.save_checkpoint(&mut tx, &name, after).await?;
     tx.commit().await?;
-    info!(projection = projection.name(), events = applied, "replay finished");
+    info!(
+        projection = projection.name(),
+        events = applied,
+        "replay finished"
+    );
     Ok(applied)
 }
