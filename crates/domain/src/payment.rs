@@ -445,7 +445,11 @@ mod tests {
         assert_eq!(next_action(&payment.state()), refund_of(2_000));
         assert_eq!(payment.types_of(refunded()), ["PaymentRefunded"]);
         assert_eq!(next_action(&payment.state()), None);
-        assert_eq!(payment.when(cancelled()), vec![], "a second cancel is a no-op");
+        assert_eq!(
+            payment.when(cancelled()),
+            vec![],
+            "a second cancel is a no-op"
+        );
     }
 
     #[test]

@@ -195,7 +195,10 @@ mod tests {
     #[test]
     fn items_parse_from_sku_quantity_price() {
         let line = parse_item("BOOK-1:2:1999").expect("valid item");
-        assert_eq!((line.sku.as_str(), line.quantity, line.unit_price_cents), ("BOOK-1", 2, 1999));
+        assert_eq!(
+            (line.sku.as_str(), line.quantity, line.unit_price_cents),
+            ("BOOK-1", 2, 1999)
+        );
         assert!(parse_item("BOOK-1:2").is_err());
         assert!(parse_item("BOOK-1:two:1999").is_err());
         assert!(parse_item("BOOK-1:2:19.99").is_err());

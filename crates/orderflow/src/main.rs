@@ -15,7 +15,10 @@ use cli::{Cli, Command, DlqCommand, StockCommand};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(anyhow::Error::new(e).context("cannot start the async runtime")),
     };
@@ -45,29 +48,68 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run(settings, args).await,
         Command::PlaceOrder(args) => publish::place_order(&settings, args).await,
         Command::Cancel { order_id, reason } => {
-            publish::command(&settings, domain::commands::Command::CancelOrder(domain::commands::CancelOrder { order_id, reason })).await
-        }
-        Command::Approve { order_id, reviewer } => {
-            publish::command(&settings, domain::commands::Command::ApproveOrder(domain::commands::ApproveOrder { order_id, reviewer }))
-                .await
-        }
-        Command::Reject { order_id, reviewer, reason } => {
             publish::command(
                 &settings,
-                domain::commands::Command::RejectOrder(domain::commands::RejectOrder { order_id, reviewer, reason }),
+                domain::commands::Command::CancelOrder(domain::commands::CancelOrder {
+                    order_id,
+                    reason,
+                }),
             )
             .await
         }
-        Command::Stock { command: StockCommand::Set { sku, quantity } } => {
-            publish::command(&settings, domain::commands::Command::SetStock(domain::commands::SetStock { sku, quantity })).await
+        Command::Approve { order_id, reviewer } => {
+            publish::command(
+                &settings,
+                domain::commands::Command::ApproveOrder(domain::commands::ApproveOrder {
+                    order_id,
+                    reviewer,
+                }),
+            )
+            .await
+        }
+        Command::Reject {
+            order_id,
+            reviewer,
+            reason,
+        } => {
+            publish::command(
+                &settings,
+                domain::commands::Command::RejectOrder(domain::commands::RejectOrder {
+                    order_id,
+                    reviewer,
+                    reason,
+                }),
+            )
+            .await
+        }
+        Command::Stock {
+            command: StockCommand::Set { sku, quantity },
+        } => {
+            publish::command(
+                &settings,
+                domain::commands::Command::SetStock(domain::commands::SetStock { sku, quantity }),
+            )
+            .await
         }
         Command::Status { order_id } => queries::status(&store(&settings).await?, order_id).await,
-        Command::Orders { status, limit } => queries::orders(&store(&settings).await?, status.as_deref(), limit).await,
-        Command::Reviews { limit } => queries::orders(&store(&settings).await?, Some("under_review"), limit).await,
-        Command::Events { stream_name, json } => queries::events(&store(&settings).await?, &stream_name, json).await,
-        Command::Replay { projection } => queries::replay(&store(&settings).await?, projection.as_deref()).await,
-        Command::Dlq { command: DlqCommand::List { limit } } => publish::dlq_list(&settings, limit).await,
-        Command::Dlq { command: DlqCommand::Retry { all, message_id } } => publish::dlq_retry(&settings, all, message_id).await,
+        Command::Orders { status, limit } => {
+            queries::orders(&store(&settings).await?, status.as_deref(), limit).await
+        }
+        Command::Reviews { limit } => {
+            queries::orders(&store(&settings).await?, Some("under_review"), limit).await
+        }
+        Command::Events { stream_name, json } => {
+            queries::events(&store(&settings).await?, &stream_name, json).await
+        }
+        Command::Replay { projection } => {
+            queries::replay(&store(&settings).await?, projection.as_deref()).await
+        }
+        Command::Dlq {
+            command: DlqCommand::List { limit },
+        } => publish::dlq_list(&settings, limit).await,
+        Command::Dlq {
+            command: DlqCommand::Retry { all, message_id },
+        } => publish::dlq_retry(&settings, all, message_id).await,
         Command::Audit => queries::audit(&store(&settings).await?).await,
     }
 }
@@ -76,7 +118,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 async fn store(settings: &Settings) -> anyhow::Result<eventstore::EventStore> {
     eventstore::connect(&settings.database_url)
         .await
-        .with_context(|| format!("cannot open the event log at {}", redact_url(&settings.database_url)))
+        .with_context(|| {
+            format!(
+                "cannot open the event log at {}",
+                redact_url(&settings.database_url)
+            )
+        })
 }
 
 async fn run(settings: Settings, args: cli::RunArgs) -> anyhow::Result<ExitCode> {

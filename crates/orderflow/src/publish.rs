@@ -17,7 +17,12 @@ async fn connect(settings: &Settings) -> anyhow::Result<bus::Bus> {
     };
     bus::Bus::connect_with(&settings.amqp_url, options)
         .await
-        .with_context(|| format!("cannot reach RabbitMQ at {}", redact_url(&settings.amqp_url)))
+        .with_context(|| {
+            format!(
+                "cannot reach RabbitMQ at {}",
+                redact_url(&settings.amqp_url)
+            )
+        })
 }
 
 pub async fn place_order(settings: &Settings, args: PlaceOrderArgs) -> anyhow::Result<ExitCode> {
@@ -51,20 +56,35 @@ pub async fn command(settings: &Settings, cmd: Command) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-async fn publish(settings: &Settings, cmd: Command, message_id: Option<Uuid>) -> anyhow::Result<Uuid> {
+async fn publish(
+    settings: &Settings,
+    cmd: Command,
+    message_id: Option<Uuid>,
+) -> anyhow::Result<Uuid> {
     let bus = connect(settings).await?;
     let message_id = message_id.unwrap_or_else(Uuid::new_v4);
-    let props = bus::OutgoingProperties::new(message_id.to_string()).with_correlation_id(message_id.to_string());
-    bus.publish(bus::topology::COMMANDS_EXCHANGE, cmd.routing_key(), cmd.to_body(), props)
-        .await
-        .with_context(|| format!("RabbitMQ did not confirm the {} command", cmd.routing_key()))?;
+    let props = bus::OutgoingProperties::new(message_id.to_string())
+        .with_correlation_id(message_id.to_string());
+    bus.publish(
+        bus::topology::COMMANDS_EXCHANGE,
+        cmd.routing_key(),
+        cmd.to_body(),
+        props,
+    )
+    .await
+    .with_context(|| format!("RabbitMQ did not confirm the {} command", cmd.routing_key()))?;
     Ok(message_id)
 }
 
 pub async fn dlq_list(settings: &Settings, limit: usize) -> anyhow::Result<ExitCode> {
     let bus = connect(settings).await?;
-    let letters = bus::dlq_list(&bus, limit).await.context("cannot read orderflow.dead-letter")?;
-    println!("{:<36}  {:<22}  {:>8}  error", "message_id", "routing_key", "attempts");
+    let letters = bus::dlq_list(&bus, limit)
+        .await
+        .context("cannot read orderflow.dead-letter")?;
+    println!(
+        "{:<36}  {:<22}  {:>8}  error",
+        "message_id", "routing_key", "attempts"
+    );
     for l in &letters {
         println!(
             "{:<36}  {:<22}  {:>8}  {}",
@@ -78,7 +98,11 @@ pub async fn dlq_list(settings: &Settings, limit: usize) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn dlq_retry(settings: &Settings, all: bool, message_id: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn dlq_retry(
+    settings: &Settings,
+    all: bool,
+    message_id: Option<String>,
+) -> anyhow::Result<ExitCode> {
     // Without a message_id every dead letter is retried (`--all` says so explicitly);
     // one that still cannot be handled simply returns to the dead-letter queue.
     let selector = match (all, message_id) {
@@ -86,7 +110,9 @@ pub async fn dlq_retry(settings: &Settings, all: bool, message_id: Option<String
         _ => bus::DlqSelector::All,
     };
     let bus = connect(settings).await?;
-    let n = bus::dlq_retry(&bus, selector).await.context("cannot retry dead letters")?;
+    let n = bus::dlq_retry(&bus, selector)
+        .await
+        .context("cannot retry dead letters")?;
     println!("retried {n} dead letters");
     Ok(ExitCode::SUCCESS)
 }

@@ -20,20 +20,27 @@ struct OrderRow {
     last_global_position: i64,
 }
 
-const ORDER_COLUMNS: &str = "order_id, customer_id, status, cancel_reason, total_cents, currency, item_count,
+const ORDER_COLUMNS: &str =
+    "order_id, customer_id, status, cancel_reason, total_cents, currency, item_count,
                              placed_at, updated_at, last_global_position";
 
 fn money(cents: i64, currency: &str) -> String {
     let sign = if cents < 0 { "-" } else { "" };
-    format!("{sign}{}.{:02} {currency}", cents.abs() / 100, cents.abs() % 100)
+    format!(
+        "{sign}{}.{:02} {currency}",
+        cents.abs() / 100,
+        cents.abs() % 100
+    )
 }
 
 pub async fn status(store: &EventStore, order_id: Uuid) -> anyhow::Result<ExitCode> {
-    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM order_status WHERE order_id = $1"))
-        .bind(order_id)
-        .fetch_optional(store.pool())
-        .await
-        .context("cannot read order_status")?;
+    let row: Option<OrderRow> = sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM order_status WHERE order_id = $1"
+    ))
+    .bind(order_id)
+    .fetch_optional(store.pool())
+    .await
+    .context("cannot read order_status")?;
     let Some(o) = row else {
         anyhow::bail!("no order {order_id} in the read model (unknown, or not projected yet)");
     };
@@ -43,7 +50,11 @@ pub async fn status(store: &EventStore, order_id: Uuid) -> anyhow::Result<ExitCo
         Some(reason) => println!("status       {} ({reason})", o.status),
         None => println!("status       {}", o.status),
     }
-    println!("total        {} ({} items)", money(o.total_cents, &o.currency), o.item_count);
+    println!(
+        "total        {} ({} items)",
+        money(o.total_cents, &o.currency),
+        o.item_count
+    );
     println!("placed       {}", o.placed_at.to_rfc3339());
     println!("updated      {}", o.updated_at.to_rfc3339());
     println!("position     {}", o.last_global_position);
@@ -67,12 +78,21 @@ async fn timeline(store: &EventStore, order_id: Uuid) -> anyhow::Result<()> {
     .context("cannot read the order's events")?;
     println!("timeline");
     for (at, stream, event_type) in rows {
-        println!("  {}  {:<22} {}", at.format("%Y-%m-%d %H:%M:%S%.3f"), event_type, domain::streams::category(&stream));
+        println!(
+            "  {}  {:<22} {}",
+            at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            event_type,
+            domain::streams::category(&stream)
+        );
     }
     Ok(())
 }
 
-pub async fn orders(store: &EventStore, status: Option<&str>, limit: i64) -> anyhow::Result<ExitCode> {
+pub async fn orders(
+    store: &EventStore,
+    status: Option<&str>,
+    limit: i64,
+) -> anyhow::Result<ExitCode> {
     let rows: Vec<OrderRow> = sqlx::query_as(&format!(
         "SELECT {ORDER_COLUMNS} FROM order_status
           WHERE $1::text IS NULL OR status = $1
@@ -83,7 +103,10 @@ pub async fn orders(store: &EventStore, status: Option<&str>, limit: i64) -> any
     .fetch_all(store.pool())
     .await
     .context("cannot read order_status")?;
-    println!("{:<36}  {:<12}  {:<18}  {:>14}  {:>5}  {:<16}  placed", "order_id", "status", "cancel_reason", "total", "items", "customer");
+    println!(
+        "{:<36}  {:<12}  {:<18}  {:>14}  {:>5}  {:<16}  placed",
+        "order_id", "status", "cancel_reason", "total", "items", "customer"
+    );
     for o in &rows {
         println!(
             "{:<36}  {:<12}  {:<18}  {:>14}  {:>5}  {:<16}  {}",
@@ -125,7 +148,10 @@ pub async fn events(store: &EventStore, stream_name: &str, json: bool) -> anyhow
     if events.is_empty() {
         anyhow::bail!("stream {stream_name} has no events");
     }
-    println!("{:>7}  {:>8}  {:<23}  {:<24}  payload", "version", "position", "recorded_at", "event_type");
+    println!(
+        "{:>7}  {:>8}  {:<23}  {:<24}  payload",
+        "version", "position", "recorded_at", "event_type"
+    );
     for e in &events {
         println!(
             "{:>7}  {:>8}  {:<23}  {:<24}  {}",
@@ -155,13 +181,23 @@ pub async fn replay(store: &EventStore, projection: Option<&str>) -> anyhow::Res
         })
         .await
         .with_context(|| format!("replay of {} failed; the old rows are untouched", p.name()))?;
-        println!("replayed {:<12} {applied} events in {:.2?}", p.name(), started.elapsed());
+        println!(
+            "replayed {:<12} {applied} events in {:.2?}",
+            p.name(),
+            started.elapsed()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn audit(store: &EventStore) -> anyhow::Result<ExitCode> {
-    let report = services::audit::audit(store).await.context("audit could not read the log")?;
+    let report = services::audit::audit(store)
+        .await
+        .context("audit could not read the log")?;
     print!("{report}");
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

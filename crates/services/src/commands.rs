@@ -41,17 +41,29 @@ impl CommandService {
     pub async fn handle(&self, command: Command, cause: &Cause) -> Result<(), ServiceError> {
         match command {
             Command::PlaceOrder(cmd) => self.place(cmd, cause).await,
-            Command::CancelOrder(cmd) => self.on_order(cmd.order_id, cause, OrderInput::Cancel(cmd.clone())).await,
-            Command::ApproveOrder(cmd) => self.on_order(cmd.order_id, cause, OrderInput::Approve(cmd.clone())).await,
-            Command::RejectOrder(cmd) => self.on_order(cmd.order_id, cause, OrderInput::Reject(cmd.clone())).await,
+            Command::CancelOrder(cmd) => {
+                self.on_order(cmd.order_id, cause, OrderInput::Cancel(cmd.clone()))
+                    .await
+            }
+            Command::ApproveOrder(cmd) => {
+                self.on_order(cmd.order_id, cause, OrderInput::Approve(cmd.clone()))
+                    .await
+            }
+            Command::RejectOrder(cmd) => {
+                self.on_order(cmd.order_id, cause, OrderInput::Reject(cmd.clone()))
+                    .await
+            }
             Command::SetStock(cmd) => {
                 let input = StockInput::Set {
                     sku: cmd.sku.clone(),
                     quantity: cmd.quantity,
                 };
-                let decided = decide_on::<StockState, _>(&self.store, &streams::stock(&cmd.sku), cause, |s| {
-                    stock::decide(s, input.clone())
-                })
+                let decided = decide_on::<StockState, _>(
+                    &self.store,
+                    &streams::stock(&cmd.sku),
+                    cause,
+                    |s| stock::decide(s, input.clone()),
+                )
                 .await?;
                 log_decision("stock", &decided);
                 Ok(())
@@ -62,27 +74,35 @@ impl CommandService {
     async fn place(&self, cmd: PlaceOrder, cause: &Cause) -> Result<(), ServiceError> {
         let known = self.known_skus_of(&cmd).await?;
         let now = Utc::now();
-        let decided = decide_on::<OrderState, _>(&self.store, &streams::order(cmd.order_id), cause, |s| {
-            order::decide(
-                s,
-                OrderInput::Place {
-                    cmd: cmd.clone(),
-                    rules: &self.rules,
-                    known_skus: &known,
-                    now,
-                },
-            )
-        })
-        .await?;
+        let decided =
+            decide_on::<OrderState, _>(&self.store, &streams::order(cmd.order_id), cause, |s| {
+                order::decide(
+                    s,
+                    OrderInput::Place {
+                        cmd: cmd.clone(),
+                        rules: &self.rules,
+                        known_skus: &known,
+                        now,
+                    },
+                )
+            })
+            .await?;
         log_decision("order", &decided);
         Ok(())
     }
 
-    async fn on_order(&self, order_id: uuid::Uuid, cause: &Cause, input: OrderInput<'static>) -> Result<(), ServiceError> {
+    async fn on_order(
+        &self,
+        order_id: uuid::Uuid,
+        cause: &Cause,
+        input: OrderInput<'static>,
+    ) -> Result<(), ServiceError> {
         self.await_placement(order_id).await?;
         let decided =
-            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| order::decide(s, input.clone()))
-                .await?;
+            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| {
+                order::decide(s, input.clone())
+            })
+            .await?;
         log_decision("order", &decided);
         Ok(())
     }
@@ -93,7 +113,11 @@ impl CommandService {
     async fn await_placement(&self, order_id: uuid::Uuid) -> Result<(), ServiceError> {
         let stream = streams::order(order_id);
         for _ in 0..PLACEMENT_GRACE_CHECKS {
-            if self.store.stream_has_event_type(&stream, "OrderPlaced").await? {
+            if self
+                .store
+                .stream_has_event_type(&stream, "OrderPlaced")
+                .await?
+            {
                 return Ok(());
             }
             tokio::time::sleep(PLACEMENT_GRACE_STEP).await;
@@ -106,11 +130,21 @@ impl CommandService {
         let wanted: BTreeSet<String> = cmd.items.iter().map(|l| l.sku.clone()).collect();
         let mut known: BTreeSet<String> = {
             let cache = self.known_skus.read().unwrap_or_else(|p| p.into_inner());
-            wanted.iter().filter(|s| cache.contains(*s)).cloned().collect()
+            wanted
+                .iter()
+                .filter(|s| cache.contains(*s))
+                .cloned()
+                .collect()
         };
-        let missing: Vec<String> = wanted.difference(&known).map(|s| streams::stock(s)).collect();
+        let missing: Vec<String> = wanted
+            .difference(&known)
+            .map(|s| streams::stock(s))
+            .collect();
         if !missing.is_empty() {
-            let found = self.store.streams_with_event_type(&missing, "StockSet").await?;
+            let found = self
+                .store
+                .streams_with_event_type(&missing, "StockSet")
+                .await?;
             let found: Vec<String> = found
                 .iter()
                 .filter_map(|stream| stream.strip_prefix("stock-").map(str::to_owned))
@@ -126,7 +160,10 @@ impl CommandService {
 fn log_decision<S>(aggregate: &str, decided: &Decided<S>) {
     let types: Vec<&str> = decided.events().iter().map(|e| e.event_type()).collect();
     if types.is_empty() {
-        info!(aggregate, "command had no further effect (already handled or nothing to do)");
+        info!(
+            aggregate,
+            "command had no further effect (already handled or nothing to do)"
+        );
     } else {
         info!(aggregate, events = ?types, "command recorded");
     }
@@ -143,7 +180,9 @@ impl bus::Handler for CommandHandler {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(routing_key = %msg.routing_key, message_id = ?msg.message_id, error = %e, "dead-lettering an undecodable command");
-                    return Outcome::DeadLetter { reason: e.to_string() };
+                    return Outcome::DeadLetter {
+                        reason: e.to_string(),
+                    };
                 }
             };
             let cause = Cause::new(message_uuid(&msg), correlation_uuid(&msg), "commands");
@@ -154,7 +193,13 @@ impl bus::Handler for CommandHandler {
                 correlation_id = %cause.correlation_id,
                 order_id = ?command.order_id(),
             );
-            outcome(service.handle(command, &cause).instrument(span.clone()).await, &span)
+            outcome(
+                service
+                    .handle(command, &cause)
+                    .instrument(span.clone())
+                    .await,
+                &span,
+            )
         })
     }
 }

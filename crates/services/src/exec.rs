@@ -128,7 +128,9 @@ impl<S: Clone> StreamCache<S> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (S, Option<i64>)>> {
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -156,7 +158,9 @@ async fn fold_from<S: Evolve>(
     mut state: S,
     mut version: Option<i64>,
 ) -> Result<Loaded<S>, ServiceError> {
-    let records = store.read_stream(stream, version.map_or(0, |v| v + 1)).await?;
+    let records = store
+        .read_stream(stream, version.map_or(0, |v| v + 1))
+        .await?;
     for rec in &records {
         let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)
             .map_err(|e| ServiceError::CorruptStream {
@@ -181,11 +185,19 @@ where
     S: Evolve + Clone,
     F: Fn(&S) -> Vec<DomainEvent>,
 {
-    decide_with(store, stream, cause, decide, || load_cached(store, cache, stream)).await
+    decide_with(store, stream, cause, decide, || {
+        load_cached(store, cache, stream)
+    })
+    .await
 }
 
 /// Folds `stream`, asks `decide`, appends what it decided; retries on conflicts.
-pub async fn decide_on<S, F>(store: &EventStore, stream: &str, cause: &Cause, decide: F) -> Result<Decided<S>, ServiceError>
+pub async fn decide_on<S, F>(
+    store: &EventStore,
+    stream: &str,
+    cause: &Cause,
+    decide: F,
+) -> Result<Decided<S>, ServiceError>
 where
     S: Evolve,
     F: Fn(&S) -> Vec<DomainEvent>,
@@ -212,7 +224,10 @@ where
         if events.is_empty() {
             return Ok(Decided::Nothing { state });
         }
-        match store.append(stream, expected(version), cause.new_events(&events, 0)).await {
+        match store
+            .append(stream, expected(version), cause.new_events(&events, 0))
+            .await
+        {
             Ok(_) => {
                 for e in &events {
                     state.apply(e);
@@ -228,7 +243,9 @@ where
             Err(other) => return Err(other.into()),
         }
     }
-    Err(ServiceError::Contended { stream: stream.to_owned() })
+    Err(ServiceError::Contended {
+        stream: stream.to_owned(),
+    })
 }
 
 /// Appends to several streams atomically (each with its expected version).

@@ -50,7 +50,10 @@ pub enum GatewayError {
 /// What orderflow needs from a payment gateway. Every call carries an idempotency key.
 pub trait PaymentGateway: Send + Sync + 'static {
     /// Authorises and captures in one step.
-    fn capture(&self, request: CaptureRequest) -> BoxFuture<'_, Result<CaptureOutcome, GatewayError>>;
+    fn capture(
+        &self,
+        request: CaptureRequest,
+    ) -> BoxFuture<'_, Result<CaptureOutcome, GatewayError>>;
     fn refund(&self, request: RefundRequest) -> BoxFuture<'_, Result<Refunded, GatewayError>>;
 }
 
@@ -116,12 +119,12 @@ impl Simulator {
     }
 
     async fn recorded(&self, key: &str) -> Result<Option<(String, String)>, GatewayError> {
-        Ok(
-            sqlx::query_as("SELECT outcome, reference FROM gateway_ledger WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?,
+        Ok(sqlx::query_as(
+            "SELECT outcome, reference FROM gateway_ledger WHERE idempotency_key = $1",
         )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Records the outcome for the key, or returns the one recorded first.
@@ -165,9 +168,19 @@ impl Simulator {
             }
             TokenBehaviour::Hang => return std::future::pending().await,
         };
-        let amount = if outcome == "captured" { request.amount_cents } else { 0 };
+        let amount = if outcome == "captured" {
+            request.amount_cents
+        } else {
+            0
+        };
         let first = self
-            .record(&request.idempotency_key, "capture", outcome, &reference, amount)
+            .record(
+                &request.idempotency_key,
+                "capture",
+                outcome,
+                &reference,
+                amount,
+            )
             .await?;
         Ok(capture_outcome(first))
     }
@@ -179,7 +192,13 @@ impl Simulator {
         }
         let reference = format!("sim-refund-{}", uuid::Uuid::new_v4());
         let (_, reference) = self
-            .record(&request.idempotency_key, "refund", "refunded", &reference, -request.amount_cents)
+            .record(
+                &request.idempotency_key,
+                "refund",
+                "refunded",
+                &reference,
+                -request.amount_cents,
+            )
             .await?;
         Ok(Refunded { reference })
     }
@@ -194,7 +213,10 @@ fn capture_outcome((outcome, reference): (String, String)) -> CaptureOutcome {
 }
 
 impl PaymentGateway for Simulator {
-    fn capture(&self, request: CaptureRequest) -> BoxFuture<'_, Result<CaptureOutcome, GatewayError>> {
+    fn capture(
+        &self,
+        request: CaptureRequest,
+    ) -> BoxFuture<'_, Result<CaptureOutcome, GatewayError>> {
         Box::pin(self.capture_inner(request))
     }
 

@@ -29,11 +29,17 @@ impl Inventory {
         }
     }
 
-    async fn on_line(&self, cause: &Cause, sku: &str, input: StockInput) -> Result<(), ServiceError> {
-        let decided = decide_on_cached(&self.store, &self.cache, &streams::stock(sku), cause, |s| {
-            stock::decide(s, input.clone())
-        })
-        .await?;
+    async fn on_line(
+        &self,
+        cause: &Cause,
+        sku: &str,
+        input: StockInput,
+    ) -> Result<(), ServiceError> {
+        let decided =
+            decide_on_cached(&self.store, &self.cache, &streams::stock(sku), cause, |s| {
+                stock::decide(s, input.clone())
+            })
+            .await?;
         for e in decided.events() {
             info!(sku, event = e.event_type(), "stock moved");
         }
@@ -62,11 +68,13 @@ impl Inventory {
         let cause = Cause::new(env.event_id, env.correlation_id, "inventory");
         match &env.event {
             DomainEvent::OrderAccepted(e) => {
-                self.per_line(&cause, "reserve", e.order_id, &e.items, |line, l| StockInput::Reserve {
-                    sku: l.sku.clone(),
-                    order_id: e.order_id,
-                    line,
-                    quantity: l.quantity,
+                self.per_line(&cause, "reserve", e.order_id, &e.items, |line, l| {
+                    StockInput::Reserve {
+                        sku: l.sku.clone(),
+                        order_id: e.order_id,
+                        line,
+                        quantity: l.quantity,
+                    }
                 })
                 .await
             }
@@ -84,11 +92,18 @@ impl Inventory {
         }
     }
 
-    async fn commit(&self, cause: &Cause, order_id: Uuid, items: &[OrderLine]) -> Result<(), ServiceError> {
-        self.per_line(cause, "commit", order_id, items, |line, l| StockInput::Commit {
-            sku: l.sku.clone(),
-            order_id,
-            line,
+    async fn commit(
+        &self,
+        cause: &Cause,
+        order_id: Uuid,
+        items: &[OrderLine],
+    ) -> Result<(), ServiceError> {
+        self.per_line(cause, "commit", order_id, items, |line, l| {
+            StockInput::Commit {
+                sku: l.sku.clone(),
+                order_id,
+                line,
+            }
         })
         .await
     }

@@ -19,7 +19,8 @@ pub const HEADER_RECORDED_AT: &str = "x-recorded-at";
 /// else (or nothing) is mapped deterministically, so duplicates still dedupe.
 pub fn message_uuid(msg: &Incoming) -> Uuid {
     match msg.message_id.as_deref() {
-        Some(id) => Uuid::parse_str(id).unwrap_or_else(|_| Uuid::new_v5(&MESSAGE_ID_NAMESPACE, id.as_bytes())),
+        Some(id) => Uuid::parse_str(id)
+            .unwrap_or_else(|_| Uuid::new_v5(&MESSAGE_ID_NAMESPACE, id.as_bytes())),
         None => Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &msg.body),
     }
 }
@@ -34,7 +35,11 @@ pub fn correlation_uuid(msg: &Incoming) -> Uuid {
 
 /// The routing key an event is published with: `<category>.<EventType>`.
 pub fn event_routing_key(rec: &RecordedEvent) -> String {
-    format!("{}.{}", domain::streams::category(&rec.stream_name), rec.event_type)
+    format!(
+        "{}.{}",
+        domain::streams::category(&rec.stream_name),
+        rec.event_type
+    )
 }
 
 /// A committed event as the relay publishes it: the payload as body, the rest as
@@ -71,11 +76,21 @@ pub fn decode_event(msg: &Incoming) -> Result<EventEnvelope, String> {
         .map_err(|e| format!("bad {HEADER_SCHEMA_VERSION}: {e}"))?;
     let payload: serde_json::Value =
         serde_json::from_slice(&msg.body).map_err(|e| format!("event body is not JSON: {e}"))?;
-    let event = DomainEvent::decode(&event_type, schema_version, &payload).map_err(|e| e.to_string())?;
-    let header_i64 = |name: &str| msg.headers.get(name).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let event =
+        DomainEvent::decode(&event_type, schema_version, &payload).map_err(|e| e.to_string())?;
+    let header_i64 = |name: &str| {
+        msg.headers
+            .get(name)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
     Ok(EventEnvelope {
         event_id: message_uuid(msg),
-        stream_name: msg.headers.get(HEADER_STREAM_NAME).cloned().unwrap_or_default(),
+        stream_name: msg
+            .headers
+            .get(HEADER_STREAM_NAME)
+            .cloned()
+            .unwrap_or_default(),
         stream_version: header_i64(HEADER_STREAM_VERSION),
         global_position: header_i64(HEADER_GLOBAL_POSITION),
         recorded_at: msg

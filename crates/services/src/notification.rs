@@ -19,17 +19,55 @@ pub struct Notifications {
 pub fn notification_for(event: &DomainEvent) -> Option<(&'static str, String)> {
     use DomainEvent::*;
     Some(match event {
-        OrderPlaced(e) => ("placed", format!("We received your order {} ({} items).", e.order_id, e.item_count)),
-        OrderRejected(e) => ("rejected", format!("Your order {} could not be accepted: {}.", e.order_id, e.detail)),
-        OrderSentForReview(e) => ("under_review", format!("Your order {} is being reviewed.", e.order_id)),
-        OrderConfirmed(e) => ("confirmed", format!("Your order {} is confirmed.", e.order_id)),
-        OrderCompleted(e) => ("completed", format!("Your order {} is complete; your downloads are ready.", e.order_id)),
+        OrderPlaced(e) => (
+            "placed",
+            format!(
+                "We received your order {} ({} items).",
+                e.order_id, e.item_count
+            ),
+        ),
+        OrderRejected(e) => (
+            "rejected",
+            format!(
+                "Your order {} could not be accepted: {}.",
+                e.order_id, e.detail
+            ),
+        ),
+        OrderSentForReview(e) => (
+            "under_review",
+            format!("Your order {} is being reviewed.", e.order_id),
+        ),
+        OrderConfirmed(e) => (
+            "confirmed",
+            format!("Your order {} is confirmed.", e.order_id),
+        ),
+        OrderCompleted(e) => (
+            "completed",
+            format!(
+                "Your order {} is complete; your downloads are ready.",
+                e.order_id
+            ),
+        ),
         ShipmentShipped(e) => (
             "shipped",
-            format!("Your order {} is on its way ({} shipping).", e.order_id, e.shipping.method.as_str()),
+            format!(
+                "Your order {} is on its way ({} shipping).",
+                e.order_id,
+                e.shipping.method.as_str()
+            ),
         ),
-        ShipmentDelivered(e) => ("delivered", format!("Your order {} was delivered.", e.order_id)),
-        OrderCancelled(e) => ("cancelled", format!("Your order {} was cancelled: {}.", e.order_id, cancel_text(e.reason))),
+        ShipmentDelivered(e) => (
+            "delivered",
+            format!("Your order {} was delivered.", e.order_id),
+        ),
+        OrderCancelled(e) => (
+            "cancelled",
+            format!(
+                "Your order {} was cancelled: {}.",
+                e.order_id,
+                cancel_text(e.reason)
+            ),
+        ),
         _ => return None,
     })
 }
@@ -52,7 +90,9 @@ impl Notifications {
     }
 
     pub async fn react(&self, env: &EventEnvelope) -> Result<(), ServiceError> {
-        let (Some((kind, message)), Some(order_id)) = (notification_for(&env.event), env.event.order_id()) else {
+        let (Some((kind, message)), Some(order_id)) =
+            (notification_for(&env.event), env.event.order_id())
+        else {
             return Ok(());
         };
         let customer_id = self.customer_of(order_id, &env.event).await?;
@@ -71,7 +111,11 @@ impl Notifications {
         Ok(())
     }
 
-    async fn customer_of(&self, order_id: Uuid, event: &DomainEvent) -> Result<Option<String>, ServiceError> {
+    async fn customer_of(
+        &self,
+        order_id: Uuid,
+        event: &DomainEvent,
+    ) -> Result<Option<String>, ServiceError> {
         if let DomainEvent::OrderPlaced(e) = event {
             return Ok(Some(e.customer_id.clone()));
         }

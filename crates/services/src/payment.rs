@@ -40,10 +40,17 @@ impl Payments {
         }
     }
 
-    async fn decide(&self, order_id: Uuid, cause: &Cause, input: PaymentInput) -> Result<PaymentState, ServiceError> {
+    async fn decide(
+        &self,
+        order_id: Uuid,
+        cause: &Cause,
+        input: PaymentInput,
+    ) -> Result<PaymentState, ServiceError> {
         let decided =
-            decide_on::<PaymentState, _>(&self.store, &streams::payment(order_id), cause, |s| payment::decide(s, input.clone()))
-                .await?;
+            decide_on::<PaymentState, _>(&self.store, &streams::payment(order_id), cause, |s| {
+                payment::decide(s, input.clone())
+            })
+            .await?;
         for e in decided.events() {
             info!(%order_id, event = e.event_type(), "payment recorded");
         }
@@ -55,12 +62,19 @@ impl Payments {
         match &env.event {
             DomainEvent::OrderAccepted(e) => {
                 let input = PaymentInput::Request(e.clone(), Utc::now());
-                self.decide(e.order_id, &cause.for_handler("payment.request"), input).await?;
+                self.decide(e.order_id, &cause.for_handler("payment.request"), input)
+                    .await?;
                 self.settle(e.order_id, &cause).await
             }
             DomainEvent::OrderCancelled(e) => {
-                self.decide(e.order_id, &cause.for_handler("payment.cancel"), PaymentInput::OrderCancelled { order_id: e.order_id })
-                    .await?;
+                self.decide(
+                    e.order_id,
+                    &cause.for_handler("payment.cancel"),
+                    PaymentInput::OrderCancelled {
+                        order_id: e.order_id,
+                    },
+                )
+                .await?;
                 self.settle(e.order_id, &cause).await
             }
             _ => Ok(()),
@@ -72,7 +86,9 @@ impl Payments {
     pub async fn settle(&self, order_id: Uuid, cause: &Cause) -> Result<(), ServiceError> {
         let mut backoff = retry_schedule();
         loop {
-            let state = load::<PaymentState>(&self.store, &streams::payment(order_id)).await?.state;
+            let state = load::<PaymentState>(&self.store, &streams::payment(order_id))
+                .await?
+                .state;
             let Some(action) = payment::next_action(&state) else {
                 return Ok(());
             };
@@ -81,11 +97,24 @@ impl Payments {
                     amount_cents,
                     token,
                     idempotency_key,
-                } => self.capture(order_id, cause, &state, amount_cents, token, idempotency_key).await,
+                } => {
+                    self.capture(
+                        order_id,
+                        cause,
+                        &state,
+                        amount_cents,
+                        token,
+                        idempotency_key,
+                    )
+                    .await
+                }
                 GatewayAction::Refund {
                     amount_cents,
                     idempotency_key,
-                } => self.refund(order_id, cause, amount_cents, idempotency_key).await,
+                } => {
+                    self.refund(order_id, cause, amount_cents, idempotency_key)
+                        .await
+                }
             };
             match result {
                 Ok(()) => backoff.reset(),
@@ -112,7 +141,11 @@ impl Payments {
         token: String,
         idempotency_key: String,
     ) -> Result<(), ServiceError> {
-        let currency = state.requested.as_ref().map(|r| r.currency.clone()).unwrap_or_default();
+        let currency = state
+            .requested
+            .as_ref()
+            .map(|r| r.currency.clone())
+            .unwrap_or_default();
         let request = CaptureRequest {
             idempotency_key,
             token,
@@ -126,10 +159,18 @@ impl Payments {
             },
             CaptureOutcome::Declined { reason } => PaymentInput::Declined { reason },
         };
-        self.decide(order_id, &cause.for_handler("payment.capture"), input).await.map(|_| ())
+        self.decide(order_id, &cause.for_handler("payment.capture"), input)
+            .await
+            .map(|_| ())
     }
 
-    async fn refund(&self, order_id: Uuid, cause: &Cause, amount_cents: i64, idempotency_key: String) -> Result<(), ServiceError> {
+    async fn refund(
+        &self,
+        order_id: Uuid,
+        cause: &Cause,
+        amount_cents: i64,
+        idempotency_key: String,
+    ) -> Result<(), ServiceError> {
         let request = RefundRequest {
             idempotency_key,
             capture_key: payment::capture_key(order_id),
@@ -139,14 +180,23 @@ impl Payments {
         let input = PaymentInput::Refunded {
             gateway_reference: refunded.reference,
         };
-        self.decide(order_id, &cause.for_handler("payment.refund"), input).await.map(|_| ())
+        self.decide(order_id, &cause.for_handler("payment.refund"), input)
+            .await
+            .map(|_| ())
     }
 
     /// A gateway call with its timeout.
-    async fn call<T>(&self, call: BoxFuture<'_, Result<T, GatewayError>>) -> Result<T, ServiceError> {
+    async fn call<T>(
+        &self,
+        call: BoxFuture<'_, Result<T, GatewayError>>,
+    ) -> Result<T, ServiceError> {
         match tokio::time::timeout(self.call_timeout, call).await {
             Ok(result) => Ok(result?),
-            Err(_) => Err(GatewayError::Transient(format!("no answer within {:?}", self.call_timeout)).into()),
+            Err(_) => Err(GatewayError::Transient(format!(
+                "no answer within {:?}",
+                self.call_timeout
+            ))
+            .into()),
         }
     }
 }

@@ -25,7 +25,12 @@ const FALLBACK_POLL: Duration = Duration::from_millis(500);
 const RELAY_LOCK_KEY: i64 = 0x6f72_6465_7266_6c6f;
 
 /// Runs the relay until `shutdown` resolves.
-pub async fn run(store: EventStore, bus: Bus, database_url: String, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+pub async fn run(
+    store: EventStore,
+    bus: Bus,
+    database_url: String,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -73,7 +78,8 @@ pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceE
     let Some(last) = records.last().map(RecordedEvent::log_position) else {
         return Ok(0);
     };
-    bus.publish_many(records.iter().map(event_message).collect()).await?;
+    bus.publish_many(records.iter().map(event_message).collect())
+        .await?;
     let mut conn = store.pool().acquire().await?;
     store.save_checkpoint(&mut conn, CHECKPOINT, last).await?;
     debug!(count = records.len(), "relayed events");

@@ -2,7 +2,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use bus::topology::{INVENTORY_QUEUE, NOTIFICATION_QUEUE, ORDER_QUEUE, PAYMENT_QUEUE, SHIPPING_QUEUE};
+use bus::topology::{
+    INVENTORY_QUEUE, NOTIFICATION_QUEUE, ORDER_QUEUE, PAYMENT_QUEUE, SHIPPING_QUEUE,
+};
 use bus::{Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE};
 use domain::Rules;
 use eventstore::EventStore;
@@ -35,12 +37,23 @@ pub const ALL_WORKERS: [&str; 9] = [
     "notification",
 ];
 
-const BUS_WORKERS: [&str; 7] = ["relay", "commands", "order", "inventory", "payment", "shipping", "notification"];
+const BUS_WORKERS: [&str; 7] = [
+    "relay",
+    "commands",
+    "order",
+    "inventory",
+    "payment",
+    "shipping",
+    "notification",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot open the event log at {url}: {source}")]
-    Store { url: String, source: eventstore::StoreError },
+    Store {
+        url: String,
+        source: eventstore::StoreError,
+    },
     #[error("cannot reach RabbitMQ at {url}: {source}")]
     Bus { url: String, source: bus::BusError },
     #[error("unknown worker '{0}'")]
@@ -78,7 +91,11 @@ fn consume_options(worker: &str) -> ConsumeOptions {
 }
 
 /// Runs `workers` until `shutdown` resolves or one of them fails for good.
-pub async fn run(settings: Settings, workers: &[&str], shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    settings: Settings,
+    workers: &[&str],
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     if let Some(unknown) = workers.iter().find(|w| !ALL_WORKERS.contains(w)) {
         return Err(RunError::UnknownWorker((*unknown).to_owned()));
     }
@@ -89,10 +106,14 @@ pub async fn run(settings: Settings, workers: &[&str], shutdown: impl Future<Out
             source,
         })?;
     let bus = if workers.iter().any(|w| BUS_WORKERS.contains(w)) {
-        Some(Bus::connect(&settings.amqp_url).await.map_err(|source| RunError::Bus {
-            url: redact_url(&settings.amqp_url),
-            source,
-        })?)
+        Some(
+            Bus::connect(&settings.amqp_url)
+                .await
+                .map_err(|source| RunError::Bus {
+                    url: redact_url(&settings.amqp_url),
+                    source,
+                })?,
+        )
     } else {
         None
     };
@@ -100,7 +121,13 @@ pub async fn run(settings: Settings, workers: &[&str], shutdown: impl Future<Out
     let mut tasks = JoinSet::new();
     for worker in workers {
         let worker = (*worker).to_owned();
-        let fut = start(&worker, &settings, &store, bus.as_ref(), stopped(stop_rx.clone()));
+        let fut = start(
+            &worker,
+            &settings,
+            &store,
+            bus.as_ref(),
+            stopped(stop_rx.clone()),
+        );
         tasks.spawn(async move { (worker, fut.await) });
     }
     info!(workers = ?workers, "orderflow running");
@@ -143,24 +170,74 @@ fn start(
         let bus_or_err = || bus.clone().ok_or(ServiceError::NoBus);
         match worker.as_str() {
             "projector" => Ok(projector::run(store, projector::all_projections(), shutdown).await?),
-            "relay" => crate::relay::run(store, bus_or_err()?, settings.database_url.clone(), shutdown).await,
+            "relay" => {
+                crate::relay::run(
+                    store,
+                    bus_or_err()?,
+                    settings.database_url.clone(),
+                    shutdown,
+                )
+                .await
+            }
             "timers" => Scheduler::new(store).run(shutdown).await,
             "commands" => {
-                let handler = Arc::new(CommandHandler(Arc::new(CommandService::new(store, rules(&settings)))));
-                Ok(bus::consume(&bus_or_err()?, COMMAND_INTAKE_QUEUE, consume_options("commands"), handler, shutdown).await?)
+                let handler = Arc::new(CommandHandler(Arc::new(CommandService::new(
+                    store,
+                    rules(&settings),
+                ))));
+                Ok(bus::consume(
+                    &bus_or_err()?,
+                    COMMAND_INTAKE_QUEUE,
+                    consume_options("commands"),
+                    handler,
+                    shutdown,
+                )
+                .await?)
             }
-            "order" => consume_events(bus_or_err()?, ORDER_QUEUE, OrderSaga::new(store), shutdown).await,
-            "inventory" => consume_events(bus_or_err()?, INVENTORY_QUEUE, Inventory::new(store), shutdown).await,
+            "order" => {
+                consume_events(bus_or_err()?, ORDER_QUEUE, OrderSaga::new(store), shutdown).await
+            }
+            "inventory" => {
+                consume_events(
+                    bus_or_err()?,
+                    INVENTORY_QUEUE,
+                    Inventory::new(store),
+                    shutdown,
+                )
+                .await
+            }
             "payment" => {
                 let gateway = Arc::new(Simulator::new(
                     store.pool().clone(),
                     settings.gateway_latency,
                     settings.gateway_failure_rate,
                 ));
-                consume_events(bus_or_err()?, PAYMENT_QUEUE, Payments::new(store, gateway), shutdown).await
+                consume_events(
+                    bus_or_err()?,
+                    PAYMENT_QUEUE,
+                    Payments::new(store, gateway),
+                    shutdown,
+                )
+                .await
             }
-            "shipping" => consume_events(bus_or_err()?, SHIPPING_QUEUE, Shipping::new(store), shutdown).await,
-            "notification" => consume_events(bus_or_err()?, NOTIFICATION_QUEUE, Notifications::new(store), shutdown).await,
+            "shipping" => {
+                consume_events(
+                    bus_or_err()?,
+                    SHIPPING_QUEUE,
+                    Shipping::new(store),
+                    shutdown,
+                )
+                .await
+            }
+            "notification" => {
+                consume_events(
+                    bus_or_err()?,
+                    NOTIFICATION_QUEUE,
+                    Notifications::new(store),
+                    shutdown,
+                )
+                .await
+            }
             _ => Ok(()),
         }
     })

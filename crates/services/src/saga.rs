@@ -37,8 +37,10 @@ impl OrderSaga {
         };
         let cause = Cause::new(env.event_id, env.correlation_id, "order");
         let decided =
-            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), &cause, |s| order::decide(s, input.clone()))
-                .await?;
+            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), &cause, |s| {
+                order::decide(s, input.clone())
+            })
+            .await?;
         let types: Vec<&str> = decided.events().iter().map(|e| e.event_type()).collect();
         if !types.is_empty() {
             info!(%order_id, events = ?types, "order saga moved on");

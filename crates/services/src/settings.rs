@@ -71,18 +71,26 @@ impl Settings {
     /// Reads settings through `lookup` (the environment, or a map in tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, SettingsError> {
         let defaults = Settings::default();
-        let get = |name: &'static str| lookup(name).filter(|v| !v.trim().is_empty()).map(|v| (name, v));
+        let get = |name: &'static str| {
+            lookup(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (name, v))
+        };
         Ok(Settings {
             database_url: get("DATABASE_URL").map_or(defaults.database_url, |(_, v)| v),
             amqp_url: get("AMQP_URL").map_or(defaults.amqp_url, |(_, v)| v),
             review_threshold_cents: get("ORDERFLOW_REVIEW_THRESHOLD_CENTS")
                 .map_or(Ok(defaults.review_threshold_cents), parse_cents)?,
-            payment_timeout: get("ORDERFLOW_PAYMENT_TIMEOUT").map_or(Ok(defaults.payment_timeout), parse_duration)?,
-            review_timeout: get("ORDERFLOW_REVIEW_TIMEOUT").map_or(Ok(defaults.review_timeout), parse_duration)?,
-            delivery_delay: get("ORDERFLOW_DELIVERY_DELAY").map_or(Ok(defaults.delivery_delay), parse_duration)?,
+            payment_timeout: get("ORDERFLOW_PAYMENT_TIMEOUT")
+                .map_or(Ok(defaults.payment_timeout), parse_duration)?,
+            review_timeout: get("ORDERFLOW_REVIEW_TIMEOUT")
+                .map_or(Ok(defaults.review_timeout), parse_duration)?,
+            delivery_delay: get("ORDERFLOW_DELIVERY_DELAY")
+                .map_or(Ok(defaults.delivery_delay), parse_duration)?,
             express_delivery_delay: get("ORDERFLOW_EXPRESS_DELIVERY_DELAY")
                 .map_or(Ok(defaults.express_delivery_delay), parse_duration)?,
-            gateway_latency: get("ORDERFLOW_GATEWAY_LATENCY").map_or(Ok(defaults.gateway_latency), parse_duration)?,
+            gateway_latency: get("ORDERFLOW_GATEWAY_LATENCY")
+                .map_or(Ok(defaults.gateway_latency), parse_duration)?,
             gateway_failure_rate: get("ORDERFLOW_GATEWAY_FAILURE_RATE")
                 .map_or(Ok(defaults.gateway_failure_rate), parse_rate)?,
             currency: get("ORDERFLOW_CURRENCY").map_or(Ok(defaults.currency), parse_currency)?,
@@ -99,15 +107,24 @@ fn invalid(name: &'static str, value: &str, reason: impl Into<String>) -> Settin
 }
 
 fn parse_duration((name, value): (&'static str, String)) -> Result<Duration, SettingsError> {
-    humantime::parse_duration(value.trim())
-        .map_err(|e| invalid(name, &value, format!("{e} (write durations like 0s, 500ms, 30s, 5m, 24h)")))
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        invalid(
+            name,
+            &value,
+            format!("{e} (write durations like 0s, 500ms, 30s, 5m, 24h)"),
+        )
+    })
 }
 
 fn parse_cents((name, value): (&'static str, String)) -> Result<i64, SettingsError> {
     match value.trim().parse::<i64>() {
         Ok(cents) if cents >= 0 => Ok(cents),
         Ok(_) => Err(invalid(name, &value, "must not be negative")),
-        Err(e) => Err(invalid(name, &value, format!("{e} (an integer amount in cents)"))),
+        Err(e) => Err(invalid(
+            name,
+            &value,
+            format!("{e} (an integer amount in cents)"),
+        )),
     }
 }
 
@@ -124,7 +141,11 @@ fn parse_currency((name, value): (&'static str, String)) -> Result<String, Setti
     if code.len() == 3 && code.chars().all(|c| c.is_ascii_uppercase()) {
         Ok(code.to_owned())
     } else {
-        Err(invalid(name, &value, "must be a three-letter upper-case currency code such as EUR"))
+        Err(invalid(
+            name,
+            &value,
+            "must be a three-letter upper-case currency code such as EUR",
+        ))
     }
 }
 
@@ -133,12 +154,18 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
     let Some((userinfo, host)) = authority.rsplit_once('@') else {
         return url.to_owned();
     };
     let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-    let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+    let masked = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        user.to_owned()
+    };
     match path {
         Some(p) => format!("{scheme}://{masked}@{host}/{p}"),
         None => format!("{scheme}://{masked}@{host}"),
@@ -151,7 +178,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn with(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -183,15 +213,30 @@ mod tests {
         let err = with(&[("ORDERFLOW_PAYMENT_TIMEOUT", "soon")]).expect_err("invalid");
         assert_eq!(err.name, "ORDERFLOW_PAYMENT_TIMEOUT");
         assert!(err.to_string().contains("ORDERFLOW_PAYMENT_TIMEOUT"));
-        assert_eq!(with(&[("ORDERFLOW_GATEWAY_FAILURE_RATE", "1.5")]).map_err(|e| e.name), Err("ORDERFLOW_GATEWAY_FAILURE_RATE"));
-        assert_eq!(with(&[("ORDERFLOW_REVIEW_THRESHOLD_CENTS", "12.5")]).map_err(|e| e.name), Err("ORDERFLOW_REVIEW_THRESHOLD_CENTS"));
-        assert_eq!(with(&[("ORDERFLOW_CURRENCY", "euro")]).map_err(|e| e.name), Err("ORDERFLOW_CURRENCY"));
+        assert_eq!(
+            with(&[("ORDERFLOW_GATEWAY_FAILURE_RATE", "1.5")]).map_err(|e| e.name),
+            Err("ORDERFLOW_GATEWAY_FAILURE_RATE")
+        );
+        assert_eq!(
+            with(&[("ORDERFLOW_REVIEW_THRESHOLD_CENTS", "12.5")]).map_err(|e| e.name),
+            Err("ORDERFLOW_REVIEW_THRESHOLD_CENTS")
+        );
+        assert_eq!(
+            with(&[("ORDERFLOW_CURRENCY", "euro")]).map_err(|e| e.name),
+            Err("ORDERFLOW_CURRENCY")
+        );
     }
 
     #[test]
     fn passwords_never_print() {
-        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
-        assert_eq!(redact_url("postgres://postgres@127.0.0.1/db"), "postgres://postgres@127.0.0.1/db");
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/db"),
+            "postgres://postgres@127.0.0.1/db"
+        );
         let s = with(&[("DATABASE_URL", "postgres://u:hunter2@h/db")]).expect("valid");
         assert!(!format!("{s:?}").contains("hunter2"));
     }

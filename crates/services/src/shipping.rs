@@ -6,7 +6,10 @@
 //! versions: a cancellation racing with shipping either lands first (nothing ships) or
 //! finds the order shipped (and is refused).
 use chrono::Utc;
-use domain::{order, shipment, streams, DomainEvent, EventEnvelope, OrderInput, OrderState, ShipmentInput, ShipmentState};
+use domain::{
+    order, shipment, streams, DomainEvent, EventEnvelope, OrderInput, OrderState, ShipmentInput,
+    ShipmentState,
+};
 use eventstore::EventStore;
 use futures::future::BoxFuture;
 use tracing::info;
@@ -53,7 +56,11 @@ impl Shipping {
             }
             let parts = vec![
                 (order_stream.clone(), order_loaded.version, order_events),
-                (shipment_stream.clone(), shipment_loaded.version, shipment_events),
+                (
+                    shipment_stream.clone(),
+                    shipment_loaded.version,
+                    shipment_events,
+                ),
             ];
             match append_together(&self.store, &cause, parts).await {
                 Ok(_) => {
@@ -64,7 +71,9 @@ impl Shipping {
                 Err(other) => return Err(other),
             }
         }
-        Err(ServiceError::Contended { stream: order_stream })
+        Err(ServiceError::Contended {
+            stream: order_stream,
+        })
     }
 }
 

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::{order, payment, shipment, streams, OrderInput, OrderState, PaymentInput, PaymentState, ShipmentInput, ShipmentState};
+use domain::{
+    order, payment, shipment, streams, OrderInput, OrderState, PaymentInput, PaymentState,
+    ShipmentInput, ShipmentState,
+};
 use eventstore::EventStore;
 use projector::timers::{DELIVERY, PAYMENT_TIMEOUT, REVIEW_EXPIRY};
 use tracing::{info, warn};
@@ -61,7 +64,11 @@ impl Scheduler {
     }
 
     async fn fire(&self, timer: &DueTimer) -> Result<(), ServiceError> {
-        let cause = Cause::new(timer.timer_id, timer.timer_id, format!("timer.{}", timer.kind));
+        let cause = Cause::new(
+            timer.timer_id,
+            timer.timer_id,
+            format!("timer.{}", timer.kind),
+        );
         let order_id = timer.order_id;
         let appended = match timer.kind.as_str() {
             REVIEW_EXPIRY => {
@@ -73,15 +80,21 @@ impl Scheduler {
                 .events()
                 .len()
             }
-            PAYMENT_TIMEOUT => decide_on::<PaymentState, _>(&self.store, &streams::payment(order_id), &cause, |s| {
-                payment::decide(s, PaymentInput::TimedOut)
-            })
+            PAYMENT_TIMEOUT => decide_on::<PaymentState, _>(
+                &self.store,
+                &streams::payment(order_id),
+                &cause,
+                |s| payment::decide(s, PaymentInput::TimedOut),
+            )
             .await?
             .events()
             .len(),
-            DELIVERY => decide_on::<ShipmentState, _>(&self.store, &streams::shipment(order_id), &cause, |s| {
-                shipment::decide(s, ShipmentInput::Deliver)
-            })
+            DELIVERY => decide_on::<ShipmentState, _>(
+                &self.store,
+                &streams::shipment(order_id),
+                &cause,
+                |s| shipment::decide(s, ShipmentInput::Deliver),
+            )
             .await?
             .events()
             .len(),
@@ -105,7 +118,10 @@ impl Scheduler {
     }
 
     /// Fires timers until `shutdown` resolves.
-    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServiceError> {
         tokio::pin!(shutdown);
         let mut wakeups = self.store.follow().await?;
         loop {

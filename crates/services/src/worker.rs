@@ -47,11 +47,15 @@ pub fn outcome(result: Result<(), ServiceError>, span: &tracing::Span) -> Outcom
         Ok(()) => Outcome::Ack,
         Err(error) if error.is_transient() => {
             span.in_scope(|| warn!(%error, "handling failed; will retry"));
-            Outcome::Retry { reason: error.to_string() }
+            Outcome::Retry {
+                reason: error.to_string(),
+            }
         }
         Err(error) => {
             span.in_scope(|| warn!(%error, "handling can never succeed; dead-lettering"));
-            Outcome::DeadLetter { reason: error.to_string() }
+            Outcome::DeadLetter {
+                reason: error.to_string(),
+            }
         }
     }
 }

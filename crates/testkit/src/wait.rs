@@ -3,7 +3,11 @@ use std::time::{Duration, Instant};
 
 /// Polls `check` until it returns `Some`, failing with `what` after `deadline`.
 /// Tests wait on conditions, never on sleeps.
-pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> anyhow::Result<T>
+pub async fn wait_until<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
