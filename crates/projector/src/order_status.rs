@@ -159,3 +159,207 @@ async fn upsert(conn: &mut PgConnection, rows: &[&OrderStatusRow]) -> Result<(),
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use domain::commands::OrderLine;
+    use domain::events::{
+        CancelReason, OrderCancelled, OrderCommandRefused, OrderConfirmed, OrderPlaced,
+        OrderShipped, ShipmentDelivered, WorkflowPlan,
+    };
+
+    const ORDER: Uuid = Uuid::from_u128(0xA11CE);
+
+    fn at(second: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2025, 1, 1, 12, 0, second)
+            .single()
+            .unwrap_or_default()
+    }
+
+    fn env(position: i64, event: DomainEvent) -> EventEnvelope {
+        EventEnvelope {
+            event_id: Uuid::from_u128(position as u128),
+            stream_name: format!("order-{ORDER}"),
+            stream_version: position,
+            global_position: position,
+            recorded_at: at(u32::try_from(position).unwrap_or(0)),
+            correlation_id: Uuid::nil(),
+            causation_id: Uuid::nil(),
+            event,
+        }
+    }
+
+    fn placed(order_id: Uuid, customer: &str) -> DomainEvent {
+        DomainEvent::OrderPlaced(OrderPlaced {
+            order_id,
+            customer_id: customer.to_owned(),
+            currency: "EUR".to_owned(),
+            items: vec![
+                OrderLine {
+                    sku: "A".into(),
+                    quantity: 2,
+                    unit_price_cents: 100,
+                },
+                OrderLine {
+                    sku: "B".into(),
+                    quantity: 1,
+                    unit_price_cents: 50,
+                },
+            ],
+            payment_token: "tok_ok".to_owned(),
+            shipping: None,
+            total_cents: 250,
+            item_count: 3,
+            plan: WorkflowPlan {
+                workflow_version: 1,
+                review: false,
+                ship: false,
+                review_timeout_ms: 0,
+                payment_timeout_ms: 0,
+                delivery_delay_ms: 0,
+            },
+        })
+    }
+
+    fn confirmed(order_id: Uuid) -> DomainEvent {
+        DomainEvent::OrderConfirmed(OrderConfirmed {
+            order_id,
+            items: vec![],
+            shipping: None,
+            delivery_delay_ms: 0,
+        })
+    }
+
+    fn cancelled(order_id: Uuid, reason: CancelReason) -> DomainEvent {
+        DomainEvent::OrderCancelled(OrderCancelled {
+            order_id,
+            reason,
+            detail: String::new(),
+            by: None,
+        })
+    }
+
+    fn fold(events: &[EventEnvelope]) -> Option<OrderStatusRow> {
+        events
+            .iter()
+            .fold(None, |row, e| apply(row.as_ref(), e).or(row))
+    }
+
+    #[test]
+    fn order_placed_creates_a_pending_row_from_the_event() {
+        let row = apply(None, &env(1, placed(ORDER, "c-1")));
+        assert_eq!(
+            row,
+            Some(OrderStatusRow {
+                order_id: ORDER,
+                customer_id: "c-1".into(),
+                status: "pending".into(),
+                cancel_reason: None,
+                total_cents: 250,
+                currency: "EUR".into(),
+                item_count: 3,
+                placed_at: at(1),
+                updated_at: at(1),
+                last_global_position: 1,
+            })
+        );
+    }
+
+    #[test]
+    fn order_placed_twice_does_not_reset_the_row() {
+        let first = fold(&[env(1, placed(ORDER, "c-1")), env(2, confirmed(ORDER))]);
+        let row = first.clone().unwrap_or_else(|| panic!("no row"));
+        assert_eq!(
+            apply(Some(&row), &env(3, placed(ORDER, "someone else"))),
+            None
+        );
+        assert_eq!(
+            fold(&[
+                env(1, placed(ORDER, "c-1")),
+                env(2, confirmed(ORDER)),
+                env(3, placed(ORDER, "x"))
+            ]),
+            first
+        );
+    }
+
+    #[test]
+    fn events_for_an_order_without_a_row_change_nothing() {
+        assert_eq!(apply(None, &env(1, confirmed(ORDER))), None);
+        assert_eq!(
+            apply(None, &env(1, cancelled(ORDER, CancelReason::OutOfStock))),
+            None
+        );
+        assert_eq!(
+            apply(
+                None,
+                &env(
+                    1,
+                    DomainEvent::ShipmentDelivered(ShipmentDelivered { order_id: ORDER })
+                )
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn events_the_read_model_does_not_show_leave_the_row_untouched() {
+        let row = fold(&[env(1, placed(ORDER, "c-1"))]).unwrap_or_else(|| panic!("no row"));
+        let refused = DomainEvent::OrderCommandRefused(OrderCommandRefused {
+            order_id: ORDER,
+            command: "order.approve".into(),
+            reason: "not under review".into(),
+        });
+        assert_eq!(apply(Some(&row), &env(2, refused)), None);
+        // the order stream's OrderShipped is shown through the shipment's ShipmentShipped
+        assert_eq!(
+            apply(
+                Some(&row),
+                &env(
+                    3,
+                    DomainEvent::OrderShipped(OrderShipped { order_id: ORDER })
+                )
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_cancellation_sets_status_reason_and_the_update_columns_only() {
+        let row = fold(&[
+            env(1, placed(ORDER, "c-1")),
+            env(4, confirmed(ORDER)),
+            env(9, cancelled(ORDER, CancelReason::CustomerCancelled)),
+        ])
+        .unwrap_or_else(|| panic!("no row"));
+        assert_eq!(row.status, "cancelled");
+        assert_eq!(row.cancel_reason.as_deref(), Some("customer_cancelled"));
+        assert_eq!(
+            (row.placed_at, row.updated_at, row.last_global_position),
+            (at(1), at(9), 9)
+        );
+        assert_eq!(
+            (row.item_count, row.total_cents, row.customer_id.as_str()),
+            (3, 250, "c-1")
+        );
+    }
+
+    #[test]
+    fn delivery_clears_nothing_but_moves_status() {
+        let row = fold(&[
+            env(1, placed(ORDER, "c-1")),
+            env(2, confirmed(ORDER)),
+            env(
+                3,
+                DomainEvent::ShipmentDelivered(ShipmentDelivered { order_id: ORDER }),
+            ),
+        ])
+        .unwrap_or_else(|| panic!("no row"));
+        assert_eq!(
+            (row.status.as_str(), row.cancel_reason),
+            ("delivered", None)
+        );
+    }
+}

@@ -1,0 +1,148 @@
+use domain::commands::CancelOrder;
+use domain::OrderInput;
+use projector::ProjectorError;
+use testkit::TestDb;
+use uuid::Uuid;
+
+use crate::support::*;
+
+/// Several orders in different states, and stock.
+async fn mixed_log(store: &eventstore::EventStore) -> anyhow::Result<()> {
+    set_stock(store, "A", 50).await?;
+    set_stock(store, "B", 5).await?;
+    let mut delivered = OrderScript::new(store);
+    delivered
+        .place(vec![line("A", 2, 700), line("B", 1, 50)], true)
+        .await?;
+    delivered.reserve_all().await?;
+    delivered.capture(1_450).await?;
+    delivered.ship(chrono::Utc::now()).await?;
+    delivered.deliver().await?;
+
+    let mut cancelled = OrderScript::new(store);
+    cancelled.place(vec![line("A", 1, 100)], true).await?;
+    cancelled
+        .order(OrderInput::Cancel(CancelOrder {
+            order_id: cancelled.order_id,
+            reason: "no".to_owned(),
+        }))
+        .await?;
+
+    let mut pending = OrderScript::new(store);
+    pending.place(vec![line("A", 3, 100)], false).await?;
+    pending.capture(300).await?;
+
+    let mut review = OrderScript::new(store);
+    review.place(vec![line("B", 1, 250_000)], true).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_gives_the_rows_incremental_projection_gives() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    mixed_log(store).await?;
+    catch_up_all(store).await?;
+    let live = all_rows(store).await?;
+    assert_eq!(live.0.len(), 4);
+    assert!(!live.2.is_empty(), "the log leaves timers to compare");
+
+    let total = store.count().await?;
+    for projection in projector::all_projections() {
+        let mut progress = Vec::new();
+        let applied = projector::replay(store, projection.as_ref(), |n| progress.push(n)).await?;
+        assert_eq!(i64::try_from(applied)?, total, "{}", projection.name());
+        assert_eq!(progress.last().copied(), Some(applied));
+    }
+    assert_eq!(all_rows(store).await?, live);
+
+    // the replay left the checkpoint at the end: nothing is applied a second time
+    for projection in projector::all_projections() {
+        assert_eq!(projector::run_once(store, projection.as_ref()).await?, 0);
+        assert_eq!(behind(store, projection.as_ref()).await?, 0);
+    }
+    assert_eq!(all_rows(store).await?, live);
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_over_existing_rows_replaces_them() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    mixed_log(store).await?;
+    catch_up_all(store).await?;
+    let live = all_rows(store).await?;
+
+    // damage every read model: changed rows, and rows the log knows nothing of
+    sqlx::query("UPDATE order_status SET status = 'bogus', item_count = 99")
+        .execute(db.pool())
+        .await?;
+    sqlx::query(
+        "INSERT INTO order_status (order_id, customer_id, status, total_cents, currency, item_count,
+                                   placed_at, updated_at, last_global_position)
+         VALUES ($1, 'ghost', 'pending', 1, 'EUR', 1, now(), now(), 1)",
+    )
+    .bind(Uuid::new_v4())
+    .execute(db.pool())
+    .await?;
+    sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1000")
+        .execute(db.pool())
+        .await?;
+    sqlx::query("INSERT INTO stock_levels (sku, on_hand, reserved) VALUES ('ghost', 1, 1)")
+        .execute(db.pool())
+        .await?;
+    sqlx::query("DELETE FROM timers").execute(db.pool()).await?;
+    sqlx::query(
+        "INSERT INTO timers (timer_id, kind, order_id, due_at, scheduled_at)
+         VALUES ($1, 'delivery', $2, now(), now())",
+    )
+    .bind(Uuid::new_v4())
+    .bind(Uuid::new_v4())
+    .execute(db.pool())
+    .await?;
+    assert_ne!(all_rows(store).await?, live);
+
+    replay_all(store).await?;
+    assert_eq!(all_rows(store).await?, live);
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_of_an_empty_log_empties_the_read_models() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    sqlx::query("INSERT INTO stock_levels (sku, on_hand, reserved) VALUES ('ghost', 1, 1)")
+        .execute(db.pool())
+        .await?;
+    let applied = projector::replay(
+        store,
+        &projector::stock_levels::StockLevelsProjection,
+        |_| {},
+    )
+    .await?;
+    assert_eq!(applied, 0);
+    assert!(stock_rows(store).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unknown_projection_name_is_an_error_naming_the_known_ones() -> anyhow::Result<()> {
+    let known: Vec<&str> = projector::all_projections()
+        .iter()
+        .map(|p| p.name())
+        .collect();
+    assert_eq!(known, ["order_status", "stock_levels", "timers"]);
+    for name in known {
+        assert_eq!(projector::by_name(name).map(|p| p.name()).ok(), Some(name));
+    }
+    match projector::by_name("orders") {
+        Err(e @ ProjectorError::UnknownProjection(_)) => {
+            let message = e.to_string();
+            assert!(message.contains("'orders'"), "{message}");
+            assert!(message.contains("order_status"), "{message}");
+        }
+        Err(other) => anyhow::bail!("unexpected error {other}"),
+        Ok(p) => anyhow::bail!("'orders' resolved to {}", p.name()),
+    }
+    Ok(())
+}
