@@ -2,6 +2,7 @@
 //! the domain, plus the relay (log → RabbitMQ), the timer scheduler and the runtime
 //! that starts them.
 pub mod audit;
+pub mod breaker;
 pub mod commands;
 mod error;
 pub mod exec;

@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::breaker::{gateway_breaker, CircuitState, GatewayBreaker, StateLog};
 use crate::exec::{decide_on, load, Cause};
 use crate::gateway::{CaptureOutcome, CaptureRequest, GatewayError, PaymentGateway, RefundRequest};
 use crate::worker::EventService;
@@ -29,15 +30,25 @@ pub struct Payments {
     store: EventStore,
     gateway: Arc<dyn PaymentGateway>,
     call_timeout: Duration,
+    breaker: GatewayBreaker,
+    circuit: StateLog,
 }
 
 impl Payments {
     pub fn new(store: EventStore, gateway: Arc<dyn PaymentGateway>) -> Payments {
+        let (breaker, circuit) = gateway_breaker();
         Payments {
             store,
             gateway,
             call_timeout: GATEWAY_CALL_TIMEOUT,
+            breaker,
+            circuit,
         }
+    }
+
+    /// The gateway circuit's state, as last seen.
+    pub fn circuit_state(&self) -> CircuitState {
+        self.circuit.state()
     }
 
     async fn decide(
@@ -185,19 +196,29 @@ impl Payments {
             .map(|_| ())
     }
 
-    /// A gateway call with its timeout.
+    /// A gateway call through the circuit breaker, with its timeout. Declines are
+    /// answers, so they count as successes; failures and timeouts count against it.
     async fn call<T>(
         &self,
         call: BoxFuture<'_, Result<T, GatewayError>>,
     ) -> Result<T, ServiceError> {
-        match tokio::time::timeout(self.call_timeout, call).await {
-            Ok(result) => Ok(result?),
+        if !self.breaker.is_call_permitted() {
+            return Err(GatewayError::Transient("the gateway circuit is open".into()).into());
+        }
+        let result = match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(result) => result,
             Err(_) => Err(GatewayError::Transient(format!(
                 "no answer within {:?}",
                 self.call_timeout
-            ))
-            .into()),
+            ))),
+        };
+        match &result {
+            Ok(_) => self.breaker.on_success(),
+            Err(GatewayError::Transient(_)) => self.breaker.on_error(),
+            // Our own storage failing says nothing about the gateway.
+            Err(GatewayError::Storage(_)) => {}
         }
+        Ok(result?)
     }
 }
 
