@@ -1,0 +1,14 @@
+//! End-to-end tests: each starts the built `orderflow run` on a database and a vhost of
+//! its own, publishes commands with raw AMQP as any client would, and checks the
+//! contract (sections 2, 3 and 5) through SQL on the read models and the log.
+
+mod harness;
+
+mod cancellation;
+mod compensation;
+mod concurrency;
+mod fulfilment;
+mod intake;
+mod refusals;
+mod restart;
+mod review;
