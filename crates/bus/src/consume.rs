@@ -16,7 +16,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::hash::{Hash, Hasher};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::message::{headers, short};
@@ -29,6 +31,12 @@ use crate::{Bus, BusError, Incoming, Outcome};
 /// a lost connection (`Incoming::redelivered` hints at it).
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome>;
+
+    /// Messages with the same key are handled one after another, in delivery order;
+    /// messages with different keys (or none) run concurrently. The default: no key.
+    fn ordering_key(&self, _msg: &Incoming) -> Option<String> {
+        None
+    }
 }
 
 /// How [`consume`] runs.
@@ -109,6 +117,7 @@ pub async fn consume(
     let permits = options.validate()?;
     let queue_name = short("queue", queue)?;
     let semaphore = Arc::new(Semaphore::new(permits as usize));
+    let lanes = Lanes::start(permits as usize, bus, &handler, &options);
     let mut reconnect = crate::connection::reconnect_schedule(Duration::MAX);
     reconnect.max_elapsed_time = None;
     tokio::pin!(shutdown);
@@ -168,16 +177,23 @@ pub async fn consume(
                         routing_key = delivery.routing_key.as_str(),
                         redelivered = delivery.redelivered,
                     );
-                    tokio::spawn(
-                        process(
-                            bus.clone(),
-                            handler.clone(),
-                            delivery,
-                            options.clone(),
-                            permit,
-                        )
-                        .instrument(span),
-                    );
+                    let incoming = Incoming::from_delivery(&delivery);
+                    let job = Job {
+                        delivery,
+                        incoming,
+                        permit,
+                        span,
+                    };
+                    match handler.ordering_key(&job.incoming) {
+                        Some(key) => lanes.push(&key, job),
+                        None => {
+                            let span = job.span.clone();
+                            tokio::spawn(
+                                process(bus.clone(), handler.clone(), job, options.clone())
+                                    .instrument(span),
+                            );
+                        }
+                    }
                 }
                 Some(Err(err)) => {
                     warn!(queue, error = %err, "consumer failed; reconnecting");
@@ -253,6 +269,59 @@ async fn drain(semaphore: &Semaphore, permits: u32, grace: Duration, queue: &str
     }
 }
 
+/// One delivery on its way to the handler, holding its concurrency permit.
+struct Job {
+    delivery: Delivery,
+    incoming: Incoming,
+    permit: OwnedSemaphorePermit,
+    span: tracing::Span,
+}
+
+/// Sequential lanes for keyed messages: a key always maps to the same lane, and a lane
+/// handles its jobs one after another in the order they were delivered.
+struct Lanes {
+    senders: Vec<mpsc::UnboundedSender<Job>>,
+}
+
+impl Lanes {
+    fn start(
+        count: usize,
+        bus: &Bus,
+        handler: &Arc<dyn Handler>,
+        options: &ConsumeOptions,
+    ) -> Lanes {
+        let senders = (0..count.max(1))
+            .map(|_| {
+                let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+                let (bus, handler, options) = (bus.clone(), handler.clone(), options.clone());
+                tokio::spawn(async move {
+                    while let Some(job) = rx.recv().await {
+                        let span = job.span.clone();
+                        process(bus.clone(), handler.clone(), job, options.clone())
+                            .instrument(span)
+                            .await;
+                    }
+                });
+                tx
+            })
+            .collect();
+        Lanes { senders }
+    }
+
+    /// Queues the job on its key's lane. The number of queued jobs is bounded by the
+    /// permits they hold.
+    fn push(&self, key: &str, job: Job) {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let lane = (hasher.finish() % self.senders.len() as u64) as usize;
+        if let Some(tx) = self.senders.get(lane) {
+            // A closed lane (only at shutdown) drops the job unacked: the broker
+            // redelivers it.
+            let _ = tx.send(job).is_ok();
+        }
+    }
+}
+
 /// What finally becomes of one delivery.
 enum Verdict {
     Ack,
@@ -261,14 +330,13 @@ enum Verdict {
 
 /// Runs the handler (retrying as asked), then acks or dead-letters. Holds its
 /// semaphore permit until the delivery is settled.
-async fn process(
-    bus: Bus,
-    handler: Arc<dyn Handler>,
-    delivery: Delivery,
-    options: ConsumeOptions,
-    _permit: OwnedSemaphorePermit,
-) {
-    let incoming = Incoming::from_delivery(&delivery);
+async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: ConsumeOptions) {
+    let Job {
+        delivery,
+        incoming,
+        permit: _permit,
+        span: _,
+    } = job;
     let verdict = run_handler(&handler, &incoming, &options).await;
     match verdict {
         Verdict::Ack => ack(&delivery).await,

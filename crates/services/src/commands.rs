@@ -128,32 +128,44 @@ impl CommandService {
     /// Which of the order's SKUs some `stock.set` named: from the cache, else the log.
     async fn known_skus_of(&self, cmd: &PlaceOrder) -> Result<BTreeSet<String>, ServiceError> {
         let wanted: BTreeSet<String> = cmd.items.iter().map(|l| l.sku.clone()).collect();
-        let mut known: BTreeSet<String> = {
-            let cache = self.known_skus.read().unwrap_or_else(|p| p.into_inner());
-            wanted
-                .iter()
-                .filter(|s| cache.contains(*s))
-                .cloned()
-                .collect()
-        };
-        let missing: Vec<String> = wanted
-            .difference(&known)
-            .map(|s| streams::stock(s))
-            .collect();
-        if !missing.is_empty() {
-            let found = self
+        let mut known = self.cached_skus(&wanted);
+        // A `stock.set` published just before this order may still be in flight (the
+        // two are handled concurrently): give unknown SKUs a moment before the order is
+        // rejected for them.
+        for check in 0..PLACEMENT_GRACE_CHECKS {
+            let missing: Vec<String> = wanted
+                .difference(&known)
+                .map(|s| streams::stock(s))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            if check > 0 {
+                tokio::time::sleep(PLACEMENT_GRACE_STEP).await;
+            }
+            let found: Vec<String> = self
                 .store
                 .streams_with_event_type(&missing, "StockSet")
-                .await?;
-            let found: Vec<String> = found
+                .await?
                 .iter()
                 .filter_map(|stream| stream.strip_prefix("stock-").map(str::to_owned))
                 .collect();
-            let mut cache = self.known_skus.write().unwrap_or_else(|p| p.into_inner());
-            cache.extend(found.iter().cloned());
+            self.known_skus
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(found.iter().cloned());
             known.extend(found);
         }
         Ok(known)
+    }
+
+    fn cached_skus(&self, wanted: &BTreeSet<String>) -> BTreeSet<String> {
+        let cache = self.known_skus.read().unwrap_or_else(|p| p.into_inner());
+        wanted
+            .iter()
+            .filter(|s| cache.contains(*s))
+            .cloned()
+            .collect()
     }
 }
 
@@ -172,7 +184,32 @@ fn log_decision<S>(aggregate: &str, decided: &Decided<S>) {
 /// The bus handler of the intake queue.
 pub struct CommandHandler(pub Arc<CommandService>);
 
+/// Just the fields that say which aggregate a command is about.
+#[derive(serde::Deserialize)]
+struct Target {
+    order_id: Option<String>,
+    sku: Option<String>,
+}
+
+/// Commands about the same order (or the same SKU) are handled in the order they were
+/// published; different orders run concurrently.
+fn ordering_key(msg: &Incoming) -> Option<String> {
+    if msg.body.len() > domain::commands::MAX_BODY_BYTES {
+        return None;
+    }
+    let target: Target = serde_json::from_slice(&msg.body).ok()?;
+    match (target.order_id, target.sku) {
+        (Some(order_id), _) => Some(format!("order:{order_id}")),
+        (None, Some(sku)) => Some(format!("sku:{sku}")),
+        (None, None) => None,
+    }
+}
+
 impl bus::Handler for CommandHandler {
+    fn ordering_key(&self, msg: &Incoming) -> Option<String> {
+        ordering_key(msg)
+    }
+
     fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
         let service = Arc::clone(&self.0);
         Box::pin(async move {
@@ -201,5 +238,31 @@ impl bus::Handler for CommandHandler {
                 &span,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(body: &str) -> Incoming {
+        Incoming {
+            body: body.as_bytes().to_vec(),
+            ..Incoming::default()
+        }
+    }
+
+    #[test]
+    fn commands_are_ordered_per_order_or_per_sku() {
+        let id = "7f0c1f2e-9a43-4a53-9a0e-0d6f3f6f4a11";
+        let cancel = msg(&format!(r#"{{"order_id":"{id}","reason":"x"}}"#));
+        let place = msg(&format!(r#"{{"order_id":"{id}","items":[{{"sku":"A"}}]}}"#));
+        assert_eq!(ordering_key(&cancel), Some(format!("order:{id}")));
+        assert_eq!(ordering_key(&cancel), ordering_key(&place));
+        assert_eq!(
+            ordering_key(&msg(r#"{"sku":"A","quantity":1}"#)),
+            Some("sku:A".into())
+        );
+        assert_eq!(ordering_key(&msg("not json")), None);
     }
 }

@@ -305,3 +305,107 @@ async fn shutdown_lets_the_in_flight_handler_finish_and_ack() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// Orders messages by routing key, records their start order per key, and notices any
+/// overlap of two messages of one key.
+struct KeyedHandler {
+    seen: Seen,
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    overlaps: Arc<AtomicUsize>,
+}
+
+impl bus::Handler for KeyedHandler {
+    fn handle(&self, msg: bus::Incoming) -> futures::future::BoxFuture<'static, Outcome> {
+        let key = msg.routing_key.clone();
+        let in_flight = self.in_flight.clone();
+        let overlaps = self.overlaps.clone();
+        {
+            let mut map = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(key.clone()).or_default();
+            *n += 1;
+            if *n > 1 {
+                overlaps.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.seen.push(msg);
+        Box::pin(async move {
+            // Some work, so that a second message of the key would overlap if allowed.
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            let mut map = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+            }
+            Outcome::Ack
+        })
+    }
+
+    fn ordering_key(&self, msg: &bus::Incoming) -> Option<String> {
+        Some(msg.routing_key.clone())
+    }
+}
+
+#[tokio::test]
+async fn messages_with_one_ordering_key_are_handled_one_at_a_time_in_delivery_order(
+) -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let handler = KeyedHandler {
+        seen: seen.clone(),
+        in_flight: Arc::default(),
+        overlaps: overlaps.clone(),
+    };
+    let consumer = Running::start(&bus, COMMAND_INTAKE_QUEUE, options(0), Arc::new(handler));
+    let mut published: Vec<(String, String)> = Vec::new();
+    for i in 0..40 {
+        let key = if i % 2 == 0 {
+            "order.cancel"
+        } else {
+            "stock.set"
+        };
+        let id = new_id();
+        bus.publish(
+            COMMANDS_EXCHANGE,
+            key,
+            b"{}".to_vec(),
+            OutgoingProperties::new(id.clone()),
+        )
+        .await?;
+        published.push((key.to_owned(), id));
+    }
+    for key in ["order.cancel", "stock.set"] {
+        let expected: Vec<String> = published
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, id)| id.clone())
+            .collect();
+        wait_len(&seen, key, expected.len()).await?;
+        let handled: Vec<String> = seen
+            .all()
+            .into_iter()
+            .filter(|m| m.routing_key == key)
+            .filter_map(|m| m.message_id)
+            .collect();
+        assert_eq!(handled, expected, "order of {key}");
+    }
+    consumer.stop().await?;
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two messages of one key overlapped"
+    );
+    Ok(())
+}
+
+async fn wait_len(seen: &Seen, key: &str, n: usize) -> anyhow::Result<()> {
+    testkit::wait_until(
+        "all messages of the key",
+        std::time::Duration::from_secs(10),
+        || {
+            let count = seen.all().iter().filter(|m| m.routing_key == key).count();
+            async move { Ok((count >= n).then_some(())) }
+        },
+    )
+    .await
+}
