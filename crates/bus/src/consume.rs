@@ -56,6 +56,10 @@ pub struct ConsumeOptions {
     pub retry_max_elapsed: Duration,
     /// On shutdown, how long in-flight handlers may take to finish.
     pub shutdown_grace: Duration,
+    /// After the in-process retries, how many times a message that keeps failing
+    /// transiently is retried later through the delay tiers (1 s, 5 s, 30 s, 30 s …)
+    /// before it is dead-lettered. 0: dead-letter at once.
+    pub delayed_retry_rounds: u32,
 }
 
 impl Default for ConsumeOptions {
@@ -68,6 +72,7 @@ impl Default for ConsumeOptions {
             retry_initial_interval: Duration::from_millis(50),
             retry_max_elapsed: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
+            delayed_retry_rounds: 4,
         }
     }
 }
@@ -118,6 +123,7 @@ pub async fn consume(
     let queue_name = short("queue", queue)?;
     let semaphore = Arc::new(Semaphore::new(permits as usize));
     let lanes = Lanes::start(permits as usize, bus, &handler, &options);
+    let queue_arc: Arc<str> = Arc::from(queue);
     let mut reconnect = crate::connection::reconnect_schedule(Duration::MAX);
     reconnect.max_elapsed_time = None;
     tokio::pin!(shutdown);
@@ -179,6 +185,7 @@ pub async fn consume(
                     );
                     let incoming = Incoming::from_delivery(&delivery);
                     let job = Job {
+                        queue: queue_arc.clone(),
                         delivery,
                         incoming,
                         permit,
@@ -271,6 +278,8 @@ async fn drain(semaphore: &Semaphore, permits: u32, grace: Duration, queue: &str
 
 /// One delivery on its way to the handler, holding its concurrency permit.
 struct Job {
+    /// The queue it was consumed from (delayed retries return it there).
+    queue: Arc<str>,
     delivery: Delivery,
     incoming: Incoming,
     permit: OwnedSemaphorePermit,
@@ -325,38 +334,72 @@ impl Lanes {
 /// What finally becomes of one delivery.
 enum Verdict {
     Ack,
-    DeadLetter { reason: String, attempts: u32 },
+    DeadLetter {
+        reason: String,
+        attempts: u32,
+    },
+    /// In-process retries ran out on a transient failure: try again after a delay.
+    RetryLater {
+        reason: String,
+        attempts: u32,
+    },
 }
 
 /// Runs the handler (retrying as asked), then acks or dead-letters. Holds its
 /// semaphore permit until the delivery is settled.
 async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: ConsumeOptions) {
     let Job {
+        queue,
         delivery,
         incoming,
         permit: _permit,
         span: _,
     } = job;
     let verdict = run_handler(&handler, &incoming, &options).await;
-    match verdict {
-        Verdict::Ack => ack(&delivery).await,
+    let settled = match verdict {
+        Verdict::Ack => Ok(()),
+        Verdict::RetryLater { reason, attempts } => {
+            let round = retry_round(&incoming).saturating_add(1);
+            if round <= options.delayed_retry_rounds {
+                let tier = crate::topology::retry_tier(round);
+                warn!(reason = %reason, attempts, round, tier, "retrying later");
+                delay(&bus, &queue, &delivery, &incoming, tier, round, attempts).await
+            } else {
+                let reason = format!(
+                    "{reason} (gave up after {attempts} attempts and {} delayed retries)",
+                    round - 1
+                );
+                warn!(reason = %reason, attempts, "dead-lettering message");
+                dead_letter(&bus, &delivery, &incoming, &reason, attempts).await
+            }
+        }
         Verdict::DeadLetter { reason, attempts } => {
             warn!(reason = %reason, attempts, "dead-lettering message");
-            match dead_letter(&bus, &delivery, &reason, attempts).await {
-                Ok(()) => ack(&delivery).await,
-                Err(err) => {
-                    error!(error = %err, "could not dead-letter the message; returning it to the queue");
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    };
-                    if let Err(err) = delivery.acker.nack(requeue).await {
-                        warn!(error = %err, "nack failed (the broker will redeliver)");
-                    }
-                }
+            dead_letter(&bus, &delivery, &incoming, &reason, attempts).await
+        }
+    };
+    match settled {
+        Ok(()) => ack(&delivery).await,
+        Err(err) => {
+            error!(error = %err, "could not move the message on; returning it to the queue");
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            if let Err(err) = delivery.acker.nack(requeue).await {
+                warn!(error = %err, "nack failed (the broker will redeliver)");
             }
         }
     }
+}
+
+/// How many delayed-retry rounds the message has been through.
+fn retry_round(incoming: &Incoming) -> u32 {
+    incoming
+        .headers
+        .get(headers::RETRY_ROUND)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
 }
 
 async fn run_handler(
@@ -387,12 +430,7 @@ async fn run_handler(
                         debug!(reason = %reason, attempts, retry_in = ?pause, "handler asked to retry");
                         tokio::time::sleep(pause).await;
                     }
-                    None => {
-                        return Verdict::DeadLetter {
-                            reason: format!("{reason} (gave up after {attempts} attempts)"),
-                            attempts,
-                        }
-                    }
+                    None => return Verdict::RetryLater { reason, attempts },
                 }
             }
             Err(join_error) => {
@@ -432,30 +470,79 @@ async fn ack(delivery: &Delivery) {
 pub(crate) async fn dead_letter(
     bus: &Bus,
     delivery: &Delivery,
+    incoming: &Incoming,
     reason: &str,
     attempts: u32,
 ) -> Result<(), BusError> {
+    let properties = with_origin(
+        delivery,
+        incoming,
+        &[
+            (
+                headers::ERROR,
+                AMQPValue::LongString(LongString::from(reason.as_bytes())),
+            ),
+            (
+                headers::ATTEMPTS,
+                AMQPValue::LongLongInt(i64::from(attempts)),
+            ),
+        ],
+    );
+    let message = Prepared::new("", DEAD_LETTER_QUEUE, &delivery.data, properties, true)?;
+    bus.publish_prepared(&message).await
+}
+
+/// Publishes the delivery to a delay tier, addressed back to the queue it came from.
+async fn delay(
+    bus: &Bus,
+    queue: &str,
+    delivery: &Delivery,
+    incoming: &Incoming,
+    tier: &str,
+    round: u32,
+    attempts: u32,
+) -> Result<(), BusError> {
+    let properties = with_origin(
+        delivery,
+        incoming,
+        &[
+            (
+                headers::RETRY_ROUND,
+                AMQPValue::LongLongInt(i64::from(round)),
+            ),
+            (
+                headers::ATTEMPTS,
+                AMQPValue::LongLongInt(i64::from(attempts)),
+            ),
+        ],
+    );
+    // The tier dead-letters it through the default exchange: its routing key is the
+    // name of the queue it returns to.
+    let message = Prepared::new(tier, queue, &delivery.data, properties, true)?;
+    bus.publish_prepared(&message).await
+}
+
+/// The delivery's properties with its origin (first exchange and routing key) and
+/// `extra` headers added.
+fn with_origin(
+    delivery: &Delivery,
+    incoming: &Incoming,
+    extra: &[(&str, AMQPValue)],
+) -> lapin::BasicProperties {
     let mut table = delivery.properties.headers().clone().unwrap_or_default();
     let mut put = |name: &str, value: AMQPValue| {
         table.insert(ShortString::from(name), value);
     };
     put(
-        headers::ERROR,
-        AMQPValue::LongString(LongString::from(reason.as_bytes())),
-    );
-    put(
         headers::ORIGINAL_EXCHANGE,
-        AMQPValue::LongString(LongString::from(delivery.exchange.as_str().as_bytes())),
+        AMQPValue::LongString(LongString::from(incoming.exchange.as_bytes())),
     );
     put(
         headers::ORIGINAL_ROUTING_KEY,
-        AMQPValue::LongString(LongString::from(delivery.routing_key.as_str().as_bytes())),
+        AMQPValue::LongString(LongString::from(incoming.routing_key.as_bytes())),
     );
-    put(
-        headers::ATTEMPTS,
-        AMQPValue::LongLongInt(i64::from(attempts)),
-    );
-    let properties = delivery.properties.clone().with_headers(table);
-    let message = Prepared::new("", DEAD_LETTER_QUEUE, &delivery.data, properties, true)?;
-    bus.publish_prepared(&message).await
+    for (name, value) in extra {
+        put(name, value.clone());
+    }
+    delivery.properties.clone().with_headers(table)
 }

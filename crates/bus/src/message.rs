@@ -20,6 +20,8 @@ pub mod headers {
     pub const ORIGINAL_ROUTING_KEY: &str = "x-orderflow-original-routing-key";
     /// How many times a handler saw the message before it was dead-lettered.
     pub const ATTEMPTS: &str = "x-orderflow-attempts";
+    /// How many delayed-retry rounds the message has been through.
+    pub const RETRY_ROUND: &str = "x-orderflow-retry-round";
     /// Prefix of every header the bus adds (stripped again by `dlq_retry`).
     pub const PREFIX: &str = "x-orderflow-";
 }
@@ -128,16 +130,32 @@ pub struct Incoming {
 impl Incoming {
     pub(crate) fn from_delivery(delivery: &Delivery) -> Self {
         let properties = &delivery.properties;
+        let headers = render_headers(properties.headers().as_ref());
+        // A message back from a delay queue arrives through the default exchange with
+        // the queue's name as routing key; the handler sees where it was first sent.
+        let (exchange, routing_key) = match (
+            headers.contains_key(headers::RETRY_ROUND),
+            headers.get(headers::ORIGINAL_EXCHANGE),
+            headers.get(headers::ORIGINAL_ROUTING_KEY),
+        ) {
+            (true, Some(exchange), Some(key)) if delivery.exchange.as_str().is_empty() => {
+                (exchange.clone(), key.clone())
+            }
+            _ => (
+                delivery.exchange.to_string(),
+                delivery.routing_key.to_string(),
+            ),
+        };
         Incoming {
-            exchange: delivery.exchange.to_string(),
-            routing_key: delivery.routing_key.to_string(),
+            exchange,
+            routing_key,
             body: delivery.data.clone(),
             message_id: text(properties.message_id()),
             correlation_id: text(properties.correlation_id()),
             message_type: text(properties.kind()),
             content_type: text(properties.content_type()),
             timestamp: properties.timestamp().and_then(timestamp),
-            headers: render_headers(properties.headers().as_ref()),
+            headers,
             redelivered: delivery.redelivered,
         }
     }

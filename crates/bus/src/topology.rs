@@ -22,6 +22,23 @@ pub const PAYMENT_QUEUE: &str = "orderflow.payment";
 pub const SHIPPING_QUEUE: &str = "orderflow.shipping";
 pub const NOTIFICATION_QUEUE: &str = "orderflow.notification";
 
+/// Delay tiers for retrying later: a message whose in-process retries ran out is
+/// published to a tier's fanout exchange with its queue's name as routing key; the
+/// tier's quorum queue holds it for the tier's TTL, then dead-letters it through the
+/// default exchange, which delivers it to that queue again. At-least-once
+/// dead-lettering (with `reject-publish` overflow) keeps it across broker restarts.
+pub const RETRY_TIERS: [(&str, u32); 3] = [
+    ("orderflow.retry.1s", 1_000),
+    ("orderflow.retry.5s", 5_000),
+    ("orderflow.retry.30s", 30_000),
+];
+
+/// The delay tier for the `round`-th delayed retry (1-based): 1 s, 5 s, then 30 s.
+pub fn retry_tier(round: u32) -> &'static str {
+    let index = usize::try_from(round.saturating_sub(1)).unwrap_or(usize::MAX);
+    RETRY_TIERS[index.min(RETRY_TIERS.len() - 1)].0
+}
+
 /// Service queues and the event routing keys bound to them on [`EVENTS_EXCHANGE`].
 pub const SERVICE_QUEUES: &[(&str, &[&str])] = &[
     (
@@ -90,6 +107,9 @@ pub async fn declare_topology(channel: &Channel) -> Result<(), BusError> {
     for queue in all_queues() {
         declare_quorum_queue(channel, queue).await?;
     }
+    for (tier, ttl_ms) in RETRY_TIERS {
+        declare_retry_tier(channel, tier, ttl_ms).await?;
+    }
     bind(channel, COMMAND_INTAKE_QUEUE, COMMANDS_EXCHANGE, "#").await?;
     for (queue, keys) in SERVICE_QUEUES {
         for key in *keys {
@@ -121,6 +141,50 @@ async fn declare_quorum_queue(channel: &Channel, queue: &str) -> Result<(), BusE
         .await
         .map_err(|e| BusError::amqp(format!("declaring queue {queue}"), e))?;
     Ok(())
+}
+
+async fn declare_retry_tier(channel: &Channel, tier: &str, ttl_ms: u32) -> Result<(), BusError> {
+    channel
+        .exchange_declare(
+            ShortString::from(tier),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BusError::amqp(format!("declaring exchange {tier}"), e))?;
+    let mut arguments = quorum_arguments();
+    let mut put = |name: &str, value: AMQPValue| {
+        arguments.insert(ShortString::from(name), value);
+    };
+    put("x-message-ttl", AMQPValue::LongUInt(ttl_ms));
+    put(
+        "x-dead-letter-exchange",
+        AMQPValue::LongString(LongString::from("")),
+    );
+    put(
+        "x-dead-letter-strategy",
+        AMQPValue::LongString(LongString::from("at-least-once")),
+    );
+    put(
+        "x-overflow",
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    channel
+        .queue_declare(
+            ShortString::from(tier),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(|e| BusError::amqp(format!("declaring queue {tier}"), e))?;
+    bind(channel, tier, tier, "").await
 }
 
 async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BusError> {

@@ -409,3 +409,72 @@ async fn wait_len(seen: &Seen, key: &str, n: usize) -> anyhow::Result<()> {
     )
     .await
 }
+
+#[tokio::test]
+async fn a_message_that_keeps_failing_transiently_is_retried_later_through_a_delay_queue(
+) -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        bus::ConsumeOptions {
+            delayed_retry_rounds: 1,
+            ..options(1)
+        },
+        Arc::new(FnHandler(move |msg: bus::Incoming| {
+            // Fails for both in-process attempts of the first delivery, then works.
+            let call = counter.fetch_add(1, Ordering::SeqCst);
+            recorder.push(msg);
+            async move {
+                if call < 2 {
+                    Outcome::Retry {
+                        reason: "database unavailable".to_owned(),
+                    }
+                } else {
+                    Outcome::Ack
+                }
+            }
+        })),
+    );
+    let id = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.cancel",
+        b"{}".to_vec(),
+        OutgoingProperties::new(id.clone()),
+    )
+    .await?;
+    testkit::wait_until(
+        "the message back from the delay queue",
+        std::time::Duration::from_secs(15),
+        || {
+            let n = calls.load(Ordering::SeqCst);
+            async move { Ok((n >= 3).then_some(())) }
+        },
+    )
+    .await?;
+    consumer.stop().await?;
+    let all = seen.all();
+    let back = all
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("no message seen"))?;
+    assert_eq!(back.message_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        back.routing_key, "order.cancel",
+        "the handler sees the original routing key"
+    );
+    assert_eq!(back.exchange, COMMANDS_EXCHANGE);
+    assert_eq!(
+        back.headers
+            .get(header_names::RETRY_ROUND)
+            .map(String::as_str),
+        Some("1")
+    );
+    let left = bus::dlq_list(&bus, 10).await?;
+    assert!(left.is_empty(), "nothing was dead-lettered: {left:?}");
+    Ok(())
+}

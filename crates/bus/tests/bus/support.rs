@@ -105,6 +105,7 @@ pub fn options(max_retries: u32) -> ConsumeOptions {
         concurrency: 4,
         max_retries,
         consumer_tag_prefix: "bus-test".to_owned(),
+        delayed_retry_rounds: 0,
         ..ConsumeOptions::default()
     }
 }
