@@ -89,5 +89,49 @@ async fn fifty_orders_for_the_last_ten_units_sell_exactly_ten() -> anyhow::Resul
             assert_eq!(net_captured(&payments), 0, "{id}: {payments:?}");
         }
     }
-    system.audit().await
+    system.audit().await?;
+
+    // The read models rebuild to the same rows.
+    let orders_before = order_rows(&system).await?;
+    let stock_before = stock_rows(&system).await?;
+    let out = system.cli(&["replay"]).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(order_rows(&system).await?, orders_before);
+    assert_eq!(stock_rows(&system).await?, stock_before);
+    Ok(())
+}
+
+type OrderRow = (
+    Uuid,
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    i32,
+    String,
+    String,
+    i64,
+);
+
+async fn order_rows(system: &System) -> anyhow::Result<Vec<OrderRow>> {
+    Ok(sqlx::query_as(
+        "SELECT order_id, customer_id, status, cancel_reason, total_cents, currency, item_count,
+                placed_at::text, updated_at::text, last_global_position
+           FROM order_status ORDER BY order_id",
+    )
+    .fetch_all(system.pool())
+    .await?)
+}
+
+async fn stock_rows(system: &System) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    Ok(
+        sqlx::query_as("SELECT sku, on_hand, reserved FROM stock_levels ORDER BY sku")
+            .fetch_all(system.pool())
+            .await?,
+    )
 }

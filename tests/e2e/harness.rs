@@ -482,19 +482,36 @@ impl System {
             .context("running orderflow")
     }
 
-    /// `orderflow audit` must pass (exit 0).
+    /// `orderflow audit` must pass (exit 0). The read models are eventually consistent
+    /// and the audit compares them with the log, so a scenario that has just ended may
+    /// need the projector to catch up: retried for a few seconds, the last report shown.
     pub async fn audit(&self) -> anyhow::Result<()> {
-        let out = self.cli(&["audit"]).await?;
-        if !out.status.success() {
-            bail!(
-                "orderflow audit failed ({}):\n{}\n{}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
+        let last = std::sync::Mutex::new(String::new());
+        let passed = testkit::wait_until(
+            "orderflow audit to pass",
+            Duration::from_secs(10),
+            || async {
+                let out = self.cli(&["audit"]).await?;
+                if out.status.success() {
+                    return Ok(Some(()));
+                }
+                *last.lock().unwrap_or_else(|e| e.into_inner()) = format!(
+                    "exit {}:\n{}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok(None)
+            },
+        )
+        .await;
+        passed.map_err(|error| {
+            let report = last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            error.context(format!(
+                "orderflow audit failed, {report}\n{}",
                 self.log_hint()
-            );
-        }
-        Ok(())
+            ))
+        })
     }
 }
 

@@ -143,6 +143,7 @@ async fn undecodable_commands_are_dead_lettered_and_later_orders_flow() -> anyho
         .fetch_one(system.pool())
         .await?;
     assert_eq!(orders, 1);
+    system.wait_stock("BOOK", (9, 0)).await?;
     system.audit().await
 }
 
