@@ -1,0 +1,438 @@
+//! Storage: raw PostgreSQL inserts beside the event store's `append` / `append_batch`,
+//! and a full command (read a 10-event stream, fold, decide, append) beside the same
+//! SQL done by hand.
+use std::sync::Arc;
+
+use domain::{streams, DomainEvent, StockInput, StockState};
+use eventstore::{EventStore, ExpectedVersion, NewEvent, StreamAppend};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::fixtures::{self, metadata_json, new_event};
+use crate::infra::{create_raw_table, BenchDb};
+use crate::measure::{run_clients, Timed, Until};
+use crate::report::{Report, Row};
+use crate::Ctx;
+
+/// Streams each writer of the one-event benchmarks cycles through (the first call on a
+/// stream says `NoStream`, later ones `Exact`).
+const STREAMS_PER_WRITER: usize = 100;
+/// Events per `append_batch` call / rows per multi-row INSERT.
+const BATCH: usize = 100;
+/// Streams per batch.
+const STREAMS_PER_BATCH: usize = 10;
+/// Events in each stream a command reads.
+const COMMAND_STREAM_LEN: usize = 10;
+
+const RAW_INSERT_ONE: &str = "INSERT INTO raw_events \
+    (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+const RAW_INSERT_MANY: &str = "INSERT INTO raw_events \
+    (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], \
+                         $6::jsonb[], $7::jsonb[])";
+
+pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let db = BenchDb::new(&ctx.database_url, &ctx.run_id, "storage")?;
+    let result = measure(ctx, &db, report).await;
+    db.drop().await;
+    result
+}
+
+fn key(clients: usize, one: &'static str, eight: &'static str) -> &'static str {
+    if clients == 1 {
+        one
+    } else {
+        eight
+    }
+}
+
+async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result<()> {
+    let store = db.store(10).await?;
+    let pool = db.pool(10).await?;
+    create_raw_table(&pool).await?;
+    let sample = fixtures::sample_event();
+    let payload = Arc::new(sample.to_payload());
+    report.context(
+        "storage payload",
+        format!(
+            "every row: an `OrderPlaced` payload of {} bytes of JSON + metadata",
+            payload.to_string().len()
+        ),
+    );
+
+    eprintln!("== storage: single-row appends");
+    for clients in [1, 8] {
+        let raw = raw_single(&pool, &payload, clients, ctx).await?;
+        let ours = store_single(&store, &payload, clients, ctx).await?;
+        report.add(Row {
+            key: key(clients, "append1_1", "append1_8"),
+            section: "event store",
+            what: format!("`append`, 1 event per call, {clients} writer(s)"),
+            value: ours.rate(1.0),
+            unit: "events/s",
+            baseline: Some((
+                format!("single-row INSERT per transaction, {clients} client(s)"),
+                raw.rate(1.0),
+            )),
+            note: format!(
+                "p50 {:.2} / p99 {:.2} ms (raw {:.2} / {:.2} ms)",
+                ours.p_ms(50.0),
+                ours.p_ms(99.0),
+                raw.p_ms(50.0),
+                raw.p_ms(99.0)
+            ),
+        });
+    }
+
+    eprintln!("== storage: batches of {BATCH}");
+    for clients in [1, 8] {
+        let raw = raw_batch(&pool, &payload, clients, ctx).await?;
+        let ours = store_batch(&store, &payload, clients, ctx).await?;
+        let row = Row {
+            key: key(clients, "batch_1", "batch_8"),
+            section: "event store",
+            what: format!(
+                "`append_batch`, {BATCH} events in {STREAMS_PER_BATCH} streams per call, {clients} writer(s)"
+            ),
+            value: ours.rate(BATCH as f64),
+            unit: "events/s",
+            baseline: Some((
+                format!("multi-row INSERT (UNNEST) of {BATCH} rows per transaction, {clients} client(s)"),
+                raw.rate(BATCH as f64),
+            )),
+            note: format!(
+                "p50 {:.2} / p99 {:.2} ms per call (raw {:.2} / {:.2} ms)",
+                ours.p_ms(50.0),
+                ours.p_ms(99.0),
+                raw.p_ms(50.0),
+                raw.p_ms(99.0)
+            ),
+        };
+        let ratio = row.ratio().unwrap_or(0.0);
+        report.target(
+            format!("batched append ≥ 50% of raw multi-row INSERT ({clients} writer(s))"),
+            ratio >= 0.5,
+            format!(
+                "{:.0}% ({} vs {} events/s)",
+                ratio * 100.0,
+                crate::report::fmt_value(row.value),
+                crate::report::fmt_value(row.baseline.as_ref().map_or(0.0, |b| b.1))
+            ),
+        );
+        report.add(row);
+    }
+
+    eprintln!("== storage: commands (read {COMMAND_STREAM_LEN} events, fold, decide, append)");
+    for clients in [1, 8] {
+        let count = ctx.commands.div_ceil(clients) * clients;
+        prepare_command_streams(&store, &pool, clients, count).await?;
+        let raw = raw_command(&pool, &payload, clients, count).await?;
+        let ours = store_command(&store, clients, count).await?;
+        report.add(Row {
+            key: key(clients, "command_1", "command_8"),
+            section: "event store",
+            what: format!(
+                "command: `read_stream` ({COMMAND_STREAM_LEN} events) → `fold` → `stock::decide` → `append`, {clients} task(s)"
+            ),
+            value: ours.rate(1.0),
+            unit: "commands/s",
+            baseline: Some((
+                format!("one transaction: SELECT the {COMMAND_STREAM_LEN} rows + INSERT 1, {clients} client(s)"),
+                raw.rate(1.0),
+            )),
+            note: format!(
+                "{count} commands; p50 {:.2} / p99 {:.2} ms (raw {:.2} / {:.2} ms)",
+                ours.p_ms(50.0),
+                ours.p_ms(99.0),
+                raw.p_ms(50.0),
+                raw.p_ms(99.0)
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn bench_event(payload: &serde_json::Value) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::new_v4(),
+        event_type: "OrderPlaced".to_owned(),
+        schema_version: 1,
+        payload: payload.clone(),
+        metadata: fixtures::metadata(),
+    }
+}
+
+async fn raw_single(
+    pool: &PgPool,
+    payload: &Arc<serde_json::Value>,
+    clients: usize,
+    ctx: &Ctx,
+) -> anyhow::Result<Timed> {
+    let (pool, payload) = (pool.clone(), Arc::clone(payload));
+    run_clients(clients, Until::Elapsed(ctx.op_duration), move |c, i| {
+        let (pool, payload) = (pool.clone(), Arc::clone(&payload));
+        async move {
+            let event = bench_event(&payload);
+            sqlx::query(RAW_INSERT_ONE)
+                .bind(format!("raw1-{clients}-{c}-{}", i % STREAMS_PER_WRITER))
+                .bind((i / STREAMS_PER_WRITER) as i64)
+                .bind(event.event_id)
+                .bind(&event.event_type)
+                .bind(event.schema_version)
+                .bind(&event.payload)
+                .bind(metadata_json(&event.metadata))
+                .execute(&pool)
+                .await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn store_single(
+    store: &EventStore,
+    payload: &Arc<serde_json::Value>,
+    clients: usize,
+    ctx: &Ctx,
+) -> anyhow::Result<Timed> {
+    let (store, payload) = (store.clone(), Arc::clone(payload));
+    run_clients(clients, Until::Elapsed(ctx.op_duration), move |c, i| {
+        let (store, payload) = (store.clone(), Arc::clone(&payload));
+        async move {
+            let stream = format!("bench1-{clients}-{c}-{}", i % STREAMS_PER_WRITER);
+            let round = i / STREAMS_PER_WRITER;
+            let expected = match round {
+                0 => ExpectedVersion::NoStream,
+                r => ExpectedVersion::Exact(r as i64 - 1),
+            };
+            store
+                .append(&stream, expected, vec![bench_event(&payload)])
+                .await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn raw_batch(
+    pool: &PgPool,
+    payload: &Arc<serde_json::Value>,
+    clients: usize,
+    ctx: &Ctx,
+) -> anyhow::Result<Timed> {
+    let (pool, payload) = (pool.clone(), Arc::clone(payload));
+    run_clients(clients, Until::Elapsed(ctx.op_duration), move |c, i| {
+        let (pool, payload) = (pool.clone(), Arc::clone(&payload));
+        async move {
+            let per_stream = BATCH / STREAMS_PER_BATCH;
+            let mut names = Vec::with_capacity(BATCH);
+            let mut versions = Vec::with_capacity(BATCH);
+            let mut ids = Vec::with_capacity(BATCH);
+            let mut types = Vec::with_capacity(BATCH);
+            let mut schema_versions = Vec::with_capacity(BATCH);
+            let mut payloads = Vec::with_capacity(BATCH);
+            let mut metadata = Vec::with_capacity(BATCH);
+            for k in 0..BATCH {
+                let event = bench_event(&payload);
+                names.push(format!("rawb-{clients}-{c}-{i}-{}", k / per_stream));
+                versions.push((k % per_stream) as i64);
+                ids.push(event.event_id);
+                types.push(event.event_type);
+                schema_versions.push(event.schema_version);
+                metadata.push(metadata_json(&event.metadata));
+                payloads.push(event.payload);
+            }
+            sqlx::query(RAW_INSERT_MANY)
+                .bind(&names)
+                .bind(&versions)
+                .bind(&ids)
+                .bind(&types)
+                .bind(&schema_versions)
+                .bind(&payloads)
+                .bind(&metadata)
+                .execute(&pool)
+                .await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn store_batch(
+    store: &EventStore,
+    payload: &Arc<serde_json::Value>,
+    clients: usize,
+    ctx: &Ctx,
+) -> anyhow::Result<Timed> {
+    let (store, payload) = (store.clone(), Arc::clone(payload));
+    run_clients(clients, Until::Elapsed(ctx.op_duration), move |c, i| {
+        let (store, payload) = (store.clone(), Arc::clone(&payload));
+        async move {
+            let per_stream = BATCH / STREAMS_PER_BATCH;
+            let appends = (0..STREAMS_PER_BATCH)
+                .map(|s| StreamAppend {
+                    stream_name: format!("benchb-{clients}-{c}-{i}-{s}"),
+                    expected_version: ExpectedVersion::NoStream,
+                    events: (0..per_stream).map(|_| bench_event(&payload)).collect(),
+                })
+                .collect();
+            store.append_batch(appends).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+fn command_sku(clients: usize, j: usize) -> String {
+    format!("cmd{clients}x{j}")
+}
+
+/// `count` stock streams of `COMMAND_STREAM_LEN` events (StockSet + reservations) in the
+/// log, and copies of them in `raw_events`.
+async fn prepare_command_streams(
+    store: &EventStore,
+    pool: &PgPool,
+    clients: usize,
+    count: usize,
+) -> anyhow::Result<()> {
+    let writers = 4;
+    let batches = count.div_ceil(STREAMS_PER_BATCH);
+    let store = store.clone();
+    run_clients(
+        writers,
+        Until::Ops(batches.div_ceil(writers)),
+        move |w, i| {
+            let store = store.clone();
+            async move {
+                let batch = i * writers + w;
+                let appends: Vec<StreamAppend> = (batch * STREAMS_PER_BATCH
+                    ..((batch + 1) * STREAMS_PER_BATCH).min(count))
+                    .map(|j| {
+                        let sku = command_sku(clients, j);
+                        let mut events = vec![new_event(&DomainEvent::StockSet(
+                            domain::events::StockSet {
+                                sku: sku.clone(),
+                                quantity: 1_000_000,
+                            },
+                        ))];
+                        for line in 1..COMMAND_STREAM_LEN {
+                            events.push(new_event(&DomainEvent::StockReserved(
+                                domain::events::StockReserved {
+                                    sku: sku.clone(),
+                                    order_id: Uuid::new_v4(),
+                                    line: line as u32,
+                                    quantity: 1,
+                                },
+                            )));
+                        }
+                        StreamAppend {
+                            stream_name: streams::stock(&sku),
+                            expected_version: ExpectedVersion::NoStream,
+                            events,
+                        }
+                    })
+                    .collect();
+                if !appends.is_empty() {
+                    store.append_batch(appends).await?;
+                }
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO raw_events \
+           (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
+         SELECT stream_name, stream_version, event_id, event_type, schema_version, payload, metadata \
+         FROM events WHERE stream_name LIKE $1 ORDER BY global_position",
+    )
+    .bind(format!("stock-cmd{clients}x%"))
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE raw_events").execute(pool).await?;
+    sqlx::query("ANALYZE events").execute(pool).await?;
+    Ok(())
+}
+
+async fn raw_command(
+    pool: &PgPool,
+    payload: &Arc<serde_json::Value>,
+    clients: usize,
+    count: usize,
+) -> anyhow::Result<Timed> {
+    let (pool, payload) = (pool.clone(), Arc::clone(payload));
+    run_clients(clients, Until::Ops(count / clients), move |c, i| {
+        let (pool, payload) = (pool.clone(), Arc::clone(&payload));
+        async move {
+            let stream = streams::stock(&command_sku(clients, i * clients + c));
+            let mut tx = pool.begin().await?;
+            let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+                "SELECT stream_version, payload FROM raw_events \
+                 WHERE stream_name = $1 ORDER BY stream_version",
+            )
+            .bind(&stream)
+            .fetch_all(&mut *tx)
+            .await?;
+            let next = rows.last().map_or(0, |(v, _)| v + 1);
+            let event = bench_event(&payload);
+            sqlx::query(RAW_INSERT_ONE)
+                .bind(&stream)
+                .bind(next)
+                .bind(event.event_id)
+                .bind("StockReserved")
+                .bind(event.schema_version)
+                .bind(&event.payload)
+                .bind(metadata_json(&event.metadata))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn store_command(store: &EventStore, clients: usize, count: usize) -> anyhow::Result<Timed> {
+    let store = store.clone();
+    run_clients(clients, Until::Ops(count / clients), move |c, i| {
+        let store = store.clone();
+        async move {
+            let sku = command_sku(clients, i * clients + c);
+            let stream = streams::stock(&sku);
+            let records = store.read_stream(&stream, 0).await?;
+            anyhow::ensure!(
+                records.len() == COMMAND_STREAM_LEN,
+                "{stream}: {} events",
+                records.len()
+            );
+            let events = records
+                .iter()
+                .map(|r| DomainEvent::decode(&r.event_type, r.schema_version, &r.payload))
+                .collect::<Result<Vec<_>, _>>()?;
+            let state: StockState = domain::fold(events.iter());
+            let decided = domain::stock::decide(
+                &state,
+                StockInput::Reserve {
+                    sku,
+                    order_id: Uuid::new_v4(),
+                    line: 0,
+                    quantity: 1,
+                },
+            );
+            anyhow::ensure!(
+                matches!(decided.as_slice(), [DomainEvent::StockReserved(_)]),
+                "{stream}: unexpected decision {decided:?}"
+            );
+            let expected = state
+                .version
+                .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+            store
+                .append(&stream, expected, decided.iter().map(new_event).collect())
+                .await?;
+            Ok(())
+        }
+    })
+    .await
+}
