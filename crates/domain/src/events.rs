@@ -8,8 +8,21 @@ use uuid::Uuid;
 use crate::commands::{OrderLine, Shipping};
 use crate::Cents;
 
-/// The schema version every event is written with today.
-pub const CURRENT_SCHEMA_VERSION: i32 = 1;
+/// The schema version of event types whose payload never changed.
+pub const FIRST_SCHEMA_VERSION: i32 = 1;
+
+/// The schema version each event type is written with today (the latest shape).
+/// Older stored versions are brought to it by [`upcast`] when read.
+///
+/// - `OrderPlaced` 2: `plan.checks` (v1 had none: upcast as `[]`).
+/// - `OrderSentForReview` 2: `rule`, `detail` (v1 was always the amount review: upcast
+///   as `"review_threshold"`, `""`).
+pub fn current_schema_version(event_type: &str) -> i32 {
+    match event_type {
+        "OrderPlaced" | "OrderSentForReview" => 2,
+        _ => FIRST_SCHEMA_VERSION,
+    }
+}
 
 /// Why an order was cancelled or rejected: the codes `order_status.cancel_reason` shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,6 +65,9 @@ pub struct WorkflowPlan {
     pub payment_timeout_ms: u64,
     /// Delivery delay of the simulated carrier for this order's shipping method.
     pub delivery_delay_ms: u64,
+    /// The checks run when the order is placed (workflow 2: `fraud_velocity` when
+    /// configured); empty in workflow 1. Schema version 2 of `OrderPlaced`.
+    pub checks: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +108,11 @@ pub struct OrderSentForReview {
     pub total_cents: Cents,
     pub threshold_cents: Cents,
     pub expires_at: DateTime<Utc>,
+    /// Which rule sent the order to review: `review_threshold` (the amount) or the
+    /// name of a check of the plan (`fraud_velocity`). Schema version 2.
+    pub rule: String,
+    /// Why, for the reviewer. Schema version 2 (empty for upcast v1 events).
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,8 +442,9 @@ impl DomainEvent {
         }
     }
 
+    /// The schema version this event is written with: its type's current one.
     pub fn schema_version(&self) -> i32 {
-        CURRENT_SCHEMA_VERSION
+        current_schema_version(self.event_type())
     }
 
     /// The payload as stored in `events.payload`.
@@ -488,20 +510,51 @@ impl DomainEvent {
     }
 }
 
-/// Brings a stored payload of an older schema version to the current shape.
-/// Version 1 is the first; later versions add arms here, never edit stored rows.
-fn upcast(
+/// Brings a stored payload of an older schema version to the current shape of its
+/// type, one version step at a time. Stored rows are never rewritten: every reader
+/// (services folding streams, the projector, the relay's consumers) upcasts on read.
+/// A version newer than this build knows, or below 1, is an error.
+pub fn upcast(
     event_type: &str,
     schema_version: i32,
-    payload: serde_json::Value,
+    mut payload: serde_json::Value,
 ) -> Result<serde_json::Value, DecodeError> {
-    match schema_version {
-        CURRENT_SCHEMA_VERSION => Ok(payload),
-        _ => Err(DecodeError::UnknownVersion {
+    let current = current_schema_version(event_type);
+    if !(FIRST_SCHEMA_VERSION..=current).contains(&schema_version) {
+        return Err(DecodeError::UnknownVersion {
             event_type: event_type.to_owned(),
             schema_version,
-        }),
+        });
     }
+    for from in schema_version..current {
+        payload = upcast_step(event_type, from, payload);
+    }
+    Ok(payload)
+}
+
+/// One step: version `from` of `event_type` → version `from + 1`. Only adds what is
+/// missing, so a payload that already has the newer field keeps it.
+fn upcast_step(event_type: &str, from: i32, mut payload: serde_json::Value) -> serde_json::Value {
+    use serde_json::{json, Value};
+    match (event_type, from) {
+        // v1 plans had no checks: workflow 1 runs none.
+        ("OrderPlaced", 1) => {
+            if let Some(plan) = payload.get_mut("plan").and_then(Value::as_object_mut) {
+                plan.entry("checks").or_insert_with(|| json!([]));
+            }
+        }
+        // v1 reviews were always the amount review.
+        ("OrderSentForReview", 1) => {
+            if let Some(fields) = payload.as_object_mut() {
+                fields
+                    .entry("rule")
+                    .or_insert_with(|| json!(crate::rules::REVIEW_THRESHOLD));
+                fields.entry("detail").or_insert_with(|| json!(""));
+            }
+        }
+        _ => {}
+    }
+    payload
 }
 
 /// A domain event with the identity and context the log gives it.
@@ -549,6 +602,78 @@ mod tests {
             DomainEvent::decode("StockSet", 1, &p),
             Err(DecodeError::Malformed { .. })
         ));
+    }
+
+    fn v1_order_placed() -> serde_json::Value {
+        serde_json::json!({
+            "order_id": Uuid::from_u128(9), "customer_id": "c-1", "currency": "EUR",
+            "items": [{"sku": "A", "quantity": 1, "unit_price_cents": 100}],
+            "payment_token": "tok_ok", "shipping": null, "total_cents": 100, "item_count": 1,
+            "plan": {"workflow_version": 1, "review": false, "ship": false,
+                     "review_timeout_ms": 1, "payment_timeout_ms": 2, "delivery_delay_ms": 3}
+        })
+    }
+
+    #[test]
+    fn schema_versions_are_per_type() {
+        assert_eq!(current_schema_version("OrderPlaced"), 2);
+        assert_eq!(current_schema_version("OrderSentForReview"), 2);
+        assert_eq!(current_schema_version("StockSet"), 1);
+        let decoded = DomainEvent::decode("OrderPlaced", 1, &v1_order_placed());
+        assert_eq!(decoded.map(|e| e.schema_version()), Ok(2));
+    }
+
+    #[test]
+    fn a_v1_order_placed_is_upcast_to_a_plan_without_checks() {
+        let upcast_payload = upcast("OrderPlaced", 1, v1_order_placed());
+        assert_eq!(
+            upcast_payload.map(|p| p["plan"]["checks"].clone()),
+            Ok(serde_json::json!([]))
+        );
+        let Ok(DomainEvent::OrderPlaced(placed)) =
+            DomainEvent::decode("OrderPlaced", 1, &v1_order_placed())
+        else {
+            panic!("a v1 OrderPlaced does not decode")
+        };
+        assert_eq!(placed.plan.workflow_version, 1);
+        assert!(placed.plan.checks.is_empty());
+        // the v2 shape round-trips as itself
+        let e = DomainEvent::OrderPlaced(placed);
+        assert_eq!(
+            DomainEvent::decode("OrderPlaced", 2, &e.to_payload()),
+            Ok(e)
+        );
+    }
+
+    #[test]
+    fn a_v1_order_sent_for_review_is_upcast_to_the_amount_rule() {
+        let v1 = serde_json::json!({
+            "order_id": Uuid::from_u128(9), "total_cents": 100_000,
+            "threshold_cents": 100_000, "expires_at": "2025-01-01T00:00:00Z"
+        });
+        let Ok(DomainEvent::OrderSentForReview(review)) =
+            DomainEvent::decode("OrderSentForReview", 1, &v1)
+        else {
+            panic!("a v1 OrderSentForReview does not decode")
+        };
+        assert_eq!(
+            (review.rule.as_str(), review.detail.as_str()),
+            ("review_threshold", "")
+        );
+    }
+
+    #[test]
+    fn a_v2_payload_missing_its_new_fields_is_malformed_and_unknown_versions_error() {
+        assert!(matches!(
+            DomainEvent::decode("OrderPlaced", 2, &v1_order_placed()),
+            Err(DecodeError::Malformed { .. })
+        ));
+        for version in [0, 3] {
+            assert!(matches!(
+                DomainEvent::decode("OrderPlaced", version, &v1_order_placed()),
+                Err(DecodeError::UnknownVersion { .. })
+            ));
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub use ids::derive_event_id;
 pub use money::Cents;
 pub use order::{OrderInput, OrderState, OrderStatus};
 pub use payment::{GatewayAction, PaymentInput, PaymentState};
-pub use rules::Rules;
+pub use rules::{PlacementFacts, Rules};
 pub use shipment::{ShipmentInput, ShipmentState};
 pub use stock::{StockInput, StockState};
 

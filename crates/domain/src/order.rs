@@ -37,7 +37,7 @@ use crate::events::{
     PaymentCaptured, PaymentDeclined, PaymentFailure, PaymentTimedOut, StockReleaseRequested,
     StockReservationFailed, StockReserved, WorkflowPlan,
 };
-use crate::rules::{self, Rules};
+use crate::rules::{self, PlacementFacts, Rules};
 use crate::Evolve;
 
 // ---------------------------------------------------------------- state
@@ -205,11 +205,14 @@ pub fn evolve(mut state: OrderState, event: &DomainEvent) -> OrderState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrderInput<'a> {
     /// `order.place`. `known_skus` must hold at least every SKU of `cmd.items` that
-    /// some `StockSet` ever named.
+    /// some `StockSet` ever named; `facts` what the plan's checks need (see
+    /// [`Rules::needs_recent_orders`]). The rules are read here only: the plan they
+    /// give is recorded in `OrderPlaced`, and every later input follows it.
     Place {
         cmd: PlaceOrder,
         rules: &'a Rules,
         known_skus: &'a BTreeSet<String>,
+        facts: PlacementFacts,
         now: DateTime<Utc>,
     },
     Cancel(CancelOrder),
@@ -236,8 +239,9 @@ pub fn decide(state: &OrderState, input: OrderInput<'_>) -> Vec<DomainEvent> {
             cmd,
             rules,
             known_skus,
+            facts,
             now,
-        } => place(state, cmd, rules, known_skus, now),
+        } => place(state, cmd, rules, known_skus, facts, now),
         OrderInput::Cancel(cmd) => cancel(state, cmd),
         OrderInput::Approve(cmd) => approve(state, cmd),
         OrderInput::Reject(cmd) => reject(state, cmd),
@@ -265,6 +269,7 @@ fn place(
     cmd: PlaceOrder,
     rules: &Rules,
     known_skus: &BTreeSet<String>,
+    facts: PlacementFacts,
     now: DateTime<Utc>,
 ) -> Vec<DomainEvent> {
     if let Some(placed) = &state.placed {
@@ -296,13 +301,17 @@ fn place(
             reason: CancelReason::InvalidOrder,
             detail,
         }),
-        Ok(()) if placed.plan.review => DomainEvent::OrderSentForReview(OrderSentForReview {
-            order_id: placed.order_id,
-            total_cents: placed.total_cents,
-            threshold_cents: rules.review_threshold_cents,
-            expires_at: rules::after(now, placed.plan.review_timeout_ms),
-        }),
-        Ok(()) => accepted(&placed),
+        Ok(()) => match rules.review_cause(&placed, &facts) {
+            Some(cause) => DomainEvent::OrderSentForReview(OrderSentForReview {
+                order_id: placed.order_id,
+                total_cents: placed.total_cents,
+                threshold_cents: rules.review_threshold_cents,
+                expires_at: rules::after(now, placed.plan.review_timeout_ms),
+                rule: cause.rule.to_owned(),
+                detail: cause.detail,
+            }),
+            None => accepted(&placed),
+        },
     };
     vec![DomainEvent::OrderPlaced(placed), next]
 }
@@ -679,11 +688,22 @@ mod tests {
         }
 
         fn place(&mut self, cmd: PlaceOrder) -> Vec<DomainEvent> {
-            let (rules, skus) = (Rules::default(), known_skus());
+            self.place_under(cmd, &Rules::default(), 0)
+        }
+
+        /// Placed under `rules`, the customer having placed `recent_orders` orders
+        /// within the last minute.
+        fn place_under(
+            &mut self,
+            cmd: PlaceOrder,
+            rules: &Rules,
+            recent_orders: u32,
+        ) -> Vec<DomainEvent> {
             self.when(OrderInput::Place {
                 cmd,
-                rules: &rules,
-                known_skus: &skus,
+                rules,
+                known_skus: &known_skus(),
+                facts: PlacementFacts { recent_orders },
                 now: now(),
             })
         }
@@ -849,6 +869,76 @@ mod tests {
             (100_000, 100_000)
         );
         assert_eq!(saga.status(), "under_review");
+    }
+
+    // ------------------------------------------------------------ versions and checks
+
+    /// Workflow `version`, at most 2 orders a minute per customer before review.
+    fn fraud_rules(version: u32) -> Rules {
+        Rules {
+            workflow_version: version,
+            fraud_max_orders_per_minute: Some(2),
+            ..Rules::default()
+        }
+    }
+
+    fn review_rule(events: &[DomainEvent]) -> Option<(String, String)> {
+        events.iter().find_map(|e| match e {
+            DomainEvent::OrderSentForReview(r) => Some((r.rule.clone(), r.detail.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn workflow_2_sends_a_fast_customers_order_to_review_naming_the_fraud_rule() {
+        let mut saga = Saga::new(small_order());
+        let events = saga.place_under(small_order(), &fraud_rules(2), 2);
+        assert_eq!(types(&events), ["OrderPlaced", "OrderSentForReview"]);
+        let DomainEvent::OrderPlaced(placed) = &events[0] else {
+            panic!("not placed")
+        };
+        assert_eq!(placed.plan.workflow_version, 2);
+        assert_eq!(placed.plan.checks, ["fraud_velocity"]);
+        assert!(!placed.plan.review, "the amount alone needs no review");
+        assert!(
+            matches!(review_rule(&events), Some((rule, detail)) if rule == "fraud_velocity" && detail.contains("3 orders"))
+        );
+        assert_eq!(saga.status(), "under_review");
+    }
+
+    #[test]
+    fn workflow_2_accepts_an_order_within_the_fraud_limit() {
+        let mut saga = Saga::new(small_order());
+        let events = saga.place_under(small_order(), &fraud_rules(2), 1);
+        assert_eq!(types(&events), ["OrderPlaced", "OrderAccepted"]);
+    }
+
+    #[test]
+    fn workflow_1_runs_no_checks_even_when_a_fraud_rule_is_configured() {
+        let mut saga = Saga::new(small_order());
+        let events = saga.place_under(small_order(), &fraud_rules(1), 50);
+        assert_eq!(types(&events), ["OrderPlaced", "OrderAccepted"]);
+        assert_eq!(saga.state().plan().map(|p| p.checks.len()), Some(0));
+        assert_eq!(saga.state().plan().map(|p| p.workflow_version), Some(1));
+    }
+
+    #[test]
+    fn the_amount_review_is_named_before_any_check() {
+        let mut saga = Saga::new(big_order());
+        let events = saga.place_under(big_order(), &fraud_rules(2), 9);
+        assert!(matches!(review_rule(&events), Some((rule, _)) if rule == "review_threshold"));
+    }
+
+    #[test]
+    fn an_order_held_by_the_fraud_check_finishes_under_its_recorded_plan() {
+        // Approval, the join and completion take no rules: they follow the plan
+        // recorded in OrderPlaced, whatever the rules say by then.
+        let mut saga = Saga::new(digital_order());
+        saga.place_under(digital_order(), &fraud_rules(2), 7);
+        assert_eq!(types(&saga.approve()), ["OrderApproved", "OrderAccepted"]);
+        saga.confirm();
+        assert_eq!(saga.status(), "completed");
+        assert_eq!(saga.state().plan().map(|p| p.workflow_version), Some(2));
     }
 
     #[test]

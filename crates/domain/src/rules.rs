@@ -8,11 +8,33 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::commands::{OrderLine, PlaceOrder, ShippingMethod};
-use crate::events::WorkflowPlan;
+use crate::events::{OrderPlaced, WorkflowPlan};
 use crate::Cents;
 
-/// The version of the workflow `order.rs` implements; recorded in every plan.
+/// The workflow version new orders start under unless configured otherwise.
 pub const WORKFLOW_VERSION: u32 = 1;
+
+/// Every workflow version `order.rs` can run. An order records its version in its plan
+/// and finishes under it; a version is never removed while orders may be in flight.
+///
+/// - 1: review iff the total is at or above the review threshold; no checks.
+/// - 2: as 1, plus the configured checks (today: [`FRAUD_VELOCITY`]), run when the
+///   order is placed; a check that trips sends the order to review.
+pub const WORKFLOW_VERSIONS: [u32; 2] = [1, 2];
+
+/// The fraud check "too many orders of one customer in the last minute" (workflow 2,
+/// when `fraud_max_orders_per_minute` is configured). Its name is recorded in
+/// `WorkflowPlan::checks` and in `OrderSentForReview::rule`.
+pub const FRAUD_VELOCITY: &str = "fraud_velocity";
+
+/// Facts about the world the shell gathers before a placement is decided (the
+/// domain does no IO). Only what the order's plan needs is looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlacementFacts {
+    /// Orders the same customer placed in the minute before this one (this one not
+    /// counted). Needed only when [`Rules::needs_recent_orders`].
+    pub recent_orders: u32,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
@@ -27,7 +49,13 @@ pub struct Rules {
     pub delivery_delay: Duration,
     /// The same, express shipping.
     pub express_delivery_delay: Duration,
+    /// The workflow version new orders start under (one of [`WORKFLOW_VERSIONS`]);
+    /// orders in flight keep the version recorded in their plan.
     pub workflow_version: u32,
+    /// Fraud rule (workflow 2 and later): an order whose customer placed more than
+    /// this many orders within the last minute (this one included) goes to review.
+    /// `None`: off, as the contract says of rules it does not list.
+    pub fraud_max_orders_per_minute: Option<u32>,
 }
 
 impl Default for Rules {
@@ -41,14 +69,78 @@ impl Default for Rules {
             delivery_delay: Duration::from_secs(2),
             express_delivery_delay: Duration::from_millis(500),
             workflow_version: WORKFLOW_VERSION,
+            fraud_max_orders_per_minute: None,
         }
     }
 }
 
+/// Why an order waits for a human decision; recorded in `OrderSentForReview`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewCause {
+    /// `review_threshold` or the name of the check that tripped.
+    pub rule: &'static str,
+    pub detail: String,
+}
+
+/// The rule name of the amount review, as `OrderSentForReview::rule` records it.
+pub const REVIEW_THRESHOLD: &str = "review_threshold";
+
 impl Rules {
+    /// The checks a plan of this workflow version runs, from the configured rules.
+    pub fn checks(&self) -> Vec<String> {
+        let mut checks = Vec::new();
+        if self.workflow_version >= 2 && self.fraud_max_orders_per_minute.is_some() {
+            checks.push(FRAUD_VELOCITY.to_owned());
+        }
+        checks
+    }
+
+    /// Whether placing an order under these rules needs the customer's recent
+    /// orders counted ([`PlacementFacts::recent_orders`]): the shell asks the log only
+    /// then.
+    pub fn needs_recent_orders(&self) -> bool {
+        self.checks().iter().any(|c| c == FRAUD_VELOCITY)
+    }
+
+    /// Why a valid order with this plan waits for review, if it does: the amount
+    /// first, then the plan's checks in their order. Runs once, at placement; later
+    /// steps follow the recorded outcome and never read the rules again.
+    pub fn review_cause(
+        &self,
+        placed: &OrderPlaced,
+        facts: &PlacementFacts,
+    ) -> Option<ReviewCause> {
+        if placed.plan.review {
+            return Some(ReviewCause {
+                rule: REVIEW_THRESHOLD,
+                detail: format!(
+                    "total {} is at or above the review threshold {}",
+                    placed.total_cents, self.review_threshold_cents
+                ),
+            });
+        }
+        for check in &placed.plan.checks {
+            if check == FRAUD_VELOCITY {
+                let max = self.fraud_max_orders_per_minute.unwrap_or(u32::MAX);
+                let orders = facts.recent_orders.saturating_add(1);
+                if orders > max {
+                    return Some(ReviewCause {
+                        rule: FRAUD_VELOCITY,
+                        detail: format!(
+                            "customer '{}' placed {orders} orders within a minute (at most {max} pass without review)",
+                            placed.customer_id
+                        ),
+                    });
+                }
+            }
+        }
+        None
+    }
+
     /// The steps this order will take: review iff its total is at or above the
     /// threshold (an overflowing total counts as above); shipping iff it has a
-    /// shipping address; the delivery delay of its shipping method.
+    /// shipping address; the delivery delay of its shipping method; the checks of the
+    /// configured workflow version.
     pub fn plan_for(&self, cmd: &PlaceOrder) -> WorkflowPlan {
         let total = order_total(&cmd.items).unwrap_or(Cents::MAX);
         let delivery_delay = match cmd.shipping.as_ref().map(|s| s.method) {
@@ -62,6 +154,7 @@ impl Rules {
             review_timeout_ms: millis(self.review_timeout),
             payment_timeout_ms: millis(self.payment_timeout),
             delivery_delay_ms: millis(delivery_delay),
+            checks: self.checks(),
         }
     }
 
@@ -243,6 +336,47 @@ mod tests {
         assert_eq!(standard.payment_timeout_ms, 30_000);
         assert_eq!(standard.review_timeout_ms, 86_400_000);
         assert_eq!(standard.workflow_version, 1);
+    }
+
+    #[test]
+    fn checks_come_with_workflow_2_and_a_configured_fraud_rule_only() {
+        let with = |workflow_version, fraud| Rules {
+            workflow_version,
+            fraud_max_orders_per_minute: fraud,
+            ..Rules::default()
+        };
+        assert_eq!(with(1, Some(3)).checks(), Vec::<String>::new());
+        assert_eq!(with(2, None).checks(), Vec::<String>::new());
+        assert_eq!(with(2, Some(3)).checks(), ["fraud_velocity"]);
+        assert!(with(2, Some(3)).needs_recent_orders());
+        assert!(!with(1, Some(3)).needs_recent_orders());
+        assert!(!Rules::default().needs_recent_orders());
+        let plan = with(2, Some(3)).plan_for(&place(vec![line("A", 1, 1)], None));
+        assert_eq!((plan.workflow_version, plan.checks.len()), (2, 1));
+    }
+
+    #[test]
+    fn the_fraud_check_trips_above_the_configured_orders_per_minute() {
+        let rules = Rules {
+            workflow_version: 2,
+            fraud_max_orders_per_minute: Some(3),
+            ..Rules::default()
+        };
+        let cmd = place(vec![line("A", 1, 1)], None);
+        let placed = OrderPlaced {
+            order_id: cmd.order_id,
+            customer_id: cmd.customer_id.clone(),
+            currency: cmd.currency.clone(),
+            items: cmd.items.clone(),
+            payment_token: cmd.payment_token.clone(),
+            shipping: None,
+            total_cents: 1,
+            item_count: 1,
+            plan: rules.plan_for(&cmd),
+        };
+        let cause = |recent_orders| rules.review_cause(&placed, &PlacementFacts { recent_orders });
+        assert_eq!(cause(2), None, "the third order of the minute passes");
+        assert!(matches!(cause(3), Some(c) if c.rule == FRAUD_VELOCITY));
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::sync::{Arc, RwLock};
 use bus::{Incoming, Outcome};
 use chrono::Utc;
 use domain::commands::{decode, Command, PlaceOrder};
-use domain::{order, stock, streams, OrderInput, OrderState, Rules, StockInput, StockState};
+use domain::{
+    order, stock, streams, OrderInput, OrderState, PlacementFacts, Rules, StockInput, StockState,
+};
 use eventstore::EventStore;
 use futures::future::BoxFuture;
 use tracing::{info, Instrument};
@@ -73,6 +75,7 @@ impl CommandService {
 
     async fn place(&self, cmd: PlaceOrder, cause: &Cause) -> Result<(), ServiceError> {
         let known = self.known_skus_of(&cmd).await?;
+        let facts = self.placement_facts(&cmd).await?;
         let now = Utc::now();
         let decided =
             decide_on::<OrderState, _>(&self.store, &streams::order(cmd.order_id), cause, |s| {
@@ -82,6 +85,7 @@ impl CommandService {
                         cmd: cmd.clone(),
                         rules: &self.rules,
                         known_skus: &known,
+                        facts,
                         now,
                     },
                 )
@@ -105,6 +109,17 @@ impl CommandService {
             .await?;
         log_decision("order", &decided);
         Ok(())
+    }
+
+    /// The facts the plan's checks need, read from the log; nothing is read when the
+    /// rules run no check that needs it (workflow 1, or no fraud rule configured).
+    async fn placement_facts(&self, cmd: &PlaceOrder) -> Result<PlacementFacts, ServiceError> {
+        if !self.rules.needs_recent_orders() {
+            return Ok(PlacementFacts::default());
+        }
+        Ok(PlacementFacts {
+            recent_orders: recent_orders(&self.store, &cmd.customer_id, cmd.order_id).await?,
+        })
     }
 
     /// Commands are handled concurrently, so a cancel published right after its
@@ -167,6 +182,29 @@ impl CommandService {
             .cloned()
             .collect()
     }
+}
+
+/// How many orders `customer_id` placed within the last minute, `order_id` not
+/// counted (a redelivered placement must not count itself). The minute is the
+/// database's clock, the one `recorded_at` is written with. Served by the partial
+/// expression index `events_order_placed_customer` (migration 0030).
+pub async fn recent_orders(
+    store: &EventStore,
+    customer_id: &str,
+    order_id: uuid::Uuid,
+) -> Result<u32, ServiceError> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events
+          WHERE event_type = 'OrderPlaced'
+            AND payload->>'customer_id' = $1
+            AND recorded_at > now() - interval '1 minute'
+            AND stream_name <> $2",
+    )
+    .bind(customer_id)
+    .bind(streams::order(order_id))
+    .fetch_one(store.pool())
+    .await?;
+    Ok(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
 fn log_decision<S>(aggregate: &str, decided: &Decided<S>) {
