@@ -26,16 +26,18 @@ pub(crate) async fn open_pool(
     options: PgConnectOptions,
     max_connections: u32,
 ) -> Result<PgPool, StoreError> {
-    match pool_options(max_connections)
-        .connect_with(options.clone())
-        .await
-    {
+    // One plain connection first: it fails at once with the server's or the network's
+    // own words ("connection refused"), where a pool would retry until its timeout.
+    match PgConnection::connect_with(&options).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+        }
         Err(error) if sqlstate(&error).as_deref() == Some(INVALID_CATALOG_NAME) => {
             create_database(&options).await?;
-            Ok(pool_options(max_connections).connect_with(options).await?)
         }
-        other => Ok(other?),
+        Err(error) => return Err(error.into()),
     }
+    Ok(pool_options(max_connections).connect_with(options).await?)
 }
 
 fn pool_options(max_connections: u32) -> PgPoolOptions {
