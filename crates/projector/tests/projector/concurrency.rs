@@ -100,3 +100,70 @@ async fn two_instances_following_together_apply_every_page_exactly_once() -> any
     assert_eq!(stock_rows(store).await?, expected);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_live_projector_follows_new_events_and_survives_replays() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let live = tokio::spawn(projector::run(
+        store.clone(),
+        projector::all_projections(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let mut reserved = 0;
+    set_stock(store, "A", 1_000).await?;
+    for round in 0..5 {
+        let mut order = OrderScript::new(store);
+        order.place(vec![line("A", 3, 10)], true).await?;
+        order.reserve_all().await?;
+        reserved += 3;
+        // a rebuild while the live projector is running
+        if round % 2 == 0 {
+            replay_all(store).await?;
+        }
+    }
+    let want = vec![("A".to_owned(), 1_000 - reserved, reserved)];
+    testkit::wait_until("the live projector to catch up", DEADLINE, || async {
+        let mut caught_up = true;
+        for p in projector::all_projections() {
+            caught_up &= behind(store, p.as_ref()).await? == 0;
+        }
+        Ok((caught_up && stock_rows(store).await? == want).then_some(()))
+    })
+    .await?;
+    assert_eq!(order_rows(store).await?.len(), 5);
+    let _ = stop.send(());
+    live.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_event_this_version_cannot_decode_is_skipped_not_fatal() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    set_stock(store, "A", 5).await?;
+    store
+        .append(
+            "stock-A",
+            eventstore::ExpectedVersion::Any,
+            vec![eventstore::NewEvent {
+                event_id: uuid::Uuid::new_v4(),
+                event_type: "StockTeleported".to_owned(),
+                schema_version: 1,
+                payload: serde_json::json!({ "sku": "A" }),
+                metadata: eventstore::Metadata {
+                    correlation_id: uuid::Uuid::new_v4(),
+                    causation_id: uuid::Uuid::new_v4(),
+                },
+            }],
+        )
+        .await?;
+    set_stock(store, "A", 8).await?;
+    catch_up(store, &StockLevelsProjection).await?;
+    assert_eq!(stock_rows(store).await?, vec![("A".to_owned(), 8, 0)]);
+    Ok(())
+}

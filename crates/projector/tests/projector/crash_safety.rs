@@ -16,19 +16,15 @@ async fn a_page_that_fails_mid_transaction_is_applied_once_after_the_restart() -
         total > 2 * projector::PAGE_SIZE,
         "the log spans more than two pages"
     );
+    wait_readable(store).await?;
 
     for projection in projector::all_projections() {
         let failing = Interrupted::new(projection.clone(), 2, Stop::Fail);
-        // the first page commits (once the whole log is visible to the reader)
-        testkit::wait_until("the first page", DEADLINE, || async {
-            if behind(store, projection.as_ref()).await? < total {
-                return Ok(Some(()));
-            }
-            projector::run_once(store, &failing).await?;
-            Ok(None)
-        })
-        .await?;
+        // the first page commits
+        let first = projector::run_once(store, &failing).await?;
+        assert_eq!(i64::try_from(first)?, projector::PAGE_SIZE);
         let after_first = behind(store, projection.as_ref()).await?;
+        assert_eq!(after_first, total - projector::PAGE_SIZE);
         // the second page is written, then its transaction fails
         let failed = projector::run_once(store, &failing).await;
         assert!(failed.is_err(), "the injected failure surfaces");
@@ -59,15 +55,7 @@ async fn a_projector_killed_in_the_middle_of_a_page_resumes_from_its_checkpoint(
     let expected_stock = big_log(store).await?;
     let total = store.count().await?;
 
-    // wait until the whole log is visible to followers, so the pages are full ones
-    testkit::wait_until("the log to be readable", DEADLINE, || async {
-        let visible = store
-            .read_all(eventstore::LogPosition::START, total)
-            .await?
-            .len();
-        Ok((i64::try_from(visible)? == total).then_some(()))
-    })
-    .await?;
+    wait_readable(store).await?;
 
     let held: Vec<Arc<Interrupted>> = projector::all_projections()
         .into_iter()

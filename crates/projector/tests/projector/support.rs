@@ -1,13 +1,12 @@
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::commands::{OrderLine, PlaceOrder, Shipping, ShippingMethod};
+use domain::commands::OrderLine;
 use domain::events::{
     PaymentCaptured, PaymentRequested, ShipmentDelivered, ShipmentShipped, StockCommitted,
     StockReserved, StockSet,
 };
-use domain::{order, streams, DomainEvent, Evolve, OrderInput, OrderState, Rules};
+use domain::{order, streams, DomainEvent, Evolve, OrderInput, OrderState};
 use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent, RecordedEvent};
 use projector::order_status::OrderStatusRow;
 use projector::Projection;
@@ -54,20 +53,6 @@ pub fn line(sku: &str, quantity: i64, unit_price_cents: i64) -> OrderLine {
     }
 }
 
-pub fn place_command(order_id: Uuid, items: Vec<OrderLine>, shipped: bool) -> PlaceOrder {
-    PlaceOrder {
-        order_id,
-        customer_id: "customer-1".to_owned(),
-        currency: "EUR".to_owned(),
-        items,
-        payment_token: "tok_ok".to_owned(),
-        shipping: shipped.then(|| Shipping {
-            method: ShippingMethod::Standard,
-            address: "1 Main St".to_owned(),
-        }),
-    }
-}
-
 /// One order driven through the domain's own decisions, its events appended as the
 /// services would append them.
 pub struct OrderScript<'a> {
@@ -108,16 +93,18 @@ impl<'a> OrderScript<'a> {
         items: Vec<OrderLine>,
         shipped: bool,
     ) -> anyhow::Result<Vec<DomainEvent>> {
-        let rules = Rules::default();
-        let skus: BTreeSet<String> = items.iter().map(|l| l.sku.clone()).collect();
-        let cmd = place_command(self.order_id, items, shipped);
-        self.order(OrderInput::Place {
-            cmd,
-            rules: &rules,
-            known_skus: &skus,
-            now: Utc::now(),
-        })
-        .await
+        let events = placement(
+            self.order_id,
+            "tok_ok",
+            &items,
+            shipped,
+            Utc::now() + chrono::Duration::hours(24),
+        )?;
+        append(self.store, &streams::order(self.order_id), &events).await?;
+        for e in &events {
+            self.state.apply(e);
+        }
+        Ok(events)
     }
 
     /// Reserves every line on its stock stream and tells the order.
@@ -454,4 +441,77 @@ pub async fn replay_all(store: &EventStore) -> anyhow::Result<()> {
         projector::replay(store, projection.as_ref(), |_| {}).await?;
     }
     Ok(())
+}
+
+/// The events of placing an order, as the order saga decides them under the default
+/// rules (workflow 1): `OrderPlaced`, then `OrderRejected` (a quantity below 1),
+/// `OrderSentForReview` (total at or above 100000, expiring at `review_expires_at`)
+/// or `OrderAccepted`. Built from the v1 payloads, which every schema version since
+/// decodes (upcasts), so these helpers do not depend on the latest payload shape.
+pub fn placement(
+    order_id: Uuid,
+    token: &str,
+    items: &[OrderLine],
+    shipped: bool,
+    review_expires_at: DateTime<Utc>,
+) -> anyhow::Result<Vec<DomainEvent>> {
+    let total: i64 = items.iter().map(|l| l.quantity * l.unit_price_cents).sum();
+    let item_count: i64 = items.iter().map(|l| l.quantity).sum();
+    let review = total >= 100_000;
+    let shipping =
+        shipped.then(|| serde_json::json!({ "method": "standard", "address": "1 Main St" }));
+    let placed = DomainEvent::decode(
+        "OrderPlaced",
+        1,
+        &serde_json::json!({
+            "order_id": order_id, "customer_id": "customer-1", "currency": "EUR",
+            "items": items, "payment_token": token, "shipping": shipping,
+            "total_cents": total, "item_count": item_count,
+            "plan": { "workflow_version": 1, "review": review, "ship": shipped,
+                      "review_timeout_ms": 86_400_000u64, "payment_timeout_ms": 30_000u64,
+                      "delivery_delay_ms": 2_000u64 }
+        }),
+    )?;
+    let next = if items.is_empty() || items.iter().any(|l| l.quantity < 1) {
+        DomainEvent::OrderRejected(domain::events::OrderRejected {
+            order_id,
+            reason: domain::events::CancelReason::InvalidOrder,
+            detail: "quantity below 1".to_owned(),
+        })
+    } else if review {
+        DomainEvent::decode(
+            "OrderSentForReview",
+            1,
+            &serde_json::json!({
+                "order_id": order_id, "total_cents": total, "threshold_cents": 100_000,
+                "expires_at": review_expires_at
+            }),
+        )?
+    } else {
+        DomainEvent::OrderAccepted(domain::events::OrderAccepted {
+            order_id,
+            customer_id: "customer-1".to_owned(),
+            currency: "EUR".to_owned(),
+            items: items.to_vec(),
+            payment_token: token.to_owned(),
+            total_cents: total,
+            payment_timeout_ms: 30_000,
+        })
+    };
+    Ok(vec![placed, next])
+}
+
+/// Waits until every event in the log is visible to followers (no transaction that
+/// began before the last append is still running anywhere on the server), so that
+/// pages are full and a `run_once` that follows reads something.
+pub async fn wait_readable(store: &EventStore) -> anyhow::Result<()> {
+    let total = store.count().await?;
+    testkit::wait_until("the log to be readable", DEADLINE, || async {
+        let visible = store
+            .read_all(eventstore::LogPosition::START, total)
+            .await?
+            .len();
+        Ok((i64::try_from(visible)? == total).then_some(()))
+    })
+    .await
 }

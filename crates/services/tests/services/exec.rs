@@ -1,0 +1,170 @@
+use domain::{stock, streams, DomainEvent, StockInput, StockState};
+use services::exec::{decide_on, load, Cause, Decided};
+use testkit::TestDb;
+use uuid::Uuid;
+
+fn set(quantity: i64) -> impl Fn(&StockState) -> Vec<DomainEvent> {
+    move |s| {
+        stock::decide(
+            s,
+            StockInput::Set {
+                sku: "A".into(),
+                quantity,
+            },
+        )
+    }
+}
+
+fn reserve(order_id: Uuid, quantity: i64) -> impl Fn(&StockState) -> Vec<DomainEvent> {
+    move |s| {
+        stock::decide(
+            s,
+            StockInput::Reserve {
+                sku: "A".into(),
+                order_id,
+                line: 0,
+                quantity,
+            },
+        )
+    }
+}
+
+fn cause(handler: &str) -> Cause {
+    Cause::new(Uuid::new_v4(), Uuid::new_v4(), handler)
+}
+
+#[tokio::test]
+async fn concurrent_reservations_on_one_sku_are_serialised_and_never_oversell() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    decide_on(&db.store, &stream, &cause("stock.set"), set(10)).await?;
+
+    const BUYERS: usize = 16;
+    let mut buyers = tokio::task::JoinSet::new();
+    for _ in 0..BUYERS {
+        let (store, stream) = (db.store.clone(), stream.clone());
+        buyers.spawn(async move {
+            decide_on(
+                &store,
+                &stream,
+                &cause("inventory.reserve.0"),
+                reserve(Uuid::new_v4(), 1),
+            )
+            .await
+        });
+    }
+    let (mut reserved, mut failed) = (0, 0);
+    while let Some(result) = buyers.join_next().await {
+        match result??.events() {
+            [DomainEvent::StockReserved(_)] => reserved += 1,
+            [DomainEvent::StockReservationFailed(_)] => failed += 1,
+            other => anyhow::bail!("unexpected decision {other:?}"),
+        }
+    }
+    assert_eq!(
+        (reserved, failed),
+        (10, BUYERS - 10),
+        "total reserved is min(demand, stock)"
+    );
+
+    let loaded = load::<StockState>(&db.store, &stream).await?;
+    assert_eq!((loaded.state.on_hand, loaded.state.reserved), (0, 10));
+    let log = db.store.read_stream(&stream, 0).await?;
+    assert_eq!(
+        log.len(),
+        1 + BUYERS,
+        "one event per decision, none lost or doubled"
+    );
+    let versions: Vec<i64> = log.iter().map(|r| r.stream_version).collect();
+    assert_eq!(versions, (0..=i64::try_from(BUYERS)?).collect::<Vec<_>>());
+    // on_hand never went below zero at any point of the stream
+    let mut state = StockState::default();
+    for rec in &log {
+        let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)?;
+        domain::Evolve::apply(&mut state, &event);
+        assert!(
+            state.on_hand >= 0,
+            "on_hand {} at version {}",
+            state.on_hand,
+            rec.stream_version
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_cause_handled_twice_appends_once_even_after_other_writers() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    let first_set = cause("stock.set");
+    let decided = decide_on(&db.store, &stream, &first_set, set(10)).await?;
+    assert!(matches!(decided, Decided::Appended { .. }));
+
+    // another writer moves the stream on, then the first message is redelivered
+    decide_on(&db.store, &stream, &cause("stock.set"), set(7)).await?;
+    let again = decide_on(&db.store, &stream, &first_set, set(10)).await?;
+    match again {
+        Decided::Nothing { state } => assert_eq!(state.on_hand, 7, "the state as the log has it"),
+        Decided::Appended { events, .. } => anyhow::bail!("appended again: {events:?}"),
+    }
+    assert_eq!(db.store.read_stream(&stream, 0).await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redelivered_reservation_reserves_once() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    decide_on(&db.store, &stream, &cause("stock.set"), set(10)).await?;
+    let order_id = Uuid::new_v4();
+    let accepted = cause("inventory.reserve.0");
+    let first = decide_on(&db.store, &stream, &accepted, reserve(order_id, 4)).await?;
+    assert_eq!(first.events().len(), 1);
+    let second = decide_on(&db.store, &stream, &accepted, reserve(order_id, 4)).await?;
+    assert!(matches!(second, Decided::Nothing { .. }));
+    assert_eq!((second.state().on_hand, second.state().reserved), (6, 4));
+    Ok(())
+}
+
+#[tokio::test]
+async fn events_of_a_decision_carry_ids_derived_from_the_cause() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    let c = cause("stock.set");
+    decide_on(&db.store, &stream, &c, set(3)).await?;
+    let rec = &db.store.read_stream(&stream, 0).await?[0];
+    assert_eq!(
+        rec.event_id,
+        domain::derive_event_id(c.causation_id, "stock.set", 0)
+    );
+    assert_eq!(rec.metadata.causation_id, c.causation_id);
+    assert_eq!(rec.metadata.correlation_id, c.correlation_id);
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_first_writers_of_a_new_stream_all_get_their_turn() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    let mut writers = tokio::task::JoinSet::new();
+    for quantity in 0..8 {
+        let (store, stream) = (db.store.clone(), stream.clone());
+        writers.spawn(async move {
+            decide_on(&store, &stream, &cause("stock.set"), set(quantity)).await
+        });
+    }
+    while let Some(result) = writers.join_next().await {
+        assert_eq!(result??.events().len(), 1);
+    }
+    let versions: Vec<i64> = db
+        .store
+        .read_stream(&stream, 0)
+        .await?
+        .iter()
+        .map(|r| r.stream_version)
+        .collect();
+    assert_eq!(versions, (0..8).collect::<Vec<_>>());
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Integration tests of the services against a fresh database per test (`TestDb`), and a
+//! fresh RabbitMQ vhost where a broker is involved (`TestVhost`).
+
+mod audit;
+mod exec;
+mod gateway;
+mod payment;
+mod relay;
+mod support;
+mod timers;

@@ -1,0 +1,142 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::commands::CancelOrder;
+use domain::{payment::capture_key, streams, OrderInput};
+use services::gateway::{CaptureOutcome, CaptureRequest, PaymentGateway, Simulator};
+use services::payment::Payments;
+use testkit::TestDb;
+
+use crate::support::*;
+
+fn payments(db: &TestDb) -> Payments {
+    let gateway: Arc<dyn PaymentGateway> =
+        Arc::new(Simulator::new(db.pool().clone(), Duration::ZERO, 0.0));
+    Payments::new(db.store.clone(), gateway)
+}
+
+async fn net_ledger(db: &TestDb, order_id: uuid::Uuid) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(sum(amount_cents), 0)::bigint FROM gateway_ledger WHERE idempotency_key LIKE '%' || $1",
+    )
+    .bind(order_id.to_string())
+    .fetch_one(db.pool())
+    .await?)
+}
+
+#[tokio::test]
+async fn a_capture_made_before_a_crash_is_recorded_once_and_not_charged_again() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let (order_id, _) = place(&db.store, "tok_ok", vec![line("A", 2, 1_500)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+
+    // the crash window: the gateway captured, the worker died before PaymentCaptured
+    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
+    let before = gateway
+        .capture(CaptureRequest {
+            idempotency_key: capture_key(order_id),
+            token: "tok_ok".to_owned(),
+            amount_cents: 3_000,
+            currency: "EUR".to_owned(),
+        })
+        .await?;
+    let CaptureOutcome::Captured { reference } = before else {
+        anyhow::bail!("not captured: {before:?}");
+    };
+
+    // the restarted payment service handles the OrderAccepted (redelivered) again, twice
+    let service = payments(&db);
+    service.react(&accepted).await?;
+    service.react(&accepted).await?;
+
+    let payment = stream(&db.store, &streams::payment(order_id)).await?;
+    let kinds: Vec<&str> = payment.iter().map(|r| r.event_type.as_str()).collect();
+    assert_eq!(kinds, ["PaymentRequested", "PaymentCaptured"]);
+    assert_eq!(payment[1].payload["gateway_reference"], reference.as_str());
+    assert_eq!(payment[1].payload["amount_cents"], 3_000);
+    assert_eq!(
+        ledger(&db.store, &capture_key(order_id)).await?,
+        vec![("capture".to_owned(), "captured".to_owned(), 3_000)]
+    );
+    assert_eq!(net_ledger(&db, order_id).await?, 3_000);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_order_cancelled_after_capture_is_voided_then_refunded_to_zero() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 999)]).await?;
+    let service = payments(&db);
+    service
+        .react(&envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?)
+        .await?;
+    assert_eq!(net_ledger(&db, order_id).await?, 999);
+
+    decide_order(
+        &db.store,
+        order_id,
+        order,
+        OrderInput::Cancel(CancelOrder {
+            order_id,
+            reason: "changed my mind".to_owned(),
+        }),
+    )
+    .await?;
+    let cancelled = envelope(&db.store, &streams::order(order_id), "OrderCancelled").await?;
+    service.react(&cancelled).await?;
+    service.react(&cancelled).await?;
+
+    assert_eq!(
+        types(&db.store, &streams::payment(order_id)).await?,
+        [
+            "PaymentRequested",
+            "PaymentCaptured",
+            "PaymentVoided",
+            "PaymentRefunded"
+        ]
+    );
+    let refunded = envelope(&db.store, &streams::payment(order_id), "PaymentRefunded").await?;
+    let domain::DomainEvent::PaymentRefunded(r) = refunded.event else {
+        anyhow::bail!("not a refund");
+    };
+    assert_eq!(r.amount_cents, 999);
+    assert_eq!(
+        net_ledger(&db, order_id).await?,
+        0,
+        "money captured net of refunds"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM gateway_ledger")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(rows, 2, "one capture, one refund");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flaky_gateway_is_retried_until_it_captures_once() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, _) = place(&db.store, "tok_flaky", vec![line("A", 1, 500)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+    tokio::time::timeout(crate::support::DEADLINE, payments(&db).react(&accepted)).await??;
+    assert_eq!(
+        types(&db.store, &streams::payment(order_id)).await?,
+        ["PaymentRequested", "PaymentCaptured"]
+    );
+    assert_eq!(ledger(&db.store, &capture_key(order_id)).await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_declined_token_records_a_declined_payment() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, _) = place(&db.store, "tok_decline", vec![line("A", 1, 500)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+    payments(&db).react(&accepted).await?;
+    assert_eq!(
+        types(&db.store, &streams::payment(order_id)).await?,
+        ["PaymentRequested", "PaymentDeclined"]
+    );
+    assert_eq!(net_ledger(&db, order_id).await?, 0);
+    Ok(())
+}

@@ -1,0 +1,131 @@
+use bus::Bus;
+use domain::events::StockSet;
+use domain::{streams, DomainEvent};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::Channel;
+use testkit::{TestDb, TestVhost};
+
+use crate::support::*;
+
+const QUEUE: &str = "test.every-event";
+
+/// A queue that sees every event the relay publishes.
+async fn tap(bus: &Bus) -> anyhow::Result<Channel> {
+    let channel = bus.open_channel().await?;
+    channel
+        .queue_declare(
+            ShortString::from(QUEUE),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            ShortString::from(QUEUE),
+            ShortString::from(bus::EVENTS_EXCHANGE),
+            ShortString::from("#"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(channel)
+}
+
+/// (message_id, routing_key) of every message in the queue, in queue order.
+async fn drain(channel: &Channel) -> anyhow::Result<Vec<(String, String)>> {
+    let mut got = Vec::new();
+    while let Some(m) = channel
+        .basic_get(ShortString::from(QUEUE), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        got.push((id, m.delivery.routing_key.to_string()));
+    }
+    Ok(got)
+}
+
+#[tokio::test]
+async fn the_relay_publishes_each_committed_event_once_and_moves_its_checkpoint(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let channel = tap(&bus).await?;
+
+    append(
+        &db.store,
+        &streams::stock("A"),
+        &[DomainEvent::StockSet(StockSet {
+            sku: "A".into(),
+            quantity: 5,
+        })],
+    )
+    .await?;
+    place(&db.store, "tok_ok", vec![line("A", 1, 100)]).await?;
+
+    let published = relay_all(&db.store, &bus).await?;
+    let log = db
+        .store
+        .read_all(eventstore::LogPosition::START, 100)
+        .await?;
+    assert_eq!(published, 3);
+    assert_eq!(
+        db.store
+            .load_checkpoint(services::relay::CHECKPOINT)
+            .await?,
+        log.last().map(|r| r.log_position()).unwrap_or_default()
+    );
+
+    let expected: Vec<(String, String)> = db
+        .store
+        .read_all(eventstore::LogPosition::START, 100)
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.event_id.to_string(),
+                format!("{}.{}", streams::category(&r.stream_name), r.event_type),
+            )
+        })
+        .collect();
+    assert_eq!(
+        expected
+            .iter()
+            .map(|(_, key)| key.as_str())
+            .collect::<Vec<_>>(),
+        ["stock.StockSet", "order.OrderPlaced", "order.OrderAccepted"]
+    );
+    // publishes are confirmed, so the messages are queued by now
+    let got = drain(&channel).await?;
+    assert_eq!(
+        got, expected,
+        "message_id = event_id, key = <category>.<EventType>, log order"
+    );
+
+    // caught up: nothing more is published
+    assert_eq!(services::relay::relay_page(&db.store, &bus).await?, 0);
+    assert!(drain(&channel).await?.is_empty());
+
+    // a later event is published alone
+    append(
+        &db.store,
+        &streams::stock("A"),
+        &[DomainEvent::StockSet(StockSet {
+            sku: "A".into(),
+            quantity: 9,
+        })],
+    )
+    .await?;
+    assert_eq!(relay_all(&db.store, &bus).await?, 1);
+    let later = drain(&channel).await?;
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].1, "stock.StockSet");
+    Ok(())
+}

@@ -1,0 +1,211 @@
+use chrono::{Duration, Utc};
+use domain::commands::{Shipping, ShippingMethod};
+use domain::events::{PaymentCaptured, PaymentRequested, ShipmentShipped};
+use domain::{streams, DomainEvent};
+use projector::timers::TimersProjection;
+use services::timers::Scheduler;
+use testkit::TestDb;
+use uuid::Uuid;
+
+use crate::support::*;
+
+fn requested(order_id: Uuid, expires_in: Duration) -> DomainEvent {
+    DomainEvent::PaymentRequested(PaymentRequested {
+        order_id,
+        amount_cents: 100,
+        currency: "EUR".to_owned(),
+        payment_token: "tok_timeout".to_owned(),
+        expires_at: Utc::now() + expires_in,
+    })
+}
+
+async fn count_of(db: &TestDb, stream_name: &str, event_type: &str) -> anyhow::Result<usize> {
+    Ok(types(&db.store, stream_name)
+        .await?
+        .iter()
+        .filter(|t| *t == event_type)
+        .count())
+}
+
+#[tokio::test]
+async fn a_due_payment_timer_fires_once_and_firing_it_again_appends_nothing() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let order_id = Uuid::new_v4();
+    let stream = streams::payment(order_id);
+    append(
+        &db.store,
+        &stream,
+        &[requested(order_id, -Duration::seconds(1))],
+    )
+    .await?;
+    catch_up(&db.store, &TimersProjection).await?;
+    let scheduled = timers(&db.store).await?;
+    assert_eq!(scheduled.len(), 1);
+
+    let scheduler = Scheduler::new(db.store.clone());
+    assert_eq!(scheduler.fire_due().await?, 1);
+    assert_eq!(
+        types(&db.store, &stream).await?,
+        ["PaymentRequested", "PaymentTimedOut"]
+    );
+    assert!(timers(&db.store).await?.is_empty(), "a fired timer is gone");
+    assert_eq!(scheduler.fire_due().await?, 0);
+
+    // a crash before the row was deleted: the same timer comes back and fires again
+    let (timer_id, kind, order, due_at) = &scheduled[0];
+    sqlx::query("INSERT INTO timers (timer_id, kind, order_id, due_at, scheduled_at) VALUES ($1, $2, $3, $4, now())")
+        .bind(timer_id)
+        .bind(kind)
+        .bind(order)
+        .bind(due_at)
+        .execute(db.pool())
+        .await?;
+    assert_eq!(scheduler.fire_due().await?, 1);
+    assert_eq!(
+        types(&db.store, &stream).await?,
+        ["PaymentRequested", "PaymentTimedOut"]
+    );
+
+    // and the projector, seeing PaymentTimedOut, leaves no timer behind
+    catch_up(&db.store, &TimersProjection).await?;
+    assert!(timers(&db.store).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_timer_that_is_not_due_does_not_fire() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let order_id = Uuid::new_v4();
+    append(
+        &db.store,
+        &streams::payment(order_id),
+        &[requested(order_id, Duration::hours(1))],
+    )
+    .await?;
+    catch_up(&db.store, &TimersProjection).await?;
+    assert_eq!(Scheduler::new(db.store.clone()).fire_due().await?, 0);
+    assert_eq!(timers(&db.store).await?.len(), 1);
+    assert_eq!(
+        count_of(&db, &streams::payment(order_id), "PaymentTimedOut").await?,
+        0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_payment_timer_that_fires_after_the_capture_has_no_effect() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let order_id = Uuid::new_v4();
+    let stream = streams::payment(order_id);
+    append(
+        &db.store,
+        &stream,
+        &[requested(order_id, -Duration::seconds(1))],
+    )
+    .await?;
+    catch_up(&db.store, &TimersProjection).await?;
+    // captured, but the projector has not removed the timer yet
+    append(
+        &db.store,
+        &stream,
+        &[DomainEvent::PaymentCaptured(PaymentCaptured {
+            order_id,
+            amount_cents: 100,
+            gateway_reference: "sim".to_owned(),
+        })],
+    )
+    .await?;
+    assert_eq!(Scheduler::new(db.store.clone()).fire_due().await?, 1);
+    assert_eq!(
+        types(&db.store, &stream).await?,
+        ["PaymentRequested", "PaymentCaptured"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_review_cancels_the_order_with_review_expired() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, _) =
+        place_expiring(&db.store, "tok_ok", vec![line("A", 1, 200_000)], Utc::now()).await?;
+    catch_up(&db.store, &TimersProjection).await?;
+    assert_eq!(Scheduler::new(db.store.clone()).fire_due().await?, 1);
+    let cancelled = envelope(&db.store, &streams::order(order_id), "OrderCancelled").await?;
+    let DomainEvent::OrderCancelled(c) = cancelled.event else {
+        anyhow::bail!("not a cancellation");
+    };
+    assert_eq!(c.reason.as_str(), "review_expired");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_due_delivery_timer_delivers_the_shipment() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let order_id = Uuid::new_v4();
+    append(
+        &db.store,
+        &streams::shipment(order_id),
+        &[DomainEvent::ShipmentShipped(ShipmentShipped {
+            order_id,
+            shipping: Shipping {
+                method: ShippingMethod::Express,
+                address: "x".to_owned(),
+            },
+            items: vec![line("A", 1, 1)],
+            deliver_at: Utc::now() - Duration::seconds(1),
+        })],
+    )
+    .await?;
+    catch_up(&db.store, &TimersProjection).await?;
+    assert_eq!(Scheduler::new(db.store.clone()).fire_due().await?, 1);
+    assert_eq!(
+        types(&db.store, &streams::shipment(order_id)).await?,
+        ["ShipmentShipped", "ShipmentDelivered"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_schedulers_never_fire_the_same_timer_twice() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    const ORDERS: usize = 40;
+    let orders: Vec<Uuid> = (0..ORDERS).map(|_| Uuid::new_v4()).collect();
+    for order_id in &orders {
+        append(
+            &db.store,
+            &streams::payment(*order_id),
+            &[requested(*order_id, -Duration::seconds(1))],
+        )
+        .await?;
+    }
+    catch_up(&db.store, &TimersProjection).await?;
+    assert_eq!(timers(&db.store).await?.len(), ORDERS);
+
+    let mut schedulers = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let scheduler = Scheduler::new(db.second_store().await?);
+        schedulers.spawn(async move {
+            let mut fired = 0;
+            loop {
+                match scheduler.fire_due().await? {
+                    0 => return anyhow::Ok(fired),
+                    n => fired += n,
+                }
+            }
+        });
+    }
+    let mut fired = 0;
+    while let Some(result) = schedulers.join_next().await {
+        fired += result??;
+    }
+    assert_eq!(fired, ORDERS, "each timer fired by exactly one scheduler");
+    assert!(timers(&db.store).await?.is_empty());
+    for order_id in &orders {
+        assert_eq!(
+            count_of(&db, &streams::payment(*order_id), "PaymentTimedOut").await?,
+            1
+        );
+    }
+    Ok(())
+}
