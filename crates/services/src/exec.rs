@@ -102,16 +102,37 @@ pub fn expected(version: Option<i64>) -> ExpectedVersion {
 /// is not read from its start for every message. Never stale: every use reads the
 /// events after the cached version first (one indexed query), so the cache only saves
 /// the fold of what was seen before. Bounded: when full it is emptied.
+///
+/// It also serialises decisions on one stream within this process (striped locks), so
+/// that concurrent messages for a hot stream queue up here instead of racing each other
+/// into optimistic-concurrency conflicts; other processes still meet them as conflicts.
 pub struct StreamCache<S> {
     entries: Mutex<HashMap<String, (S, Option<i64>)>>,
     capacity: usize,
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Lock stripes per cache: streams hash onto them.
+const STRIPES: usize = 64;
 
 impl<S: Clone> StreamCache<S> {
     pub fn new(capacity: usize) -> StreamCache<S> {
         StreamCache {
             entries: Mutex::new(HashMap::new()),
             capacity,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    /// Holds the stream's stripe: one decision at a time per stream in this process.
+    async fn serialise(&self, stream: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        stream.hash(&mut hasher);
+        let index = usize::try_from(hasher.finish() % STRIPES as u64).unwrap_or(0);
+        match self.stripes.get(index) {
+            Some(stripe) => Some(stripe.lock().await),
+            None => None,
         }
     }
 
@@ -185,6 +206,7 @@ where
     S: Evolve + Clone,
     F: Fn(&S) -> Vec<DomainEvent>,
 {
+    let _turn = cache.serialise(stream).await;
     decide_with(store, stream, cause, decide, || {
         load_cached(store, cache, stream)
     })
@@ -218,7 +240,7 @@ where
     L: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<Loaded<S>, ServiceError>>,
 {
-    for _ in 0..MAX_CONFLICT_RETRIES {
+    for attempt in 0..MAX_CONFLICT_RETRIES {
         let Loaded { mut state, version } = load_state().await?;
         let events = decide(&state);
         if events.is_empty() {
@@ -239,7 +261,12 @@ where
                 let Loaded { state, .. } = load_state().await?;
                 return Ok(Decided::Nothing { state });
             }
-            Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::Conflict { .. }) => {
+                // Another writer won; let the crowd thin out before reading again.
+                let pause = rand::random_range(0..=attempt.min(10) as u64 * 2);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                continue;
+            }
             Err(other) => return Err(other.into()),
         }
     }
