@@ -89,8 +89,10 @@ impl Projection for OrderStatusProjection {
         events: &'a [EventEnvelope],
     ) -> BoxFuture<'a, Result<(), ProjectorError>> {
         Box::pin(async move {
-            let relevant: Vec<&EventEnvelope> =
-                events.iter().filter(|e| concerns_order_status(&e.event)).collect();
+            let relevant: Vec<&EventEnvelope> = events
+                .iter()
+                .filter(|e| concerns_order_status(&e.event))
+                .collect();
             if relevant.is_empty() {
                 return Ok(());
             }
@@ -103,13 +105,16 @@ impl Projection for OrderStatusProjection {
             let mut rows = load(conn, &ids).await?;
             let mut dirty = HashSet::new();
             for env in relevant {
-                let Some(order_id) = env.event.order_id() else { continue };
+                let Some(order_id) = env.event.order_id() else {
+                    continue;
+                };
                 if let Some(row) = apply(rows.get(&order_id), env) {
                     rows.insert(order_id, row);
                     dirty.insert(order_id);
                 }
             }
-            let changed: Vec<&OrderStatusRow> = dirty.iter().filter_map(|id| rows.get(id)).collect();
+            let changed: Vec<&OrderStatusRow> =
+                dirty.iter().filter_map(|id| rows.get(id)).collect();
             upsert(conn, &changed).await
         })
     }
