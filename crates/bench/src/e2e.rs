@@ -1,6 +1,535 @@
-//! Placeholder.
-use crate::report::Report;
+//! End to end: `orderflow run` (the release binary) as a child process on the bench's
+//! database and vhost; a burst of orders for sustained throughput, then paced orders at
+//! half that rate for publish → final-status latency; beside a raw RabbitMQ baseline
+//! (publish with confirms to a quorum queue, consume with ack) in the same vhost.
+use std::collections::{HashMap, VecDeque};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::infra::{BenchDb, BenchVhost};
+use crate::measure::percentile;
+use crate::report::{fmt_value, Report, Row};
 use crate::Ctx;
-pub async fn run(_ctx: &Ctx, _report: &mut Report) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+
+const SKUS: [&str; 4] = ["BENCH-1", "BENCH-2", "BENCH-3", "BENCH-4"];
+const STOCK: i64 = 1_000_000_000;
+/// Publishes in flight before the publisher waits for the oldest confirm.
+const CONFIRM_WINDOW: usize = 500;
+const FINAL: &str = "('delivered', 'completed')";
+const FAILED: &str = "('cancelled', 'rejected')";
+
+pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        ctx.orderflow_bin.exists(),
+        "{} not found: build it with `cargo build --release -p orderflow` (scripts/bench does)",
+        ctx.orderflow_bin.display()
+    );
+    let vhost = BenchVhost::create(&ctx.amqp_url, &ctx.run_id).await?;
+    let db = BenchDb::new(&ctx.database_url, &ctx.run_id, "e2e")?;
+    let result = measure(ctx, &db, &vhost, report).await;
+    db.drop().await;
+    vhost.delete().await;
+    result
+}
+
+fn order_body(order_id: Uuid, i: u64, customer: &str) -> Vec<u8> {
+    let shipping = if i % 2 == 0 {
+        serde_json::json!({"method": "standard", "address": "1 Bench Street, 10115 Berlin"})
+    } else {
+        serde_json::Value::Null
+    };
+    serde_json::json!({
+        "order_id": order_id,
+        "customer_id": customer,
+        "currency": "EUR",
+        "items": [{"sku": SKUS[(i as usize) % SKUS.len()], "quantity": 1, "unit_price_cents": 1_999}],
+        "payment_token": "tok_ok",
+        "shipping": shipping,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> anyhow::Result<PublisherConfirm> {
+    let properties = BasicProperties::default()
+        .with_message_id(ShortString::from(Uuid::new_v4().to_string()))
+        .with_content_type(ShortString::from("application/json"))
+        .with_delivery_mode(2);
+    Ok(channel
+        .basic_publish(
+            ShortString::from(exchange),
+            ShortString::from(routing_key),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await?)
+}
+
+async fn confirmed(confirm: PublisherConfirm) -> anyhow::Result<()> {
+    match confirm.await? {
+        Confirmation::Nack(_) => bail!("the broker nacked a publish"),
+        _ => Ok(()),
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<Connection> {
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")
+}
+
+async fn measure(
+    ctx: &Ctx,
+    db: &BenchDb,
+    vhost: &BenchVhost,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let store = db.store(2).await?;
+    drop(store);
+    let pool = db.pool(4).await?;
+    let sample_len = order_body(Uuid::new_v4(), 0, "bench-burst").len();
+
+    eprintln!(
+        "== e2e: raw RabbitMQ baseline, {} messages",
+        ctx.rabbit_messages
+    );
+    let (raw_rate, _) = rabbit(&vhost.url, ctx.rabbit_messages, None, sample_len).await?;
+    report.add(Row {
+        key: "rabbit",
+        section: "raw RabbitMQ",
+        what: format!("publish (confirms, {CONFIRM_WINDOW} in flight) + consume (ack, prefetch 256), quorum queue, {}-byte bodies", sample_len),
+        value: raw_rate,
+        unit: "msgs/s",
+        baseline: None,
+        note: format!("{} messages", ctx.rabbit_messages),
+    });
+
+    eprintln!("== e2e: starting {}", ctx.orderflow_bin.display());
+    let log_path = std::env::temp_dir().join(format!("orderflow_bench_{}.log", ctx.run_id));
+    let log = std::fs::File::create(&log_path)?;
+    let mut child = tokio::process::Command::new(&ctx.orderflow_bin)
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("AMQP_URL", &vhost.url)
+        .env("ORDERFLOW_DELIVERY_DELAY", "0s")
+        .env("ORDERFLOW_EXPRESS_DELIVERY_DELAY", "0s")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting orderflow run")?;
+    let result = drive(ctx, &pool, vhost, &mut child, report, raw_rate, sample_len).await;
+    stop(&mut child).await;
+    if result.is_err() {
+        eprintln!("orderflow's log: {}", log_path.display());
+    } else {
+        let _ = std::fs::remove_file(&log_path);
+    }
+    result
+}
+
+async fn stop(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = tokio::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    ctx: &Ctx,
+    pool: &PgPool,
+    vhost: &BenchVhost,
+    child: &mut tokio::process::Child,
+    report: &mut Report,
+    raw_rate: f64,
+    body_len: usize,
+) -> anyhow::Result<()> {
+    let connection = connect(&vhost.url).await?;
+    // orderflow declares its topology when it starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("orderflow run exited early: {status}");
+        }
+        let probe = connection.create_channel().await?;
+        let declared = probe
+            .queue_declare(
+                ShortString::from(bus_intake()),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if declared.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("orderflow did not declare its queues within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+
+    for sku in SKUS {
+        let body = serde_json::json!({"sku": sku, "quantity": STOCK}).to_string();
+        confirmed(publish(&channel, "orderflow.commands", "stock.set", body.as_bytes()).await?)
+            .await?;
+    }
+    wait_until(Duration::from_secs(60), "stock levels", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM stock_levels WHERE sku LIKE 'BENCH-%' AND on_hand >= $1",
+        )
+        .bind(STOCK - 1_000_000)
+        .fetch_one(pool)
+        .await?;
+        Ok(n == SKUS.len() as i64)
+    })
+    .await?;
+
+    // Burst: everything at once, measure until the last order is final.
+    let k = ctx.orders;
+    eprintln!("== e2e: burst of {k} orders");
+    let t0 = SystemTime::now();
+    let started = Instant::now();
+    let mut window = VecDeque::new();
+    for i in 0..k {
+        let body = order_body(Uuid::new_v4(), i, "bench-burst");
+        window.push_back(publish(&channel, "orderflow.commands", "order.place", &body).await?);
+        if window.len() >= CONFIRM_WINDOW {
+            if let Some(oldest) = window.pop_front() {
+                confirmed(oldest).await?;
+            }
+        }
+    }
+    for confirm in window.drain(..) {
+        confirmed(confirm).await?;
+    }
+    let publish_elapsed = started.elapsed();
+    let burst_deadline = Duration::from_secs(120).max(Duration::from_secs_f64(k as f64 / 50.0));
+    let (done, failed) = wait_orders(pool, "bench-burst", k, burst_deadline).await?;
+    let finals: Vec<DateTime<Utc>> = sqlx::query_scalar(&format!(
+        "SELECT updated_at FROM order_status WHERE customer_id = 'bench-burst' AND status IN {FINAL} ORDER BY updated_at"
+    ))
+    .fetch_all(pool)
+    .await?;
+    let t0_utc: DateTime<Utc> = t0.into();
+    let last = finals.last().copied().unwrap_or(t0_utc);
+    let span = (last - t0_utc)
+        .to_std()
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-3);
+    let sustained = finals.len() as f64 / span;
+    let quarter = |from: f64, to: f64| {
+        let a = t0_utc + chrono::Duration::milliseconds((span * from * 1000.0) as i64);
+        let b = t0_utc + chrono::Duration::milliseconds((span * to * 1000.0) as i64);
+        finals.iter().filter(|t| **t >= a && **t < b).count() as f64 / (span * (to - from))
+    };
+    let (first_q, last_q) = (quarter(0.0, 0.25), quarter(0.75, 1.0));
+    report.add(Row {
+        key: "e2e_orders",
+        section: "end to end",
+        what: format!("sustained orders/s, burst of {k} orders (publish → all delivered/completed)"),
+        value: sustained,
+        unit: "orders/s",
+        baseline: Some(("raw RabbitMQ publish + consume".to_owned(), raw_rate)),
+        note: format!(
+            "{done} final, {failed} cancelled/rejected in {span:.1} s; published in {:.1} s; first quarter {} orders/s, last quarter {} orders/s",
+            publish_elapsed.as_secs_f64(),
+            fmt_value(first_q),
+            fmt_value(last_q)
+        ),
+    });
+    report.target(
+        "end to end ≥ 500 orders/s",
+        sustained >= 500.0 && failed == 0,
+        format!(
+            "{} orders/s ({done} of {k} final, {failed} failed)",
+            fmt_value(sustained)
+        ),
+    );
+
+    // Paced: half the sustained rate, latency publish → final status.
+    let rate = (sustained * 0.5).max(1.0);
+    let count = ((rate * ctx.paced_duration.as_secs_f64()) as u64).max(20);
+    eprintln!("== e2e: {count} paced orders at {rate:.0} orders/s");
+    let mut published: HashMap<Uuid, SystemTime> = HashMap::with_capacity(count as usize);
+    let mut confirms = Vec::with_capacity(count as usize);
+    let start = tokio::time::Instant::now();
+    for i in 0..count {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        let order_id = Uuid::new_v4();
+        let body = order_body(order_id, i, "bench-paced");
+        published.insert(order_id, SystemTime::now());
+        confirms.push(publish(&channel, "orderflow.commands", "order.place", &body).await?);
+    }
+    for confirm in confirms {
+        confirmed(confirm).await?;
+    }
+    let (paced_done, paced_failed) =
+        wait_orders(pool, "bench-paced", count, Duration::from_secs(120)).await?;
+    let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(&format!(
+        "SELECT order_id, updated_at FROM order_status WHERE customer_id = 'bench-paced' AND status IN {FINAL}"
+    ))
+    .fetch_all(pool)
+    .await?;
+    let mut latencies: Vec<u64> = rows
+        .iter()
+        .filter_map(|(id, at)| {
+            let sent: DateTime<Utc> = (*published.get(id)?).into();
+            Some((*at - sent).num_microseconds().unwrap_or(0).max(0) as u64)
+        })
+        .collect();
+    latencies.sort_unstable();
+
+    eprintln!("== e2e: stopping orderflow; raw RabbitMQ at the same pace");
+    let cost: (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT transaction_id) FROM events")
+            .fetch_one(pool)
+            .await?;
+    let hottest: Option<i64> = sqlx::query_scalar(
+        "SELECT max(stream_version) + 1 FROM events WHERE stream_name LIKE 'stock-%'",
+    )
+    .fetch_one(pool)
+    .await?;
+    stop(child).await;
+    let (_, raw_latencies) = rabbit(&vhost.url, count, Some(rate), body_len).await?;
+
+    for (p, key) in [(50.0, "e2e_p50"), (95.0, "e2e_p95"), (99.0, "e2e_p99")] {
+        report.add(Row {
+            key,
+            section: "end to end",
+            what: format!("publish → final status latency p{p:.0} at {rate:.0} orders/s (half load)"),
+            value: percentile(&latencies, p) as f64 / 1000.0,
+            unit: "ms",
+            baseline: Some((
+                format!("raw RabbitMQ publish → consume p{p:.0} at the same pace"),
+                percentile(&raw_latencies, p) as f64 / 1000.0,
+            )),
+            note: if p >= 99.0 {
+                format!(
+                    "{count} orders over {:.0} s: {paced_done} final, {paced_failed} cancelled/rejected; max {:.0} ms; final = the commit time of the final event (`updated_at`)",
+                    ctx.paced_duration.as_secs_f64(),
+                    percentile(&latencies, 100.0) as f64 / 1000.0
+                )
+            } else {
+                String::new()
+            },
+        });
+    }
+    let p99 = percentile(&latencies, 99.0) as f64 / 1000.0;
+    report.target(
+        "end to end p99 < 250 ms at half load",
+        p99 < 250.0 && paced_failed == 0 && paced_done == count,
+        format!("p99 {p99:.0} ms at {rate:.0} orders/s ({paced_done} of {count} final)"),
+    );
+    let orders = (k + count) as f64;
+    report.add(Row {
+        key: "e2e_events_per_order",
+        section: "end to end",
+        what: "events per order (events ÷ orders)".to_owned(),
+        value: cost.0 as f64 / orders,
+        unit: "events",
+        baseline: None,
+        note: format!(
+            "{} events for {} orders (+ {} stock.set)",
+            cost.0,
+            orders,
+            SKUS.len()
+        ),
+    });
+    report.add(Row {
+        key: "e2e_tx_per_order",
+        section: "end to end",
+        what: "appending transactions per order (distinct transaction_id ÷ orders)".to_owned(),
+        value: cost.1 as f64 / orders,
+        unit: "transactions",
+        baseline: None,
+        note: format!(
+            "the hottest stock stream reached {} events ({} SKUs shared by all orders)",
+            hottest.unwrap_or(0),
+            SKUS.len()
+        ),
+    });
+    Ok(())
+}
+
+fn bus_intake() -> &'static str {
+    "orderflow.commands.intake"
+}
+
+async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await? {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Waits until `expected` orders of `customer` are final or failed; (final, failed).
+async fn wait_orders(
+    pool: &PgPool,
+    customer: &str,
+    expected: u64,
+    limit: Duration,
+) -> anyhow::Result<(u64, u64)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (done, failed): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*) FILTER (WHERE status IN {FINAL}), count(*) FILTER (WHERE status IN {FAILED}) \
+             FROM order_status WHERE customer_id = $1"
+        ))
+        .bind(customer)
+        .fetch_one(pool)
+        .await?;
+        let (done, failed) = (done as u64, failed as u64);
+        if done + failed >= expected {
+            return Ok((done, failed));
+        }
+        if Instant::now() > deadline {
+            eprintln!("  timed out: {done} final, {failed} failed of {expected}");
+            return Ok((done, failed));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `count` messages with confirms to a fresh quorum queue while a consumer
+/// acks them; as fast as possible, or at `rate` per second. Returns (messages per
+/// second from the first publish to the last ack, sorted publish → consume latencies µs).
+async fn rabbit(
+    url: &str,
+    count: u64,
+    rate: Option<f64>,
+    body_len: usize,
+) -> anyhow::Result<(f64, Vec<u64>)> {
+    let publisher = connect(url).await?;
+    let subscriber = connect(url).await?;
+    let queue = format!("bench.raw.{}", Uuid::new_v4().simple());
+    let channel = publisher.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            ShortString::from(queue.as_str()),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await?;
+    let consuming = subscriber.create_channel().await?;
+    consuming.basic_qos(256, BasicQosOptions::default()).await?;
+    let mut consumer = consuming
+        .basic_consume(
+            ShortString::from(queue.as_str()),
+            ShortString::from("orderflow-bench"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let origin = Instant::now();
+    let expected = count as usize;
+    let consume = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(expected);
+        while latencies.len() < expected {
+            let delivery = consumer.next().await.context("the consumer ended")??;
+            let mut sent = [0u8; 8];
+            sent.copy_from_slice(&delivery.data[..8]);
+            let now = origin.elapsed().as_micros() as u64;
+            latencies.push(now.saturating_sub(u64::from_le_bytes(sent)));
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Ok::<_, anyhow::Error>((latencies, origin.elapsed()))
+    });
+    let start = tokio::time::Instant::now();
+    let mut window = VecDeque::new();
+    for i in 0..count {
+        if let Some(rate) = rate {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        }
+        let mut body = vec![b' '; body_len.max(8)];
+        body[..8].copy_from_slice(&(origin.elapsed().as_micros() as u64).to_le_bytes());
+        window.push_back(
+            channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(queue.as_str()),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?,
+        );
+        if window.len() >= CONFIRM_WINDOW {
+            if let Some(oldest) = window.pop_front() {
+                confirmed(oldest).await?;
+            }
+        }
+    }
+    for confirm in window.drain(..) {
+        confirmed(confirm).await?;
+    }
+    let (mut latencies, elapsed) = tokio::time::timeout(Duration::from_secs(120), consume)
+        .await
+        .context("the raw consumer did not get every message within 120 s")???;
+    latencies.sort_unstable();
+    let _ = channel
+        .queue_delete(
+            ShortString::from(queue.as_str()),
+            QueueDeleteOptions::default(),
+        )
+        .await;
+    let _ = publisher.close(200, ShortString::from("done")).await;
+    let _ = subscriber.close(200, ShortString::from("done")).await;
+    Ok((count as f64 / elapsed.as_secs_f64(), latencies))
 }

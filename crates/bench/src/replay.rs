@@ -1,6 +1,300 @@
-//! Placeholder, replaced below.
-use crate::report::Report;
+//! Replay: a realistic order-flow log generated with `append_batch`, the raw ordered scan
+//! and `read_all` over it, and `projector::replay` of each projection at N/10 and N
+//! events (throughput and the process's peak RSS).
+use std::time::{Duration, Instant};
+
+use eventstore::{EventStore, LogPosition, StreamAppend};
+use sqlx::PgPool;
+
+use crate::fixtures::FlowGenerator;
+use crate::infra::{create_raw_table, proc_status_kb, reset_peak_rss, BenchDb};
+use crate::report::{fmt_value, Report, Row};
 use crate::Ctx;
-pub async fn run(_ctx: &Ctx, _report: &mut Report) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+
+/// Concurrent writers generating the log, each with its own SKUs.
+const WRITERS: usize = 4;
+const SKUS_PER_WRITER: usize = 25;
+/// Events per generating `append_batch` (whole orders, so a little more).
+const GENERATE_BATCH: usize = 100;
+/// Page size of the scans.
+const SCAN_PAGE: i64 = 1_000;
+
+pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let db = BenchDb::new(&ctx.database_url, &ctx.run_id, "replay")?;
+    let result = measure(ctx, &db, report).await;
+    db.drop().await;
+    result
+}
+
+struct Replayed {
+    events: u64,
+    elapsed: Duration,
+    rss_before_kb: u64,
+    peak_kb: u64,
+}
+
+impl Replayed {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result<()> {
+    let store = db.store(10).await?;
+    let pool = db.pool(4).await?;
+    let full = ctx.events;
+    let small = (full / 10).max(1_000);
+
+    eprintln!("== replay: generating {small} events (N/10)");
+    let (written, gen_elapsed) = generate(&store, small, "a").await?;
+    let small_runs = replay_all(&store).await?;
+
+    eprintln!("== replay: generating up to {full} events (N)");
+    let (more, more_elapsed) = generate(&store, full.saturating_sub(written), "b").await?;
+    let total = u64::try_from(store.count().await?)?;
+    report.note(format!(
+        "generated {total} order-flow events with `append_batch` (~{GENERATE_BATCH} events of whole orders per call, {WRITERS} writers, {} SKUs): {} events/s",
+        WRITERS * SKUS_PER_WRITER * 2,
+        fmt_value((written + more) as f64 / (gen_elapsed + more_elapsed).as_secs_f64())
+    ));
+
+    eprintln!("== replay: copying the log to raw_events, VACUUM ANALYZE");
+    create_raw_table(&pool).await?;
+    sqlx::query("INSERT INTO raw_events SELECT * FROM events ORDER BY global_position")
+        .execute(&pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE events").execute(&pool).await?;
+    sqlx::query("VACUUM ANALYZE raw_events")
+        .execute(&pool)
+        .await?;
+
+    eprintln!("== replay: scans of the whole log in pages of {SCAN_PAGE}");
+    // Twice each, alternating, best of two: the first pass also warms the cache.
+    let mut raw_best = Duration::MAX;
+    let mut ours_best = Duration::MAX;
+    for _ in 0..2 {
+        let (rows, elapsed) = raw_scan(&pool).await?;
+        anyhow::ensure!(rows == total, "raw scan saw {rows} of {total} rows");
+        raw_best = raw_best.min(elapsed);
+        let (rows, elapsed) = read_all(&store).await?;
+        anyhow::ensure!(rows == total, "read_all saw {rows} of {total} events");
+        ours_best = ours_best.min(elapsed);
+    }
+    let raw_rate = total as f64 / raw_best.as_secs_f64();
+    let baseline = format!("raw ordered scan, pages of {SCAN_PAGE}");
+    report.add(Row {
+        key: "raw_scan",
+        section: "raw PostgreSQL",
+        what: format!(
+            "ordered scan by (transaction_id, global_position), pages of {SCAN_PAGE}, {total} rows"
+        ),
+        value: raw_rate,
+        unit: "rows/s",
+        baseline: None,
+        note: "keyset pagination, every column decoded (jsonb → serde_json::Value); best of 2"
+            .to_owned(),
+    });
+    report.add(Row {
+        key: "read_all",
+        section: "event store",
+        what: format!("`read_all`, pages of {SCAN_PAGE}, whole log ({total} events)"),
+        value: total as f64 / ours_best.as_secs_f64(),
+        unit: "events/s",
+        baseline: Some((baseline.clone(), raw_rate)),
+        note: "best of 2".to_owned(),
+    });
+
+    // Live catch-up: the same projection applied page by page, a transaction each.
+    let catch_up = catch_up_order_status(&store, &pool).await?;
+    report.add(Row {
+        key: "catch_up",
+        section: "projector",
+        what: format!(
+            "live catch-up of order_status with `run_once` (pages of {}, a transaction each), {total} events",
+            projector::PAGE_SIZE
+        ),
+        value: total as f64 / catch_up.as_secs_f64(),
+        unit: "events/s",
+        baseline: Some((baseline.clone(), raw_rate)),
+        note: String::new(),
+    });
+
+    eprintln!("== replay: projector::replay of each projection over {total} events");
+    let full_runs = replay_all(&store).await?;
+    let mut all_fast = true;
+    let mut details = Vec::new();
+    let mut flat = true;
+    let mut memory = Vec::new();
+    for ((name, big), (_, little)) in full_runs.iter().zip(&small_runs) {
+        let rate = big.rate();
+        let ratio = rate / raw_rate;
+        all_fast &= rate >= 100_000.0 && ratio >= 0.3;
+        details.push(format!(
+            "{name} {} ev/s = {:.0}%",
+            fmt_value(rate),
+            ratio * 100.0
+        ));
+        // Flat: the peak at N is within 25% (+8 MiB for allocator noise) of the peak at N/10.
+        let ok = big.peak_kb as f64 <= little.peak_kb as f64 * 1.25 + 8.0 * 1024.0;
+        flat &= ok;
+        memory.push(format!(
+            "{name} {:.0} MiB at N/10 → {:.0} MiB at N",
+            mib(little.peak_kb),
+            mib(big.peak_kb)
+        ));
+        report.add(Row {
+            // Projections come and go; a key per name (a few bytes leaked per run).
+            key: Box::leak(format!("replay_{name}").into_boxed_str()),
+            section: "projector",
+            what: format!("`projector::replay` {name}, {} events", big.events),
+            value: rate,
+            unit: "events/s",
+            baseline: Some((baseline.clone(), raw_rate)),
+            note: format!(
+                "peak RSS {:.0} MiB (RSS before {:.0} MiB); at N/10 ({} events): {} ev/s, peak {:.0} MiB",
+                mib(big.peak_kb),
+                mib(big.rss_before_kb),
+                little.events,
+                fmt_value(little.rate()),
+                mib(little.peak_kb)
+            ),
+        });
+    }
+    report.target(
+        "replay ≥ 100,000 events/s and ≥ 30% of the raw ordered scan (each projection)",
+        all_fast,
+        details.join("; "),
+    );
+    report.target(
+        "replay memory flat (peak RSS at N ≤ 1.25 × peak at N/10 + 8 MiB)",
+        flat,
+        memory.join("; "),
+    );
+    Ok(())
+}
+
+/// Appends about `target` events of whole orders with `WRITERS` concurrent writers.
+async fn generate(store: &EventStore, target: u64, tag: &str) -> anyhow::Result<(u64, Duration)> {
+    let per_writer = target.div_ceil(WRITERS as u64);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        let skus = (0..SKUS_PER_WRITER)
+            .map(|k| format!("{tag}{w}-{k}"))
+            .collect();
+        tasks.spawn(async move {
+            let mut generator = FlowGenerator::new(skus);
+            store.append_batch(generator.stock_set()).await?;
+            let mut written = SKUS_PER_WRITER as u64;
+            while written < per_writer {
+                let mut batch: Vec<StreamAppend> = Vec::with_capacity(GENERATE_BATCH + 12);
+                while batch.len() < GENERATE_BATCH && written + (batch.len() as u64) < per_writer {
+                    batch.extend(generator.order());
+                }
+                written += batch.len() as u64;
+                store.append_batch(batch).await?;
+            }
+            Ok::<_, anyhow::Error>(written)
+        });
+    }
+    let mut written = 0;
+    while let Some(joined) = tasks.join_next().await {
+        written += joined??;
+    }
+    Ok((written, started.elapsed()))
+}
+
+type RawRow = (
+    i64,
+    i64,
+    String,
+    i64,
+    uuid::Uuid,
+    String,
+    i32,
+    serde_json::Value,
+    serde_json::Value,
+    chrono::DateTime<chrono::Utc>,
+);
+
+async fn raw_scan(pool: &PgPool) -> anyhow::Result<(u64, Duration)> {
+    let started = Instant::now();
+    let (mut tx_id, mut pos, mut rows) = (0i64, 0i64, 0u64);
+    loop {
+        let page: Vec<RawRow> = sqlx::query_as(
+            "SELECT global_position, transaction_id, stream_name, stream_version, event_id, \
+                    event_type, schema_version, payload, metadata, recorded_at \
+             FROM raw_events WHERE (transaction_id, global_position) > ($1, $2) \
+             ORDER BY transaction_id, global_position LIMIT $3",
+        )
+        .bind(tx_id)
+        .bind(pos)
+        .bind(SCAN_PAGE)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = page.last() else { break };
+        (pos, tx_id) = (last.0, last.1);
+        rows += page.len() as u64;
+    }
+    Ok((rows, started.elapsed()))
+}
+
+async fn read_all(store: &EventStore) -> anyhow::Result<(u64, Duration)> {
+    let started = Instant::now();
+    let mut after = LogPosition::START;
+    let mut events = 0u64;
+    loop {
+        let page = store.read_all(after, SCAN_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.log_position();
+        events += page.len() as u64;
+    }
+    Ok((events, started.elapsed()))
+}
+
+async fn catch_up_order_status(store: &EventStore, pool: &PgPool) -> anyhow::Result<Duration> {
+    let projection = projector::by_name("order_status")?;
+    store.reset_checkpoint("projection:order_status").await?;
+    sqlx::query("DELETE FROM order_status")
+        .execute(pool)
+        .await?;
+    let started = Instant::now();
+    while projector::run_once(store, projection.as_ref()).await? > 0 {}
+    Ok(started.elapsed())
+}
+
+async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)>> {
+    let mut out = Vec::new();
+    for projection in projector::all_projections() {
+        let reset = reset_peak_rss();
+        let rss_before_kb = proc_status_kb("VmRSS").unwrap_or(0);
+        let started = Instant::now();
+        let events = projector::replay(store, projection.as_ref(), |_| {}).await?;
+        let elapsed = started.elapsed();
+        let peak_kb = if reset {
+            proc_status_kb("VmHWM").unwrap_or(0)
+        } else {
+            0
+        };
+        eprintln!(
+            "  replay {}: {events} events in {elapsed:?}, peak RSS {:.0} MiB",
+            projection.name(),
+            mib(peak_kb)
+        );
+        out.push((
+            projection.name().to_owned(),
+            Replayed {
+                events,
+                elapsed,
+                rss_before_kb,
+                peak_kb,
+            },
+        ));
+    }
+    Ok(out)
 }
