@@ -131,7 +131,9 @@ async fn an_unknown_projection_name_is_an_error_naming_the_known_ones() -> anyho
         .iter()
         .map(|p| p.name())
         .collect();
-    assert_eq!(known, ["order_status", "stock_levels", "timers"]);
+    for name in ["order_status", "stock_levels", "timers"] {
+        assert!(known.contains(&name), "{name} missing from {known:?}");
+    }
     for name in known {
         assert_eq!(projector::by_name(name).map(|p| p.name()).ok(), Some(name));
     }
@@ -139,7 +141,9 @@ async fn an_unknown_projection_name_is_an_error_naming_the_known_ones() -> anyho
         Err(e @ ProjectorError::UnknownProjection(_)) => {
             let message = e.to_string();
             assert!(message.contains("'orders'"), "{message}");
-            assert!(message.contains("order_status"), "{message}");
+            for name in projector::all_projections().iter().map(|p| p.name()) {
+                assert!(message.contains(name), "{message} does not name {name}");
+            }
         }
         Err(other) => anyhow::bail!("unexpected error {other}"),
         Ok(p) => anyhow::bail!("'orders' resolved to {}", p.name()),
