@@ -22,6 +22,8 @@ use crate::exec::{decide_on, Cause};
 use crate::ServiceError;
 
 const BATCH: i64 = 100;
+/// A timer that failed to fire is tried again this much later.
+const RETRY_FAILED_TIMER_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest sleep between looks when no timer is due sooner.
 const MAX_IDLE: Duration = Duration::from_millis(100);
 
@@ -52,15 +54,30 @@ impl Scheduler {
         .bind(BATCH)
         .fetch_all(&mut *tx)
         .await?;
+        let mut fired = 0;
         for timer in &due {
-            self.fire(timer).await?;
-            sqlx::query("DELETE FROM timers WHERE timer_id = $1")
-                .bind(timer.timer_id)
-                .execute(&mut *tx)
-                .await?;
+            match self.fire(timer).await {
+                Ok(()) => {
+                    sqlx::query("DELETE FROM timers WHERE timer_id = $1")
+                        .bind(timer.timer_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    fired += 1;
+                }
+                // One timer that cannot fire (its stream cannot be read, say) must not
+                // hold back the others: it waits a while and is tried again.
+                Err(error) => {
+                    warn!(kind = %timer.kind, order_id = %timer.order_id, %error, "timer could not fire; trying again later");
+                    sqlx::query("UPDATE timers SET due_at = now() + $2 WHERE timer_id = $1")
+                        .bind(timer.timer_id)
+                        .bind(RETRY_FAILED_TIMER_AFTER)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
         }
         tx.commit().await?;
-        Ok(due.len())
+        Ok(fired)
     }
 
     async fn fire(&self, timer: &DueTimer) -> Result<(), ServiceError> {
@@ -72,7 +89,9 @@ impl Scheduler {
         let order_id = timer.order_id;
         let appended = match timer.kind.as_str() {
             REVIEW_EXPIRY => {
-                let now = Utc::now().max(timer.due_at);
+                // The row's time is the event's rounded to microseconds; step past it
+                // so the domain sees the expiry reached.
+                let now = Utc::now().max(timer.due_at + chrono::Duration::milliseconds(1));
                 decide_on::<OrderState, _>(&self.store, &streams::order(order_id), &cause, |s| {
                     order::decide(s, OrderInput::ReviewExpired { now })
                 })

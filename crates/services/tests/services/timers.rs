@@ -209,3 +209,50 @@ async fn two_schedulers_never_fire_the_same_timer_twice() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_timer_that_cannot_fire_does_not_hold_back_the_others() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (bad, good) = (Uuid::new_v4(), Uuid::new_v4());
+    append(
+        &db.store,
+        &streams::payment(bad),
+        &[requested(bad, -Duration::seconds(2))],
+    )
+    .await?;
+    // An event this version cannot read makes the bad stream undecidable.
+    db.store
+        .append(
+            &streams::payment(bad),
+            eventstore::ExpectedVersion::Exact(0),
+            vec![eventstore::NewEvent {
+                event_id: Uuid::new_v4(),
+                event_type: "PaymentTeleported".to_owned(),
+                schema_version: 1,
+                payload: serde_json::json!({}),
+                metadata: eventstore::Metadata {
+                    correlation_id: bad,
+                    causation_id: bad,
+                },
+            }],
+        )
+        .await?;
+    append(
+        &db.store,
+        &streams::payment(good),
+        &[requested(good, -Duration::seconds(1))],
+    )
+    .await?;
+    catch_up(&db.store, &TimersProjection).await?;
+
+    let scheduler = Scheduler::new(db.store.clone());
+    assert_eq!(scheduler.fire_due().await?, 1, "the good timer fires");
+    assert_eq!(
+        types(&db.store, &streams::payment(good)).await?,
+        ["PaymentRequested", "PaymentTimedOut"]
+    );
+    let left = timers(&db.store).await?;
+    assert_eq!(left.len(), 1, "the bad timer waits to be tried again");
+    assert!(left[0].3 > Utc::now(), "and is not due at once");
+    Ok(())
+}
