@@ -4,6 +4,7 @@
 
 mod broker;
 mod db;
+pub mod fixtures;
 mod wait;
 
 pub use broker::*;
