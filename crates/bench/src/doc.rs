@@ -115,7 +115,7 @@ fn ratio(report: &Report, key: &str) -> String {
     report
         .get(key)
         .and_then(|r| r.ratio())
-        .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}×"))
+        .map_or_else(|| "n/a".to_owned(), crate::report::fmt_ratio)
 }
 
 /// The analysis, with this run's numbers.

@@ -45,7 +45,7 @@ impl Report {
     pub fn add(&mut self, row: Row) {
         let ratio = row
             .ratio()
-            .map_or_else(String::new, |r| format!("  ({r:.2}× baseline)"));
+            .map_or_else(String::new, |r| format!("  ({} baseline)", fmt_ratio(r)));
         eprintln!(
             "  {:<55} {:>12} {}{}",
             row.what,
@@ -101,9 +101,7 @@ impl Report {
                 }
                 None => ("—".to_owned(), "—".to_owned()),
             };
-            let ratio = row
-                .ratio()
-                .map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×"));
+            let ratio = row.ratio().map_or_else(|| "—".to_owned(), fmt_ratio);
             let _ = writeln!(
                 out,
                 "| {} | {} | {} {} | {} | {} | {} | {} |",
@@ -132,6 +130,15 @@ impl Report {
             );
         }
         out
+    }
+}
+
+/// A ratio with two significant digits at least (0.0048× rather than 0.00×).
+pub fn fmt_ratio(r: f64) -> String {
+    if r >= 0.1 {
+        format!("{r:.2}×")
+    } else {
+        format!("{r:.4}×")
     }
 }
 
