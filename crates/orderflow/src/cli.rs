@@ -9,7 +9,9 @@ use uuid::Uuid;
     about = "Event-sourced, message-driven order processing on PostgreSQL and RabbitMQ",
     long_about = "Event-sourced, message-driven order processing on PostgreSQL and RabbitMQ.\n\n\
                   Settings come from the environment: DATABASE_URL, AMQP_URL and the ORDERFLOW_* \
-                  variables (see docs/CONTRACT.md)."
+                  variables (see docs/CONTRACT.md), over an optional TOML file named by \
+                  ORDERFLOW_CONFIG (keys: the names in lower case without ORDERFLOW_, e.g. \
+                  workflow_version = 2, fraud_max_orders_per_minute = 5)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -71,7 +71,8 @@ pub fn rules(settings: &Settings) -> Rules {
         payment_timeout: settings.payment_timeout,
         delivery_delay: settings.delivery_delay,
         express_delivery_delay: settings.express_delivery_delay,
-        ..Rules::default()
+        workflow_version: settings.workflow_version,
+        fraud_max_orders_per_minute: settings.fraud_max_orders_per_minute,
     }
 }
 

@@ -1,6 +1,22 @@
-//! One typed `Settings`, read from the environment (contract section 1) and validated
-//! at start: a bad value stops the program with a message naming the setting.
+//! One typed `Settings`: defaults → the optional TOML file named by `ORDERFLOW_CONFIG`
+//! → the environment (contract section 1), validated at start: a bad value stops the
+//! program with a message naming the setting.
+//!
+//! The file uses the settings' names in lower case, without the `ORDERFLOW_` prefix:
+//!
+//! ```toml
+//! review_threshold_cents = 50000
+//! payment_timeout = "10s"
+//! workflow_version = 2
+//! fraud_max_orders_per_minute = 5
+//! ```
+//!
+//! A variable set in the environment overrides the same setting in the file. An
+//! unknown key in the file is an error (a typo must not silently leave a rule off).
+use std::collections::HashMap;
 use std::time::Duration;
+
+use domain::rules::{WORKFLOW_VERSION, WORKFLOW_VERSIONS};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orderflow";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -17,6 +33,91 @@ pub struct Settings {
     pub gateway_latency: Duration,
     pub gateway_failure_rate: f64,
     pub currency: String,
+    /// The workflow version new orders start under (`ORDERFLOW_WORKFLOW_VERSION`).
+    pub workflow_version: u32,
+    /// Fraud rule, workflow 2: more orders than this per customer within a minute
+    /// go to review (`ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE`; unset: off).
+    pub fraud_max_orders_per_minute: Option<u32>,
+}
+
+/// The variable naming the optional settings file.
+pub const CONFIG_FILE_VAR: &str = "ORDERFLOW_CONFIG";
+
+/// Every setting: its key in the settings file and its environment variable.
+pub const SETTINGS: [(&str, &str); 12] = [
+    ("database_url", "DATABASE_URL"),
+    ("amqp_url", "AMQP_URL"),
+    ("review_threshold_cents", "ORDERFLOW_REVIEW_THRESHOLD_CENTS"),
+    ("payment_timeout", "ORDERFLOW_PAYMENT_TIMEOUT"),
+    ("review_timeout", "ORDERFLOW_REVIEW_TIMEOUT"),
+    ("delivery_delay", "ORDERFLOW_DELIVERY_DELAY"),
+    ("express_delivery_delay", "ORDERFLOW_EXPRESS_DELIVERY_DELAY"),
+    ("gateway_latency", "ORDERFLOW_GATEWAY_LATENCY"),
+    ("gateway_failure_rate", "ORDERFLOW_GATEWAY_FAILURE_RATE"),
+    ("currency", "ORDERFLOW_CURRENCY"),
+    ("workflow_version", "ORDERFLOW_WORKFLOW_VERSION"),
+    (
+        "fraud_max_orders_per_minute",
+        "ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE",
+    ),
+];
+
+/// The settings file, parsed: values by environment-variable name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigFile {
+    pub path: String,
+    values: HashMap<&'static str, String>,
+}
+
+impl ConfigFile {
+    /// Reads and parses the file at `path`.
+    pub fn read(path: &str) -> Result<ConfigFile, SettingsError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(CONFIG_FILE_VAR, path, format!("cannot read the file: {e}")))?;
+        ConfigFile::parse(path, &text)
+    }
+
+    /// Parses settings-file text (`path` only names it in errors).
+    pub fn parse(path: &str, text: &str) -> Result<ConfigFile, SettingsError> {
+        let table: toml::Table = toml::from_str(text)
+            .map_err(|e| invalid(CONFIG_FILE_VAR, path, format!("not valid TOML: {e}")))?;
+        let mut values = HashMap::new();
+        for (key, value) in table {
+            let env_name = SETTINGS
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, env)| *env)
+                .ok_or_else(|| {
+                    invalid(
+                        CONFIG_FILE_VAR,
+                        path,
+                        format!("unknown setting '{key}' in the file"),
+                    )
+                })?;
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => {
+                    return Err(invalid(
+                        env_name,
+                        &format!("{other:?}"),
+                        format!("in {path}: write a string or a number"),
+                    ))
+                }
+            };
+            values.insert(env_name, text);
+        }
+        Ok(ConfigFile {
+            path: path.to_owned(),
+            values,
+        })
+    }
+
+    /// The file's value of a setting, by environment-variable name.
+    pub fn get(&self, env_name: &str) -> Option<String> {
+        self.values.get(env_name).cloned()
+    }
 }
 
 impl std::fmt::Debug for Settings {
@@ -33,6 +134,11 @@ impl std::fmt::Debug for Settings {
             .field("gateway_latency", &self.gateway_latency)
             .field("gateway_failure_rate", &self.gateway_failure_rate)
             .field("currency", &self.currency)
+            .field("workflow_version", &self.workflow_version)
+            .field(
+                "fraud_max_orders_per_minute",
+                &self.fraud_max_orders_per_minute,
+            )
             .finish()
     }
 }
@@ -58,14 +164,34 @@ impl Default for Settings {
             gateway_latency: Duration::ZERO,
             gateway_failure_rate: 0.0,
             currency: "EUR".to_owned(),
+            workflow_version: WORKFLOW_VERSION,
+            fraud_max_orders_per_minute: None,
         }
     }
 }
 
 impl Settings {
-    /// Reads the process environment.
+    /// Reads the settings file named by `ORDERFLOW_CONFIG`, if any, and the process
+    /// environment, which overrides it.
     pub fn from_env() -> Result<Settings, SettingsError> {
-        Settings::from_lookup(|name| std::env::var(name).ok())
+        let env = |name: &str| std::env::var(name).ok();
+        let file = match env(CONFIG_FILE_VAR).filter(|p| !p.trim().is_empty()) {
+            Some(path) => Some(ConfigFile::read(path.trim())?),
+            None => None,
+        };
+        Settings::layered(env, file.as_ref())
+    }
+
+    /// The environment (`env`) over the settings file over the defaults.
+    pub fn layered(
+        env: impl Fn(&str) -> Option<String>,
+        file: Option<&ConfigFile>,
+    ) -> Result<Settings, SettingsError> {
+        Settings::from_lookup(|name| {
+            env(name)
+                .filter(|v| !v.trim().is_empty())
+                .or_else(|| file.and_then(|f| f.get(name)))
+        })
     }
 
     /// Reads settings through `lookup` (the environment, or a map in tests).
@@ -94,7 +220,52 @@ impl Settings {
             gateway_failure_rate: get("ORDERFLOW_GATEWAY_FAILURE_RATE")
                 .map_or(Ok(defaults.gateway_failure_rate), parse_rate)?,
             currency: get("ORDERFLOW_CURRENCY").map_or(Ok(defaults.currency), parse_currency)?,
-        })
+            workflow_version: get("ORDERFLOW_WORKFLOW_VERSION")
+                .map_or(Ok(defaults.workflow_version), parse_workflow_version)?,
+            fraud_max_orders_per_minute: get("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE")
+                .map(parse_orders_per_minute)
+                .transpose()?,
+        }
+        .consistent()?)
+    }
+
+    /// Checks settings that only make sense together.
+    fn consistent(self) -> Result<Settings, SettingsError> {
+        if let (Some(max), 1) = (self.fraud_max_orders_per_minute, self.workflow_version) {
+            return Err(invalid(
+                "ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE",
+                &max.to_string(),
+                "fraud checks run from workflow version 2 on: set ORDERFLOW_WORKFLOW_VERSION=2 too",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+fn parse_workflow_version((name, value): (&'static str, String)) -> Result<u32, SettingsError> {
+    match value.trim().parse::<u32>() {
+        Ok(v) if WORKFLOW_VERSIONS.contains(&v) => Ok(v),
+        _ => Err(invalid(
+            name,
+            &value,
+            format!("must be one of the workflow versions {WORKFLOW_VERSIONS:?}"),
+        )),
+    }
+}
+
+fn parse_orders_per_minute((name, value): (&'static str, String)) -> Result<u32, SettingsError> {
+    match value.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err(invalid(
+            name,
+            &value,
+            "must be at least 1 (leave it unset to turn the rule off)",
+        )),
+        Err(e) => Err(invalid(
+            name,
+            &value,
+            format!("{e} (a whole number of orders)"),
+        )),
     }
 }
 
@@ -225,6 +396,84 @@ mod tests {
             with(&[("ORDERFLOW_CURRENCY", "euro")]).map_err(|e| e.name),
             Err("ORDERFLOW_CURRENCY")
         );
+    }
+
+    #[test]
+    fn workflow_version_and_fraud_rule_default_to_1_and_off() {
+        let s = with(&[]).expect("defaults are valid");
+        assert_eq!(
+            (s.workflow_version, s.fraud_max_orders_per_minute),
+            (1, None)
+        );
+        let s = with(&[
+            ("ORDERFLOW_WORKFLOW_VERSION", "2"),
+            ("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE", "5"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            (s.workflow_version, s.fraud_max_orders_per_minute),
+            (2, Some(5))
+        );
+    }
+
+    #[test]
+    fn bad_rule_settings_are_named_in_the_error() {
+        for (name, value) in [
+            ("ORDERFLOW_WORKFLOW_VERSION", "3"),
+            ("ORDERFLOW_WORKFLOW_VERSION", "two"),
+            ("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE", "0"),
+            ("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE", "-1"),
+        ] {
+            let vars = [("ORDERFLOW_WORKFLOW_VERSION", "2"), (name, value)];
+            let err = with(&vars[usize::from(name == "ORDERFLOW_WORKFLOW_VERSION")..])
+                .expect_err("invalid");
+            assert_eq!(err.name, name, "{value}");
+        }
+        // a fraud rule under workflow 1 would silently do nothing: refused
+        let err =
+            with(&[("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE", "5")]).expect_err("inconsistent");
+        assert_eq!(err.name, "ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE");
+        assert!(err.to_string().contains("ORDERFLOW_WORKFLOW_VERSION=2"));
+    }
+
+    const FILE: &str = r#"
+        review_threshold_cents = 50000
+        payment_timeout = "10s"
+        workflow_version = 2
+        fraud_max_orders_per_minute = 5
+        currency = "USD"
+    "#;
+
+    #[test]
+    fn the_settings_file_sets_and_the_environment_overrides() {
+        let file = ConfigFile::parse("orderflow.toml", FILE).expect("valid file");
+        let map: HashMap<&str, &str> = [("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE", "9")]
+            .into_iter()
+            .collect();
+        let s =
+            Settings::layered(|k| map.get(k).map(|v| v.to_string()), Some(&file)).expect("valid");
+        assert_eq!(s.review_threshold_cents, 50_000);
+        assert_eq!(s.payment_timeout, Duration::from_secs(10));
+        assert_eq!(s.currency, "USD");
+        assert_eq!(s.workflow_version, 2);
+        assert_eq!(s.fraud_max_orders_per_minute, Some(9), "env wins");
+        assert_eq!(s.review_timeout, Settings::default().review_timeout);
+    }
+
+    #[test]
+    fn a_bad_settings_file_is_named_in_the_error() {
+        let err = ConfigFile::parse("x.toml", "workflow_version = ").expect_err("bad TOML");
+        assert_eq!(err.name, "ORDERFLOW_CONFIG");
+        let err = ConfigFile::parse("x.toml", "fraud_max_per_minute = 3").expect_err("typo");
+        assert!(err
+            .to_string()
+            .contains("unknown setting 'fraud_max_per_minute'"));
+        let err = ConfigFile::read("/nonexistent/orderflow.toml").expect_err("missing");
+        assert_eq!(err.name, "ORDERFLOW_CONFIG");
+        // a bad value in the file names the setting it is for
+        let file = ConfigFile::parse("x.toml", "workflow_version = 7").expect("valid TOML");
+        let err = Settings::layered(|_| None, Some(&file)).expect_err("bad version");
+        assert_eq!(err.name, "ORDERFLOW_WORKFLOW_VERSION");
     }
 
     #[test]
