@@ -30,7 +30,10 @@ pub fn apply(level: Level, event: &DomainEvent) -> Level {
     use DomainEvent::*;
     match event {
         // Sets the units free to sell; reservations stay as they are.
-        StockSet(e) => Level { on_hand: e.quantity, ..level },
+        StockSet(e) => Level {
+            on_hand: e.quantity,
+            ..level
+        },
         StockReserved(e) => Level {
             on_hand: level.on_hand - e.quantity,
             reserved: level.reserved + e.quantity,
@@ -85,7 +88,10 @@ impl Projection for StockLevelsProjection {
     }
 }
 
-async fn load(conn: &mut PgConnection, skus: &[String]) -> Result<HashMap<String, Level>, ProjectorError> {
+async fn load(
+    conn: &mut PgConnection,
+    skus: &[String],
+) -> Result<HashMap<String, Level>, ProjectorError> {
     let rows: Vec<(String, i64, i64)> =
         sqlx::query_as("SELECT sku, on_hand, reserved FROM stock_levels WHERE sku = ANY($1)")
             .bind(skus)
@@ -97,7 +103,10 @@ async fn load(conn: &mut PgConnection, skus: &[String]) -> Result<HashMap<String
         .collect())
 }
 
-async fn upsert(conn: &mut PgConnection, levels: &HashMap<String, Level>) -> Result<(), ProjectorError> {
+async fn upsert(
+    conn: &mut PgConnection,
+    levels: &HashMap<String, Level>,
+) -> Result<(), ProjectorError> {
     sqlx::query(
         "INSERT INTO stock_levels (sku, on_hand, reserved)
          SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
@@ -122,14 +131,46 @@ mod tests {
         let o = Uuid::nil();
         let sku = || "A".to_owned();
         let events = [
-            DomainEvent::StockSet(StockSet { sku: sku(), quantity: 10 }),
-            DomainEvent::StockReserved(StockReserved { sku: sku(), order_id: o, line: 0, quantity: 3 }),
-            DomainEvent::StockReserved(StockReserved { sku: sku(), order_id: o, line: 1, quantity: 2 }),
-            DomainEvent::StockReleased(StockReleased { sku: sku(), order_id: o, line: 1, quantity: 2 }),
-            DomainEvent::StockSet(StockSet { sku: sku(), quantity: 4 }),
-            DomainEvent::StockCommitted(StockCommitted { sku: sku(), order_id: o, line: 0, quantity: 3 }),
+            DomainEvent::StockSet(StockSet {
+                sku: sku(),
+                quantity: 10,
+            }),
+            DomainEvent::StockReserved(StockReserved {
+                sku: sku(),
+                order_id: o,
+                line: 0,
+                quantity: 3,
+            }),
+            DomainEvent::StockReserved(StockReserved {
+                sku: sku(),
+                order_id: o,
+                line: 1,
+                quantity: 2,
+            }),
+            DomainEvent::StockReleased(StockReleased {
+                sku: sku(),
+                order_id: o,
+                line: 1,
+                quantity: 2,
+            }),
+            DomainEvent::StockSet(StockSet {
+                sku: sku(),
+                quantity: 4,
+            }),
+            DomainEvent::StockCommitted(StockCommitted {
+                sku: sku(),
+                order_id: o,
+                line: 0,
+                quantity: 3,
+            }),
         ];
         let level = events.iter().fold(Level::default(), apply);
-        assert_eq!(level, Level { on_hand: 4, reserved: 0 });
+        assert_eq!(
+            level,
+            Level {
+                on_hand: 4,
+                reserved: 0
+            }
+        );
     }
 }

@@ -18,8 +18,16 @@ pub const DELIVERY: &str = "delivery";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TimerChange {
-    Schedule { order_id: Uuid, kind: &'static str, timer_id: Uuid, due_at: DateTime<Utc> },
-    Cancel { order_id: Uuid, kind: &'static str },
+    Schedule {
+        order_id: Uuid,
+        kind: &'static str,
+        timer_id: Uuid,
+        due_at: DateTime<Utc>,
+    },
+    Cancel {
+        order_id: Uuid,
+        kind: &'static str,
+    },
 }
 
 /// What an event does to the timers, if anything.
@@ -65,13 +73,13 @@ impl Projection for TimersProjection {
     ) -> BoxFuture<'a, Result<(), ProjectorError>> {
         Box::pin(async move {
             // Net effect of the page per (order, kind): the last change wins.
-            let mut net: BTreeMap<(Uuid, &'static str), (TimerChange, DateTime<Utc>)> = BTreeMap::new();
+            let mut net: BTreeMap<(Uuid, &'static str), (TimerChange, DateTime<Utc>)> =
+                BTreeMap::new();
             for env in events {
                 if let Some(c) = change(env) {
                     let key = match &c {
-                        TimerChange::Schedule { order_id, kind, .. } | TimerChange::Cancel { order_id, kind } => {
-                            (*order_id, *kind)
-                        }
+                        TimerChange::Schedule { order_id, kind, .. }
+                        | TimerChange::Cancel { order_id, kind } => (*order_id, *kind),
                     };
                     net.insert(key, (c, env.recorded_at));
                 }
@@ -84,9 +92,18 @@ impl Projection for TimersProjection {
     }
 }
 
-async fn write(conn: &mut PgConnection, change: TimerChange, recorded_at: DateTime<Utc>) -> Result<(), ProjectorError> {
+async fn write(
+    conn: &mut PgConnection,
+    change: TimerChange,
+    recorded_at: DateTime<Utc>,
+) -> Result<(), ProjectorError> {
     match change {
-        TimerChange::Schedule { order_id, kind, timer_id, due_at } => {
+        TimerChange::Schedule {
+            order_id,
+            kind,
+            timer_id,
+            due_at,
+        } => {
             sqlx::query(
                 "INSERT INTO timers (timer_id, kind, order_id, due_at, scheduled_at)
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (timer_id) DO NOTHING",
