@@ -49,7 +49,7 @@ pub enum Command {
         #[command(subcommand)]
         command: StockCommand,
     },
-    /// Show one order's status (from the read model).
+    /// Show one order's status, workflow and milestones (from the read models).
     Status { order_id: Uuid },
     /// List orders (from the read model), newest first.
     Orders {
@@ -72,7 +72,8 @@ pub enum Command {
     },
     /// Rebuild read models from the event log.
     Replay {
-        /// One projection (order_status, stock_levels, timers); all when omitted.
+        /// One projection (order_status, stock_levels, timers, order_milestones); all
+        /// when omitted.
         #[arg(long)]
         projection: Option<String>,
     },
@@ -99,7 +100,7 @@ pub enum Worker {
     Shipping,
     /// Customer notifications.
     Notification,
-    /// Read models (order_status, stock_levels, timers).
+    /// Read models (order_status, stock_levels, order_milestones, timers).
     Projector,
     /// Publishes committed events to orderflow.events (the outbox relay).
     Relay,

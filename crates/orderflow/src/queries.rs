@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use domain::DomainEvent;
 use eventstore::EventStore;
 use uuid::Uuid;
 
@@ -58,31 +59,59 @@ pub async fn status(store: &EventStore, order_id: Uuid) -> anyhow::Result<ExitCo
     println!("placed       {}", o.placed_at.to_rfc3339());
     println!("updated      {}", o.updated_at.to_rfc3339());
     println!("position     {}", o.last_global_position);
-    timeline(store, order_id).await?;
+    plan(store, order_id).await?;
+    milestones(store, order_id).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// The order's milestones: each event of its streams that moved it, with its time.
-async fn timeline(store: &EventStore, order_id: Uuid) -> anyhow::Result<()> {
-    let rows: Vec<(DateTime<Utc>, String, String)> = sqlx::query_as(
-        "SELECT recorded_at, stream_name, event_type FROM events
-          WHERE stream_name = ANY($1) ORDER BY global_position",
-    )
-    .bind(vec![
-        domain::streams::order(order_id),
-        domain::streams::payment(order_id),
-        domain::streams::shipment(order_id),
-    ])
-    .fetch_all(store.pool())
-    .await
-    .context("cannot read the order's events")?;
-    println!("timeline");
-    for (at, stream, event_type) in rows {
+/// The workflow the order follows, as recorded when it was placed, and why it was
+/// sent to review, if it was.
+async fn plan(store: &EventStore, order_id: Uuid) -> anyhow::Result<()> {
+    let records = store
+        .read_stream(&domain::streams::order(order_id), 0)
+        .await
+        .context("cannot read the order's stream")?;
+    for rec in &records {
+        match DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload) {
+            Ok(DomainEvent::OrderPlaced(placed)) => {
+                let checks = if placed.plan.checks.is_empty() {
+                    "no checks".to_owned()
+                } else {
+                    format!("checks: {}", placed.plan.checks.join(", "))
+                };
+                println!("workflow     v{} ({checks})", placed.plan.workflow_version);
+            }
+            Ok(DomainEvent::OrderSentForReview(review)) => {
+                let detail = if review.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", review.detail)
+                };
+                println!("review       {}{detail}", review.rule);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The order's milestones (the `order_milestones` read model), in the order reached.
+async fn milestones(store: &EventStore, order_id: Uuid) -> anyhow::Result<()> {
+    let mut conn = store
+        .pool()
+        .acquire()
+        .await
+        .context("cannot reach the database")?;
+    let rows = projector::milestones::of_order(&mut conn, order_id)
+        .await
+        .context("cannot read order_milestones")?;
+    println!("milestones");
+    for row in rows {
         println!(
-            "  {}  {:<22} {}",
-            at.format("%Y-%m-%d %H:%M:%S%.3f"),
-            event_type,
-            domain::streams::category(&stream)
+            "  {}  {:<10} (position {})",
+            row.reached_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            row.milestone,
+            row.global_position
         );
     }
     Ok(())

@@ -1,11 +1,13 @@
 //! The projector: follows the event log and materialises the read models users query
-//! (`order_status`, `stock_levels`) and the durable `timers` the scheduler fires.
+//! (`order_status`, `stock_levels`, `order_milestones`) and the durable `timers` the
+//! scheduler fires.
 //!
 //! Each projection folds a page of events in memory (pure functions in its module), then
 //! writes the changed rows and its checkpoint in one transaction: an event is applied
 //! exactly once, even after a crash. Live projection and replay are the same code.
 
 mod decode;
+pub mod milestones;
 pub mod order_status;
 mod runner;
 pub mod stock_levels;

@@ -10,8 +10,8 @@ use sqlx::PgConnection;
 use tracing::{info, warn, Instrument};
 
 use crate::{
-    order_status::OrderStatusProjection, stock_levels::StockLevelsProjection,
-    timers::TimersProjection,
+    milestones::MilestonesProjection, order_status::OrderStatusProjection,
+    stock_levels::StockLevelsProjection, timers::TimersProjection,
 };
 
 /// Events read and applied per transaction.
@@ -26,7 +26,9 @@ pub enum ProjectorError {
     Store(#[from] StoreError),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("unknown projection '{0}' (known: order_status, stock_levels, timers)")]
+    #[error(
+        "unknown projection '{0}' (known: order_status, stock_levels, timers, order_milestones)"
+    )]
     UnknownProjection(String),
 }
 
@@ -48,6 +50,7 @@ pub fn all_projections() -> Vec<Arc<dyn Projection>> {
         Arc::new(OrderStatusProjection),
         Arc::new(StockLevelsProjection),
         Arc::new(TimersProjection),
+        Arc::new(MilestonesProjection),
     ]
 }
 
@@ -61,12 +64,13 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Projection>, ProjectorError> {
 /// The read models' tables (the same idempotent DDL the migration applies), so that a
 /// table someone dropped is created again before it is rebuilt from the log.
 const READ_MODEL_SCHEMA: &str = include_str!("../../../migrations/0010_read_models.sql");
+const MILESTONES_SCHEMA: &str = include_str!("../../../migrations/0030_milestones.sql");
 
 /// Creates any read-model table that is missing.
 pub async fn ensure_schema(store: &EventStore) -> Result<(), ProjectorError> {
-    sqlx::raw_sql(READ_MODEL_SCHEMA)
-        .execute(store.pool())
-        .await?;
+    for schema in [READ_MODEL_SCHEMA, MILESTONES_SCHEMA] {
+        sqlx::raw_sql(schema).execute(store.pool()).await?;
+    }
     Ok(())
 }
 
