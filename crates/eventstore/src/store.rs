@@ -65,6 +65,16 @@ impl EventStore {
         expected_version: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
+        if expected_version != ExpectedVersion::Any && !events.is_empty() {
+            // The common case (a decision on one stream) in one statement and one round
+            // trip, instead of BEGIN, a version query, the INSERT and COMMIT.
+            let result =
+                append::single_statement(&self.pool, stream_name, expected_version, &events).await;
+            if result.is_ok() {
+                self.notify_appended();
+            }
+            return result;
+        }
         self.append_batch(vec![StreamAppend {
             stream_name: stream_name.to_owned(),
             expected_version,
