@@ -328,6 +328,81 @@ pub(crate) async fn explain_version_clash(
     }
 }
 
+/// Appends to one stream whose expected version is known, in one autocommitted
+/// statement: the INSERT only inserts if the stream's last version is the expected
+/// one, and the unique keys catch a writer that got there in between.
+pub(crate) async fn single_statement(
+    pool: &sqlx::PgPool,
+    stream_name: &str,
+    expected: ExpectedVersion,
+    events: &[crate::NewEvent],
+) -> Result<AppendResult, StoreError> {
+    let expected_last = expected_as_option(expected);
+    let row: Result<(i64, Option<i64>, Option<i64>), sqlx::Error> = sqlx::query_as(
+        "WITH current AS ( \
+           SELECT max(stream_version) AS v FROM events WHERE stream_name = $1), \
+         inserted AS ( \
+           INSERT INTO events \
+             (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
+           SELECT $1, coalesce((SELECT v FROM current), -1) + t.ord, \
+                  t.event_id, t.event_type, t.schema_version, t.payload, t.metadata \
+           FROM unnest($2::uuid[], $3::text[], $4::int[], $5::jsonb[], $6::jsonb[]) \
+             WITH ORDINALITY AS t(event_id, event_type, schema_version, payload, metadata, ord) \
+           WHERE (SELECT v FROM current) IS NOT DISTINCT FROM $7 \
+           ORDER BY t.ord \
+           RETURNING global_position, stream_version) \
+         SELECT count(*), max(global_position), max(stream_version) FROM inserted",
+    )
+    .bind(stream_name)
+    .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.schema_version).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| metadata_json(&e.metadata)).collect::<Vec<_>>())
+    .bind(expected_last)
+    .fetch_one(pool)
+    .await;
+    let appends = || {
+        vec![StreamAppend {
+            stream_name: stream_name.to_owned(),
+            expected_version: expected,
+            events: events.to_vec(),
+        }]
+    };
+    match row.map_err(classify) {
+        Ok((inserted, Some(last_global_position), Some(version))) if inserted > 0 => {
+            Ok(AppendResult {
+                next_expected_version: version,
+                last_global_position,
+            })
+        }
+        // Nothing inserted: the stream is not at the expected version. An event id
+        // already in the log wins (the message was handled before).
+        Ok(_) | Err(AttemptFailure::VersionTaken) => {
+            let mut conn = pool.acquire().await?;
+            if let Some(event_id) = first_existing_event_id(&mut conn, &appends()).await? {
+                return Err(StoreError::Duplicate { event_id });
+            }
+            let actual: Option<i64> =
+                sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_name = $1")
+                    .bind(stream_name)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            Err(StoreError::Conflict {
+                stream: stream_name.to_owned(),
+                expected: expected_last,
+                actual,
+            })
+        }
+        Err(AttemptFailure::EventIdTaken) => {
+            let mut conn = pool.acquire().await?;
+            Err(explain_duplicate(&mut conn, &appends()).await?)
+        }
+        Err(AttemptFailure::Conflict(mismatch)) => Err(mismatch.into()),
+        Err(AttemptFailure::Database(error)) => Err(error.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,80 +487,5 @@ mod tests {
                 actual: Some(0),
             })
         );
-    }
-}
-
-/// Appends to one stream whose expected version is known, in one autocommitted
-/// statement: the INSERT only inserts if the stream's last version is the expected
-/// one, and the unique keys catch a writer that got there in between.
-pub(crate) async fn single_statement(
-    pool: &sqlx::PgPool,
-    stream_name: &str,
-    expected: ExpectedVersion,
-    events: &[crate::NewEvent],
-) -> Result<AppendResult, StoreError> {
-    let expected_last = expected_as_option(expected);
-    let row: Result<(i64, Option<i64>, Option<i64>), sqlx::Error> = sqlx::query_as(
-        "WITH current AS ( \
-           SELECT max(stream_version) AS v FROM events WHERE stream_name = $1), \
-         inserted AS ( \
-           INSERT INTO events \
-             (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
-           SELECT $1, coalesce((SELECT v FROM current), -1) + t.ord, \
-                  t.event_id, t.event_type, t.schema_version, t.payload, t.metadata \
-           FROM unnest($2::uuid[], $3::text[], $4::int[], $5::jsonb[], $6::jsonb[]) \
-             WITH ORDINALITY AS t(event_id, event_type, schema_version, payload, metadata, ord) \
-           WHERE (SELECT v FROM current) IS NOT DISTINCT FROM $7 \
-           ORDER BY t.ord \
-           RETURNING global_position, stream_version) \
-         SELECT count(*), max(global_position), max(stream_version) FROM inserted",
-    )
-    .bind(stream_name)
-    .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.schema_version).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| metadata_json(&e.metadata)).collect::<Vec<_>>())
-    .bind(expected_last)
-    .fetch_one(pool)
-    .await;
-    let appends = || {
-        vec![StreamAppend {
-            stream_name: stream_name.to_owned(),
-            expected_version: expected,
-            events: events.to_vec(),
-        }]
-    };
-    match row.map_err(classify) {
-        Ok((inserted, Some(last_global_position), Some(version))) if inserted > 0 => {
-            Ok(AppendResult {
-                next_expected_version: version,
-                last_global_position,
-            })
-        }
-        // Nothing inserted: the stream is not at the expected version. An event id
-        // already in the log wins (the message was handled before).
-        Ok(_) | Err(AttemptFailure::VersionTaken) => {
-            let mut conn = pool.acquire().await?;
-            if let Some(event_id) = first_existing_event_id(&mut conn, &appends()).await? {
-                return Err(StoreError::Duplicate { event_id });
-            }
-            let actual: Option<i64> =
-                sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_name = $1")
-                    .bind(stream_name)
-                    .fetch_one(&mut *conn)
-                    .await?;
-            Err(StoreError::Conflict {
-                stream: stream_name.to_owned(),
-                expected: expected_last,
-                actual,
-            })
-        }
-        Err(AttemptFailure::EventIdTaken) => {
-            let mut conn = pool.acquire().await?;
-            Err(explain_duplicate(&mut conn, &appends()).await?)
-        }
-        Err(AttemptFailure::Conflict(mismatch)) => Err(mismatch.into()),
-        Err(AttemptFailure::Database(error)) => Err(error.into()),
     }
 }
