@@ -91,6 +91,13 @@ fn consume_options(worker: &str) -> ConsumeOptions {
     }
 }
 
+/// Database connections for a process running `workers` workers: enough that the
+/// workers do not queue for connections, few enough that several processes (and the
+/// tests' parallel systems) stay well under PostgreSQL's default 100.
+fn pool_size(workers: usize) -> u32 {
+    u32::try_from(4 + 4 * workers).unwrap_or(u32::MAX).min(24)
+}
+
 /// Runs `workers` until `shutdown` resolves or one of them fails for good.
 pub async fn run(
     settings: Settings,
@@ -100,7 +107,7 @@ pub async fn run(
     if let Some(unknown) = workers.iter().find(|w| !ALL_WORKERS.contains(w)) {
         return Err(RunError::UnknownWorker((*unknown).to_owned()));
     }
-    let store = eventstore::connect(&settings.database_url)
+    let store = eventstore::connect_with(&settings.database_url, pool_size(workers.len()))
         .await
         .map_err(|source| RunError::Store {
             url: redact_url(&settings.database_url),
