@@ -121,6 +121,16 @@ fn ratio(report: &Report, key: &str) -> String {
 /// The analysis, with this run's numbers.
 fn where_the_time_goes(report: &Report) -> String {
     let mut out = String::new();
+    let cpu_per_order: f64 = ["e2e_cpu_orderflow", "e2e_cpu_postgres", "e2e_cpu_rabbit"]
+        .iter()
+        .filter_map(|k| report.value(k))
+        .sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cap = if cpu_per_order > 0.0 {
+        cores * 1000.0 / cpu_per_order
+    } else {
+        f64::NAN
+    };
     let _ = writeln!(
         out,
         "- **One-event append** ({} events/s with 1 writer, {} of raw; {} with 8, {} of raw). \
@@ -181,7 +191,10 @@ fn where_the_time_goes(report: &Report) -> String {
     let _ = writeln!(
         out,
         "- **End to end** ({} orders/s sustained, p99 {} ms at half load). Each order \
-         costs {} events in {} transactions; every event is read by the relay and published \
+         costs {} events in {} transactions and about {} ms of CPU in orderflow, {} ms in \
+         PostgreSQL and {} ms in RabbitMQ: {} ms of CPU per order caps this machine's cores \
+         near {} orders/s before anything else runs on it, so the burst is CPU-bound. \
+         Every event is read by the relay and published \
          with a confirm, and most are consumed by one or more services, each of which \
          re-reads and folds whole streams before appending. The stock streams of the few \
          SKUs every order touches grow by two events per order and are read in full (and \
@@ -192,6 +205,11 @@ fn where_the_time_goes(report: &Report) -> String {
         v(report, "e2e_p99"),
         v(report, "e2e_events_per_order"),
         v(report, "e2e_tx_per_order"),
+        v(report, "e2e_cpu_orderflow"),
+        v(report, "e2e_cpu_postgres"),
+        v(report, "e2e_cpu_rabbit"),
+        fmt_value(cpu_per_order),
+        fmt_value(cap),
     );
     out
 }

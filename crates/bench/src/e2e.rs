@@ -224,6 +224,7 @@ async fn drive(
     // Burst: everything at once, measure until the last order is final.
     let k = ctx.orders;
     eprintln!("== e2e: burst of {k} orders");
+    let cpu_before = cpu_seconds();
     let t0 = SystemTime::now();
     let started = Instant::now();
     let mut window = VecDeque::new();
@@ -242,6 +243,7 @@ async fn drive(
     let publish_elapsed = started.elapsed();
     let burst_deadline = Duration::from_secs(120).max(Duration::from_secs_f64(k as f64 / 50.0));
     let (done, failed) = wait_orders(pool, "bench-burst", k, burst_deadline).await?;
+    let cpu_after = cpu_seconds();
     let finals: Vec<DateTime<Utc>> = sqlx::query_scalar(&format!(
         "SELECT updated_at FROM order_status WHERE customer_id = 'bench-burst' AND status IN {FINAL} ORDER BY updated_at"
     ))
@@ -267,7 +269,10 @@ async fn drive(
         what: format!("sustained orders/s, burst of {k} orders (publish → all delivered/completed)"),
         value: sustained,
         unit: "orders/s",
-        baseline: Some(("raw RabbitMQ publish + consume".to_owned(), raw_rate)),
+        baseline: Some((
+            "raw RabbitMQ publish + consume (msgs/s, above)".to_owned(),
+            raw_rate,
+        )),
         note: format!(
             "{done} final, {failed} cancelled/rejected in {span:.1} s; published in {:.1} s; first quarter {} orders/s, last quarter {} orders/s",
             publish_elapsed.as_secs_f64(),
@@ -275,6 +280,43 @@ async fn drive(
             fmt_value(last_q)
         ),
     });
+    let cpu: Vec<String> = cpu_after
+        .iter()
+        .map(|(comm, after)| {
+            let used = after - cpu_before.get(comm).copied().unwrap_or(0.0);
+            format!(
+                "{comm} {used:.1} s ({:.2} ms per order)",
+                used * 1000.0 / k as f64
+            )
+        })
+        .collect();
+    for (comm, key, who) in [
+        (
+            "orderflow",
+            "e2e_cpu_orderflow",
+            "orderflow run (all workers)",
+        ),
+        ("postgres", "e2e_cpu_postgres", "PostgreSQL (all backends)"),
+        ("beam.smp", "e2e_cpu_rabbit", "RabbitMQ (beam.smp)"),
+    ] {
+        let used = cpu_after.get(comm).copied().unwrap_or(0.0)
+            - cpu_before.get(comm).copied().unwrap_or(0.0);
+        report.add(Row {
+            key,
+            section: "end to end",
+            what: format!("CPU per order during the burst: {who}"),
+            value: used * 1000.0 / k as f64,
+            unit: "ms CPU",
+            baseline: None,
+            note: format!("{used:.1} CPU-s over {span:.1} s"),
+        });
+    }
+    report.note(format!(
+        "CPU time during the burst of {k} orders ({span:.1} s on {} cores = {:.0} core-seconds): {} (postgres includes other sessions' work on the same server)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        span * std::thread::available_parallelism().map_or(0, |n| n.get()) as f64,
+        cpu.join(", ")
+    ));
     report.target(
         "end to end ≥ 500 orders/s",
         sustained >= 500.0 && failed == 0,
@@ -532,4 +574,36 @@ async fn rabbit(
     let _ = publisher.close(200, ShortString::from("done")).await;
     let _ = subscriber.close(200, ShortString::from("done")).await;
     Ok((count as f64 / elapsed.as_secs_f64(), latencies))
+}
+
+/// User + system CPU seconds of every process named `orderflow` (the child), `postgres`
+/// and `beam.smp` (RabbitMQ), summed per name, from /proc (clock ticks assumed 100 Hz,
+/// the Linux default).
+fn cpu_seconds() -> std::collections::BTreeMap<String, f64> {
+    const NAMES: [&str; 3] = ["orderflow", "postgres", "beam.smp"];
+    let mut out: std::collections::BTreeMap<String, f64> =
+        NAMES.iter().map(|n| ((*n).to_owned(), 0.0)).collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid … utime(14) stime(15)
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        if !NAMES.contains(&comm) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<f64>().ok()))
+            .sum();
+        *out.entry(comm.to_owned()).or_default() += ticks / 100.0;
+    }
+    out
 }

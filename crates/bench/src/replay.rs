@@ -73,6 +73,7 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
         .await?;
 
     eprintln!("== replay: scans of the whole log in pages of {SCAN_PAGE}");
+    wait_for_horizon(&store).await?;
     // Twice each, alternating, best of two: the first pass also warms the cache.
     let mut raw_best = Duration::MAX;
     let mut ours_best = Duration::MAX;
@@ -268,9 +269,32 @@ async fn catch_up_order_status(store: &EventStore, pool: &PgPool) -> anyhow::Res
     Ok(started.elapsed())
 }
 
+/// `read_all` stops at the oldest transaction still running anywhere on the server (the
+/// xid horizon is cluster-wide): wait until every event is below it, so that each replay
+/// sees the whole log. Returns how long that took.
+async fn wait_for_horizon(store: &EventStore) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let clear: bool = sqlx::query_scalar(
+            "SELECT coalesce(max(transaction_id), 0) < pg_snapshot_xmin(pg_current_snapshot())::text::bigint FROM events",
+        )
+        .fetch_one(store.pool())
+        .await?;
+        if clear || started.elapsed() > Duration::from_secs(120) {
+            return Ok(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)>> {
     let mut out = Vec::new();
+    let total = u64::try_from(store.count().await?)?;
     for projection in projector::all_projections() {
+        let waited = wait_for_horizon(store).await?;
+        if waited > Duration::from_millis(200) {
+            eprintln!("  waited {waited:?} for transactions elsewhere on the server to end");
+        }
         let reset = reset_peak_rss();
         let rss_before_kb = proc_status_kb("VmRSS").unwrap_or(0);
         let started = Instant::now();
@@ -281,6 +305,12 @@ async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)
         } else {
             0
         };
+        if events < total {
+            eprintln!(
+                "  warning: replay of {} saw {events} of {total} events (a transaction elsewhere on the server held the horizon back)",
+                projection.name()
+            );
+        }
         eprintln!(
             "  replay {}: {events} events in {elapsed:?}, peak RSS {:.0} MiB",
             projection.name(),
