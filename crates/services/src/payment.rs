@@ -22,6 +22,12 @@ use crate::ServiceError;
 /// Every gateway call gives up after this long (a hung gateway is a transient failure).
 pub const GATEWAY_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Test-only failpoint: when this variable is set (to anything), the payment worker
+/// aborts the whole process right after the gateway confirmed a capture and before
+/// `PaymentCaptured` is appended: the crash window the capture's idempotency key covers.
+/// The chaos tests (`tests/chaos`) set it; nothing else should.
+pub const FAULT_CRASH_AFTER_CAPTURE: &str = "ORDERFLOW_FAULT_CRASH_AFTER_CAPTURE";
+
 /// How long past the payment's expiry this worker keeps trying before it leaves the
 /// order to the payment timer.
 const GIVE_UP_AFTER_EXPIRY: chrono::Duration = chrono::Duration::seconds(5);
@@ -32,6 +38,8 @@ pub struct Payments {
     call_timeout: Duration,
     breaker: GatewayBreaker,
     circuit: StateLog,
+    /// [`FAULT_CRASH_AFTER_CAPTURE`] was set at start (test-only failpoint).
+    crash_after_capture: bool,
 }
 
 impl Payments {
@@ -43,6 +51,7 @@ impl Payments {
             call_timeout: GATEWAY_CALL_TIMEOUT,
             breaker,
             circuit,
+            crash_after_capture: std::env::var_os(FAULT_CRASH_AFTER_CAPTURE).is_some(),
         }
     }
 
@@ -164,6 +173,17 @@ impl Payments {
             currency,
         };
         let outcome = self.call(self.gateway.capture(request)).await?;
+        if self.crash_after_capture && matches!(outcome, CaptureOutcome::Captured { .. }) {
+            // Test-only failpoint: die between the gateway's capture and its event, as a
+            // `kill -9` at the worst moment would. On restart the capture is repeated with
+            // the same idempotency key and the gateway returns the first result.
+            tracing::error!(
+                %order_id,
+                failpoint = FAULT_CRASH_AFTER_CAPTURE,
+                "aborting after the capture"
+            );
+            std::process::abort();
+        }
         let input = match outcome {
             CaptureOutcome::Captured { reference } => PaymentInput::Captured {
                 gateway_reference: reference,
