@@ -23,6 +23,8 @@ const BATCH: usize = 100;
 const STREAMS_PER_BATCH: usize = 10;
 /// Events in each stream a command reads.
 const COMMAND_STREAM_LEN: usize = 10;
+/// Events in the long (hot SKU) stock stream.
+const LONG_STREAM_LEN: usize = 5_000;
 
 const RAW_INSERT_ONE: &str = "INSERT INTO raw_events \
     (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
@@ -151,6 +153,24 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
             ),
         });
     }
+
+    let len = LONG_STREAM_LEN;
+    eprintln!("== storage: the same command on one stock stream of {len} events");
+    let long = long_stream_command(&store, len, ctx).await?;
+    let short = report.value("command_1").unwrap_or(0.0);
+    report.add(Row {
+        key: "command_long",
+        section: "event store",
+        what: format!("the same command on a stock stream of {len} events, 1 task"),
+        value: long.rate(1.0),
+        unit: "commands/s",
+        baseline: Some(("the command on a 10-event stream, 1 task (above)".to_owned(), short)),
+        note: format!(
+            "p50 {:.2} / p99 {:.2} ms; inventory reads and folds the whole stock stream on every reservation",
+            long.p_ms(50.0),
+            long.p_ms(99.0)
+        ),
+    });
     Ok(())
 }
 
@@ -399,40 +419,98 @@ async fn store_command(store: &EventStore, clients: usize, count: usize) -> anyh
     run_clients(clients, Until::Ops(count / clients), move |c, i| {
         let store = store.clone();
         async move {
-            let sku = command_sku(clients, i * clients + c);
-            let stream = streams::stock(&sku);
-            let records = store.read_stream(&stream, 0).await?;
-            anyhow::ensure!(
-                records.len() == COMMAND_STREAM_LEN,
-                "{stream}: {} events",
-                records.len()
-            );
-            let events = records
-                .iter()
-                .map(|r| DomainEvent::decode(&r.event_type, r.schema_version, &r.payload))
-                .collect::<Result<Vec<_>, _>>()?;
-            let state: StockState = domain::fold(events.iter());
-            let decided = domain::stock::decide(
-                &state,
-                StockInput::Reserve {
-                    sku,
-                    order_id: Uuid::new_v4(),
+            command_once(
+                &store,
+                command_sku(clients, i * clients + c),
+                Some(COMMAND_STREAM_LEN),
+            )
+            .await
+        }
+    })
+    .await
+}
+
+/// One reservation as the inventory service makes it: read the whole stock stream, fold,
+/// decide, append with the expected version.
+async fn command_once(
+    store: &EventStore,
+    sku: String,
+    expect_len: Option<usize>,
+) -> anyhow::Result<()> {
+    let stream = streams::stock(&sku);
+    let records = store.read_stream(&stream, 0).await?;
+    if let Some(len) = expect_len {
+        anyhow::ensure!(records.len() == len, "{stream}: {} events", records.len());
+    }
+    let events = records
+        .iter()
+        .map(|r| DomainEvent::decode(&r.event_type, r.schema_version, &r.payload))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state: StockState = domain::fold(events.iter());
+    let decided = domain::stock::decide(
+        &state,
+        StockInput::Reserve {
+            sku,
+            order_id: Uuid::new_v4(),
+            line: 0,
+            quantity: 1,
+        },
+    );
+    anyhow::ensure!(
+        matches!(decided.as_slice(), [DomainEvent::StockReserved(_)]),
+        "{stream}: unexpected decision {decided:?}"
+    );
+    let expected = state
+        .version
+        .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+    store
+        .append(&stream, expected, decided.iter().map(new_event).collect())
+        .await?;
+    Ok(())
+}
+
+/// The same command on one stock stream of `len` events (StockSet, then reserved and
+/// committed pairs): what a hot SKU's stream costs every reservation.
+async fn long_stream_command(store: &EventStore, len: usize, ctx: &Ctx) -> anyhow::Result<Timed> {
+    let sku = format!("long{len}");
+    let stream = streams::stock(&sku);
+    let mut events = vec![new_event(&DomainEvent::StockSet(
+        domain::events::StockSet {
+            sku: sku.clone(),
+            quantity: 1_000_000_000,
+        },
+    ))];
+    while events.len() < len {
+        let order_id = Uuid::new_v4();
+        events.push(new_event(&DomainEvent::StockReserved(
+            domain::events::StockReserved {
+                sku: sku.clone(),
+                order_id,
+                line: 0,
+                quantity: 1,
+            },
+        )));
+        if events.len() < len {
+            events.push(new_event(&DomainEvent::StockCommitted(
+                domain::events::StockCommitted {
+                    sku: sku.clone(),
+                    order_id,
                     line: 0,
                     quantity: 1,
                 },
-            );
-            anyhow::ensure!(
-                matches!(decided.as_slice(), [DomainEvent::StockReserved(_)]),
-                "{stream}: unexpected decision {decided:?}"
-            );
-            let expected = state
-                .version
-                .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-            store
-                .append(&stream, expected, decided.iter().map(new_event).collect())
-                .await?;
-            Ok(())
+            )));
         }
+    }
+    let mut version: Option<i64> = None;
+    for chunk in events.chunks(1_000) {
+        let expected = version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        let result = store.append(&stream, expected, chunk.to_vec()).await?;
+        version = Some(result.next_expected_version);
+    }
+    let store = store.clone();
+    run_clients(1, Until::Elapsed(ctx.op_duration), move |_, _| {
+        let (store, sku) = (store.clone(), sku.clone());
+        async move { command_once(&store, sku, None).await }
     })
     .await
 }
