@@ -202,7 +202,7 @@ impl Settings {
                 .filter(|v| !v.trim().is_empty())
                 .map(|v| (name, v))
         };
-        Ok(Settings {
+        Settings {
             database_url: get("DATABASE_URL").map_or(defaults.database_url, |(_, v)| v),
             amqp_url: get("AMQP_URL").map_or(defaults.amqp_url, |(_, v)| v),
             review_threshold_cents: get("ORDERFLOW_REVIEW_THRESHOLD_CENTS")
@@ -226,7 +226,7 @@ impl Settings {
                 .map(parse_orders_per_minute)
                 .transpose()?,
         }
-        .consistent()?)
+        .consistent()
     }
 
     /// Checks settings that only make sense together.
