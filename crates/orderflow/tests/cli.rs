@@ -311,7 +311,20 @@ async fn replay_rebuilds_the_same_read_model_rows() -> anyhow::Result<()> {
             "the projection to catch up",
             std::time::Duration::from_secs(20),
             || async {
-                Ok((projector::run_once(store, projection.as_ref()).await? == 0).then_some(()))
+                // Caught up: nothing left to read, and no committed event lies beyond its
+                // checkpoint (an empty read alone can mean "not visible yet").
+                let read = projector::run_once(store, projection.as_ref()).await?;
+                let at = store
+                    .load_checkpoint(&format!("projection:{}", projection.name()))
+                    .await?;
+                let beyond: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM events WHERE (transaction_id, global_position) > ($1, $2)",
+                )
+                .bind(at.transaction_id)
+                .bind(at.global_position)
+                .fetch_one(store.pool())
+                .await?;
+                Ok((read == 0 && beyond == 0).then_some(()))
             },
         )
         .await?;
