@@ -31,9 +31,29 @@ pub async fn connect_with(
 ) -> Result<EventStore, StoreError> {
     let options = parse_options(database_url)?;
     let pool = open_pool(options, max_connections).await?;
-    // The migrator takes an advisory lock, so processes starting together are safe.
-    MIGRATOR.run(&pool).await?;
+    if !migrations_applied(&pool).await {
+        // The migrator takes an advisory lock, so processes starting together are safe.
+        MIGRATOR.run(&pool).await?;
+    }
     Ok(EventStore::new(pool))
+}
+
+/// Whether every migration is applied already, unchanged. Then nothing needs to be
+/// created, and a least-privilege role (which may not create tables, not even the
+/// migrator's own `CREATE TABLE IF NOT EXISTS`) can start; otherwise the migrator runs.
+async fn migrations_applied(pool: &PgPool) -> bool {
+    let applied: Result<Vec<(i64, Vec<u8>)>, sqlx::Error> =
+        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await;
+    let Ok(applied) = applied else {
+        return false;
+    };
+    MIGRATOR.iter().all(|m| {
+        applied
+            .iter()
+            .any(|(version, checksum)| *version == m.version && checksum.as_slice() == &*m.checksum)
+    })
 }
 
 /// The event log. Cheap to clone; clones share the pool and the wake-up machinery.

@@ -84,6 +84,15 @@ pub enum Command {
     },
     /// Check the rules of the order's course against the log; exit 1 naming offenders.
     Audit,
+    /// Create or update a least-privilege database role for the workers (may append
+    /// events, never change them). Run once, as a role that may create roles.
+    SetupRole {
+        /// The role's name (lower-case letters, digits, underscores).
+        role: String,
+        /// The environment variable holding the role's password (none: no password).
+        #[arg(long, default_value = "ORDERFLOW_ROLE_PASSWORD")]
+        password_env: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

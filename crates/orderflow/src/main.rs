@@ -1,4 +1,5 @@
 //! `orderflow`: the command line and the worker process.
+mod admin;
 mod cli;
 mod publish;
 mod queries;
@@ -111,6 +112,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             command: DlqCommand::Retry { all, message_id },
         } => publish::dlq_retry(&settings, all, message_id).await,
         Command::Audit => queries::audit(&store(&settings).await?).await,
+        Command::SetupRole { role, password_env } => {
+            let password = std::env::var(&password_env).ok().filter(|p| !p.is_empty());
+            admin::setup_role(&store(&settings).await?, &role, password).await
+        }
     }
 }
 

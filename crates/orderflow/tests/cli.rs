@@ -364,3 +364,97 @@ async fn replay_rebuilds_the_same_read_model_rows() -> anyhow::Result<()> {
     assert_eq!(order_rows(store).await?, orders_before);
     Ok(())
 }
+
+/// Drops the role (and what it was granted) when the test ends, pass or fail: roles
+/// are cluster-wide and would outlive the test's database.
+struct RoleGuard {
+    role: String,
+    admin_url: String,
+}
+
+impl Drop for RoleGuard {
+    fn drop(&mut self) {
+        let (role, url) = (self.role.clone(), self.admin_url.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&url).await {
+                    let _ =
+                        sqlx::raw_sql(&format!("DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"))
+                            .execute(&mut conn)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+async fn setup_role_creates_a_worker_role_that_can_append_but_never_change_events(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let role = format!("of_worker_{}", Uuid::new_v4().simple());
+    let _guard = RoleGuard {
+        role: role.clone(),
+        admin_url: db.url().to_owned(),
+    };
+    let out = orderflow(&["setup-role", &role], &[("DATABASE_URL", db.url())]).await?;
+    assert!(out.status.success(), "setup-role failed: {}", stderr(&out));
+
+    // The workers' commands start as that role (nothing to migrate, nothing to create).
+    let role_url = db
+        .url()
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(
+        role_url,
+        db.url(),
+        "the test expects DATABASE_URL to name the postgres user"
+    );
+    let out = orderflow(&["orders"], &[("DATABASE_URL", &role_url)]).await?;
+    assert!(
+        out.status.success(),
+        "orders as {role} failed: {}",
+        stderr(&out)
+    );
+
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&role_url).await?;
+    sqlx::query(
+        "INSERT INTO events (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata)
+         VALUES ('stock-ROLE', 0, $1, 'StockSet', 1, '{\"sku\":\"ROLE\",\"quantity\":1}', '{}')",
+    )
+    .bind(Uuid::new_v4())
+    .execute(&mut conn)
+    .await
+    .context("the worker role may append")?;
+    sqlx::query("INSERT INTO stock_levels (sku, on_hand, reserved) VALUES ('ROLE', 1, 0)")
+        .execute(&mut conn)
+        .await
+        .context("the worker role may write read models")?;
+    for statement in [
+        "UPDATE events SET event_type = 'X'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let refused = sqlx::query(statement).execute(&mut conn).await;
+        let code = refused
+            .as_ref()
+            .err()
+            .and_then(|e| e.as_database_error())
+            .and_then(|e| e.code());
+        assert_eq!(
+            code.as_deref(),
+            Some("42501"),
+            "{statement} must be refused by privilege: {refused:?}"
+        );
+    }
+    conn.close().await?;
+    Ok(())
+}
