@@ -70,6 +70,38 @@ impl TestVhost {
             .collect())
     }
 
+    /// `(ready, unacked)` messages of `queue` in this vhost, as the broker counts them
+    /// (`rabbitmqctl list_queues name messages_ready messages_unacknowledged`).
+    /// Fails when the vhost has no such queue.
+    pub async fn queue_counts(&self, queue: &str) -> anyhow::Result<(u64, u64)> {
+        let out = rabbitmqctl_output(&[
+            "list_queues",
+            "-p",
+            &self.name,
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .await?;
+        for line in out.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let [name, ready, unacked] = words.as_slice() {
+                if *name == queue {
+                    let ready = ready
+                        .parse()
+                        .with_context(|| format!("messages_ready of {queue}: {ready:?}"))?;
+                    let unacked = unacked.parse().with_context(|| {
+                        format!("messages_unacknowledged of {queue}: {unacked:?}")
+                    })?;
+                    return Ok((ready, unacked));
+                }
+            }
+        }
+        bail!("no queue {queue} in vhost {}:\n{out}", self.name)
+    }
+
     /// Number of client connections the broker currently has open on this vhost.
     pub async fn connection_count(&self) -> anyhow::Result<usize> {
         let out =

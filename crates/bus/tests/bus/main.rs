@@ -1,5 +1,6 @@
 //! Integration tests of the bus against a real RabbitMQ, each in a vhost of its own.
 
+mod backpressure;
 mod consume;
 mod dlq;
 mod publish;
