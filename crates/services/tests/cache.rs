@@ -1,0 +1,165 @@
+//! The stream cache (`services::exec::StreamCache`) against a real PostgreSQL
+//! (`TestDb`): it folds only the events after the version it holds, never serves a
+//! stale state (another writer's events are read before every decision), and queues the
+//! decisions on one hot stream in-process so they do not race into conflicts.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use domain::events::{StockReserved, StockSet};
+use domain::{stock, streams, DomainEvent, StockInput, StockState};
+use eventstore::EventStore;
+use services::exec::{decide_on_cached, load, load_cached, Cause, Decided, StreamCache};
+use testkit::fixtures::append;
+use testkit::TestDb;
+use uuid::Uuid;
+
+const SKU: &str = "A";
+
+fn cause() -> Cause {
+    Cause::new(Uuid::new_v4(), Uuid::new_v4(), "inventory.reserve.0")
+}
+
+fn set(quantity: i64) -> DomainEvent {
+    DomainEvent::StockSet(StockSet {
+        sku: SKU.to_owned(),
+        quantity,
+    })
+}
+
+fn reserve(order_id: Uuid, quantity: i64) -> StockInput {
+    StockInput::Reserve {
+        sku: SKU.to_owned(),
+        order_id,
+        line: 0,
+        quantity,
+    }
+}
+
+/// Reserves through the cache, counting how often the decision is asked (once per
+/// attempt: a conflict means a second ask).
+async fn reserve_cached(
+    store: &EventStore,
+    cache: &StreamCache<StockState>,
+    order_id: Uuid,
+    quantity: i64,
+    asked: &AtomicUsize,
+) -> anyhow::Result<Decided<StockState>> {
+    let input = reserve(order_id, quantity);
+    Ok(
+        decide_on_cached(store, cache, &streams::stock(SKU), &cause(), |s| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            stock::decide(s, input.clone())
+        })
+        .await?,
+    )
+}
+
+async fn event_types(store: &EventStore, stream: &str) -> anyhow::Result<Vec<String>> {
+    Ok(store
+        .read_stream(stream, 0)
+        .await?
+        .into_iter()
+        .map(|r| r.event_type)
+        .collect())
+}
+
+#[tokio::test]
+async fn the_stream_cache_folds_only_new_events_and_is_never_stale() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let stream = streams::stock(SKU);
+    append(store, &stream, &[set(10)]).await?;
+    let cache = StreamCache::<StockState>::new(16);
+    let asked = AtomicUsize::new(0);
+
+    let first_order = Uuid::new_v4();
+    let first = reserve_cached(store, &cache, first_order, 3, &asked).await?;
+    assert_eq!(
+        first.events(),
+        [DomainEvent::StockReserved(StockReserved {
+            sku: SKU.to_owned(),
+            order_id: first_order,
+            line: 0,
+            quantity: 3,
+        })]
+    );
+    assert_eq!(first.state().on_hand, 7);
+
+    // Another writer (a second process) sets the stock behind the cache's back.
+    let other = db.second_store().await?;
+    append(&other, &stream, &[set(50)]).await?;
+
+    // 40 units fit only if the decision sees the new level; a stale 7 would refuse.
+    let second_order = Uuid::new_v4();
+    let second = reserve_cached(store, &cache, second_order, 40, &asked).await?;
+    assert_eq!(
+        second.events(),
+        [DomainEvent::StockReserved(StockReserved {
+            sku: SKU.to_owned(),
+            order_id: second_order,
+            line: 0,
+            quantity: 40,
+        })],
+        "the decision saw the other writer's StockSet"
+    );
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        2,
+        "no conflict, no second ask"
+    );
+
+    let fresh = load::<StockState>(store, &stream).await?;
+    assert_eq!(second.state(), &fresh.state, "decided on the log's state");
+    assert_eq!(fresh.state.on_hand, 10);
+    assert_eq!(fresh.state.reserved, 43);
+    assert_eq!(fresh.version, Some(3));
+    // Folding again from the cache reads only what came after its version: folding an
+    // event twice would count it twice (`StockState::version` counts folded events).
+    let cached = load_cached(store, &cache, &stream).await?;
+    assert_eq!(cached.state, fresh.state);
+    assert_eq!(cached.version, fresh.version);
+    assert_eq!(cached.state.version, Some(3));
+    assert_eq!(
+        event_types(store, &stream).await?,
+        ["StockSet", "StockReserved", "StockSet", "StockReserved"]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_stream_is_decided_one_at_a_time_in_process_without_conflicts() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let stream = streams::stock(SKU);
+    append(&db.store, &stream, &[set(20)]).await?;
+    let cache = Arc::new(StreamCache::<StockState>::new(16));
+    let asked = Arc::new(AtomicUsize::new(0));
+
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let (store, cache, asked) = (db.store.clone(), cache.clone(), asked.clone());
+            tokio::spawn(
+                async move { reserve_cached(&store, &cache, Uuid::new_v4(), 1, &asked).await },
+            )
+        })
+        .collect();
+    for task in tasks {
+        let decided = task.await??;
+        assert_eq!(decided.events().len(), 1, "{decided:?}");
+    }
+
+    let types = event_types(&db.store, &stream).await?;
+    let count = |t: &str| types.iter().filter(|x| *x == t).count();
+    assert_eq!(count("StockReserved"), 20, "{types:?}");
+    assert_eq!(count("StockReservationFailed"), 10, "{types:?}");
+    let fresh = load::<StockState>(&db.store, &stream).await?;
+    assert_eq!(fresh.state.on_hand, 0, "no oversell");
+    assert_eq!(fresh.state.reserved, 20);
+    assert_eq!(fresh.version, Some(30));
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        30,
+        "one decision per reservation: none lost a race and decided again"
+    );
+    Ok(())
+}
