@@ -110,6 +110,9 @@ pub async fn run_once(
     projection.apply_page(&mut tx, &page).await?;
     store.save_checkpoint(&mut tx, &name, last).await?;
     tx.commit().await?;
+    // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
+    metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())
+        .increment(records.len() as u64);
     Ok(records.len())
 }
 

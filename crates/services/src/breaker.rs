@@ -37,6 +37,13 @@ pub struct StateLog {
 }
 
 impl StateLog {
+    /// Remembers `state` and reports it on `/metrics` (0 closed, 1 open, 2 half-open).
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::CIRCUIT_STATE, "breaker" => "payment_gateway")
+            .set(f64::from(state));
+    }
+
     pub fn state(&self) -> CircuitState {
         match self.state.load(Ordering::Relaxed) {
             1 => CircuitState::Open,
@@ -50,17 +57,17 @@ impl failsafe::Instrument for StateLog {
     fn on_call_rejected(&self) {}
 
     fn on_open(&self) {
-        self.state.store(1, Ordering::Relaxed);
+        self.set(1);
         warn!("payment gateway circuit opened: too many calls failing; payments wait");
     }
 
     fn on_half_open(&self) {
-        self.state.store(2, Ordering::Relaxed);
+        self.set(2);
         info!("payment gateway circuit half-open: probing the gateway");
     }
 
     fn on_closed(&self) {
-        self.state.store(0, Ordering::Relaxed);
+        self.set(0);
         info!("payment gateway circuit closed: the gateway answers again");
     }
 }
@@ -69,7 +76,9 @@ pub type GatewayBreaker = StateMachine<SuccessRateOverTimeWindow<EqualJittered>,
 
 /// A breaker with orderflow's defaults, and the handle on its state.
 pub fn gateway_breaker() -> (GatewayBreaker, StateLog) {
-    breaker(MIN_CALLS, OPEN_MIN, OPEN_MAX)
+    let (machine, log) = breaker(MIN_CALLS, OPEN_MIN, OPEN_MAX);
+    log.set(0);
+    (machine, log)
 }
 
 /// A breaker with other thresholds (tests use small ones).

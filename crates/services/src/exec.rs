@@ -251,6 +251,7 @@ where
             .await
         {
             Ok(_) => {
+                crate::metrics::events_appended(events.len());
                 for e in &events {
                     state.apply(e);
                 }
@@ -282,6 +283,7 @@ pub async fn append_together(
     parts: Vec<(String, Option<i64>, Vec<DomainEvent>)>,
 ) -> Result<bool, ServiceError> {
     let mut index = 0;
+    let count: usize = parts.iter().map(|(_, _, events)| events.len()).sum();
     let appends = parts
         .into_iter()
         .map(|(stream_name, version, events)| {
@@ -295,7 +297,10 @@ pub async fn append_together(
         })
         .collect();
     match store.append_batch(appends).await {
-        Ok(_) => Ok(true),
+        Ok(_) => {
+            crate::metrics::events_appended(count);
+            Ok(true)
+        }
         Err(StoreError::Duplicate { .. }) => Ok(false),
         Err(e) => Err(e.into()),
     }

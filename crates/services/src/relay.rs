@@ -82,6 +82,7 @@ pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceE
         .await?;
     let mut conn = store.pool().acquire().await?;
     store.save_checkpoint(&mut conn, CHECKPOINT, last).await?;
+    metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(records.len() as u64);
     debug!(count = records.len(), "relayed events");
     Ok(records.len())
 }

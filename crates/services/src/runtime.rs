@@ -1,6 +1,9 @@
-//! `orderflow run`: starts the chosen workers in this process and stops them together.
+//! `orderflow run`: starts the chosen workers in this process and stops them together,
+//! with what every process has beside them: the HTTP endpoint (`health`), its row in
+//! the worker registry (`registry`, with heartbeats) and the sampled gauges (`metrics`).
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus::topology::{
     INVENTORY_QUEUE, NOTIFICATION_QUEUE, ORDER_QUEUE, PAYMENT_QUEUE, SHIPPING_QUEUE,
@@ -10,13 +13,16 @@ use domain::Rules;
 use eventstore::EventStore;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::commands::{CommandHandler, CommandService};
 use crate::gateway::Simulator;
+use crate::health::Probes;
 use crate::inventory::Inventory;
+use crate::metrics::Metered;
 use crate::notification::Notifications;
 use crate::payment::Payments;
+use crate::registry::Registration;
 use crate::saga::OrderSaga;
 use crate::settings::{redact_url, Settings};
 use crate::shipping::Shipping;
@@ -60,7 +66,18 @@ pub enum RunError {
     UnknownWorker(String),
     #[error("worker {worker} stopped: {reason}")]
     Worker { worker: String, reason: String },
+    #[error("cannot serve HTTP on {addr} (ORDERFLOW_HTTP_ADDR): {source}")]
+    Http {
+        addr: String,
+        source: std::io::Error,
+    },
 }
+
+/// How often the gauges sampled from the database (lag, orders by status, open
+/// timers, live processes) are refreshed.
+const SAMPLE_EVERY: Duration = Duration::from_secs(3);
+/// On shutdown, how long the HTTP endpoint and the heartbeats may take to stop.
+const BACKGROUND_GRACE: Duration = Duration::from_secs(5);
 
 /// The business rules the settings configure.
 pub fn rules(settings: &Settings) -> Rules {
@@ -125,7 +142,52 @@ pub async fn run(
     } else {
         None
     };
+    let metrics = crate::metrics::install();
+    let listener = crate::health::bind(settings.http_addr)
+        .await
+        .map_err(|source| RunError::Http {
+            addr: format!("{:?}", settings.http_addr),
+            source,
+        })?;
+    let http_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(addr) = http_addr {
+        info!(%addr, "HTTP endpoint: /metrics, /healthz, /readyz");
+    }
+    let me = Registration::this_process(
+        workers,
+        settings.heartbeat_interval,
+        http_addr.map(|a| a.to_string()),
+    );
+    if let Err(error) = crate::registry::register(store.pool(), &me).await {
+        warn!(%error, "cannot register in the workers table; running anyway");
+    }
+
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = JoinSet::new();
+    if let Some(listener) = listener {
+        let probes = Probes {
+            store: store.clone(),
+            bus: bus.clone(),
+        };
+        let shutdown = stopped(stop_rx.clone());
+        let metrics = metrics.clone();
+        background.spawn(async move {
+            if let Err(error) = crate::health::serve(listener, metrics, probes, shutdown).await {
+                error!(%error, "the HTTP endpoint stopped");
+            }
+        });
+    }
+    background.spawn(heartbeats(
+        store.clone(),
+        me.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    background.spawn(sampling(
+        store.clone(),
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
     let mut tasks = JoinSet::new();
     for worker in workers {
         let worker = (*worker).to_owned();
@@ -154,8 +216,59 @@ pub async fn run(
             error!(%worker, error = %e, "worker failed while stopping");
         }
     }
+    if tokio::time::timeout(BACKGROUND_GRACE, async {
+        while background.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        background.abort_all();
+    }
+    if let Err(error) = crate::registry::deregister(store.pool(), me.id).await {
+        warn!(%error, "cannot remove this process from the workers table");
+    }
     info!("orderflow stopped");
     result
+}
+
+/// Refreshes this process's row in `workers` every heartbeat interval.
+async fn heartbeats(store: EventStore, me: Registration, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(me.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: the row was just written
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = tick.tick() => {
+                if let Err(error) = crate::registry::heartbeat(store.pool(), &me).await {
+                    warn!(%error, "heartbeat failed; trying again at the next one");
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes the gauges sampled from the database.
+async fn sampling(
+    store: EventStore,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = tick.tick() => {
+                if let Err(error) = crate::metrics::sample(&store).await {
+                    warn!(%error, "cannot sample the gauges from the database");
+                }
+                metrics.run_upkeep();
+            }
+        }
+    }
 }
 
 /// Resolves once the stop flag is raised.
@@ -189,10 +302,13 @@ fn start(
             }
             "timers" => Scheduler::new(store).run(shutdown).await,
             "commands" => {
-                let handler = Arc::new(CommandHandler(Arc::new(CommandService::new(
-                    store,
-                    rules(&settings),
-                ))));
+                let handler = Arc::new(Metered::new(
+                    "commands",
+                    Arc::new(CommandHandler(Arc::new(CommandService::new(
+                        store,
+                        rules(&settings),
+                    )))),
+                ));
                 Ok(bus::consume(
                     &bus_or_err()?,
                     COMMAND_INTAKE_QUEUE,
@@ -258,6 +374,9 @@ async fn consume_events<S: EventService>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     let options = consume_options(service.name());
-    let handler = Arc::new(EventHandler(Arc::new(service)));
+    let handler = Arc::new(Metered::new(
+        service.name(),
+        Arc::new(EventHandler(Arc::new(service))),
+    ));
     Ok(bus::consume(&bus, queue, options, handler, shutdown).await?)
 }

@@ -14,12 +14,28 @@
 //! A variable set in the environment overrides the same setting in the file. An
 //! unknown key in the file is an error (a typo must not silently leave a rule off).
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use domain::rules::{WORKFLOW_VERSION, WORKFLOW_VERSIONS};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orderflow";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Where `orderflow run` serves `/metrics`, `/healthz` and `/readyz` by default.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+
+/// Where `orderflow run` serves HTTP (`ORDERFLOW_HTTP_ADDR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAddr {
+    /// `off`: no HTTP endpoint.
+    Off,
+    /// Nothing configured: the default address. When it is taken (another process on
+    /// the machine has it) the process runs on without the endpoint, with a warning.
+    Default(SocketAddr),
+    /// Configured: failing to listen there stops the process. Port 0 picks a free
+    /// port (logged).
+    Set(SocketAddr),
+}
 
 #[derive(Clone, PartialEq)]
 pub struct Settings {
@@ -38,13 +54,18 @@ pub struct Settings {
     /// Fraud rule, workflow 2: more orders than this per customer within a minute
     /// go to review (`ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE`; unset: off).
     pub fraud_max_orders_per_minute: Option<u32>,
+    /// `/metrics`, `/healthz`, `/readyz` (`ORDERFLOW_HTTP_ADDR`).
+    pub http_addr: HttpAddr,
+    /// How often a running process refreshes its row in `workers`
+    /// (`ORDERFLOW_HEARTBEAT_INTERVAL`); silent for three of them = gone.
+    pub heartbeat_interval: Duration,
 }
 
 /// The variable naming the optional settings file.
 pub const CONFIG_FILE_VAR: &str = "ORDERFLOW_CONFIG";
 
 /// Every setting: its key in the settings file and its environment variable.
-pub const SETTINGS: [(&str, &str); 12] = [
+pub const SETTINGS: [(&str, &str); 14] = [
     ("database_url", "DATABASE_URL"),
     ("amqp_url", "AMQP_URL"),
     ("review_threshold_cents", "ORDERFLOW_REVIEW_THRESHOLD_CENTS"),
@@ -60,6 +81,8 @@ pub const SETTINGS: [(&str, &str); 12] = [
         "fraud_max_orders_per_minute",
         "ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE",
     ),
+    ("http_addr", "ORDERFLOW_HTTP_ADDR"),
+    ("heartbeat_interval", "ORDERFLOW_HEARTBEAT_INTERVAL"),
 ];
 
 /// The settings file, parsed: values by environment-variable name.
@@ -139,6 +162,8 @@ impl std::fmt::Debug for Settings {
                 "fraud_max_orders_per_minute",
                 &self.fraud_max_orders_per_minute,
             )
+            .field("http_addr", &self.http_addr)
+            .field("heartbeat_interval", &self.heartbeat_interval)
             .finish()
     }
 }
@@ -166,6 +191,8 @@ impl Default for Settings {
             currency: "EUR".to_owned(),
             workflow_version: WORKFLOW_VERSION,
             fraud_max_orders_per_minute: None,
+            http_addr: HttpAddr::Default(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            heartbeat_interval: Duration::from_secs(5),
         }
     }
 }
@@ -225,12 +252,23 @@ impl Settings {
             fraud_max_orders_per_minute: get("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE")
                 .map(parse_orders_per_minute)
                 .transpose()?,
+            http_addr: get("ORDERFLOW_HTTP_ADDR")
+                .map_or(Ok(defaults.http_addr), parse_http_addr)?,
+            heartbeat_interval: get("ORDERFLOW_HEARTBEAT_INTERVAL")
+                .map_or(Ok(defaults.heartbeat_interval), parse_duration)?,
         }
         .consistent()
     }
 
     /// Checks settings that only make sense together.
     fn consistent(self) -> Result<Settings, SettingsError> {
+        if self.heartbeat_interval.is_zero() {
+            return Err(invalid(
+                "ORDERFLOW_HEARTBEAT_INTERVAL",
+                "0s",
+                "must be longer than zero",
+            ));
+        }
         if let (Some(max), 1) = (self.fraud_max_orders_per_minute, self.workflow_version) {
             return Err(invalid(
                 "ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE",
@@ -267,6 +305,20 @@ fn parse_orders_per_minute((name, value): (&'static str, String)) -> Result<u32,
             format!("{e} (a whole number of orders)"),
         )),
     }
+}
+
+fn parse_http_addr((name, value): (&'static str, String)) -> Result<HttpAddr, SettingsError> {
+    let text = value.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr::Off);
+    }
+    text.parse::<SocketAddr>().map(HttpAddr::Set).map_err(|e| {
+        invalid(
+            name,
+            &value,
+            format!("{e} (write host:port such as {DEFAULT_HTTP_ADDR}, port 0 for any free port, or off)"),
+        )
+    })
 }
 
 fn invalid(name: &'static str, value: &str, reason: impl Into<String>) -> SettingsError {
@@ -474,6 +526,35 @@ mod tests {
         let file = ConfigFile::parse("x.toml", "workflow_version = 7").expect("valid TOML");
         let err = Settings::layered(|_| None, Some(&file)).expect_err("bad version");
         assert_eq!(err.name, "ORDERFLOW_WORKFLOW_VERSION");
+    }
+
+    #[test]
+    fn the_http_address_defaults_and_can_be_set_or_turned_off() {
+        let s = with(&[]).expect("defaults are valid");
+        assert_eq!(
+            s.http_addr,
+            HttpAddr::Default(DEFAULT_HTTP_ADDR.parse().expect("valid"))
+        );
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(5));
+        let s = with(&[("ORDERFLOW_HTTP_ADDR", "off")]).expect("valid");
+        assert_eq!(s.http_addr, HttpAddr::Off);
+        let s = with(&[
+            ("ORDERFLOW_HTTP_ADDR", "0.0.0.0:0"),
+            ("ORDERFLOW_HEARTBEAT_INTERVAL", "200ms"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            s.http_addr,
+            HttpAddr::Set("0.0.0.0:0".parse().expect("valid"))
+        );
+        assert_eq!(s.heartbeat_interval, Duration::from_millis(200));
+        for (name, value) in [
+            ("ORDERFLOW_HTTP_ADDR", "localhost"),
+            ("ORDERFLOW_HEARTBEAT_INTERVAL", "0s"),
+            ("ORDERFLOW_HEARTBEAT_INTERVAL", "often"),
+        ] {
+            assert_eq!(with(&[(name, value)]).map_err(|e| e.name), Err(name));
+        }
     }
 
     #[test]
