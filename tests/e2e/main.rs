@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod bulkhead;
 mod cancellation;
 mod compensation;
 mod concurrency;
