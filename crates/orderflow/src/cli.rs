@@ -29,12 +29,16 @@ pub enum Command {
         order_id: Uuid,
         #[arg(long, default_value = "cancelled by the customer")]
         reason: String,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Publish an order.approve command (human review).
     Approve {
         order_id: Uuid,
         #[arg(long, default_value = "operator")]
         reviewer: String,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Publish an order.reject command (human review).
     Reject {
@@ -43,6 +47,8 @@ pub enum Command {
         reviewer: String,
         #[arg(long, default_value = "rejected in review")]
         reason: String,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Stock commands.
     Stock {
@@ -84,6 +90,9 @@ pub enum Command {
     },
     /// Check the rules of the order's course against the log; exit 1 naming offenders.
     Audit,
+    /// List the running `orderflow run` processes (the workers table); those silent for
+    /// more than three heartbeats are marked gone.
+    Workers,
     /// Create or update a least-privilege database role for the workers (may append
     /// events, never change them). Run once, as a role that may create roles.
     SetupRole {
@@ -150,6 +159,30 @@ pub struct PlaceOrderArgs {
     /// The command's message_id (a new UUID when omitted).
     #[arg(long)]
     pub message_id: Option<Uuid>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// Read-your-writes: wait for the read model before returning (docs/OPERATIONS.md).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct WaitArgs {
+    /// Wait until the order_status read model has applied the command's effect, then
+    /// print the order's status line.
+    #[arg(long)]
+    pub wait: bool,
+    /// Like --wait, then wait on until the order is final (delivered, completed,
+    /// cancelled, rejected) or waits for a person (under_review).
+    #[arg(long)]
+    pub wait_final: bool,
+    /// How long --wait or --wait-final may take before failing.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+impl WaitArgs {
+    pub fn enabled(&self) -> bool {
+        self.wait || self.wait_final
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -48,23 +48,33 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run(settings, args).await,
         Command::PlaceOrder(args) => publish::place_order(&settings, args).await,
-        Command::Cancel { order_id, reason } => {
-            publish::command(
+        Command::Cancel {
+            order_id,
+            reason,
+            wait,
+        } => {
+            publish::order_command(
                 &settings,
                 domain::commands::Command::CancelOrder(domain::commands::CancelOrder {
                     order_id,
                     reason,
                 }),
+                wait,
             )
             .await
         }
-        Command::Approve { order_id, reviewer } => {
-            publish::command(
+        Command::Approve {
+            order_id,
+            reviewer,
+            wait,
+        } => {
+            publish::order_command(
                 &settings,
                 domain::commands::Command::ApproveOrder(domain::commands::ApproveOrder {
                     order_id,
                     reviewer,
                 }),
+                wait,
             )
             .await
         }
@@ -72,14 +82,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             order_id,
             reviewer,
             reason,
+            wait,
         } => {
-            publish::command(
+            publish::order_command(
                 &settings,
                 domain::commands::Command::RejectOrder(domain::commands::RejectOrder {
                     order_id,
                     reviewer,
                     reason,
                 }),
+                wait,
             )
             .await
         }
@@ -112,6 +124,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             command: DlqCommand::Retry { all, message_id },
         } => publish::dlq_retry(&settings, all, message_id).await,
         Command::Audit => queries::audit(&store(&settings).await?).await,
+        Command::Workers => queries::workers(&store(&settings).await?).await,
         Command::SetupRole { role, password_env } => {
             let password = std::env::var(&password_env).ok().filter(|p| !p.is_empty());
             admin::setup_role(&store(&settings).await?, &role, password).await

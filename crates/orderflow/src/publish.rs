@@ -7,7 +7,7 @@ use domain::commands::{Command, PlaceOrder, Shipping, ShippingMethod};
 use services::settings::{redact_url, Settings};
 use uuid::Uuid;
 
-use crate::cli::{Method, PlaceOrderArgs};
+use crate::cli::{Method, PlaceOrderArgs, WaitArgs};
 
 async fn connect(settings: &Settings) -> anyhow::Result<bus::Bus> {
     let options = bus::BusOptions {
@@ -37,6 +37,11 @@ pub async fn place_order(settings: &Settings, args: PlaceOrderArgs) -> anyhow::R
         }),
     };
     let order_id = args.order_id.unwrap_or_else(Uuid::new_v4);
+    // Open the log before publishing: a command that cannot be waited for is not sent.
+    let store = match args.wait.enabled() {
+        true => Some(crate::store(settings).await?),
+        false => None,
+    };
     let cmd = Command::PlaceOrder(PlaceOrder {
         order_id,
         customer_id: args.customer,
@@ -45,9 +50,30 @@ pub async fn place_order(settings: &Settings, args: PlaceOrderArgs) -> anyhow::R
         payment_token: args.token,
         shipping,
     });
-    publish(settings, cmd, args.message_id).await?;
+    let message_id = publish(settings, cmd, args.message_id).await?;
     println!("{order_id}");
-    Ok(ExitCode::SUCCESS)
+    match store {
+        Some(store) => {
+            crate::queries::wait_and_print(&store, message_id, order_id, args.wait).await
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Publishes a command about an order; with `--wait` / `--wait-final`, waits for the
+/// read model and prints the order's status line.
+pub async fn order_command(
+    settings: &Settings,
+    cmd: Command,
+    wait: WaitArgs,
+) -> anyhow::Result<ExitCode> {
+    let (Some(order_id), true) = (cmd.order_id(), wait.enabled()) else {
+        return command(settings, cmd).await;
+    };
+    let store = crate::store(settings).await?;
+    let message_id = publish(settings, cmd, None).await?;
+    println!("published {message_id}");
+    crate::queries::wait_and_print(&store, message_id, order_id, wait).await
 }
 
 pub async fn command(settings: &Settings, cmd: Command) -> anyhow::Result<ExitCode> {

@@ -230,3 +230,170 @@ pub async fn audit(store: &EventStore) -> anyhow::Result<ExitCode> {
         ExitCode::FAILURE
     })
 }
+
+/// `orderflow workers`: the processes in the registry, live ones first.
+pub async fn workers(store: &EventStore) -> anyhow::Result<ExitCode> {
+    let processes = services::registry::list(store.pool())
+        .await
+        .context("cannot read the workers table")?;
+    println!(
+        "{:<5}  {:<36}  {:<16}  {:>7}  {:<8}  {:<19}  {:>9}  {:<21}  workers",
+        "state", "id", "host", "pid", "version", "started", "silent", "http"
+    );
+    for p in &processes {
+        println!(
+            "{:<5}  {:<36}  {:<16}  {:>7}  {:<8}  {:<19}  {:>8.1}s  {:<21}  {}",
+            if p.gone { "gone" } else { "live" },
+            p.id,
+            p.host,
+            p.pid,
+            p.version,
+            p.started_at.format("%Y-%m-%d %H:%M:%S"),
+            p.silent_seconds,
+            p.http_addr.as_deref().unwrap_or("-"),
+            p.workers.join(",")
+        );
+    }
+    let gone = processes.iter().filter(|p| p.gone).count();
+    println!(
+        "({} live, {gone} gone: silent for more than {} heartbeats)",
+        processes.len() - gone,
+        services::registry::GONE_AFTER_HEARTBEATS
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoint of the read model `--wait` waits for.
+const ORDER_STATUS_CHECKPOINT: &str = "projection:order_status";
+
+/// Statuses `--wait-final` stops at: final, or waiting for a person.
+const SETTLED: [&str; 5] = [
+    "delivered",
+    "completed",
+    "cancelled",
+    "rejected",
+    "under_review",
+];
+
+/// Read-your-writes: waits until the read model has applied what the command
+/// `message_id` caused (and, with `--wait-final`, until the order settles), then prints
+/// the order's status line. Fails naming what it was waiting for at the deadline.
+pub async fn wait_and_print(
+    store: &EventStore,
+    message_id: Uuid,
+    order_id: Uuid,
+    wait: crate::cli::WaitArgs,
+) -> anyhow::Result<ExitCode> {
+    let deadline = std::time::Instant::now() + wait.timeout;
+    wait_applied(store, message_id, deadline)
+        .await
+        .with_context(|| format!("--wait gave up after {:?}", wait.timeout))?;
+    let row = if wait.wait_final {
+        poll(deadline, || async {
+            let row = order_row(store, order_id).await?;
+            Ok(row.filter(|o| SETTLED.contains(&o.status.as_str())))
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "--wait-final gave up after {:?}: order {order_id} has not settled",
+                wait.timeout
+            )
+        })?
+    } else {
+        order_row(store, order_id)
+            .await?
+            .with_context(|| format!("no order {order_id} in the read model"))?
+    };
+    println!("{}", status_line(&row));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `<order_id> <status>`, and ` (<cancel_reason>)` when there is one.
+fn status_line(o: &OrderRow) -> String {
+    match &o.cancel_reason {
+        Some(reason) => format!("{} {} ({reason})", o.order_id, o.status),
+        None => format!("{} {}", o.order_id, o.status),
+    }
+}
+
+async fn order_row(store: &EventStore, order_id: Uuid) -> anyhow::Result<Option<OrderRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM order_status WHERE order_id = $1"
+    ))
+    .bind(order_id)
+    .fetch_optional(store.pool())
+    .await
+    .context("cannot read order_status")
+}
+
+/// The token: the events whose metadata names `message_id` as their cause; waits until
+/// one is in the log, then until the `order_status` checkpoint has passed the last of
+/// them in the followers' order (transaction id, then global position).
+async fn wait_applied(
+    store: &EventStore,
+    message_id: Uuid,
+    deadline: std::time::Instant,
+) -> anyhow::Result<eventstore::LogPosition> {
+    let (transaction_id, global_position): (i64, i64) = poll(deadline, || async {
+        sqlx::query_as(
+            "SELECT transaction_id, global_position FROM events
+              WHERE metadata->>'causation_id' = $1
+              ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+        )
+        .bind(message_id.to_string())
+        .fetch_optional(store.pool())
+        .await
+        .context("cannot read the log")
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "no event caused by command {message_id} is in the log (not handled yet, \
+             dead-lettered — see `orderflow dlq list` — or no commands worker running)"
+        )
+    })?;
+    poll(deadline, || async {
+        let passed: Option<bool> = sqlx::query_scalar(
+            "SELECT (transaction_id, global_position) >= ($2, $3) FROM checkpoints WHERE name = $1",
+        )
+        .bind(ORDER_STATUS_CHECKPOINT)
+        .bind(transaction_id)
+        .bind(global_position)
+        .fetch_optional(store.pool())
+        .await
+        .context("cannot read the projector's checkpoint")?;
+        Ok(passed.unwrap_or(false).then_some(()))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the command's events (up to position {global_position}) are in the log, but \
+             order_status has not applied them (is a projector running?)"
+        )
+    })?;
+    Ok(eventstore::LogPosition {
+        transaction_id,
+        global_position,
+    })
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+async fn poll<T, F, Fut>(deadline: std::time::Instant, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            anyhow::bail!("timed out");
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
+    }
+}
