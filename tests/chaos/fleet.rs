@@ -150,6 +150,12 @@ impl Fleet {
     /// SIGKILLs a process and waits until it is gone.
     pub async fn kill(&mut self, process: &str) -> anyhow::Result<()> {
         if let Some(mut child) = self.running.remove(process) {
+            if let Some(status) = child.try_wait()? {
+                // It had ended on its own before the supervisor noticed.
+                eprintln!("chaos: {process} had exited on its own ({status})");
+                self.unexpected_exits.push((process.to_owned(), status));
+                return Ok(());
+            }
             child
                 .kill()
                 .await
