@@ -15,6 +15,6 @@ pub mod timers;
 
 pub use decode::to_envelope;
 pub use runner::{
-    all_projections, by_name, ensure_schema, replay, run, run_once, Projection, ProjectorError,
-    PAGE_SIZE,
+    all_projections, by_name, ensure_schema, replay, replay_many, run, run_once, Projection,
+    ProjectorError, PAGE_SIZE,
 };

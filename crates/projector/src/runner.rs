@@ -167,17 +167,30 @@ async fn follow(store: EventStore, projection: Arc<dyn Projection>) -> Result<()
 pub async fn replay(
     store: &EventStore,
     projection: &dyn Projection,
+    progress: impl FnMut(u64),
+) -> Result<u64, ProjectorError> {
+    replay_many(store, &[projection], progress).await
+}
+
+/// Rebuilds several projections in one pass over the log and one transaction: each
+/// page is read once and applied to every projection.
+pub async fn replay_many(
+    store: &EventStore,
+    projections: &[&dyn Projection],
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ProjectorError> {
     ensure_schema(store).await?;
-    let name = checkpoint_name(projection);
     let mut tx = store.pool().begin().await?;
-    // Hold the checkpoint row so the live projector waits instead of racing the rebuild.
-    store.lock_checkpoint(&mut tx, &name).await?;
-    for table in projection.tables() {
-        sqlx::query(&format!("DELETE FROM {table}"))
-            .execute(&mut *tx)
+    for projection in projections {
+        // Hold the checkpoint row so the live projector waits instead of racing the rebuild.
+        store
+            .lock_checkpoint(&mut tx, &checkpoint_name(*projection))
             .await?;
+        for table in projection.tables() {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     let mut after = LogPosition::START;
     let mut applied = 0u64;
@@ -186,19 +199,21 @@ pub async fn replay(
         let Some(last) = records.last().map(RecordedEvent::log_position) else {
             break;
         };
-        projection
-            .apply_page(&mut tx, &decode_page(&records))
-            .await?;
+        let page = decode_page(&records);
+        for projection in projections {
+            projection.apply_page(&mut tx, &page).await?;
+        }
         applied += records.len() as u64;
         after = last;
         progress(applied);
     }
-    store.save_checkpoint(&mut tx, &name, after).await?;
+    for projection in projections {
+        store
+            .save_checkpoint(&mut tx, &checkpoint_name(*projection), after)
+            .await?;
+    }
     tx.commit().await?;
-    info!(
-        projection = projection.name(),
-        events = applied,
-        "replay finished"
-    );
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    info!(projections = ?names, events = applied, "replay finished");
     Ok(applied)
 }

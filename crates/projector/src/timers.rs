@@ -84,45 +84,56 @@ impl Projection for TimersProjection {
                     net.insert(key, (c, env.recorded_at));
                 }
             }
-            for (change, recorded_at) in net.into_values() {
-                write(conn, change, recorded_at).await?;
-            }
-            Ok(())
+            write(conn, net.into_values().collect()).await
         })
     }
 }
 
+/// Writes the page's net changes: one DELETE for the cancelled waits, one INSERT for
+/// the scheduled ones (replay writes hundreds of thousands).
 async fn write(
     conn: &mut PgConnection,
-    change: TimerChange,
-    recorded_at: DateTime<Utc>,
+    changes: Vec<(TimerChange, DateTime<Utc>)>,
 ) -> Result<(), ProjectorError> {
-    match change {
-        TimerChange::Schedule {
-            order_id,
-            kind,
-            timer_id,
-            due_at,
-        } => {
-            sqlx::query(
-                "INSERT INTO timers (timer_id, kind, order_id, due_at, scheduled_at)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (timer_id) DO NOTHING",
-            )
-            .bind(timer_id)
-            .bind(kind)
-            .bind(order_id)
-            .bind(due_at)
-            .bind(recorded_at)
-            .execute(conn)
-            .await?;
+    let mut cancelled: (Vec<Uuid>, Vec<&str>) = (Vec::new(), Vec::new());
+    let mut scheduled = Vec::new();
+    for (change, recorded_at) in &changes {
+        match change {
+            TimerChange::Schedule {
+                order_id,
+                kind,
+                timer_id,
+                due_at,
+            } => scheduled.push((*timer_id, *kind, *order_id, *due_at, *recorded_at)),
+            TimerChange::Cancel { order_id, kind } => {
+                cancelled.0.push(*order_id);
+                cancelled.1.push(kind);
+            }
         }
-        TimerChange::Cancel { order_id, kind } => {
-            sqlx::query("DELETE FROM timers WHERE order_id = $1 AND kind = $2")
-                .bind(order_id)
-                .bind(kind)
-                .execute(conn)
-                .await?;
-        }
+    }
+    if !cancelled.0.is_empty() {
+        sqlx::query(
+            "DELETE FROM timers t USING unnest($1::uuid[], $2::text[]) AS c(order_id, kind)
+              WHERE t.order_id = c.order_id AND t.kind = c.kind",
+        )
+        .bind(&cancelled.0)
+        .bind(&cancelled.1)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !scheduled.is_empty() {
+        sqlx::query(
+            "INSERT INTO timers (timer_id, kind, order_id, due_at, scheduled_at)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[], $5::timestamptz[])
+             ON CONFLICT (timer_id) DO NOTHING",
+        )
+        .bind(scheduled.iter().map(|t| t.0).collect::<Vec<_>>())
+        .bind(scheduled.iter().map(|t| t.1).collect::<Vec<_>>())
+        .bind(scheduled.iter().map(|t| t.2).collect::<Vec<_>>())
+        .bind(scheduled.iter().map(|t| t.3).collect::<Vec<_>>())
+        .bind(scheduled.iter().map(|t| t.4).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
