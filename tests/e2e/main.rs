@@ -10,6 +10,7 @@ mod compensation;
 mod concurrency;
 mod fulfilment;
 mod intake;
+mod operations;
 mod refusals;
 mod restart;
 mod review;
