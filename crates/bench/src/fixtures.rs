@@ -193,6 +193,7 @@ impl FlowGenerator {
                 order_id,
                 amount_cents: 1_999,
                 gateway_reference: format!("sim-{order_id}"),
+                unwanted: false,
             }),
             &mut out,
         );

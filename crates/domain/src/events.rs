@@ -279,6 +279,17 @@ pub struct PaymentCaptured {
     pub order_id: Uuid,
     pub amount_cents: Cents,
     pub gateway_reference: String,
+    /// The capture landed after the payment was voided or timed out: the money moved,
+    /// but the order does not keep it (payment refunds it; the saga must not count it).
+    #[serde(default)]
+    pub unwanted: bool,
+}
+
+/// The gateway confirmed that nothing was captured for a voided or timed-out payment
+/// and that nothing will be (a capture arriving later under the same key is refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentCaptureVoided {
+    pub order_id: Uuid,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,12 +364,13 @@ pub enum DomainEvent {
     PaymentTimedOut(PaymentTimedOut),
     PaymentVoided(PaymentVoided),
     PaymentRefunded(PaymentRefunded),
+    PaymentCaptureVoided(PaymentCaptureVoided),
     ShipmentShipped(ShipmentShipped),
     ShipmentDelivered(ShipmentDelivered),
 }
 
 /// Every stored event type name, for docs, `orderflow check` and topology bindings.
-pub const EVENT_TYPES: [&str; 29] = [
+pub const EVENT_TYPES: [&str; 30] = [
     "OrderPlaced",
     "OrderRejected",
     "OrderSentForReview",
@@ -386,6 +398,7 @@ pub const EVENT_TYPES: [&str; 29] = [
     "PaymentTimedOut",
     "PaymentVoided",
     "PaymentRefunded",
+    "PaymentCaptureVoided",
     "ShipmentShipped",
     "ShipmentDelivered",
 ];
@@ -437,6 +450,7 @@ impl DomainEvent {
             PaymentTimedOut(_) => "PaymentTimedOut",
             PaymentVoided(_) => "PaymentVoided",
             PaymentRefunded(_) => "PaymentRefunded",
+            PaymentCaptureVoided(_) => "PaymentCaptureVoided",
             ShipmentShipped(_) => "ShipmentShipped",
             ShipmentDelivered(_) => "ShipmentDelivered",
         }
@@ -504,6 +518,7 @@ impl DomainEvent {
             PaymentTimedOut(e) => e.order_id,
             PaymentVoided(e) => e.order_id,
             PaymentRefunded(e) => e.order_id,
+            PaymentCaptureVoided(e) => e.order_id,
             ShipmentShipped(e) => e.order_id,
             ShipmentDelivered(e) => e.order_id,
         })

@@ -523,7 +523,9 @@ fn line_out_of_stock(state: &OrderState, e: StockReservationFailed) -> Vec<Domai
 /// Recorded once. A capture for a cancelled order is only recorded: payment refunds
 /// it by itself.
 fn payment_captured(state: &OrderState, e: PaymentCaptured) -> Vec<DomainEvent> {
-    if state.placed.is_none() || state.payment != PaymentStatus::Pending {
+    // A capture after the payment was voided or timed out is not this order's money,
+    // whatever order its events arrive in: the timeout or cancellation decides.
+    if e.unwanted || state.placed.is_none() || state.payment != PaymentStatus::Pending {
         return vec![];
     }
     let mut events = vec![DomainEvent::OrderPaymentCaptured(OrderPaymentCaptured {
@@ -734,6 +736,7 @@ mod tests {
                 order_id: ORDER_ID,
                 amount_cents: 2_000,
                 gateway_reference: "gw-1".into(),
+                unwanted: false,
             }))
         }
 
@@ -1049,6 +1052,31 @@ mod tests {
         assert_eq!(confirmed.delivery_delay_ms, 2_000);
         assert_eq!(confirmed.shipping, small_order().shipping);
         assert_eq!(saga.status(), "confirmed");
+    }
+
+    #[test]
+    fn a_capture_that_landed_after_the_payment_timed_out_never_confirms_the_order() {
+        // The payment stream says: timed out, then a late (unwanted) capture. The saga
+        // may get the capture first (redelivery reorders); it must not confirm.
+        let mut saga = Saga::placed(small_order());
+        saga.reserve(0);
+        saga.reserve(1);
+        let late = saga.when(OrderInput::PaymentCaptured(PaymentCaptured {
+            order_id: ORDER_ID,
+            amount_cents: 2_000,
+            gateway_reference: "gw-late".into(),
+            unwanted: true,
+        }));
+        assert_eq!(types(&late), Vec::<&str>::new());
+        assert_eq!(saga.status(), "pending");
+        let timed_out = saga.when(OrderInput::PaymentTimedOut(PaymentTimedOut {
+            order_id: ORDER_ID,
+        }));
+        assert!(
+            types(&timed_out).contains(&"OrderCancelled"),
+            "{:?}",
+            types(&timed_out)
+        );
     }
 
     #[test]

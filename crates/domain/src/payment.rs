@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::events::{
-    DomainEvent, OrderAccepted, PaymentCaptured, PaymentDeclined, PaymentRefunded,
-    PaymentRequested, PaymentTimedOut, PaymentVoided,
+    DomainEvent, OrderAccepted, PaymentCaptureVoided, PaymentCaptured, PaymentDeclined,
+    PaymentRefunded, PaymentRequested, PaymentTimedOut, PaymentVoided,
 };
 use crate::rules;
 use crate::{Cents, Evolve};
@@ -28,6 +28,8 @@ pub struct PaymentState {
     /// and by folding the order's `OrderCancelled` event (not on this stream) into the
     /// state: the payment service does so when handling `OrderCancelled`.
     pub order_cancelled: bool,
+    /// The gateway confirmed that no capture happened or will happen for this payment.
+    pub capture_voided: bool,
     /// The last `stream_version` of `payment-<id>` folded (0-based); `None` for an
     /// empty stream. `OrderCancelled` does not count.
     pub version: Option<i64>,
@@ -73,6 +75,7 @@ impl Evolve for PaymentState {
             E::PaymentRefunded(e) => {
                 self.refunded_cents = self.refunded_cents.saturating_add(e.amount_cents);
             }
+            E::PaymentCaptureVoided(_) => self.capture_voided = true,
             E::OrderCancelled(_) => {
                 // Known from the order stream; not a payment-stream event.
                 self.order_cancelled = true;
@@ -105,6 +108,8 @@ pub enum PaymentInput {
     OrderCancelled { order_id: Uuid },
     /// The gateway refunded what was owed.
     Refunded { gateway_reference: String },
+    /// The gateway voided the capture key: nothing was or will be captured.
+    CaptureVoided,
 }
 
 /// What the payment does about one input: the events to append to `payment-<id>`.
@@ -116,6 +121,7 @@ pub fn decide(state: &PaymentState, input: PaymentInput) -> Vec<DomainEvent> {
         PaymentInput::TimedOut => timed_out(state),
         PaymentInput::OrderCancelled { order_id } => void(state, order_id),
         PaymentInput::Refunded { gateway_reference } => refunded(state, gateway_reference),
+        PaymentInput::CaptureVoided => capture_voided(state),
     }
 }
 
@@ -142,10 +148,32 @@ fn captured(state: &PaymentState, gateway_reference: String) -> Vec<DomainEvent>
                 order_id: requested.order_id,
                 amount_cents: requested.amount_cents,
                 gateway_reference,
+                unwanted: state.voided || state.timed_out,
             })]
         }
         _ => vec![],
     }
+}
+
+/// The gateway confirmed the void: stop asking it.
+fn capture_voided(state: &PaymentState) -> Vec<DomainEvent> {
+    match state.order_id() {
+        Some(order_id) if needs_gateway_void(state) => {
+            vec![DomainEvent::PaymentCaptureVoided(PaymentCaptureVoided { order_id })]
+        }
+        _ => vec![],
+    }
+}
+
+/// A voided or timed-out payment with no capture known: a capture may still have
+/// happened (a worker killed between the gateway's answer and its event, or a call
+/// still in flight), so the gateway is asked to void the capture key, which either
+/// reports the capture (then refunded) or makes any later capture with it fail.
+fn needs_gateway_void(state: &PaymentState) -> bool {
+    state.requested.is_some()
+        && (state.voided || state.timed_out)
+        && state.captured_cents.is_none()
+        && !state.capture_voided
 }
 
 fn declined(state: &PaymentState, reason: String) -> Vec<DomainEvent> {
@@ -206,6 +234,8 @@ pub enum GatewayAction {
         amount_cents: Cents,
         idempotency_key: String,
     },
+    /// Void the capture key: report a capture made under it, or refuse any later one.
+    VoidCapture { capture_key: String },
 }
 
 /// What to ask the gateway next, if anything: capture an open request, or refund a
@@ -218,6 +248,11 @@ pub fn next_action(state: &PaymentState) -> Option<GatewayAction> {
         return Some(GatewayAction::Refund {
             amount_cents: owed,
             idempotency_key: refund_key(requested.order_id),
+        });
+    }
+    if needs_gateway_void(state) {
+        return Some(GatewayAction::VoidCapture {
+            capture_key: capture_key(requested.order_id),
         });
     }
     state.is_open().then(|| GatewayAction::Capture {
@@ -397,8 +432,38 @@ mod tests {
             ["PaymentTimedOut"]
         );
         assert_eq!(payment.when(PaymentInput::TimedOut), vec![]);
-        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(next_action(&payment.state()), void_of_capture());
         assert_eq!(Payment(vec![]).when(PaymentInput::TimedOut), vec![]);
+    }
+
+    fn void_of_capture() -> Option<GatewayAction> {
+        Some(GatewayAction::VoidCapture {
+            capture_key: format!("capture-{ORDER_ID}"),
+        })
+    }
+
+    #[test]
+    fn a_timed_out_or_voided_payment_asks_the_gateway_to_void_until_it_confirms() {
+        let mut payment = Payment::requested();
+        payment.when(cancelled());
+        assert_eq!(next_action(&payment.state()), void_of_capture());
+        assert_eq!(
+            payment.types_of(PaymentInput::CaptureVoided),
+            ["PaymentCaptureVoided"]
+        );
+        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(payment.when(PaymentInput::CaptureVoided), vec![]);
+    }
+
+    #[test]
+    fn a_capture_recorded_after_a_void_or_timeout_is_marked_unwanted() {
+        let mut payment = Payment::requested();
+        payment.when(PaymentInput::TimedOut);
+        let events = payment.when(captured());
+        assert!(matches!(&events[..], [DomainEvent::PaymentCaptured(c)] if c.unwanted));
+        let mut kept = Payment::requested();
+        let events = kept.when(captured());
+        assert!(matches!(&events[..], [DomainEvent::PaymentCaptured(c)] if !c.unwanted));
     }
 
     #[test]
@@ -420,7 +485,7 @@ mod tests {
         let mut payment = Payment::requested();
         assert_eq!(payment.types_of(cancelled()), ["PaymentVoided"]);
         assert_eq!(payment.when(cancelled()), vec![]);
-        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(next_action(&payment.state()), void_of_capture());
         assert_eq!(payment.types_of(captured()), ["PaymentCaptured"]);
         assert_eq!(next_action(&payment.state()), refund_of(2_000));
         assert_eq!(payment.types_of(refunded()), ["PaymentRefunded"]);

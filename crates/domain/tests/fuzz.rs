@@ -100,7 +100,7 @@ proptest! {
             let input = match kind {
                 0 => OrderInput::LineReserved(StockReserved { sku, order_id, line, quantity: 1 }),
                 1 => OrderInput::LineOutOfStock(StockReservationFailed { sku, order_id, line, requested: 1, available: 0 }),
-                2 => OrderInput::PaymentCaptured(PaymentCaptured { order_id, amount_cents: 100 * lines as i64, gateway_reference: "g".into() }),
+                2 => OrderInput::PaymentCaptured(PaymentCaptured { order_id, amount_cents: 100 * lines as i64, gateway_reference: "g".into() , unwanted: false }),
                 3 => OrderInput::PaymentDeclined(PaymentDeclined { order_id, reason: "no".into() }),
                 4 => OrderInput::PaymentTimedOut(PaymentTimedOut { order_id }),
                 5 => OrderInput::Cancel(CancelOrder { order_id, reason: "r".into() }),

@@ -101,6 +101,7 @@ async fn happy_order(store: &EventStore) -> anyhow::Result<Uuid> {
         order_id,
         amount_cents: 100_000,
         gateway_reference: "sim-1".to_owned(),
+        unwanted: false,
     };
     append(
         store,

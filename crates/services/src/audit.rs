@@ -97,7 +97,39 @@ pub async fn audit(store: &EventStore) -> Result<Report, ServiceError> {
         }
         after = last;
     }
+    // Read after the log: every gateway move precedes its event, so only moves still in
+    // flight can differ, and those concern orders not yet settled (skipped).
+    if let Some(ledger) = gateway_ledger(store).await? {
+        auditor = auditor.reconciling_with_gateway(ledger);
+    }
     Ok(auditor.finish(Utc::now(), &snapshot.rows, &snapshot.stock))
+}
+
+/// The built-in gateway simulator's ledger, net per order (`capture-<id>`,
+/// `refund-<id>` keys); `None` when there is none to reconcile with.
+async fn gateway_ledger(
+    store: &EventStore,
+) -> Result<Option<BTreeMap<uuid::Uuid, i64>>, ServiceError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('gateway_ledger') IS NOT NULL")
+        .fetch_one(store.pool())
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT idempotency_key, amount_cents FROM gateway_ledger")
+            .fetch_all(store.pool())
+            .await?;
+    let mut net = BTreeMap::new();
+    for (key, amount) in rows {
+        let order = key
+            .split_once('-')
+            .and_then(|(_, id)| uuid::Uuid::parse_str(id).ok());
+        if let Some(order_id) = order {
+            *net.entry(order_id).or_insert(0) += amount;
+        }
+    }
+    Ok(Some(net))
 }
 
 /// The read models and the positions they reflect, from one snapshot.
@@ -163,10 +195,19 @@ pub struct Auditor {
     expected_stock: BTreeMap<String, projector::stock_levels::Level>,
     order_status_at: Option<LogPosition>,
     stock_levels_at: Option<LogPosition>,
+    /// Net money the gateway moved per order (captures − refunds), when known.
+    gateway: Option<BTreeMap<uuid::Uuid, i64>>,
     report: Report,
 }
 
 impl Auditor {
+    /// Also reconcile with the gateway's own ledger: money it moved for an order that
+    /// the log does not know of (a capture never recorded) is a problem too.
+    pub fn reconciling_with_gateway(mut self, net_by_order: BTreeMap<uuid::Uuid, i64>) -> Self {
+        self.gateway = Some(net_by_order);
+        self
+    }
+
     /// Compare the read models as of these positions (their projections' checkpoints)
     /// rather than the end of the log.
     pub fn comparing_read_models_at(
@@ -245,6 +286,21 @@ impl Auditor {
             }
             for problem in judge(facts, now) {
                 self.report.problems.push((order_id.to_string(), problem));
+            }
+            let settled = matches!(
+                facts.order.status,
+                OrderStatus::Cancelled | OrderStatus::Rejected | OrderStatus::Completed
+            ) || facts.delivered;
+            if let (Some(gateway), true) = (&self.gateway, settled) {
+                let logged =
+                    facts.payment.captured_cents.unwrap_or(0) - facts.payment.refunded_cents;
+                let moved = gateway.get(order_id).copied().unwrap_or(0);
+                if moved != logged {
+                    self.report.problems.push((
+                        order_id.to_string(),
+                        format!("the gateway holds {moved} cents for it, the log says {logged}"),
+                    ));
+                }
             }
         }
         self.compare_read_models(rows, stock);

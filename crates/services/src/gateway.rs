@@ -27,6 +27,20 @@ pub struct RefundRequest {
     pub amount_cents: i64,
 }
 
+/// Void whatever was or would be captured under `capture_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidRequest {
+    pub capture_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidOutcome {
+    /// Nothing was captured under the key, and a later capture with it will be refused.
+    Voided,
+    /// A capture under the key happened already (to be recorded, then refunded).
+    AlreadyCaptured { reference: String },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaptureOutcome {
     Captured { reference: String },
@@ -55,6 +69,8 @@ pub trait PaymentGateway: Send + Sync + 'static {
         request: CaptureRequest,
     ) -> BoxFuture<'_, Result<CaptureOutcome, GatewayError>>;
     fn refund(&self, request: RefundRequest) -> BoxFuture<'_, Result<Refunded, GatewayError>>;
+    /// Voids a capture key (for a payment the order no longer wants).
+    fn void(&self, request: VoidRequest) -> BoxFuture<'_, Result<VoidOutcome, GatewayError>>;
 }
 
 /// How the simulator treats a token.
@@ -204,6 +220,22 @@ impl Simulator {
     }
 }
 
+impl Simulator {
+    async fn void_inner(&self, request: VoidRequest) -> Result<VoidOutcome, GatewayError> {
+        self.simulate_network().await?;
+        // The key's first outcome wins: a capture made before stays a capture; a void
+        // made first makes every later capture with the key a decline.
+        let (outcome, reference) = self
+            .record(&request.capture_key, "void", "voided", "voided", 0)
+            .await?;
+        Ok(if outcome == "captured" {
+            VoidOutcome::AlreadyCaptured { reference }
+        } else {
+            VoidOutcome::Voided
+        })
+    }
+}
+
 fn capture_outcome((outcome, reference): (String, String)) -> CaptureOutcome {
     if outcome == "captured" {
         CaptureOutcome::Captured { reference }
@@ -222,6 +254,10 @@ impl PaymentGateway for Simulator {
 
     fn refund(&self, request: RefundRequest) -> BoxFuture<'_, Result<Refunded, GatewayError>> {
         Box::pin(self.refund_inner(request))
+    }
+
+    fn void(&self, request: VoidRequest) -> BoxFuture<'_, Result<VoidOutcome, GatewayError>> {
+        Box::pin(self.void_inner(request))
     }
 }
 

@@ -15,7 +15,10 @@ use uuid::Uuid;
 
 use crate::breaker::{gateway_breaker, CircuitState, GatewayBreaker, StateLog};
 use crate::exec::{decide_on, load, Cause};
-use crate::gateway::{CaptureOutcome, CaptureRequest, GatewayError, PaymentGateway, RefundRequest};
+use crate::gateway::{
+    CaptureOutcome, CaptureRequest, GatewayError, PaymentGateway, RefundRequest, VoidOutcome,
+    VoidRequest,
+};
 use crate::worker::EventService;
 use crate::ServiceError;
 
@@ -27,6 +30,10 @@ pub const GATEWAY_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// `PaymentCaptured` is appended: the crash window the capture's idempotency key covers.
 /// The chaos tests (`tests/chaos`) set it; nothing else should.
 pub const FAULT_CRASH_AFTER_CAPTURE: &str = "ORDERFLOW_FAULT_CRASH_AFTER_CAPTURE";
+
+/// Transient failures of a void or refund retried here before the message is retried
+/// later through the bus's delay queues.
+const COMPENSATION_TRIES_IN_PROCESS: u32 = 5;
 
 /// How long past the payment's expiry this worker keeps trying before it leaves the
 /// order to the payment timer.
@@ -105,6 +112,7 @@ impl Payments {
     /// Transient failures are retried with exponential backoff and jitter.
     pub async fn settle(&self, order_id: Uuid, cause: &Cause) -> Result<(), ServiceError> {
         let mut backoff = retry_schedule();
+        let mut failures = 0u32;
         loop {
             let state = load::<PaymentState>(&self.store, &streams::payment(order_id))
                 .await?
@@ -112,6 +120,7 @@ impl Payments {
             let Some(action) = payment::next_action(&state) else {
                 return Ok(());
             };
+            let capturing = matches!(action, GatewayAction::Capture { .. });
             let result = match action {
                 GatewayAction::Capture {
                     amount_cents,
@@ -135,13 +144,22 @@ impl Payments {
                     self.refund(order_id, cause, amount_cents, idempotency_key)
                         .await
                 }
+                GatewayAction::VoidCapture { capture_key } => {
+                    self.void(order_id, cause, capture_key).await
+                }
             };
             match result {
                 Ok(()) => backoff.reset(),
                 Err(ServiceError::Gateway(GatewayError::Transient(reason))) => {
-                    if past_expiry(&state) {
+                    if capturing && past_expiry(&state) {
                         warn!(%order_id, %reason, "gateway still failing past the payment's expiry; leaving it to the payment timer");
                         return Ok(());
+                    }
+                    // Compensations (void, refund) must happen: after a few tries the
+                    // message is retried later through the bus, never given up.
+                    failures += 1;
+                    if !capturing && failures > COMPENSATION_TRIES_IN_PROCESS {
+                        return Err(GatewayError::Transient(reason).into());
                     }
                     let pause = backoff.next_backoff().unwrap_or(Duration::from_secs(1));
                     warn!(%order_id, %reason, ?pause, "gateway call failed transiently; retrying");
@@ -191,6 +209,29 @@ impl Payments {
             CaptureOutcome::Declined { reason } => PaymentInput::Declined { reason },
         };
         self.decide(order_id, &cause.for_handler("payment.capture"), input)
+            .await
+            .map(|_| ())
+    }
+
+    /// Asks the gateway to void the capture key of a payment the order no longer
+    /// wants: a capture it reports (made by a worker that died before recording it)
+    /// is recorded and then refunded; otherwise the void is recorded.
+    async fn void(
+        &self,
+        order_id: Uuid,
+        cause: &Cause,
+        capture_key: String,
+    ) -> Result<(), ServiceError> {
+        let outcome = self
+            .call(self.gateway.void(VoidRequest { capture_key }))
+            .await?;
+        let input = match outcome {
+            VoidOutcome::Voided => PaymentInput::CaptureVoided,
+            VoidOutcome::AlreadyCaptured { reference } => PaymentInput::Captured {
+                gateway_reference: reference,
+            },
+        };
+        self.decide(order_id, &cause.for_handler("payment.void"), input)
             .await
             .map(|_| ())
     }

@@ -99,6 +99,7 @@ impl<'a> OrderScript<'a> {
             order_id: self.order_id,
             amount_cents,
             gateway_reference: "sim-test".to_owned(),
+            unwanted: false,
         };
         append(
             self.store,

@@ -28,6 +28,7 @@ fn captured(order_id: Uuid) -> DomainEvent {
         order_id,
         amount_cents: 100,
         gateway_reference: "sim".to_owned(),
+        unwanted: false,
     })
 }
 

@@ -134,6 +134,7 @@ fn paid(log: &mut Log, order_id: Uuid, amount_cents: i64) {
             order_id,
             amount_cents,
             gateway_reference: "sim".into(),
+            unwanted: false,
         }),
     )
     .push(
@@ -425,4 +426,26 @@ async fn audit_reports_an_order_stuck_in_review_in_the_database() -> anyhow::Res
         "{report}"
     );
     Ok(())
+}
+
+#[test]
+fn money_the_gateway_moved_that_the_log_does_not_know_fails_naming_the_order() {
+    let mut log = stocked();
+    let order_id = placed(&mut log);
+    cancelled(&mut log, order_id);
+    let mut auditor = Auditor::default();
+    for env in &log.events {
+        auditor.observe(env);
+    }
+    // The gateway captured 1000 for the order (a worker died before recording it).
+    let report = auditor
+        .reconciling_with_gateway([(order_id, 1_000)].into_iter().collect())
+        .finish(Utc::now(), &log.rows(), &log.stock());
+    let problems = problems_of(&report, &order_id.to_string());
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("the gateway holds 1000 cents")),
+        "{report}"
+    );
 }

@@ -140,3 +140,104 @@ async fn a_declined_token_records_a_declined_payment() -> anyhow::Result<()> {
     assert_eq!(net_ledger(&db, order_id).await?, 0);
     Ok(())
 }
+
+/// Records the payment request as the payment service would, without capturing.
+async fn request_only(db: &TestDb, order_id: uuid::Uuid, amount_cents: i64) -> anyhow::Result<()> {
+    append(
+        &db.store,
+        &streams::payment(order_id),
+        &[domain::DomainEvent::PaymentRequested(
+            domain::events::PaymentRequested {
+                order_id,
+                amount_cents,
+                currency: "EUR".to_owned(),
+                payment_token: "tok_ok".to_owned(),
+                expires_at: chrono::Utc::now() + chrono::Duration::seconds(30),
+            },
+        )],
+    )
+    .await
+}
+
+async fn cancel(
+    db: &TestDb,
+    order_id: uuid::Uuid,
+    order: domain::OrderState,
+) -> anyhow::Result<domain::EventEnvelope> {
+    decide_order(
+        &db.store,
+        order_id,
+        order,
+        OrderInput::Cancel(CancelOrder {
+            order_id,
+            reason: "changed my mind".to_owned(),
+        }),
+    )
+    .await?;
+    envelope(&db.store, &streams::order(order_id), "OrderCancelled").await
+}
+
+#[tokio::test]
+async fn a_capture_no_event_recorded_is_found_by_the_void_of_a_cancelled_order_and_refunded(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
+    request_only(&db, order_id, 2_500).await?;
+    // A worker captured at the gateway and died before recording it …
+    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
+    gateway
+        .capture(CaptureRequest {
+            idempotency_key: capture_key(order_id),
+            token: "tok_ok".to_owned(),
+            amount_cents: 2_500,
+            currency: "EUR".to_owned(),
+        })
+        .await?;
+    // … and the customer cancelled meanwhile.
+    let cancelled = cancel(&db, order_id, order).await?;
+    payments(&db).react(&cancelled).await?;
+
+    let kinds = types(&db.store, &streams::payment(order_id)).await?;
+    assert_eq!(
+        kinds,
+        [
+            "PaymentRequested",
+            "PaymentVoided",
+            "PaymentCaptured",
+            "PaymentRefunded"
+        ]
+    );
+    let captured = stream(&db.store, &streams::payment(order_id)).await?;
+    assert_eq!(
+        captured[2].payload["unwanted"], true,
+        "a capture after the void is not the order's"
+    );
+    assert_eq!(net_ledger(&db, order_id).await?, 0, "the money went back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn after_the_void_a_late_capture_at_the_gateway_is_refused() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
+    request_only(&db, order_id, 2_500).await?;
+    let cancelled = cancel(&db, order_id, order).await?;
+    payments(&db).react(&cancelled).await?;
+    assert_eq!(
+        types(&db.store, &streams::payment(order_id)).await?,
+        ["PaymentRequested", "PaymentVoided", "PaymentCaptureVoided"]
+    );
+    // A capture still in flight reaches the gateway only now.
+    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
+    let late = gateway
+        .capture(CaptureRequest {
+            idempotency_key: capture_key(order_id),
+            token: "tok_ok".to_owned(),
+            amount_cents: 2_500,
+            currency: "EUR".to_owned(),
+        })
+        .await?;
+    assert!(matches!(late, CaptureOutcome::Declined { .. }), "{late:?}");
+    assert_eq!(net_ledger(&db, order_id).await?, 0);
+    Ok(())
+}

@@ -113,6 +113,7 @@ async fn a_payment_timer_that_fires_after_the_capture_has_no_effect() -> anyhow:
             order_id,
             amount_cents: 100,
             gateway_reference: "sim".to_owned(),
+            unwanted: false,
         })],
     )
     .await?;
