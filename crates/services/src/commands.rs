@@ -12,7 +12,7 @@ use domain::{
 };
 use eventstore::EventStore;
 use futures::future::BoxFuture;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::exec::{decide_on, Cause, Decided};
 use crate::message::{correlation_uuid, message_uuid};
@@ -28,6 +28,51 @@ pub struct CommandService {
     rules: Rules,
     /// SKUs known to have been set. Only grows: a SKU once set stays known.
     known_skus: RwLock<BTreeSet<String>>,
+    /// Which orders exist: placed ones (forever), and ids found unplaced (for a while),
+    /// so a flood of commands about orders that do not exist stops at this cache.
+    orders: OrderCache,
+    /// Queries this service made to find out whether an order exists (for tests and
+    /// metrics: the cache's effect).
+    placement_lookups: std::sync::atomic::AtomicU64,
+}
+
+/// How long an order id found unplaced is answered from the cache.
+const UNPLACED_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Entries per side before the cache starts afresh (bounded memory under a flood).
+const ORDER_CACHE_CAPACITY: usize = 100_000;
+
+#[derive(Default)]
+struct OrderCache {
+    placed: RwLock<std::collections::HashSet<uuid::Uuid>>,
+    unplaced: RwLock<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
+}
+
+impl OrderCache {
+    fn is_placed(&self, id: uuid::Uuid) -> bool {
+        self.placed.read().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    }
+
+    fn is_known_unplaced(&self, id: uuid::Uuid) -> bool {
+        let unplaced = self.unplaced.read().unwrap_or_else(|p| p.into_inner());
+        unplaced.get(&id).is_some_and(|since| since.elapsed() < UNPLACED_TTL)
+    }
+
+    fn mark_placed(&self, id: uuid::Uuid) {
+        self.unplaced.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let mut placed = self.placed.write().unwrap_or_else(|p| p.into_inner());
+        if placed.len() >= ORDER_CACHE_CAPACITY {
+            placed.clear();
+        }
+        placed.insert(id);
+    }
+
+    fn mark_unplaced(&self, id: uuid::Uuid) {
+        let mut unplaced = self.unplaced.write().unwrap_or_else(|p| p.into_inner());
+        if unplaced.len() >= ORDER_CACHE_CAPACITY {
+            unplaced.clear();
+        }
+        unplaced.insert(id, std::time::Instant::now());
+    }
 }
 
 impl CommandService {
@@ -36,7 +81,14 @@ impl CommandService {
             store,
             rules,
             known_skus: RwLock::new(BTreeSet::new()),
+            orders: OrderCache::default(),
+            placement_lookups: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many times this service asked the log whether an order was placed.
+    pub fn placement_lookups(&self) -> u64 {
+        self.placement_lookups.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Handles one decoded command; `cause` carries the message's ids.
@@ -91,6 +143,7 @@ impl CommandService {
                 )
             })
             .await?;
+        self.orders.mark_placed(cmd.order_id);
         log_decision("order", &decided);
         Ok(())
     }
@@ -101,7 +154,12 @@ impl CommandService {
         cause: &Cause,
         input: OrderInput<'static>,
     ) -> Result<(), ServiceError> {
-        self.await_placement(order_id).await?;
+        if !self.await_placement(order_id).await? {
+            // Nothing to refuse it on: the order was never placed. Recording a refusal
+            // would create a stream for any id anyone sends; it is logged instead.
+            warn!(%order_id, "command about an order that was never placed; ignored");
+            return Ok(());
+        }
         let decided =
             decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| {
                 order::decide(s, input.clone())
@@ -125,19 +183,27 @@ impl CommandService {
     /// Commands are handled concurrently, so a cancel published right after its
     /// `order.place` may be handled first. Give the placement a moment to land before
     /// a command about an unknown order is refused.
-    async fn await_placement(&self, order_id: uuid::Uuid) -> Result<(), ServiceError> {
-        let stream = streams::order(order_id);
-        for _ in 0..PLACEMENT_GRACE_CHECKS {
-            if self
-                .store
-                .stream_has_event_type(&stream, "OrderPlaced")
-                .await?
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(PLACEMENT_GRACE_STEP).await;
+    async fn await_placement(&self, order_id: uuid::Uuid) -> Result<bool, ServiceError> {
+        if self.orders.is_placed(order_id) {
+            return Ok(true);
         }
-        Ok(())
+        if self.orders.is_known_unplaced(order_id) {
+            return Ok(false);
+        }
+        let stream = streams::order(order_id);
+        for check in 0..PLACEMENT_GRACE_CHECKS {
+            if check > 0 {
+                tokio::time::sleep(PLACEMENT_GRACE_STEP).await;
+            }
+            self.placement_lookups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.store.stream_has_event_type(&stream, "OrderPlaced").await? {
+                self.orders.mark_placed(order_id);
+                return Ok(true);
+            }
+        }
+        self.orders.mark_unplaced(order_id);
+        Ok(false)
     }
 
     /// Which of the order's SKUs some `stock.set` named: from the cache, else the log.
