@@ -166,7 +166,7 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
         unit: "commands/s",
         baseline: Some(("the command on a 10-event stream, 1 task (above)".to_owned(), short)),
         note: format!(
-            "p50 {:.2} / p99 {:.2} ms; inventory reads and folds the whole stock stream on every reservation",
+            "p50 {:.2} / p99 {:.2} ms; a handler without a cache reads and folds the whole stock stream on every reservation",
             long.p_ms(50.0),
             long.p_ms(99.0)
         ),
