@@ -108,6 +108,30 @@ fn consume_options(worker: &str) -> ConsumeOptions {
     }
 }
 
+/// Connects to the log, retrying with backoff for a while: a database that is starting,
+/// or a connection killed while the migrations ran, should not stop a worker for good.
+async fn open_store(url: &str, pool: u32) -> Result<EventStore, eventstore::StoreError> {
+    let schedule = backoff::ExponentialBackoff {
+        initial_interval: std::time::Duration::from_millis(200),
+        max_interval: std::time::Duration::from_secs(5),
+        max_elapsed_time: Some(STORE_CONNECT_PATIENCE),
+        ..backoff::ExponentialBackoff::default()
+    };
+    backoff::future::retry_notify(
+        schedule,
+        || async {
+            eventstore::connect_with(url, pool)
+                .await
+                .map_err(backoff::Error::transient)
+        },
+        |error, pause| tracing::warn!(%error, ?pause, "cannot open the event log yet; retrying"),
+    )
+    .await
+}
+
+/// How long a starting worker keeps trying to reach the database.
+const STORE_CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Database connections for a process running `workers` workers: enough that the
 /// workers do not queue for connections, few enough that several processes (and the
 /// tests' parallel systems) stay well under PostgreSQL's default 100.
@@ -124,7 +148,7 @@ pub async fn run(
     if let Some(unknown) = workers.iter().find(|w| !ALL_WORKERS.contains(w)) {
         return Err(RunError::UnknownWorker((*unknown).to_owned()));
     }
-    let store = eventstore::connect_with(&settings.database_url, pool_size(workers.len()))
+    let store = open_store(&settings.database_url, pool_size(workers.len()))
         .await
         .map_err(|source| RunError::Store {
             url: redact_url(&settings.database_url),
