@@ -172,6 +172,27 @@ pub async fn replay(
     replay_many(store, &[projection], progress).await
 }
 
+/// How long a replay waits for transactions that began before it to end.
+const REPLAY_WAIT_FOR_OLDER: Duration = Duration::from_secs(60);
+
+/// Whether events of transactions older than `ours` lie beyond `after` (written, not
+/// yet readable because their transaction or an older one is still open).
+async fn older_events_pending(
+    store: &EventStore,
+    after: LogPosition,
+    ours: i64,
+) -> Result<bool, ProjectorError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events
+          WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3)",
+    )
+    .bind(after.transaction_id)
+    .bind(after.global_position)
+    .bind(ours)
+    .fetch_one(store.pool())
+    .await?)
+}
+
 /// Rebuilds several projections in one pass over the log and one transaction: each
 /// page is read once and applied to every projection.
 pub async fn replay_many(
@@ -192,12 +213,27 @@ pub async fn replay_many(
                 .await?;
         }
     }
+    // Our own transaction id: every event of an older transaction belongs in this
+    // rebuild, also one whose transaction is still running somewhere and so not yet
+    // readable; younger ones are the live projector's after we commit.
+    let ours: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(&mut *tx)
+        .await?;
     let mut after = LogPosition::START;
     let mut applied = 0u64;
+    let started = std::time::Instant::now();
     loop {
         let records = store.read_all(after, PAGE_SIZE).await?;
         let Some(last) = records.last().map(RecordedEvent::log_position) else {
-            break;
+            if !older_events_pending(store, after, ours).await? {
+                break;
+            }
+            if started.elapsed() > REPLAY_WAIT_FOR_OLDER {
+                warn!("replay stops short: a transaction older than the replay is still open");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
         };
         let page = decode_page(&records);
         for projection in projections {
