@@ -59,13 +59,15 @@ async fn missing_stock_cancels_and_refunds_or_voids_the_payment() -> anyhow::Res
 
     let reason = system.wait_status(id, "cancelled", DEADLINE).await?;
     assert_eq!(reason.as_deref(), Some("out_of_stock"));
-    // The payment ends settled: a capture is refunded, a request in flight voided.
+    // The payment ends settled: a capture is refunded, a request in flight voided. (A
+    // void is recorded before the refund of a capture it finds, so wait for both.)
     let payments =
         testkit::wait_until("the payment to be refunded or voided", DEADLINE, || async {
             let payments = system.events(&payment_stream(id)).await?;
             let settled = payments
                 .iter()
-                .any(|(t, _)| t == "PaymentRefunded" || t == "PaymentVoided");
+                .any(|(t, _)| t == "PaymentRefunded" || t == "PaymentVoided")
+                && net_captured(&payments) == 0;
             Ok(settled.then_some(payments))
         })
         .await?;
