@@ -151,6 +151,26 @@ impl System {
         self.wait_ready().await
     }
 
+    /// Sends SIGTERM to the worker process and waits up to `deadline` for it to exit.
+    pub async fn terminate_worker(
+        &mut self,
+        deadline: std::time::Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("no worker process is running");
+        };
+        let pid = child.id().context("the worker process has no pid")?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("cannot run kill")?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(deadline, child.wait())
+            .await
+            .with_context(|| format!("orderflow run did not exit within {deadline:?} of SIGTERM"))?
+            .context("waiting for orderflow run")
+    }
+
     /// SIGKILLs the worker process and waits for it to be gone.
     pub async fn kill_worker(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -36,3 +36,32 @@ async fn a_shipped_order_is_delivered_once_after_the_worker_is_killed() -> anyho
     system.wait_stock("PIANO", (0, 0)).await?;
     system.audit().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_workers_within_the_deadline_and_nothing_is_lost() -> anyhow::Result<()> {
+    let mut system = System::start(&[]).await?;
+    system.set_stock("TERM", 100).await?;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let id = Uuid::new_v4();
+        system
+            .place(order(id, &[("TERM", 1, 250)], "tok_ok", None))
+            .await?;
+        ids.push(id);
+    }
+    // Stop while those orders are in flight: in-flight messages finish or go back to
+    // their queue, and the process exits on its own, cleanly, well within its deadline.
+    let status = system
+        .terminate_worker(std::time::Duration::from_secs(40))
+        .await?;
+    assert!(
+        status.success(),
+        "orderflow run exited with {status} on SIGTERM"
+    );
+    system.start_worker().await?;
+    for id in &ids {
+        system.wait_status(*id, "completed", DEADLINE).await?;
+    }
+    system.wait_stock("TERM", (80, 0)).await?;
+    system.audit().await
+}
