@@ -4,7 +4,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::compensation::net_captured;
-use crate::harness::{order, order_stream, payment_stream, System, DEADLINE};
+use crate::harness::{order, order_stream, payment_stream, shipment_stream, System, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pending_order_cancelled_by_the_customer_releases_its_stock() -> anyhow::Result<()> {
@@ -118,5 +118,69 @@ async fn cancelling_a_delivered_order_is_refused_and_changes_nothing() -> anyhow
         0
     );
     system.wait_stock("BIKE", (0, 0)).await?;
+    system.audit().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_confirmed_order_cancelled_by_the_customer_is_compensated_and_never_ships(
+) -> anyhow::Result<()> {
+    // Shipping does not run at first, so the order stays `confirmed` for the cancel.
+    let everything_but_shipping = [
+        "projector",
+        "relay",
+        "timers",
+        "commands",
+        "order",
+        "inventory",
+        "payment",
+        "notification",
+    ];
+    let mut system = System::start_only(&[], &everything_but_shipping).await?;
+    system.set_stock("HELD", 5).await?;
+    let id = Uuid::new_v4();
+    system
+        .place(order(id, &[("HELD", 2, 1_500)], "tok_ok", Some("standard")))
+        .await?;
+    system.wait_status(id, "confirmed", DEADLINE).await?;
+    system.wait_stock("HELD", (3, 2)).await?;
+
+    system
+        .send(
+            "order.cancel",
+            json!({"order_id": id, "reason": "found it cheaper"}),
+        )
+        .await?;
+    let reason = system.wait_status(id, "cancelled", DEADLINE).await?;
+    assert_eq!(reason.as_deref(), Some("customer_cancelled"));
+    system.wait_stock("HELD", (5, 0)).await?;
+    let payments = testkit::wait_until("the refund", DEADLINE, || async {
+        let payments = system.events(&payment_stream(id)).await?;
+        Ok(payments
+            .iter()
+            .any(|(t, _)| t == "PaymentRefunded")
+            .then_some(payments))
+    })
+    .await?;
+    assert_eq!(net_captured(&payments), 0, "{payments:?}");
+
+    // Shipping comes up with the order's OrderConfirmed still queued: it must not ship.
+    system.kill_worker().await?;
+    system.set_workers(&[]);
+    system.start_worker().await?;
+    testkit::wait_until("the shipping queue to drain", DEADLINE, || async {
+        Ok((system.queue_depth("orderflow.shipping").await? == 0).then_some(()))
+    })
+    .await?;
+    assert!(
+        system.events(&shipment_stream(id)).await?.is_empty(),
+        "a cancelled order was shipped"
+    );
+    assert_eq!(
+        system
+            .wait_status(id, "cancelled", DEADLINE)
+            .await?
+            .as_deref(),
+        Some("customer_cancelled")
+    );
     system.audit().await
 }

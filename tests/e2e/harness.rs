@@ -38,6 +38,8 @@ pub const TERMINAL: [&str; 4] = ["delivered", "completed", "cancelled", "rejecte
 pub struct System {
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// `--only` workers of the process; all when empty.
+    workers: Vec<String>,
     log_path: PathBuf,
     publisher: Channel,
     connection: Connection,
@@ -94,6 +96,14 @@ impl System {
     /// Starts `orderflow run` with DATABASE_URL / AMQP_URL on a fresh database and vhost,
     /// plus `extra_env`, and waits until it consumes commands.
     pub async fn start(extra_env: &[(&str, &str)]) -> anyhow::Result<System> {
+        System::start_only(extra_env, &[]).await
+    }
+
+    /// Like `start`, running only `workers` (all when empty).
+    pub async fn start_only(
+        extra_env: &[(&str, &str)],
+        workers: &[&str],
+    ) -> anyhow::Result<System> {
         let db = TestDb::new().await?;
         let vhost = TestVhost::new().await?;
         let log_path = std::env::temp_dir().join(format!("{}.log", db.name));
@@ -118,6 +128,7 @@ impl System {
         let mut system = System {
             child: None,
             env,
+            workers: workers.iter().map(|w| (*w).to_owned()).collect(),
             log_path,
             publisher,
             connection,
@@ -138,8 +149,10 @@ impl System {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("cannot open {}", self.log_path.display()))?;
+        let only = self.workers.iter().flat_map(|w| ["--only", w.as_str()]);
         let child = tokio::process::Command::new(binary()?)
             .arg("run")
+            .args(only)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
@@ -149,6 +162,11 @@ impl System {
             .context("cannot start orderflow run")?;
         self.child = Some(child);
         self.wait_ready().await
+    }
+
+    /// The workers the next `start_worker` runs (all when empty).
+    pub fn set_workers(&mut self, workers: &[&str]) {
+        self.workers = workers.iter().map(|w| (*w).to_owned()).collect();
     }
 
     /// Sends SIGTERM to the worker process and waits up to `deadline` for it to exit.
