@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 mod doc;
 mod e2e;
 mod fixtures;
+mod flood;
 mod infra;
 mod measure;
 mod replay;
@@ -22,6 +23,8 @@ enum Phase {
     Storage,
     Replay,
     E2e,
+    /// Memory under a backlog of queued commands (not in the default run).
+    Flood,
 }
 
 #[derive(Debug, Parser)]
@@ -53,7 +56,10 @@ struct Args {
     /// Orders of the end-to-end burst (default 10,000 × scale).
     #[arg(long)]
     orders: Option<u64>,
-    /// Phases to run (all when omitted).
+    /// Commands queued for the flood phase (default 100,000 × scale).
+    #[arg(long)]
+    flood: Option<u64>,
+    /// Phases to run (storage, replay and e2e when omitted; flood only when named).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
     /// The orderflow binary for the end-to-end phase.
@@ -86,6 +92,10 @@ pub struct Ctx {
     pub paced_duration: Duration,
     /// Messages of the raw RabbitMQ baseline.
     pub rabbit_messages: u64,
+    /// Commands queued before the worker starts in the flood phase.
+    pub flood: u64,
+    /// How long the flood phase lets the worker drain at most.
+    pub flood_window: Duration,
     pub orderflow_bin: PathBuf,
 }
 
@@ -111,8 +121,13 @@ async fn main() -> anyhow::Result<()> {
         orders: args.orders.unwrap_or(scaled(10_000.0, scale, 300.0) as u64),
         paced_duration: Duration::from_secs_f64(scaled(30.0, scale, 5.0)),
         rabbit_messages: scaled(50_000.0, scale, 2_000.0) as u64,
+        flood: args
+            .flood
+            .unwrap_or(scaled(100_000.0, scale, 1_000.0) as u64),
+        flood_window: Duration::from_secs_f64(scaled(60.0, scale, 5.0)),
         orderflow_bin: args.orderflow_bin.clone(),
     };
+    // Flood is left out of the default run: at full scale it adds about two minutes.
     let phases = if args.only.is_empty() {
         vec![Phase::Storage, Phase::Replay, Phase::E2e]
     } else {
@@ -134,8 +149,13 @@ async fn main() -> anyhow::Result<()> {
     report.context(
         "sizes",
         format!(
-            "timed storage runs {:?} each; {} commands per configuration; replay log {} events; end-to-end burst {} orders, paced run {:?}; RabbitMQ baseline {} messages",
-            ctx.op_duration, ctx.commands, ctx.events, ctx.orders, ctx.paced_duration, ctx.rabbit_messages
+            "timed storage runs {:?} each; {} commands per configuration; replay log {} events; end-to-end burst {} orders, paced run {:?}; RabbitMQ baseline {} messages{}",
+            ctx.op_duration, ctx.commands, ctx.events, ctx.orders, ctx.paced_duration, ctx.rabbit_messages,
+            if phases.contains(&Phase::Flood) {
+                format!("; flood {} queued commands (and {} for comparison), drain window {:?}", ctx.flood, (ctx.flood / 100).max(10), ctx.flood_window)
+            } else {
+                String::new()
+            }
         ),
     );
     eprintln!("run {} at scale {scale}: {:?}", ctx.run_id, phases);
@@ -145,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
             Phase::Storage => storage::run(&ctx, &mut report).await,
             Phase::Replay => replay::run(&ctx, &mut report).await,
             Phase::E2e => e2e::run(&ctx, &mut report).await,
+            Phase::Flood => flood::run(&ctx, &mut report).await,
         };
         if let Err(error) = result {
             eprintln!("phase {phase:?} failed: {error:#}");
