@@ -56,6 +56,9 @@ pub struct Rules {
     /// this many orders within the last minute (this one included) goes to review.
     /// `None`: off, as the contract says of rules it does not list.
     pub fraud_max_orders_per_minute: Option<u32>,
+    /// Express eligibility: an express order of more units than this is carried with
+    /// the standard delivery delay. `None`: every express order is express.
+    pub express_max_units: Option<u32>,
 }
 
 impl Default for Rules {
@@ -70,6 +73,7 @@ impl Default for Rules {
             express_delivery_delay: Duration::from_millis(500),
             workflow_version: WORKFLOW_VERSION,
             fraud_max_orders_per_minute: None,
+            express_max_units: None,
         }
     }
 }
@@ -144,8 +148,10 @@ impl Rules {
     pub fn plan_for(&self, cmd: &PlaceOrder) -> WorkflowPlan {
         let total = order_total(&cmd.items).unwrap_or(Cents::MAX);
         let delivery_delay = match cmd.shipping.as_ref().map(|s| s.method) {
-            Some(ShippingMethod::Express) => self.express_delivery_delay,
-            Some(ShippingMethod::Standard) | None => self.delivery_delay,
+            Some(ShippingMethod::Express) if self.express_eligible(cmd) => {
+                self.express_delivery_delay
+            }
+            Some(ShippingMethod::Express | ShippingMethod::Standard) | None => self.delivery_delay,
         };
         WorkflowPlan {
             workflow_version: self.workflow_version,
@@ -155,6 +161,14 @@ impl Rules {
             payment_timeout_ms: millis(self.payment_timeout),
             delivery_delay_ms: millis(delivery_delay),
             checks: self.checks(),
+        }
+    }
+
+    /// Whether the order may travel express (see [`Rules::express_max_units`]).
+    pub fn express_eligible(&self, cmd: &PlaceOrder) -> bool {
+        match self.express_max_units {
+            Some(max) => item_count(&cmd.items).is_some_and(|units| units <= i64::from(max)),
+            None => true,
         }
     }
 
@@ -424,5 +438,45 @@ mod tests {
         assert_eq!(after(now, 1_500), now + TimeDelta::milliseconds(1_500));
         assert_eq!(after(now, u64::MAX), DateTime::<Utc>::MAX_UTC);
         assert_eq!(millis(Duration::from_secs(2)), 2_000);
+    }
+}
+
+#[cfg(test)]
+mod express_tests {
+    use super::*;
+    use crate::commands::{OrderLine, Shipping};
+
+    fn express_order(units: i64) -> PlaceOrder {
+        PlaceOrder {
+            order_id: uuid::Uuid::nil(),
+            customer_id: "c".into(),
+            currency: "EUR".into(),
+            items: vec![OrderLine {
+                sku: "A".into(),
+                quantity: units,
+                unit_price_cents: 100,
+            }],
+            payment_token: "tok_ok".into(),
+            shipping: Some(Shipping {
+                method: ShippingMethod::Express,
+                address: "a".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn express_is_for_orders_within_the_configured_units_and_for_all_when_off() {
+        let off = Rules::default();
+        assert_eq!(off.plan_for(&express_order(50)).delivery_delay_ms, 500);
+        let rules = Rules {
+            express_max_units: Some(3),
+            ..Rules::default()
+        };
+        assert_eq!(rules.plan_for(&express_order(3)).delivery_delay_ms, 500);
+        assert_eq!(
+            rules.plan_for(&express_order(4)).delivery_delay_ms,
+            2_000,
+            "too big for express: the standard carrier delay"
+        );
     }
 }

@@ -90,6 +90,7 @@ pub fn rules(settings: &Settings) -> Rules {
         express_delivery_delay: settings.express_delivery_delay,
         workflow_version: settings.workflow_version,
         fraud_max_orders_per_minute: settings.fraud_max_orders_per_minute,
+        express_max_units: settings.express_max_units,
     }
 }
 

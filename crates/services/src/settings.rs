@@ -54,6 +54,9 @@ pub struct Settings {
     /// Fraud rule, workflow 2: more orders than this per customer within a minute
     /// go to review (`ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE`; unset: off).
     pub fraud_max_orders_per_minute: Option<u32>,
+    /// Express eligibility: express orders of more units ship with the standard delay
+    /// (`ORDERFLOW_EXPRESS_MAX_UNITS`; unset: off).
+    pub express_max_units: Option<u32>,
     /// `/metrics`, `/healthz`, `/readyz` (`ORDERFLOW_HTTP_ADDR`).
     pub http_addr: HttpAddr,
     /// How often a running process refreshes its row in `workers`
@@ -65,7 +68,7 @@ pub struct Settings {
 pub const CONFIG_FILE_VAR: &str = "ORDERFLOW_CONFIG";
 
 /// Every setting: its key in the settings file and its environment variable.
-pub const SETTINGS: [(&str, &str); 14] = [
+pub const SETTINGS: [(&str, &str); 15] = [
     ("database_url", "DATABASE_URL"),
     ("amqp_url", "AMQP_URL"),
     ("review_threshold_cents", "ORDERFLOW_REVIEW_THRESHOLD_CENTS"),
@@ -81,6 +84,7 @@ pub const SETTINGS: [(&str, &str); 14] = [
         "fraud_max_orders_per_minute",
         "ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE",
     ),
+    ("express_max_units", "ORDERFLOW_EXPRESS_MAX_UNITS"),
     ("http_addr", "ORDERFLOW_HTTP_ADDR"),
     ("heartbeat_interval", "ORDERFLOW_HEARTBEAT_INTERVAL"),
 ];
@@ -162,6 +166,7 @@ impl std::fmt::Debug for Settings {
                 "fraud_max_orders_per_minute",
                 &self.fraud_max_orders_per_minute,
             )
+            .field("express_max_units", &self.express_max_units)
             .field("http_addr", &self.http_addr)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .finish()
@@ -191,6 +196,7 @@ impl Default for Settings {
             currency: "EUR".to_owned(),
             workflow_version: WORKFLOW_VERSION,
             fraud_max_orders_per_minute: None,
+            express_max_units: None,
             http_addr: HttpAddr::Default(SocketAddr::from(([127, 0, 0, 1], 9464))),
             heartbeat_interval: Duration::from_secs(5),
         }
@@ -252,6 +258,9 @@ impl Settings {
             fraud_max_orders_per_minute: get("ORDERFLOW_FRAUD_MAX_ORDERS_PER_MINUTE")
                 .map(parse_orders_per_minute)
                 .transpose()?,
+            express_max_units: get("ORDERFLOW_EXPRESS_MAX_UNITS")
+                .map(parse_units)
+                .transpose()?,
             http_addr: get("ORDERFLOW_HTTP_ADDR")
                 .map_or(Ok(defaults.http_addr), parse_http_addr)?,
             heartbeat_interval: get("ORDERFLOW_HEARTBEAT_INTERVAL")
@@ -303,6 +312,17 @@ fn parse_orders_per_minute((name, value): (&'static str, String)) -> Result<u32,
             name,
             &value,
             format!("{e} (a whole number of orders)"),
+        )),
+    }
+}
+
+fn parse_units((name, value): (&'static str, String)) -> Result<u32, SettingsError> {
+    match value.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(invalid(
+            name,
+            &value,
+            "must be a whole number of units, at least 1 (leave it unset to turn the rule off)",
         )),
     }
 }
