@@ -159,7 +159,9 @@ fn captured(state: &PaymentState, gateway_reference: String) -> Vec<DomainEvent>
 fn capture_voided(state: &PaymentState) -> Vec<DomainEvent> {
     match state.order_id() {
         Some(order_id) if needs_gateway_void(state) => {
-            vec![DomainEvent::PaymentCaptureVoided(PaymentCaptureVoided { order_id })]
+            vec![DomainEvent::PaymentCaptureVoided(PaymentCaptureVoided {
+                order_id,
+            })]
         }
         _ => vec![],
     }

@@ -49,16 +49,24 @@ struct OrderCache {
 
 impl OrderCache {
     fn is_placed(&self, id: uuid::Uuid) -> bool {
-        self.placed.read().unwrap_or_else(|p| p.into_inner()).contains(&id)
+        self.placed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
     }
 
     fn is_known_unplaced(&self, id: uuid::Uuid) -> bool {
         let unplaced = self.unplaced.read().unwrap_or_else(|p| p.into_inner());
-        unplaced.get(&id).is_some_and(|since| since.elapsed() < UNPLACED_TTL)
+        unplaced
+            .get(&id)
+            .is_some_and(|since| since.elapsed() < UNPLACED_TTL)
     }
 
     fn mark_placed(&self, id: uuid::Uuid) {
-        self.unplaced.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.unplaced
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let mut placed = self.placed.write().unwrap_or_else(|p| p.into_inner());
         if placed.len() >= ORDER_CACHE_CAPACITY {
             placed.clear();
@@ -88,7 +96,8 @@ impl CommandService {
 
     /// How many times this service asked the log whether an order was placed.
     pub fn placement_lookups(&self) -> u64 {
-        self.placement_lookups.load(std::sync::atomic::Ordering::Relaxed)
+        self.placement_lookups
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Handles one decoded command; `cause` carries the message's ids.
@@ -197,7 +206,11 @@ impl CommandService {
             }
             self.placement_lookups
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if self.store.stream_has_event_type(&stream, "OrderPlaced").await? {
+            if self
+                .store
+                .stream_has_event_type(&stream, "OrderPlaced")
+                .await?
+            {
                 self.orders.mark_placed(order_id);
                 return Ok(true);
             }
