@@ -14,7 +14,7 @@ use eventstore::EventStore;
 use futures::future::BoxFuture;
 use tracing::{info, warn, Instrument};
 
-use crate::exec::{decide_on, Cause, Decided};
+use crate::exec::{decide_on, decide_on_cached, Cause, Decided, StreamCache};
 use crate::message::{correlation_uuid, message_uuid};
 use crate::worker::outcome;
 use crate::ServiceError;
@@ -28,6 +28,8 @@ pub struct CommandService {
     rules: Rules,
     /// SKUs known to have been set. Only grows: a SKU once set stays known.
     known_skus: RwLock<BTreeSet<String>>,
+    /// Folded stock streams for `stock.set` (a SKU set often has a long stream).
+    stock: StreamCache<StockState>,
     /// Which orders exist: placed ones (forever), and ids found unplaced (for a while),
     /// so a flood of commands about orders that do not exist stops at this cache.
     orders: OrderCache,
@@ -35,6 +37,9 @@ pub struct CommandService {
     /// metrics: the cache's effect).
     placement_lookups: std::sync::atomic::AtomicU64,
 }
+
+/// Stock streams whose folded state the intake keeps.
+const CACHED_STOCK_STREAMS: usize = 10_000;
 
 /// How long an order id found unplaced is answered from the cache.
 const UNPLACED_TTL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -89,6 +94,7 @@ impl CommandService {
             store,
             rules,
             known_skus: RwLock::new(BTreeSet::new()),
+            stock: StreamCache::new(CACHED_STOCK_STREAMS),
             orders: OrderCache::default(),
             placement_lookups: std::sync::atomic::AtomicU64::new(0),
         }
@@ -121,8 +127,9 @@ impl CommandService {
                     sku: cmd.sku.clone(),
                     quantity: cmd.quantity,
                 };
-                let decided = decide_on::<StockState, _>(
+                let decided = decide_on_cached(
                     &self.store,
+                    &self.stock,
                     &streams::stock(&cmd.sku),
                     cause,
                     |s| stock::decide(s, input.clone()),
