@@ -2,42 +2,11 @@
 //! what we can learn about the machine and the process (RSS, load).
 use std::str::FromStr;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-/// `base` with its path replaced by `segment` (percent-encoded), query kept.
-pub fn with_path(base: &str, segment: &str) -> anyhow::Result<String> {
-    let (head, query) = match base.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (base, None),
-    };
-    let Some(scheme_end) = head.find("://") else {
-        bail!("not a URL (no scheme)");
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = head[authority_start..]
-        .find('/')
-        .map_or(head.len(), |i| authority_start + i);
-    let mut url = format!("{}/{}", &head[..authority_end], percent_encode(segment));
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    Ok(url)
-}
-
-fn percent_encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
+pub use testkit::{rabbitmqctl, with_path};
 
 /// The user name in `scheme://user:pw@host/…`, if any.
 fn url_user(url: &str) -> Option<String> {
@@ -143,30 +112,6 @@ impl BenchVhost {
             eprintln!("warning: could not delete vhost {}: {error:#}", self.name);
         }
     }
-}
-
-/// `rabbitmqctl` (or `ORDERFLOW_RABBITMQCTL`, split on whitespace) with `args`.
-pub async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    let line = std::env::var("ORDERFLOW_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
-    let mut words = line.split_whitespace();
-    let Some(program) = words.next() else {
-        bail!("ORDERFLOW_RABBITMQCTL is set but empty");
-    };
-    let out = tokio::process::Command::new(program)
-        .args(words)
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("cannot run `{program}` (set ORDERFLOW_RABBITMQCTL)"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A field of /proc/self/status in kB (`VmHWM`, `VmRSS`).

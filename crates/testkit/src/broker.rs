@@ -4,6 +4,7 @@
 //! the guard drops, so tests run in parallel (and beside a running orderflow) without
 //! seeing each other's queues.
 
+use crate::url::with_path;
 use anyhow::{bail, Context};
 
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -21,7 +22,7 @@ impl TestVhost {
     pub async fn new() -> anyhow::Result<TestVhost> {
         let base = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
         let name = format!("orderflow_test_{}", uuid::Uuid::new_v4().simple());
-        let url = with_vhost(&base, &name)?;
+        let url = with_path(&base, &name)?;
         rabbitmqctl(&["add_vhost", &name]).await?;
         let vhost = TestVhost { name, url };
         rabbitmqctl(&[
@@ -47,11 +48,12 @@ impl TestVhost {
             "closed by a test",
         ])
         .await
+        .map(drop)
     }
 
     /// `(name, type)` of every queue in this vhost, e.g. `("orderflow.order", "quorum")`.
     pub async fn queue_types(&self) -> anyhow::Result<Vec<(String, String)>> {
-        let out = rabbitmqctl_output(&[
+        let out = rabbitmqctl(&[
             "list_queues",
             "-p",
             &self.name,
@@ -74,7 +76,7 @@ impl TestVhost {
     /// (`rabbitmqctl list_queues name messages_ready messages_unacknowledged`).
     /// Fails when the vhost has no such queue.
     pub async fn queue_counts(&self, queue: &str) -> anyhow::Result<(u64, u64)> {
-        let out = rabbitmqctl_output(&[
+        let out = rabbitmqctl(&[
             "list_queues",
             "-p",
             &self.name,
@@ -104,8 +106,7 @@ impl TestVhost {
 
     /// Number of client connections the broker currently has open on this vhost.
     pub async fn connection_count(&self) -> anyhow::Result<usize> {
-        let out =
-            rabbitmqctl_output(&["list_connections", "-q", "--no-table-headers", "vhost"]).await?;
+        let out = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "vhost"]).await?;
         Ok(out.lines().filter(|line| line.trim() == self.name).count())
     }
 }
@@ -143,11 +144,8 @@ fn command() -> anyhow::Result<(String, Vec<String>)> {
     Ok((program, words.collect()))
 }
 
-async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
-    rabbitmqctl_output(args).await.map(drop)
-}
-
-async fn rabbitmqctl_output(args: &[&str]) -> anyhow::Result<String> {
+/// Runs `rabbitmqctl` (or `ORDERFLOW_RABBITMQCTL`) with `args`; its standard output.
+pub async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     let (program, mut full) = command()?;
     full.extend(args.iter().map(|arg| (*arg).to_owned()));
     let out = tokio::process::Command::new(&program)
@@ -169,43 +167,6 @@ async fn rabbitmqctl_output(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `base` with its path replaced by the percent-encoded `vhost` (query kept).
-fn with_vhost(base: &str, vhost: &str) -> anyhow::Result<String> {
-    let (without_query, query) = match base.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (base, None),
-    };
-    let Some(scheme_end) = without_query.find("://") else {
-        bail!("AMQP_URL is not a URL (no scheme)");
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = without_query[authority_start..]
-        .find('/')
-        .map_or(without_query.len(), |i| authority_start + i);
-    let mut url = format!(
-        "{}/{}",
-        &without_query[..authority_end],
-        percent_encode(vhost)
-    );
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    Ok(url)
-}
-
-fn percent_encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,11 +174,11 @@ mod tests {
     #[test]
     fn vhost_replaces_the_path_and_keeps_the_query() -> anyhow::Result<()> {
         assert_eq!(
-            with_vhost("amqp://guest:guest@127.0.0.1:5672/%2f", "a b")?,
+            with_path("amqp://guest:guest@127.0.0.1:5672/%2f", "a b")?,
             "amqp://guest:guest@127.0.0.1:5672/a%20b"
         );
         assert_eq!(
-            with_vhost("amqp://u:p@host?heartbeat=10", "v")?,
+            with_path("amqp://u:p@host?heartbeat=10", "v")?,
             "amqp://u:p@host/v?heartbeat=10"
         );
         Ok(())

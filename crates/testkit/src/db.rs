@@ -1,5 +1,6 @@
 //! `TestDb`: a fresh, migrated PostgreSQL database per test, dropped afterwards.
 
+use crate::url::with_path;
 use anyhow::Context;
 use eventstore::EventStore;
 use sqlx::PgPool;
@@ -22,7 +23,7 @@ impl TestDb {
         let base =
             std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
         let name = format!("orderflow_test_{}", uuid::Uuid::new_v4().simple());
-        let url = with_database(&base, &name)?;
+        let url = with_path(&base, &name)?;
         let store = eventstore::connect(&url)
             .await
             .with_context(|| format!("creating test database {name} (is PostgreSQL running?)"))?;
@@ -41,27 +42,6 @@ impl TestDb {
     pub async fn second_store(&self) -> anyhow::Result<EventStore> {
         Ok(eventstore::connect(&self.url).await?)
     }
-}
-
-/// `base` with its database path replaced by `name` (query options are kept).
-fn with_database(base: &str, name: &str) -> anyhow::Result<String> {
-    let (before_query, query) = match base.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (base, None),
-    };
-    let scheme_end = before_query
-        .find("://")
-        .map(|i| i + 3)
-        .context("DATABASE_URL is not a URL (no scheme)")?;
-    let authority_end = before_query[scheme_end..]
-        .find('/')
-        .map_or(before_query.len(), |i| scheme_end + i);
-    let mut url = format!("{}/{}", &before_query[..authority_end], name);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    Ok(url)
 }
 
 impl Drop for TestDb {
@@ -92,16 +72,16 @@ impl Drop for TestDb {
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use crate::url::with_path;
 
     #[test]
     fn with_database_replaces_the_path_and_keeps_options() {
         assert_eq!(
-            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t").ok(),
+            with_path("postgres://u:p@h:5432/postgres?sslmode=disable", "t").ok(),
             Some("postgres://u:p@h:5432/t?sslmode=disable".to_string())
         );
         assert_eq!(
-            with_database("postgres://h", "t").ok(),
+            with_path("postgres://h", "t").ok(),
             Some("postgres://h/t".to_string())
         );
     }

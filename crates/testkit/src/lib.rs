@@ -5,8 +5,10 @@
 mod broker;
 mod db;
 pub mod fixtures;
+mod url;
 mod wait;
 
 pub use broker::*;
 pub use db::*;
+pub use url::with_path;
 pub use wait::wait_until;
