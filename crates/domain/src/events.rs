@@ -17,10 +17,37 @@ pub const FIRST_SCHEMA_VERSION: i32 = 1;
 /// - `OrderPlaced` 2: `plan.checks` (v1 had none: upcast as `[]`).
 /// - `OrderSentForReview` 2: `rule`, `detail` (v1 was always the amount review: upcast
 ///   as `"review_threshold"`, `""`).
+/// - `OrderPlaced` 3, `OrderConfirmed` 2, `ShipmentShipped` 2, `OrderCancelled` 2: the
+///   fields named by [`personal_fields`] may hold a sealed token instead of clear text
+///   (data protection). The JSON shape is unchanged (still strings), so the upcast step
+///   is empty; the new version tells older readers not to take a token for an address.
 pub fn current_schema_version(event_type: &str) -> i32 {
     match event_type {
-        "OrderPlaced" | "OrderSentForReview" => 2,
+        "OrderPlaced" => 3,
+        "OrderSentForReview" | "OrderConfirmed" | "ShipmentShipped" | "OrderCancelled" => 2,
         _ => FIRST_SCHEMA_VERSION,
+    }
+}
+
+/// A JSON path into an event's payload, one object key per step.
+pub type FieldPath = &'static [&'static str];
+
+/// Where an event type carries the customer's personal data: the shipping address, and
+/// the customer's own free text (the reason of an `order.cancel`, kept in
+/// `OrderCancelled.detail`). The shell seals these fields with the customer's key
+/// before appending and opens them where a reader needs the clear value
+/// (`services::vault`); the domain only copies them, so it never needs the key.
+///
+/// `customer_id` is not listed: it is the key's name and the read model's column.
+/// Reviewer names and reasons are staff text, and `OrderRejected.detail` and refusal
+/// reasons are the system's own words: none is the customer's personal data.
+pub fn personal_fields(event_type: &str) -> &'static [FieldPath] {
+    const ADDRESS: FieldPath = &["shipping", "address"];
+    const DETAIL: FieldPath = &["detail"];
+    match event_type {
+        "OrderPlaced" | "OrderConfirmed" | "ShipmentShipped" => &[ADDRESS],
+        "OrderCancelled" => &[DETAIL],
+        _ => &[],
     }
 }
 
@@ -631,11 +658,12 @@ mod tests {
 
     #[test]
     fn schema_versions_are_per_type() {
-        assert_eq!(current_schema_version("OrderPlaced"), 2);
+        assert_eq!(current_schema_version("OrderPlaced"), 3);
         assert_eq!(current_schema_version("OrderSentForReview"), 2);
+        assert_eq!(current_schema_version("OrderCancelled"), 2);
         assert_eq!(current_schema_version("StockSet"), 1);
         let decoded = DomainEvent::decode("OrderPlaced", 1, &v1_order_placed());
-        assert_eq!(decoded.map(|e| e.schema_version()), Ok(2));
+        assert_eq!(decoded.map(|e| e.schema_version()), Ok(3));
     }
 
     #[test]
@@ -683,11 +711,36 @@ mod tests {
             DomainEvent::decode("OrderPlaced", 2, &v1_order_placed()),
             Err(DecodeError::Malformed { .. })
         ));
-        for version in [0, 3] {
+        for version in [0, 4] {
             assert!(matches!(
                 DomainEvent::decode("OrderPlaced", version, &v1_order_placed()),
                 Err(DecodeError::UnknownVersion { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn personal_fields_name_string_fields_of_their_event_types() {
+        let shipped = DomainEvent::ShipmentShipped(ShipmentShipped {
+            order_id: Uuid::nil(),
+            shipping: Shipping {
+                method: crate::commands::ShippingMethod::Standard,
+                address: "1 Main St".into(),
+            },
+            items: vec![],
+            deliver_at: chrono::DateTime::<Utc>::default(),
+        });
+        let payload = shipped.to_payload();
+        for path in personal_fields(shipped.event_type()) {
+            let value = path.iter().try_fold(&payload, |v, key| v.get(*key));
+            assert_eq!(value.and_then(|v| v.as_str()), Some("1 Main St"));
+        }
+        assert_eq!(personal_fields("OrderCancelled"), &[&["detail"][..]]);
+        assert!(personal_fields("OrderApproved").is_empty());
+        // every type with personal data was bumped when sealing began
+        for event_type in ["OrderPlaced", "OrderConfirmed", "ShipmentShipped", "OrderCancelled"] {
+            assert!(current_schema_version(event_type) > FIRST_SCHEMA_VERSION);
+            assert!(!personal_fields(event_type).is_empty());
         }
     }
 

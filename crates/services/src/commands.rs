@@ -16,6 +16,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::exec::{decide_on, decide_on_cached, Cause, Decided, StreamCache};
 use crate::message::{correlation_uuid, message_uuid};
+use crate::vault::{SealedPlacement, Vault};
 use crate::worker::outcome;
 use crate::ServiceError;
 
@@ -36,6 +37,8 @@ pub struct CommandService {
     /// Queries this service made to find out whether an order exists (for tests and
     /// metrics: the cache's effect).
     placement_lookups: std::sync::atomic::AtomicU64,
+    /// Seals the customer's personal data before it is decided on and appended.
+    vault: Vault,
 }
 
 /// Stock streams whose folded state the intake keeps.
@@ -91,6 +94,7 @@ impl OrderCache {
 impl CommandService {
     pub fn new(store: EventStore, rules: Rules) -> CommandService {
         CommandService {
+            vault: Vault::new(store.pool().clone()),
             store,
             rules,
             known_skus: RwLock::new(BTreeSet::new()),
@@ -145,12 +149,15 @@ impl CommandService {
         let known = self.known_skus_of(&cmd).await?;
         let facts = self.placement_facts(&cmd).await?;
         let now = Utc::now();
+        let key = self.vault.key_for(&cmd.customer_id).await?;
+        let order_id = cmd.order_id;
+        let sealed = SealedPlacement::seal(key, cmd)?;
         let decided =
-            decide_on::<OrderState, _>(&self.store, &streams::order(cmd.order_id), cause, |s| {
+            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| {
                 order::decide(
                     s,
                     OrderInput::Place {
-                        cmd: cmd.clone(),
+                        cmd: sealed.against(s.placed.as_ref()),
                         rules: &self.rules,
                         known_skus: &known,
                         facts,
@@ -159,7 +166,7 @@ impl CommandService {
                 )
             })
             .await?;
-        self.orders.mark_placed(cmd.order_id);
+        self.orders.mark_placed(order_id);
         log_decision("order", &decided);
         Ok(())
     }
@@ -176,6 +183,7 @@ impl CommandService {
             warn!(%order_id, "command about an order that was never placed; ignored");
             return Ok(());
         }
+        let input = self.seal_input(order_id, input).await?;
         let decided =
             decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| {
                 order::decide(s, input.clone())
@@ -183,6 +191,25 @@ impl CommandService {
             .await?;
         log_decision("order", &decided);
         Ok(())
+    }
+
+    /// Seals the customer's free text (an `order.cancel` reason) with the key of the
+    /// customer who placed the order. Reviewer input is staff text and stays clear.
+    async fn seal_input(
+        &self,
+        order_id: uuid::Uuid,
+        input: OrderInput<'static>,
+    ) -> Result<OrderInput<'static>, ServiceError> {
+        let OrderInput::Cancel(cmd) = input else {
+            return Ok(input);
+        };
+        match customer_of(&self.store, order_id).await? {
+            Some(customer_id) => Ok(OrderInput::Cancel(
+                self.vault.seal_cancel(&customer_id, cmd).await?,
+            )),
+            // Not placed after all: the cancel is refused and its reason not kept.
+            None => Ok(OrderInput::Cancel(cmd)),
+        }
     }
 
     /// The facts the plan's checks need, read from the log; nothing is read when the
@@ -291,6 +318,20 @@ pub async fn recent_orders(
     .fetch_one(store.pool())
     .await?;
     Ok(u32::try_from(count).unwrap_or(u32::MAX))
+}
+
+/// Who placed the order: the `customer_id` of its `OrderPlaced` (one indexed query).
+pub async fn customer_of(
+    store: &EventStore,
+    order_id: uuid::Uuid,
+) -> Result<Option<String>, ServiceError> {
+    Ok(sqlx::query_scalar(
+        "SELECT payload->>'customer_id' FROM events
+          WHERE stream_name = $1 AND event_type = 'OrderPlaced' LIMIT 1",
+    )
+    .bind(streams::order(order_id))
+    .fetch_optional(store.pool())
+    .await?)
 }
 
 fn log_decision<S>(aggregate: &str, decided: &Decided<S>) {

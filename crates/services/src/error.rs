@@ -18,11 +18,17 @@ pub enum ServiceError {
     NoBus,
     #[error(transparent)]
     Projector(#[from] projector::ProjectorError),
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
 }
 
 impl ServiceError {
     /// Whether trying again later may succeed (vs. a message that never will).
     pub fn is_transient(&self) -> bool {
-        !matches!(self, ServiceError::CorruptStream { .. })
+        !matches!(
+            self,
+            ServiceError::CorruptStream { .. }
+                | ServiceError::Vault(crate::vault::VaultError::BadKey { .. })
+        )
     }
 }

@@ -20,6 +20,7 @@ pub mod saga;
 pub mod settings;
 pub mod shipping;
 pub mod timers;
+pub mod vault;
 pub mod worker;
 
 pub use error::ServiceError;

@@ -295,7 +295,7 @@ async fn a_stored_v1_order_placed_is_read_as_v2_by_the_services_and_the_projecto
     );
     // ... and every reader sees the v2 shape: the decoder, the services' fold ...
     let event = DomainEvent::decode("OrderPlaced", 1, &stored[0].payload)?;
-    assert_eq!(event.schema_version(), 2);
+    assert_eq!(event.schema_version(), 3);
     assert_eq!(event.to_payload()["plan"]["checks"], serde_json::json!([]));
     let state = order_state(&db.store, order_id).await?;
     assert_eq!(state.plan().map(|p| p.checks.clone()), Some(vec![]));
