@@ -93,6 +93,10 @@ pub enum Command {
     /// List the running `orderflow run` processes (the workers table); those silent for
     /// more than three heartbeats are marked gone.
     Workers,
+    /// Forget a customer: destroy the key that seals their personal data in events
+    /// (address, cancel reasons). The log is not rewritten; the fields read as
+    /// [forgotten] from then on. Exit 1 if the customer has no key.
+    ForgetCustomer { customer_id: String },
     /// Create or update a least-privilege database role for the workers (may append
     /// events, never change them). Run once, as a role that may create roles.
     SetupRole {

@@ -1,6 +1,7 @@
 //! `orderflow`: the command line and the worker process.
 mod admin;
 mod cli;
+mod forget;
 mod publish;
 mod queries;
 mod telemetry;
@@ -125,6 +126,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => publish::dlq_retry(&settings, all, message_id).await,
         Command::Audit => queries::audit(&store(&settings).await?).await,
         Command::Workers => queries::workers(&store(&settings).await?).await,
+        Command::ForgetCustomer { customer_id } => {
+            forget::forget_customer(&store(&settings).await?, &customer_id).await
+        }
         Command::SetupRole { role, password_env } => {
             let password = std::env::var(&password_env).ok().filter(|p| !p.is_empty());
             admin::setup_role(&store(&settings).await?, &role, password).await

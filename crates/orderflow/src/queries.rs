@@ -153,10 +153,19 @@ pub async fn orders(
 }
 
 pub async fn events(store: &EventStore, stream_name: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let events = store
+    let mut events = store
         .read_stream(stream_name, 0)
         .await
         .with_context(|| format!("cannot read stream {stream_name}"))?;
+    // Personal data is shown in clear while the customer's key exists, else as
+    // [forgotten] (docs/adr/0004-crypto-shredding.md).
+    let vault = services::vault::Vault::new(store.pool().clone());
+    for e in &mut events {
+        vault
+            .open_payload(&e.event_type, &mut e.payload)
+            .await
+            .context("cannot open the events' personal data")?;
+    }
     if json {
         for e in &events {
             let line = serde_json::json!({
