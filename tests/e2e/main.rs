@@ -8,6 +8,7 @@ mod bulkhead;
 mod cancellation;
 mod compensation;
 mod concurrency;
+mod forget;
 mod fulfilment;
 mod intake;
 mod operations;

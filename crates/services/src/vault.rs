@@ -34,9 +34,10 @@ pub const UNREADABLE: &str = "[unreadable]";
 const TOKEN_PREFIX: &str = "sealed:v1:";
 const NONCE_BYTES: usize = 12;
 const KEY_BYTES: usize = 32;
-/// How long a process trusts a cached key (or a cached "forgotten") before asking the
-/// table again. Bounds how long a running process may still seal with, or open with, a
-/// key that `forget-customer` destroyed in another process.
+/// How long a process opens with a cached key before asking the table again: bounds
+/// how long a long-running reader may still open data whose key `forget-customer`
+/// destroyed in another process. (A destroyed key is cached for good: key ids are
+/// never reused. Sealing never uses the cache.)
 const KEY_TTL: Duration = Duration::from_secs(30);
 /// Cached keys per map before the cache starts afresh (bounded memory).
 const CACHE_CAPACITY: usize = 10_000;
@@ -223,11 +224,12 @@ pub enum Forgotten {
 /// A cache entry: the key, or `None` for a key known to be gone.
 type Cached = (Option<CustomerKey>, Instant);
 
-/// Keys from `customer_keys`, cached per process: a placement or a read of a known
-/// customer's field costs no query; a miss is one indexed query.
+/// Keys from `customer_keys`. Sealing asks the table every time (one primary-key
+/// lookup, see [`Vault::key_for`]); opening caches keys by id, so reading many fields of
+/// one customer costs one indexed query per [`KEY_TTL`].
 pub struct Vault {
     pool: PgPool,
-    by_customer: Mutex<HashMap<String, (CustomerKey, Instant)>>,
+    /// Keys by id for opening; `None` = destroyed (final: key ids are never reused).
     by_id: Mutex<HashMap<Uuid, Cached>>,
 }
 
@@ -235,23 +237,31 @@ impl Vault {
     pub fn new(pool: PgPool) -> Vault {
         Vault {
             pool,
-            by_customer: Mutex::new(HashMap::new()),
             by_id: Mutex::new(HashMap::new()),
         }
     }
 
     /// The customer's current key, created on first use. A customer forgotten before
     /// gets a new key: nothing sealed under the destroyed one comes back.
+    ///
+    /// Always asks the table (one primary-key lookup), never a cache: sealing with a key
+    /// that `forget-customer` destroyed in another process a moment ago would make the
+    /// new data unreadable at once.
     pub async fn key_for(&self, customer_id: &str) -> Result<CustomerKey, VaultError> {
-        if let Some(key) = self.cached_customer(customer_id) {
-            return Ok(key);
-        }
-        let key = self.load_or_create(customer_id).await?;
-        self.remember(customer_id, &key);
+        let current: Option<(Uuid, Vec<u8>)> =
+            sqlx::query_as("SELECT key_id, key FROM customer_keys WHERE customer_id = $1")
+                .bind(customer_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let key = match current {
+            Some((key_id, bytes)) => CustomerKey::from_bytes(key_id, &bytes)?,
+            None => self.create(customer_id).await?,
+        };
+        insert_bounded(&self.by_id, key.key_id, (Some(key.clone()), Instant::now()));
         Ok(key)
     }
 
-    async fn load_or_create(&self, customer_id: &str) -> Result<CustomerKey, VaultError> {
+    async fn create(&self, customer_id: &str) -> Result<CustomerKey, VaultError> {
         let (new_id, new_key) = CustomerKey::generate();
         // Two processes may create the same customer's key at once: the primary key
         // keeps the first, and the loser reads it in a second statement (a fresh
@@ -346,7 +356,7 @@ impl Vault {
         .bind(customer_id)
         .fetch_optional(&self.pool)
         .await?;
-        self.forget_cached(customer_id, destroyed);
+        self.forget_cached(destroyed);
         if let Some(key_id) = destroyed {
             return Ok(Forgotten::Now { key_id });
         }
@@ -361,14 +371,6 @@ impl Vault {
         }))
     }
 
-    fn cached_customer(&self, customer_id: &str) -> Option<CustomerKey> {
-        let cache = lock(&self.by_customer);
-        cache
-            .get(customer_id)
-            .filter(|(_, at)| at.elapsed() < KEY_TTL)
-            .map(|(key, _)| key.clone())
-    }
-
     fn cached_id(&self, key_id: Uuid) -> Option<Option<CustomerKey>> {
         let cache = lock(&self.by_id);
         cache
@@ -377,14 +379,7 @@ impl Vault {
             .map(|(key, _)| key.clone())
     }
 
-    fn remember(&self, customer_id: &str, key: &CustomerKey) {
-        let now = Instant::now();
-        insert_bounded(&self.by_customer, customer_id.to_owned(), (key.clone(), now));
-        insert_bounded(&self.by_id, key.key_id, (Some(key.clone()), now));
-    }
-
-    fn forget_cached(&self, customer_id: &str, key_id: Option<Uuid>) {
-        lock(&self.by_customer).remove(customer_id);
+    fn forget_cached(&self, key_id: Option<Uuid>) {
         if let Some(key_id) = key_id {
             insert_bounded(&self.by_id, key_id, (None, Instant::now()));
         }
