@@ -81,7 +81,9 @@ async fn a_forgotten_customers_address_and_reason_are_gone_from_every_reader_and
     system
         .place(order_of(&customer, cancelled, 150_000, ADDRESS))
         .await?;
-    system.wait_status(cancelled, "under_review", DEADLINE).await?;
+    system
+        .wait_status(cancelled, "under_review", DEADLINE)
+        .await?;
     system
         .send(
             "order.cancel",

@@ -738,7 +738,12 @@ mod tests {
         assert_eq!(personal_fields("OrderCancelled"), &[&["detail"][..]]);
         assert!(personal_fields("OrderApproved").is_empty());
         // every type with personal data was bumped when sealing began
-        for event_type in ["OrderPlaced", "OrderConfirmed", "ShipmentShipped", "OrderCancelled"] {
+        for event_type in [
+            "OrderPlaced",
+            "OrderConfirmed",
+            "ShipmentShipped",
+            "OrderCancelled",
+        ] {
             assert!(current_schema_version(event_type) > FIRST_SCHEMA_VERSION);
             assert!(!personal_fields(event_type).is_empty());
         }

@@ -366,9 +366,11 @@ impl Vault {
         .bind(customer_id)
         .fetch_one(&self.pool)
         .await?;
-        Ok(before.map_or(Forgotten::Unknown, |forgotten_at| Forgotten::Already {
-            forgotten_at,
-        }))
+        Ok(
+            before.map_or(Forgotten::Unknown, |forgotten_at| Forgotten::Already {
+                forgotten_at,
+            }),
+        )
     }
 
     fn cached_id(&self, key_id: Uuid) -> Option<Option<CustomerKey>> {
@@ -387,7 +389,9 @@ impl Vault {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn insert_bounded<K: std::hash::Hash + Eq, V>(cache: &Mutex<HashMap<K, V>>, key: K, value: V) {

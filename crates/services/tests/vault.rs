@@ -1,8 +1,8 @@
 //! Data protection on a real PostgreSQL: the intake seals the customer's personal data
 //! with the customer's key, readers open it while the key exists, and forgetting the
 //! customer (destroying the key) leaves the log readable with the data redacted.
-use domain::commands::{CancelOrder, Command, PlaceOrder, RejectOrder, SetStock, Shipping};
 use domain::commands::ShippingMethod;
+use domain::commands::{CancelOrder, Command, PlaceOrder, RejectOrder, SetStock, Shipping};
 use domain::{streams, DomainEvent, OrderState, Rules};
 use services::commands::CommandService;
 use services::exec::{load, Cause};
@@ -74,10 +74,7 @@ fn payload_of<'a>(
     events: &'a [(String, serde_json::Value)],
     event_type: &str,
 ) -> Option<&'a serde_json::Value> {
-    events
-        .iter()
-        .find(|(t, _)| t == event_type)
-        .map(|(_, p)| p)
+    events.iter().find(|(t, _)| t == event_type).map(|(_, p)| p)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -167,8 +164,8 @@ async fn a_repeated_placement_has_no_effect_and_one_with_another_address_is_refu
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_customers_cancel_reason_is_sealed_and_a_reviewers_reason_is_not(
-) -> anyhow::Result<()> {
+async fn the_customers_cancel_reason_is_sealed_and_a_reviewers_reason_is_not() -> anyhow::Result<()>
+{
     let db = TestDb::new().await?;
     let service = intake(&db).await?;
     let vault = Vault::new(db.pool().clone());
@@ -229,8 +226,8 @@ async fn the_customers_cancel_reason_is_sealed_and_a_reviewers_reason_is_not(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn forgetting_is_recorded_once_and_a_returning_customer_gets_a_new_key(
-) -> anyhow::Result<()> {
+async fn forgetting_is_recorded_once_and_a_returning_customer_gets_a_new_key() -> anyhow::Result<()>
+{
     let db = TestDb::new().await?;
     let vault = Vault::new(db.pool().clone());
     assert_eq!(vault.forget("nobody").await?, Forgotten::Unknown);
