@@ -246,7 +246,10 @@ fn order_refusal(state: &OrderState, event: &DomainEvent) -> Option<String> {
 /// The join: confirmed only while fulfilling, with every line reserved and the money in.
 fn confirm_refusal(state: &OrderState) -> Option<String> {
     if state.status != OrderStatus::Accepted {
-        return Some(format!("the order is {}, not pending", state.status.as_str()));
+        return Some(format!(
+            "the order is {}, not pending",
+            state.status.as_str()
+        ));
     }
     if !state.lines.iter().all(|l| *l == LineStatus::Reserved) {
         return Some("not every line is reserved".into());
@@ -259,8 +262,9 @@ fn payment_refusal(state: &PaymentState, event: &DomainEvent) -> Option<String> 
     use DomainEvent as E;
     let requested = state.requested.is_some();
     match event {
-        E::PaymentRequested(_) => (requested || state.voided)
-            .then(|| "the payment was requested or voided before".into()),
+        E::PaymentRequested(_) => {
+            (requested || state.voided).then(|| "the payment was requested or voided before".into())
+        }
         E::PaymentCaptured(_) if !requested => Some("no payment was requested".into()),
         E::PaymentCaptured(_) => state
             .captured_cents
@@ -312,7 +316,10 @@ fn stock_refusal(state: &StockState, event: &DomainEvent) -> Option<String> {
         E::StockReserved(e) => {
             let available = if state.known { state.on_hand.max(0) } else { 0 };
             if reservation(e.order_id, e.line).is_some() {
-                Some(format!("line {} of {} was reserved before", e.line, e.order_id))
+                Some(format!(
+                    "line {} of {} was reserved before",
+                    e.line, e.order_id
+                ))
             } else if e.quantity < 1 || e.quantity > available {
                 Some(format!("reserves {} of {available} available", e.quantity))
             } else {
@@ -331,9 +338,9 @@ fn stock_refusal(state: &StockState, event: &DomainEvent) -> Option<String> {
 fn reservation_mismatch(reserved: Option<&i64>, quantity: i64) -> Option<String> {
     match reserved {
         None => Some("no such reservation".into()),
-        Some(reserved) if *reserved != quantity => {
-            Some(format!("moves {quantity} units of a reservation of {reserved}"))
-        }
+        Some(reserved) if *reserved != quantity => Some(format!(
+            "moves {quantity} units of a reservation of {reserved}"
+        )),
         Some(_) => None,
     }
 }
@@ -358,9 +365,7 @@ fn shipment_refusal(state: &ShipmentState, event: &DomainEvent) -> Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{
-        OrderConfirmed, ShipmentDelivered, StockReserved, StockSet,
-    };
+    use crate::events::{OrderConfirmed, ShipmentDelivered, StockReserved, StockSet};
 
     const ORDER: Uuid = Uuid::from_u128(0xC0FFEE);
 

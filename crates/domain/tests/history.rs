@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use domain::commands::{ApproveOrder, CancelOrder, OrderLine, PlaceOrder, RejectOrder, Shipping};
 use domain::commands::ShippingMethod;
+use domain::commands::{ApproveOrder, CancelOrder, OrderLine, PlaceOrder, RejectOrder, Shipping};
 use domain::events::{
     OrderAccepted, PaymentCaptured, PaymentDeclined, PaymentTimedOut, StockReservationFailed,
     StockReserved,
@@ -174,12 +174,14 @@ proptest! {
 #[test]
 fn a_history_decide_could_not_write_is_named() {
     let order_id = Uuid::from_u128(1);
-    let shipped_twice = vec![
-        DomainEvent::ShipmentDelivered(domain::events::ShipmentDelivered { order_id }),
-    ];
+    let shipped_twice = vec![DomainEvent::ShipmentDelivered(
+        domain::events::ShipmentDelivered { order_id },
+    )];
     let failure = check(&format!("shipment-{order_id}"), &shipped_twice);
     assert!(
-        failure.as_ref().is_err_and(|e| e.contains("ShipmentDelivered") && e.contains("nothing was shipped")),
+        failure
+            .as_ref()
+            .is_err_and(|e| e.contains("ShipmentDelivered") && e.contains("nothing was shipped")),
         "{failure:?}"
     );
 }
