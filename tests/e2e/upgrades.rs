@@ -25,6 +25,9 @@ fn shown(out: &Output) -> String {
     )
 }
 
+/// An order's lines `(sku, quantity, unit_price_cents)`, token and shipping method.
+type Road<'a> = (&'a [(&'a str, i64, i64)], &'a str, Option<&'a str>);
+
 /// Orders down every road: delivered, completed, declined, out of stock, reviewed and
 /// approved, cancelled in review, invalid; plus a refused stock.set. Returns the
 /// delivered order's id.
@@ -42,7 +45,7 @@ async fn real_orders(sys: &System) -> anyhow::Result<Uuid> {
         Some("standard"),
     ))
     .await?;
-    let roads: [(&[(&str, i64, i64)], &str, Option<&str>); 4] = [
+    let roads: [Road; 4] = [
         (&[("UPG-A", 1, 300)], "tok_ok", None), // completed
         (&[("UPG-A", 1, 300)], "tok_decline", Some("express")), // declined
         (&[("UPG-A", 1, 300), ("UPG-B", 5, 10)], "tok_ok", None), // out of stock

@@ -164,12 +164,13 @@ pub async fn verify(
         // Nothing to keep: the rollback also removes the shadow schema.
         tx.rollback().await?;
     }
-    let projections: Vec<(String, LogPosition)> = projections
-        .iter()
-        .map(|p| p.name().to_owned())
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    info!(projections = ?names, events, swapped, "verify finished");
+    let projections: Vec<(String, LogPosition)> = names
+        .into_iter()
+        .map(str::to_owned)
         .zip(checkpoints)
         .collect();
-    info!(?projections, events, swapped, "verify finished");
     Ok(VerifyReport {
         projections,
         events,
