@@ -153,6 +153,8 @@ struct EventRow {
 /// meaningfully; its events are still decoded and counted).
 struct CurrentStream {
     name: String,
+    /// The version of the stream's first stored event (0 unless versions are missing).
+    first_version: i64,
     history: Option<StreamHistory>,
 }
 
@@ -168,20 +170,12 @@ pub async fn check(store: &EventStore) -> Result<CheckReport, ProjectorError> {
         };
         after = (last.stream_name.clone(), last.stream_version);
         for row in &rows {
-            let mut outcome = Ok(());
-            if current.as_ref().is_none_or(|c| c.name != row.stream_name) {
+            let outcome = check_row(&mut current, row);
+            if current
+                .as_ref()
+                .is_some_and(|c| c.first_version == row.stream_version)
+            {
                 report.streams += 1;
-                let history = StreamHistory::new(&row.stream_name);
-                // An unknown category is reported once, at the stream's first event.
-                outcome = history.as_ref().map(drop).map_err(ToString::to_string);
-                current = Some(CurrentStream {
-                    name: row.stream_name.clone(),
-                    history: history.ok(),
-                });
-            }
-            if let Some(stream) = current.as_mut() {
-                let checked = check_event(stream, row);
-                outcome = outcome.and(checked);
             }
             report.record(row, outcome);
         }
@@ -206,6 +200,23 @@ async fn page_after(
     .bind(CHECK_PAGE_SIZE)
     .fetch_all(store.pool())
     .await?)
+}
+
+/// Checks one row, starting a new stream in `current` at its first event.
+fn check_row(current: &mut Option<CurrentStream>, row: &EventRow) -> Result<(), String> {
+    let mut outcome = Ok(());
+    if current.as_ref().is_none_or(|c| c.name != row.stream_name) {
+        let history = StreamHistory::new(&row.stream_name);
+        // An unknown category is reported once, at the stream's first event.
+        outcome = history.as_ref().map(drop).map_err(ToString::to_string);
+        *current = Some(CurrentStream {
+            name: row.stream_name.clone(),
+            first_version: row.stream_version,
+            history: history.ok(),
+        });
+    }
+    let stream = current.as_mut().map(|stream| check_event(stream, row));
+    outcome.and(stream.unwrap_or(Ok(())))
 }
 
 /// Decodes one event and folds it into its stream; the reason it fails, if it does.
