@@ -409,3 +409,48 @@ async fn a_swap_beside_a_running_projector_applies_nothing_twice_and_skips_nothi
     assert_eq!(live_rows, all_rows(store).await?);
     Ok(())
 }
+
+#[tokio::test]
+async fn check_folds_a_stream_longer_than_a_page_across_pages() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let long = usize::try_from(projector::check::CHECK_PAGE_SIZE)? + 10;
+    let sets: Vec<DomainEvent> = (0..long)
+        .map(|i| {
+            DomainEvent::StockSet(StockSet {
+                sku: "LONG".into(),
+                quantity: i64::try_from(i).unwrap_or(0),
+            })
+        })
+        .collect();
+    append(store, "stock-LONG", &sets).await?;
+    set_stock(store, "SHORT", 1).await?;
+    let report = projector::check::check(store).await?;
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        (report.events, report.streams),
+        (u64::try_from(long)? + 1, 2)
+    );
+
+    // Judged on the state folded across the page boundary: the last set left
+    // `long - 1` units, so one unit can be reserved and then `long` more cannot.
+    let reserve = |line: u32, quantity: usize| {
+        DomainEvent::StockReserved(domain::events::StockReserved {
+            sku: "LONG".into(),
+            order_id: Uuid::from_u128(1),
+            line,
+            quantity: i64::try_from(quantity).unwrap_or(i64::MAX),
+        })
+    };
+    append(store, "stock-LONG", &[reserve(0, 1), reserve(1, long)]).await?;
+    let report = projector::check::check(store).await?;
+    assert_eq!(report.failure_count, 1, "{report}");
+    assert!(
+        report.failures[0]
+            .reason
+            .contains(&format!("reserves {long} of {} available", long - 2)),
+        "{report}"
+    );
+    assert_eq!(report.failures[0].stream_version, i64::try_from(long + 1)?);
+    Ok(())
+}
