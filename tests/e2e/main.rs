@@ -15,3 +15,4 @@ mod operations;
 mod refusals;
 mod restart;
 mod review;
+mod upgrades;

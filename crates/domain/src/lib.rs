@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod events;
+pub mod history;
 pub mod ids;
 pub mod money;
 pub mod order;

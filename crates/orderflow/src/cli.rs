@@ -82,7 +82,18 @@ pub enum Command {
         /// when omitted.
         #[arg(long)]
         projection: Option<String>,
+        /// Rebuild into shadow tables and print how the live rows differ; change
+        /// nothing unless --swap (exit 1 when rows differ and were not swapped).
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: replace the live rows by the rebuilt ones when they differ.
+        #[arg(long, requires = "verify")]
+        swap: bool,
     },
+    /// Check that this build decodes every stored event (upcasters included) and that
+    /// its domain accepts every stored stream; exit 1 listing what fails. Run before
+    /// switching to a new version.
+    Check,
     /// Dead letters: messages that could not be decoded or whose retries ran out.
     Dlq {
         #[command(subcommand)]

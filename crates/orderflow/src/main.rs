@@ -5,6 +5,7 @@ mod forget;
 mod publish;
 mod queries;
 mod telemetry;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -115,9 +116,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Events { stream_name, json } => {
             queries::events(&store(&settings).await?, &stream_name, json).await
         }
-        Command::Replay { projection } => {
+        Command::Replay {
+            projection,
+            verify: true,
+            swap,
+        } => upgrade::verify(&store(&settings).await?, projection.as_deref(), swap).await,
+        Command::Replay { projection, .. } => {
             queries::replay(&store(&settings).await?, projection.as_deref()).await
         }
+        Command::Check => upgrade::check(&store(&settings).await?).await,
         Command::Dlq {
             command: DlqCommand::List { limit },
         } => publish::dlq_list(&settings, limit).await,

@@ -6,12 +6,14 @@
 //! writes the changed rows and its checkpoint in one transaction: an event is applied
 //! exactly once, even after a crash. Live projection and replay are the same code.
 
+pub mod check;
 mod decode;
 pub mod milestones;
 pub mod order_status;
 mod runner;
 pub mod stock_levels;
 pub mod timers;
+pub mod verify;
 
 pub use decode::to_envelope;
 pub use runner::{

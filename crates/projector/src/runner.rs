@@ -30,6 +30,8 @@ pub enum ProjectorError {
         "unknown projection '{0}' (known: order_status, stock_levels, timers, order_milestones)"
     )]
     UnknownProjection(String),
+    #[error("read-model table {0} has no primary key to compare rows by")]
+    NoPrimaryKey(String),
 }
 
 /// A read model built from the log.
@@ -74,7 +76,7 @@ pub async fn ensure_schema(store: &EventStore) -> Result<(), ProjectorError> {
     Ok(())
 }
 
-fn checkpoint_name(projection: &dyn Projection) -> String {
+pub(crate) fn checkpoint_name(projection: &dyn Projection) -> String {
     format!("projection:{}", projection.name())
 }
 
