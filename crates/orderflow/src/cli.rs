@@ -93,6 +93,9 @@ pub enum Command {
     /// List the running `orderflow run` processes (the workers table); those silent for
     /// more than three heartbeats are marked gone.
     Workers,
+    /// A live dashboard: orders per status, throughput, lag, queues, dead letters,
+    /// the payment circuit, the running processes (q quits; --once prints one frame).
+    Top(crate::top::TopArgs),
     /// Create or update a least-privilege database role for the workers (may append
     /// events, never change them). Run once, as a role that may create roles.
     SetupRole {

@@ -4,6 +4,7 @@ mod cli;
 mod publish;
 mod queries;
 mod telemetry;
+mod top;
 
 use std::process::ExitCode;
 
@@ -15,7 +16,10 @@ use cli::{Cli, Command, DlqCommand, StockCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    // Log lines would scribble over the dashboard's screen.
+    if !matches!(cli.command, Command::Top(_)) {
+        telemetry::init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -125,6 +129,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => publish::dlq_retry(&settings, all, message_id).await,
         Command::Audit => queries::audit(&store(&settings).await?).await,
         Command::Workers => queries::workers(&store(&settings).await?).await,
+        Command::Top(args) => top::top(&settings, args).await,
         Command::SetupRole { role, password_env } => {
             let password = std::env::var(&password_env).ok().filter(|p| !p.is_empty());
             admin::setup_role(&store(&settings).await?, &role, password).await

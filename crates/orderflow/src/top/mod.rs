@@ -1,0 +1,185 @@
+//! `orderflow top`: a live terminal dashboard of the whole system (orders per status,
+//! throughput, the log followers' lag, queue depths, dead letters, the payment
+//! circuit, the running processes), refreshed every `--interval`; `--once` prints one
+//! frame as plain text, for scripts and for terminals that are not terminals.
+//!
+//! `snapshot` gathers the figures, `history` turns successive snapshots into rates,
+//! `render` draws them (a pure function of both), and this module runs the loop.
+mod history;
+mod render;
+mod scrape;
+mod snapshot;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui::style::{Color, Style};
+use ratatui::widgets::{Paragraph, Wrap};
+use ratatui::{DefaultTerminal, Frame};
+use services::settings::Settings;
+use tokio::sync::mpsc;
+
+use history::History;
+use render::Dashboard;
+use snapshot::{Snapshot, Sources};
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Print one frame as plain text and exit (no terminal needed).
+    #[arg(long)]
+    pub once: bool,
+    /// How often the dashboard refreshes.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+}
+
+/// At least 100 ms: each refresh runs a handful of queries and passive declares.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if interval < Duration::from_millis(100) {
+        return Err(format!("{text} is below the shortest interval, 100ms"));
+    }
+    Ok(interval)
+}
+
+const HINT: &str = "q, Esc or Ctrl-C quits";
+
+pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode> {
+    let store = crate::store(settings).await?;
+    let mut sources = Sources::open(store, &settings.amqp_url).await;
+    if args.once {
+        return once(&mut sources).await;
+    }
+    live(sources, args.interval).await
+}
+
+async fn once(sources: &mut Sources) -> anyhow::Result<ExitCode> {
+    let snapshot = sources.snapshot().await?;
+    let mut history = History::new();
+    history.record(&snapshot);
+    let dashboard = Dashboard {
+        snapshot: &snapshot,
+        history: &history,
+        hint: None,
+    };
+    print!("{}", render::to_text(&dashboard, render::TEXT_WIDTH));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Restores the terminal however `live` ends: return, error or panic (ratatui's
+/// `try_init` installs a panic hook that restores it too).
+struct TerminalGuard(DefaultTerminal);
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        ratatui::restore();
+    }
+}
+
+/// What the keyboard asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    Quit,
+    Redraw,
+}
+
+fn input_of(event: &Event) -> Option<Input> {
+    match event {
+        Event::Key(KeyEvent {
+            code,
+            modifiers,
+            kind: KeyEventKind::Press,
+            ..
+        }) => match code {
+            KeyCode::Char('q') | KeyCode::Esc => Some(Input::Quit),
+            // Raw mode turns Ctrl-C into a key instead of a signal.
+            KeyCode::Char('c') if modifiers.contains(KeyModifiers::CONTROL) => Some(Input::Quit),
+            _ => None,
+        },
+        Event::Resize(..) => Some(Input::Redraw),
+        _ => None,
+    }
+}
+
+/// Reads the keyboard on a thread of its own (crossterm's reads block) until the
+/// receiver is gone.
+fn keyboard() -> mpsc::Receiver<Input> {
+    let (tx, rx) = mpsc::channel(16);
+    std::thread::spawn(move || {
+        while !tx.is_closed() {
+            match event::poll(Duration::from_millis(200)) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(_) => break,
+            }
+            let Ok(event) = event::read() else { break };
+            if let Some(input) = input_of(&event) {
+                if tx.blocking_send(input).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+async fn live(mut sources: Sources, interval: Duration) -> anyhow::Result<ExitCode> {
+    let mut terminal = TerminalGuard(ratatui::try_init()?);
+    let mut keys = keyboard();
+    let mut history = History::new();
+    let mut last: Option<Snapshot> = None;
+    loop {
+        // A failed refresh keeps the last good frame on screen, with the reason.
+        let error = match sources.snapshot().await {
+            Ok(snapshot) => {
+                history.record(&snapshot);
+                last = Some(snapshot);
+                None
+            }
+            Err(e) => Some(format!("{e:#}")),
+        };
+        let next = tokio::time::Instant::now() + interval;
+        loop {
+            terminal
+                .0
+                .draw(|frame| draw(frame, last.as_ref(), &history, error.as_deref()))?;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => break,
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                input = keys.recv() => match input {
+                    Some(Input::Redraw) => continue,
+                    Some(Input::Quit) | None => return Ok(ExitCode::SUCCESS),
+                },
+            }
+        }
+    }
+}
+
+fn draw(frame: &mut Frame, snapshot: Option<&Snapshot>, history: &History, error: Option<&str>) {
+    let area = frame.area();
+    let Some(snapshot) = snapshot else {
+        let text = error.unwrap_or("reading the first snapshot…");
+        frame.render_widget(
+            Paragraph::new(format!("orderflow top\n\n{text}\n\n{HINT}"))
+                .style(Style::new().fg(Color::Red))
+                .wrap(Wrap { trim: false }),
+            area,
+        );
+        return;
+    };
+    let hint = match error {
+        Some(why) => format!("refresh failed, showing the last snapshot: {why}  ({HINT})"),
+        None => HINT.to_owned(),
+    };
+    let dashboard = Dashboard {
+        snapshot,
+        history,
+        hint: Some(&hint),
+    };
+    frame.render_widget(&dashboard, area);
+}
+
+#[cfg(test)]
+mod tests;
