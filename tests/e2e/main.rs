@@ -14,3 +14,4 @@ mod operations;
 mod refusals;
 mod restart;
 mod review;
+mod top;

@@ -321,7 +321,7 @@ pub fn processes_table(snapshot: &Snapshot) -> Table<'static> {
             p.pid.to_string(),
             format!("{:.1}s", p.silent_seconds),
             p.http_addr.clone().unwrap_or_else(|| "-".to_owned()),
-            p.workers.join(","),
+            workers(&p.workers),
         ])
         .style(style)
     });
@@ -340,6 +340,15 @@ pub fn processes_table(snapshot: &Snapshot) -> Table<'static> {
         "state", "host", "pid", "silent", "http", "workers",
     ]))
     .block(panel("processes (orderflow workers)"))
+}
+
+/// A process's workers, or "all workers" (the common case, and the list is long).
+fn workers(names: &[String]) -> String {
+    let all = services::runtime::ALL_WORKERS;
+    if names.len() == all.len() && all.iter().all(|w| names.iter().any(|n| n == w)) {
+        return "all workers".to_owned();
+    }
+    names.join(",")
 }
 
 /// The dashboard drawn into a buffer of its full height, as plain text (no colours),
