@@ -10,6 +10,7 @@ mod render;
 mod scrape;
 mod snapshot;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
 const HINT: &str = "q, Esc or Ctrl-C quits";
 
 pub async fn top(settings: &Settings, args: TopArgs) -> anyhow::Result<ExitCode> {
+    if !args.once && !std::io::stdout().is_terminal() {
+        anyhow::bail!("orderflow top needs a terminal; use --once to print one frame");
+    }
     let store = crate::store(settings).await?;
     let mut sources = Sources::open(store, &settings.amqp_url).await;
     if args.once {

@@ -158,8 +158,16 @@ fn render_throughput(snapshot: &Snapshot, history: &History, area: Rect, buf: &m
     let block = panel("throughput");
     let inner = block.inner(area);
     block.render(area, buf);
-    let [text, spark] = Layout::vertical([Constraint::Length(4), Constraint::Fill(1)]).areas(inner);
+    let [text, label, spark] = Layout::vertical([
+        Constraint::Length(4),
+        Constraint::Length(1),
+        Constraint::Fill(1),
+    ])
+    .areas(inner);
     throughput_lines(snapshot, history).render(text, buf);
+    Paragraph::new("orders placed per second, one bar per refresh")
+        .style(Style::new().fg(Color::DarkGray))
+        .render(label, buf);
     placed_sparkline(history, spark.width).render(spark, buf);
 }
 

@@ -53,9 +53,9 @@ impl Circuit {
     /// The gauge's value as `services::breaker` sets it: 0 closed, 1 open, 2 half-open.
     pub fn from_gauge(value: f64) -> Circuit {
         match value {
-            v if v == 0.0 => Circuit::Closed,
-            v if v == 1.0 => Circuit::Open,
-            v if v == 2.0 => Circuit::HalfOpen,
+            0.0 => Circuit::Closed,
+            1.0 => Circuit::Open,
+            2.0 => Circuit::HalfOpen,
             _ => Circuit::Unknown,
         }
     }

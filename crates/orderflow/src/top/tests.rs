@@ -148,6 +148,14 @@ fn the_frame_shows_every_figure_of_the_snapshot() -> anyhow::Result<()> {
     assert!(line_with(&text, "placed ").contains("0.7/s"), "{text}");
     assert!(line_with(&text, "events ").contains("765.0/s"), "{text}");
     assert!(text.contains("placed in the last minute: 17"), "{text}");
+    // the sparkline of placements, under its label, right of the orders panel
+    let bars = text
+        .lines()
+        .skip_while(|l| !l.contains("orders placed per second"))
+        .skip(1)
+        .take(4)
+        .any(|l| l.chars().skip(31).any(|c| "▁▂▃▄▅▆▇█".contains(c)));
+    assert!(bars, "no sparkline in\n{text}");
     let relay = line_with(&text, "relay ");
     assert!(
         relay.contains("1234 behind") && relay.contains("45.0s"),
