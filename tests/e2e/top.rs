@@ -149,3 +149,34 @@ async fn top_once_shows_messages_waiting_for_a_missing_worker() -> anyhow::Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn top_once_shows_the_payment_circuit_open_when_the_gateway_keeps_failing(
+) -> anyhow::Result<()> {
+    let addr = free_addr()?;
+    // Every gateway call fails transiently: payments retry until the breaker opens.
+    let sys = System::start(&[
+        ("ORDERFLOW_HTTP_ADDR", &addr),
+        ("ORDERFLOW_GATEWAY_FAILURE_RATE", "1.0"),
+    ])
+    .await?;
+    sys.set_stock("TOP-3", 100).await?;
+    for _ in 0..12 {
+        sys.place(order(Uuid::new_v4(), &[("TOP-3", 1, 500)], "tok_ok", None))
+            .await?;
+    }
+    // The breaker judges a full 10 s window of calls before it opens.
+    let deadline = std::time::Duration::from_secs(45);
+    let text = testkit::wait_until("top to show the circuit open", deadline, || async {
+        let text = top_once(&sys).await?;
+        Ok(text
+            .lines()
+            .any(|l| l.contains("payment circuit OPEN"))
+            .then_some(text))
+    })
+    .await
+    .with_context(|| sys.log_hint())?;
+    // the summary, and the payment process's own line under it
+    assert_eq!(text.matches("OPEN").count(), 2, "{text}");
+    Ok(())
+}
