@@ -129,34 +129,68 @@ fn keyboard() -> mpsc::Receiver<Input> {
     rx
 }
 
+/// How long one refresh may take before the frame says the sources do not answer.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn live(mut sources: Sources, interval: Duration) -> anyhow::Result<ExitCode> {
     let mut terminal = TerminalGuard(ratatui::try_init()?);
     let mut keys = keyboard();
     let mut history = History::new();
     let mut last: Option<Snapshot> = None;
+    let mut error: Option<String> = None;
     loop {
+        let next = tokio::time::Instant::now() + interval;
+        let refresh = tokio::time::timeout(SNAPSHOT_TIMEOUT, sources.snapshot());
+        let redraw = || {
+            terminal
+                .0
+                .draw(|frame| draw(frame, last.as_ref(), &history, error.as_deref()))
+                .map(drop)
+        };
+        let Some(refreshed) = or_quit(refresh, &mut keys, redraw).await? else {
+            return Ok(ExitCode::SUCCESS);
+        };
         // A failed refresh keeps the last good frame on screen, with the reason.
-        let error = match sources.snapshot().await {
-            Ok(snapshot) => {
+        error = match refreshed {
+            Ok(Ok(snapshot)) => {
                 history.record(&snapshot);
                 last = Some(snapshot);
                 None
             }
-            Err(e) => Some(format!("{e:#}")),
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some(format!("no answer within {SNAPSHOT_TIMEOUT:?}")),
         };
-        let next = tokio::time::Instant::now() + interval;
-        loop {
+        let redraw = || {
             terminal
                 .0
-                .draw(|frame| draw(frame, last.as_ref(), &history, error.as_deref()))?;
-            tokio::select! {
-                _ = tokio::time::sleep_until(next) => break,
-                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
-                input = keys.recv() => match input {
-                    Some(Input::Redraw) => continue,
-                    Some(Input::Quit) | None => return Ok(ExitCode::SUCCESS),
-                },
-            }
+                .draw(|frame| draw(frame, last.as_ref(), &history, error.as_deref()))
+                .map(drop)
+        };
+        let pause = tokio::time::sleep_until(next);
+        if or_quit(pause, &mut keys, redraw).await?.is_none() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+/// Runs `work`, redrawing the frame first and whenever the terminal asks, and answering
+/// the keyboard meanwhile, so that a slow database never keeps `q` from quitting.
+/// `None` when the user quit first.
+async fn or_quit<T>(
+    work: impl std::future::Future<Output = T>,
+    keys: &mut mpsc::Receiver<Input>,
+    mut redraw: impl FnMut() -> std::io::Result<()>,
+) -> anyhow::Result<Option<T>> {
+    tokio::pin!(work);
+    loop {
+        redraw()?;
+        tokio::select! {
+            value = &mut work => return Ok(Some(value)),
+            _ = tokio::signal::ctrl_c() => return Ok(None),
+            input = keys.recv() => match input {
+                Some(Input::Redraw) => {}
+                Some(Input::Quit) | None => return Ok(None),
+            },
         }
     }
 }

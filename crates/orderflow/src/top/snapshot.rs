@@ -153,8 +153,9 @@ pub fn orderflow_queues() -> Vec<&'static str> {
 
 /// Where the figures come from; kept open between frames.
 pub struct Sources {
-    pub store: EventStore,
-    pub bus: Result<bus::Bus, String>,
+    store: EventStore,
+    /// Connected again at the next refresh when it failed.
+    bus: Result<bus::Bus, String>,
     amqp_url: String,
 }
 
@@ -177,6 +178,8 @@ impl Sources {
     /// or a `/metrics` endpoint that does not answer shows as such in the snapshot.
     pub async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         use anyhow::Context;
+        // The sampler behind /metrics, so top and the gauges agree. (It also sets the
+        // gauges, which do nothing here: this process installs no recorder.)
         let sample = services::metrics::sample(&self.store)
             .await
             .context("cannot read the log and read models")?;
