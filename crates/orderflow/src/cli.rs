@@ -93,8 +93,10 @@ pub enum Command {
     /// List the running `orderflow run` processes (the workers table); those silent for
     /// more than three heartbeats are marked gone.
     Workers,
-    /// A live dashboard: orders per status, throughput, lag, queues, dead letters,
-    /// the payment circuit, the running processes (q quits; --once prints one frame).
+    /// Live dashboard: orders, throughput, lag, queues, dead letters, payment circuit.
+    ///
+    /// Refreshes every --interval; q, Esc or Ctrl-C quits. --once prints one frame as
+    /// plain text and exits (no terminal needed). See docs/OPERATIONS.md.
     Top(crate::top::TopArgs),
     /// Create or update a least-privilege database role for the workers (may append
     /// events, never change them). Run once, as a role that may create roles.
