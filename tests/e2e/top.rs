@@ -50,6 +50,14 @@ fn free_addr() -> anyhow::Result<String> {
 async fn top_once_shows_orders_flowing_and_a_dead_letter() -> anyhow::Result<()> {
     let addr = free_addr()?;
     let sys = System::start(&[("ORDERFLOW_HTTP_ADDR", &addr)]).await?;
+    // the live view needs a terminal, and says what to use instead
+    let out = sys.cli(&["top"]).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("use --once"),
+        "{stderr}"
+    );
+
     let before = top_once(&sys).await?;
     assert_eq!(figure(&before, "completed"), Some(0), "{before}");
     assert_eq!(

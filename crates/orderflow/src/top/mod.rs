@@ -1,7 +1,7 @@
 //! `orderflow top`: a live terminal dashboard of the whole system (orders per status,
 //! throughput, the log followers' lag, queue depths, dead letters, the payment
 //! circuit, the running processes), refreshed every `--interval`; `--once` prints one
-//! frame as plain text, for scripts and for terminals that are not terminals.
+//! frame as plain text, for scripts, CI and output that is not a terminal.
 //!
 //! `snapshot` gathers the figures, `history` turns successive snapshots into rates,
 //! `render` draws them (a pure function of both), and this module runs the loop.
