@@ -3,6 +3,8 @@
 //! messages, a dead-lettered command shows in the dead-letter count, and the payment
 //! circuit is read from the payment process's `/metrics`.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use uuid::Uuid;
 
@@ -19,6 +21,41 @@ async fn top_once(sys: &System) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(text)
+}
+
+/// Waits until a frame of `top --once` satisfies `shown`, and returns it. A run that
+/// fails counts as "not yet" (the PostgreSQL server is shared, and may refuse a
+/// connection for a moment); at the deadline the error names the last failure or frame.
+async fn wait_frame(
+    sys: &System,
+    what: &str,
+    deadline: Duration,
+    shown: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let last = std::sync::Mutex::new(String::new());
+    let found = testkit::wait_until(what, deadline, || async {
+        let frame = top_once(sys).await;
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        match frame {
+            Ok(text) if shown(&text) => Ok(Some(text)),
+            Ok(text) => {
+                *last = text;
+                Ok(None)
+            }
+            Err(error) => {
+                *last = format!("{error:#}");
+                Ok(None)
+            }
+        }
+    })
+    .await;
+    found.map_err(|error| {
+        let last = last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        error.context(format!(
+            "last frame or failure:\n{last}\n{}",
+            sys.log_hint()
+        ))
+    })
 }
 
 /// The words of the frame's line whose first word (after the border) is `label`,
@@ -58,7 +95,7 @@ async fn top_once_shows_orders_flowing_and_a_dead_letter() -> anyhow::Result<()>
         "{stderr}"
     );
 
-    let before = top_once(&sys).await?;
+    let before = wait_frame(&sys, "a first frame", DEADLINE, |_| true).await?;
     assert_eq!(figure(&before, "completed"), Some(0), "{before}");
     assert_eq!(
         figure(&before, "orderflow.dead-letter"),
@@ -81,18 +118,15 @@ async fn top_once_shows_orders_flowing_and_a_dead_letter() -> anyhow::Result<()>
         sys.wait_status(*id, "completed", DEADLINE).await?;
     }
 
-    let text = testkit::wait_until(
+    let text = wait_frame(
+        &sys,
         "top to show the orders and the dead letter",
         DEADLINE,
-        || async {
-            let text = top_once(&sys).await?;
-            let moved = figure(&text, "completed") == Some(2)
-                && figure(&text, "orderflow.dead-letter") == Some(1);
-            Ok(moved.then_some(text))
+        |text| {
+            figure(text, "completed") == Some(2) && figure(text, "orderflow.dead-letter") == Some(1)
         },
     )
-    .await
-    .with_context(|| sys.log_hint())?;
+    .await?;
     assert!(row(&text, "dead").contains(&"1".to_owned()), "{text}");
     assert!(text.contains("placed in the last minute: 2"), "{text}");
     let head = text
@@ -130,20 +164,15 @@ async fn top_once_shows_messages_waiting_for_a_missing_worker() -> anyhow::Resul
     let id = Uuid::new_v4();
     sys.place(order(id, &[("TOP-2", 1, 500)], "tok_ok", None))
         .await?;
-    let text = testkit::wait_until(
+    // the order's row and its OrderAccepted reach top by different paths
+    // (projector, relay): wait for both
+    let text = wait_frame(
+        &sys,
         "top to show the payment queue waiting",
         DEADLINE,
-        || async {
-            let text = top_once(&sys).await?;
-            // the order's row and its OrderAccepted reach top by different paths
-            // (projector, relay): wait for both
-            let shown = figure(&text, "orderflow.payment") >= Some(1)
-                && figure(&text, "pending") == Some(1);
-            Ok(shown.then_some(text))
-        },
+        |text| figure(text, "orderflow.payment") >= Some(1) && figure(text, "pending") == Some(1),
     )
-    .await
-    .with_context(|| sys.log_hint())?;
+    .await?;
     assert_eq!(
         row(&text, "orderflow.payment").get(2),
         Some(&"0".to_owned()),
@@ -174,16 +203,11 @@ async fn top_once_shows_the_payment_circuit_open_when_the_gateway_keeps_failing(
             .await?;
     }
     // The breaker judges a full 10 s window of calls before it opens.
-    let deadline = std::time::Duration::from_secs(45);
-    let text = testkit::wait_until("top to show the circuit open", deadline, || async {
-        let text = top_once(&sys).await?;
-        Ok(text
-            .lines()
-            .any(|l| l.contains("payment circuit OPEN"))
-            .then_some(text))
+    let deadline = Duration::from_secs(45);
+    let text = wait_frame(&sys, "top to show the circuit open", deadline, |text| {
+        text.lines().any(|l| l.contains("payment circuit OPEN"))
     })
-    .await
-    .with_context(|| sys.log_hint())?;
+    .await?;
     // the summary, and the payment process's own line under it
     assert_eq!(text.matches("OPEN").count(), 2, "{text}");
     Ok(())
