@@ -32,11 +32,16 @@ pub struct Dashboard<'a> {
 impl Dashboard<'_> {
     /// Rows the whole dashboard needs to show every line.
     pub fn height(&self) -> u16 {
-        1 + ORDERS_HEIGHT
+        1 + self.alert_height()
+            + ORDERS_HEIGHT
             + self.followers_height()
             + self.queues_height()
             + self.processes_height()
             + u16::from(self.hint.is_some())
+    }
+
+    fn alert_height(&self) -> u16 {
+        u16::from(self.snapshot.log_ahead_of_server)
     }
 
     fn followers_height(&self) -> u16 {
@@ -63,8 +68,9 @@ fn rows(n: usize) -> u16 {
 
 impl Widget for &Dashboard<'_> {
     fn render(self, area: Rect, buf: &mut Buffer) {
-        let [title, orders, followers, queues, processes, hint] = Layout::vertical([
+        let [title, alert, orders, followers, queues, processes, hint] = Layout::vertical([
             Constraint::Length(1),
+            Constraint::Length(self.alert_height()),
             Constraint::Length(ORDERS_HEIGHT),
             Constraint::Length(self.followers_height()),
             Constraint::Length(self.queues_height()),
@@ -73,6 +79,9 @@ impl Widget for &Dashboard<'_> {
         ])
         .areas(area);
         title_line(self.snapshot).render(title, buf);
+        if self.snapshot.log_ahead_of_server {
+            restore_alert().render(alert, buf);
+        }
         let [orders, throughput] =
             Layout::horizontal([Constraint::Length(30), Constraint::Fill(1)]).areas(orders);
         orders_table(self.snapshot).render(orders, buf);
@@ -112,6 +121,16 @@ pub fn title_line(snapshot: &Snapshot) -> Paragraph<'static> {
             snapshot.open_timers
         )),
     ]))
+}
+
+/// A logical restore into another server left the log's transaction ids ahead of the
+/// server's: nothing new is projected or relayed, yet every lag reads 0.
+pub fn restore_alert() -> Paragraph<'static> {
+    Paragraph::new(
+        "LOG AHEAD OF THE SERVER'S TRANSACTION IDS: nothing new is projected or relayed \
+         (docs/OPERATIONS.md, Backup and restore)",
+    )
+    .style(Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
 }
 
 pub fn orders_table(snapshot: &Snapshot) -> Table<'static> {

@@ -86,6 +86,10 @@ pub struct Snapshot {
     pub orders: Vec<(String, i64)>,
     /// Orders placed within the last minute (by `placed_at`).
     pub placed_last_minute: i64,
+    /// The log holds transaction ids the server has not reached: a logical restore
+    /// into another server (docs/OPERATIONS.md, "Backup and restore"). The followers
+    /// then read nothing new, and their lag still says 0.
+    pub log_ahead_of_server: bool,
     pub head: i64,
     pub followers: Vec<FollowerLag>,
     pub open_timers: i64,
@@ -186,6 +190,9 @@ impl Sources {
         let (taken_at, placed_last_minute) = placed_last_minute(&self.store)
             .await
             .context("cannot count recent orders")?;
+        let log_ahead_of_server = log_ahead_of_server(&self.store)
+            .await
+            .context("cannot compare the log's transaction ids with the server's")?;
         let processes = services::registry::list(self.store.pool())
             .await
             .context("cannot read the workers table")?;
@@ -201,6 +208,7 @@ impl Sources {
             taken_at,
             orders: every_status(&sample.orders_by_status),
             placed_last_minute,
+            log_ahead_of_server,
             head: sample.head,
             followers: sample.followers,
             open_timers: sample.open_timers,
@@ -254,6 +262,19 @@ async fn placed_last_minute(store: &EventStore) -> Result<(DateTime<Utc>, i64), 
           WHERE status = ANY($1) AND placed_at > now() - interval '1 minute'",
     )
     .bind(statuses)
+    .fetch_one(store.pool())
+    .await
+}
+
+/// Whether an event carries a transaction id at or above the next one the server will
+/// assign, which never happens on the server that appended it. The max comes from the
+/// end of `events_transaction_position_idx`; `pg_snapshot_xmax` assigns no id.
+async fn log_ahead_of_server(store: &EventStore) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(max(transaction_id), 0)
+                >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+           FROM events",
+    )
     .fetch_one(store.pool())
     .await
 }

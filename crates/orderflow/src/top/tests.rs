@@ -51,6 +51,7 @@ fn busy() -> Snapshot {
         taken_at: at(100),
         orders,
         placed_last_minute: 17,
+        log_ahead_of_server: false,
         head: 98765,
         followers: vec![
             FollowerLag {
@@ -255,6 +256,20 @@ fn an_unreachable_broker_is_said_and_rates_wait_for_a_second_snapshot() -> anyho
 }
 
 #[test]
+fn a_log_ahead_of_the_server_is_shown_in_red_only_then() -> anyhow::Result<()> {
+    let mut snapshot = busy();
+    let text = buffer_text(draw(&snapshot, &History::new())?.backend().buffer());
+    assert!(!text.contains("LOG AHEAD"), "{text}");
+    snapshot.log_ahead_of_server = true;
+    let terminal = draw(&snapshot, &History::new())?;
+    assert_eq!(colour_of(&terminal, "LOG AHEAD"), Some(Color::Red));
+    // and nothing else is pushed off the frame
+    let text = buffer_text(terminal.backend().buffer());
+    assert!(text.contains("q, Esc or Ctrl-C quits"), "{text}");
+    Ok(())
+}
+
+#[test]
 fn the_interval_has_a_floor() {
     assert_eq!(
         super::parse_interval("250ms"),
@@ -361,5 +376,26 @@ async fn the_snapshot_counts_orders_by_status_and_recent_placements() -> anyhow:
     assert_eq!(s.orders_in("pending"), 0);
     assert_eq!(s.finished_total(), 2);
     assert_eq!(s.placed_last_minute, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_snapshot_tells_a_log_ahead_of_the_servers_transaction_ids() -> anyhow::Result<()> {
+    let db = testkit::TestDb::new().await?;
+    let vhost = testkit::TestVhost::new().await?;
+    let mut sources = Sources::open(db.second_store().await?, &vhost.url).await;
+    assert!(!sources.snapshot().await?.log_ahead_of_server);
+    // As a logical restore into a younger server leaves it: an event appended by a
+    // transaction id this server has not reached.
+    sqlx::query(
+        "INSERT INTO events (transaction_id, stream_name, stream_version, event_id, event_type,
+                             schema_version, payload, metadata)
+         VALUES (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000,
+                 'stock-RESTORED', 0, $1, 'StockSet', 1, '{}', '{}')",
+    )
+    .bind(Uuid::new_v4())
+    .execute(db.pool())
+    .await?;
+    assert!(sources.snapshot().await?.log_ahead_of_server);
     Ok(())
 }
