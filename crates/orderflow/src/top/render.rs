@@ -127,8 +127,8 @@ pub fn title_line(snapshot: &Snapshot) -> Paragraph<'static> {
 /// server's: nothing new is projected or relayed, yet every lag reads 0.
 pub fn restore_alert() -> Paragraph<'static> {
     Paragraph::new(
-        "LOG AHEAD OF THE SERVER'S TRANSACTION IDS: nothing new is projected or relayed \
-         (docs/OPERATIONS.md, Backup and restore)",
+        "LOG AHEAD OF THE SERVER'S TRANSACTION IDS: followers read nothing new \
+         (OPERATIONS.md, Backup and restore)",
     )
     .style(Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
 }

@@ -263,8 +263,12 @@ fn a_log_ahead_of_the_server_is_shown_in_red_only_then() -> anyhow::Result<()> {
     snapshot.log_ahead_of_server = true;
     let terminal = draw(&snapshot, &History::new())?;
     assert_eq!(colour_of(&terminal, "LOG AHEAD"), Some(Color::Red));
-    // and nothing else is pushed off the frame
     let text = buffer_text(terminal.backend().buffer());
+    assert!(
+        text.contains("(OPERATIONS.md, Backup and restore)"),
+        "{text}"
+    );
+    // and nothing else is pushed off the frame
     assert!(text.contains("q, Esc or Ctrl-C quits"), "{text}");
     Ok(())
 }
