@@ -16,3 +16,4 @@ mod refusals;
 mod restart;
 mod review;
 mod upgrades;
+mod top;

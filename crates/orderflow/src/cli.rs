@@ -108,6 +108,11 @@ pub enum Command {
     /// (address, cancel reasons). The log is not rewritten; the fields read as
     /// [forgotten] from then on. Exit 1 if the customer has no key.
     ForgetCustomer { customer_id: String },
+    /// Live dashboard: orders, throughput, lag, queues, dead letters, payment circuit.
+    ///
+    /// Refreshes every --interval; q, Esc or Ctrl-C quits. --once prints one frame as
+    /// plain text and exits (no terminal needed). See docs/OPERATIONS.md.
+    Top(crate::top::TopArgs),
     /// Create or update a least-privilege database role for the workers (may append
     /// events, never change them). Run once, as a role that may create roles.
     SetupRole {

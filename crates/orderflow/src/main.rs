@@ -6,6 +6,7 @@ mod publish;
 mod queries;
 mod telemetry;
 mod upgrade;
+mod top;
 
 use std::process::ExitCode;
 
@@ -17,7 +18,10 @@ use cli::{Cli, Command, DlqCommand, StockCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    // Log lines would scribble over the dashboard's screen.
+    if !matches!(cli.command, Command::Top(_)) {
+        telemetry::init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -136,6 +140,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::ForgetCustomer { customer_id } => {
             forget::forget_customer(&store(&settings).await?, &customer_id).await
         }
+        Command::Top(args) => top::top(&settings, args).await,
         Command::SetupRole { role, password_env } => {
             let password = std::env::var(&password_env).ok().filter(|p| !p.is_empty());
             admin::setup_role(&store(&settings).await?, &role, password).await
