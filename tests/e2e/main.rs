@@ -15,5 +15,5 @@ mod operations;
 mod refusals;
 mod restart;
 mod review;
-mod upgrades;
 mod top;
+mod upgrades;

@@ -5,8 +5,8 @@ mod forget;
 mod publish;
 mod queries;
 mod telemetry;
-mod upgrade;
 mod top;
+mod upgrade;
 
 use std::process::ExitCode;
 
