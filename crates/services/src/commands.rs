@@ -329,6 +329,16 @@ fn ordering_key(msg: &Incoming) -> Option<String> {
     }
 }
 
+/// The order a command is about, if it names one by a UUID (a `stock.set` does not):
+/// such a command can be parked behind its order.
+pub fn order_of(msg: &Incoming) -> Option<uuid::Uuid> {
+    if msg.body.len() > domain::commands::MAX_BODY_BYTES {
+        return None;
+    }
+    let target: Target = serde_json::from_slice(&msg.body).ok()?;
+    uuid::Uuid::parse_str(&target.order_id?).ok()
+}
+
 impl bus::Handler for CommandHandler {
     fn ordering_key(&self, msg: &Incoming) -> Option<String> {
         ordering_key(msg)

@@ -41,6 +41,12 @@ impl<S: EventService> bus::Handler for EventHandler<S> {
     }
 }
 
+/// The order an event is about (every event but a `stock.set`'s names one): such an
+/// event can be parked behind its order.
+pub fn event_order(msg: &Incoming) -> Option<uuid::Uuid> {
+    decode_event(msg).ok()?.event.order_id()
+}
+
 /// Maps a service result to what the bus does with the message.
 pub fn outcome(result: Result<(), ServiceError>, span: &tracing::Span) -> Outcome {
     match result {
