@@ -11,6 +11,7 @@ mod concurrency;
 mod fulfilment;
 mod intake;
 mod operations;
+mod parking;
 mod refusals;
 mod restart;
 mod review;

@@ -1,6 +1,7 @@
 //! `orderflow`: the command line and the worker process.
 mod admin;
 mod cli;
+mod parked;
 mod publish;
 mod queries;
 mod telemetry;
@@ -129,6 +130,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let password = std::env::var(&password_env).ok().filter(|p| !p.is_empty());
             admin::setup_role(&store(&settings).await?, &role, password).await
         }
+        Command::Parked => parked::list(&store(&settings).await?).await,
+        Command::Resume(args) => {
+            parked::resume(&store(&settings).await?, args.order_id, args.wait, args.timeout).await
+        }
+        Command::Order {
+            command: cli::OrderCommand::Timeline { order_id },
+        } => parked::timeline(&store(&settings).await?, order_id).await,
     }
 }
 
