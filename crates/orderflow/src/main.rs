@@ -132,7 +132,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Parked => parked::list(&store(&settings).await?).await,
         Command::Resume(args) => {
-            parked::resume(&store(&settings).await?, args.order_id, args.wait, args.timeout).await
+            parked::resume(
+                &store(&settings).await?,
+                args.order_id,
+                args.wait,
+                args.timeout,
+            )
+            .await
         }
         Command::Order {
             command: cli::OrderCommand::Timeline { order_id },

@@ -25,9 +25,7 @@ pub async fn list(store: &EventStore) -> anyhow::Result<ExitCode> {
         "order", "queue (worker)", "parked since", "waiting", "next replay"
     );
     for p in parked {
-        let next = p
-            .retry_at
-            .map_or_else(|| "on resume".to_owned(), |t| time(t));
+        let next = p.retry_at.map_or_else(|| "on resume".to_owned(), time);
         println!(
             "{:<36}  {:<28}  {:<20}  {:>7}  {:<20}  {} (after {} attempts)",
             p.order_id,
@@ -129,11 +127,12 @@ pub async fn timeline(store: &EventStore, order_id: Uuid) -> anyhow::Result<Exit
     let mut entries = events(pool, order_id).await?;
     if entries.is_empty() {
         // A parked order.place leaves no event yet: still show what is known.
-        let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_one(pool)
-            .await
-            .context("cannot read parked_messages")?;
+        let parked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_one(pool)
+                .await
+                .context("cannot read parked_messages")?;
         if parked == 0 {
             anyhow::bail!("nothing is known of order {order_id}");
         }
@@ -227,7 +226,10 @@ async fn parked_messages(pool: &sqlx::PgPool, order_id: Uuid) -> anyhow::Result<
             entries.push(Entry {
                 at,
                 kind: "replayed",
-                what: format!("message {} ({}) on {}", r.message_id, r.routing_key, r.queue),
+                what: format!(
+                    "message {} ({}) on {}",
+                    r.message_id, r.routing_key, r.queue
+                ),
                 id: None,
                 cause: Some(r.message_id),
             });
@@ -298,7 +300,10 @@ fn print_timeline(order_id: Uuid, entries: &[Entry]) {
         }
     }
     println!("timeline of order {order_id}");
-    println!("{:>3}  {:<24}  {:<8}  {:<44}  what", "#", "time", "kind", "caused by");
+    println!(
+        "{:>3}  {:<24}  {:<8}  {:<44}  what",
+        "#", "time", "kind", "caused by"
+    );
     for (n, e) in entries.iter().enumerate() {
         println!(
             "{:>3}  {:<24}  {:<8}  {:<44}  {}",

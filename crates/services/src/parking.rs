@@ -146,7 +146,11 @@ impl ParkingLot {
 
     /// Parks `msg` behind its order if the order is parked on this queue. Returns
     /// whether it did. The common case (not parked) is one indexed read.
-    pub async fn park_if_parked(&self, msg: &Incoming, order_id: Uuid) -> Result<bool, sqlx::Error> {
+    pub async fn park_if_parked(
+        &self,
+        msg: &Incoming,
+        order_id: Uuid,
+    ) -> Result<bool, sqlx::Error> {
         let key = order_key(order_id);
         let parked: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM parked_orders WHERE queue = $1 AND order_key = $2)",
@@ -458,7 +462,11 @@ pub async fn consume_with_parking(
 }
 
 /// Replays due parked orders of the lot's queue, one at a time, until `shutdown`.
-pub async fn drain(lot: ParkingLot, inner: Arc<dyn bus::Handler>, shutdown: impl Future<Output = ()>) {
+pub async fn drain(
+    lot: ParkingLot,
+    inner: Arc<dyn bus::Handler>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
