@@ -123,6 +123,14 @@ impl Stored {
     }
 }
 
+/// The message's identity: its `message_id` as sent (a UUID, as the contract asks, or
+/// anything else), or one derived from its body when it has none.
+fn message_key(msg: &Incoming) -> String {
+    msg.message_id
+        .clone()
+        .unwrap_or_else(|| crate::message::message_uuid(msg).to_string())
+}
+
 /// What is kept of a message's properties (the body and routing are columns).
 fn properties(msg: &Incoming) -> serde_json::Value {
     json!({
@@ -233,7 +241,7 @@ impl ParkingLot {
         .bind(&self.queue)
         .bind(order_key(order_id))
         .bind(order_id)
-        .bind(crate::message::message_uuid(msg).to_string())
+        .bind(message_key(msg))
         .bind(&msg.exchange)
         .bind(&msg.routing_key)
         .bind(&msg.body)
