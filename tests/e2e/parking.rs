@@ -93,6 +93,19 @@ async fn a_poison_message_parks_its_order_while_others_complete_and_resume_finis
         )
         .await?;
 
+    // A command that cannot be decoded still goes to the dead-letter queue, parked
+    // order or not (contract section 2).
+    let undecodable = system
+        .send("order.cancel", json!({"order_id": poisoned}))
+        .await?;
+    let dead = system.take_dead_letters(1).await?;
+    assert_eq!(dead[0].message_id, Some(undecodable.to_string()));
+    assert!(
+        dead[0].error().is_some_and(|e| e.contains("reason")),
+        "{:?}",
+        dead[0].error()
+    );
+
     let mut others = Vec::with_capacity(OTHERS);
     for _ in 0..OTHERS {
         let id = Uuid::new_v4();
