@@ -27,7 +27,7 @@ use crate::saga::OrderSaga;
 use crate::settings::{redact_url, Settings};
 use crate::shipping::Shipping;
 use crate::timers::Scheduler;
-use crate::worker::{EventHandler, EventService};
+use crate::worker::{EventHandler, EventService, PerOrder};
 use crate::ServiceError;
 
 /// Every worker `orderflow run` knows, in start order.
@@ -415,11 +415,19 @@ async fn consume_events<S: EventService>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     let worker = service.name();
+    let handler: Arc<dyn bus::Handler> = Arc::new(EventHandler(Arc::new(service)));
+    // Payment calls the gateway and may hang until its timeout: a lane shared with
+    // other orders would hold them too (the bulkhead). Its events stay unordered.
+    let handler: Arc<dyn bus::Handler> = if worker == "payment" {
+        handler
+    } else {
+        Arc::new(PerOrder(handler))
+    };
     crate::parking::consume_with_parking(
         &bus,
         ParkingLot::new(pool, queue, worker),
         consume_options(worker),
-        Arc::new(EventHandler(Arc::new(service))),
+        handler,
         crate::worker::event_order,
         shutdown,
     )
