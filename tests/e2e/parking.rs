@@ -146,6 +146,18 @@ async fn a_poison_message_parks_its_order_while_others_complete_and_resume_finis
         "two messages waiting: {line}"
     );
 
+    // Resumed before the cause is fixed: it fails again and stays parked, in order.
+    let early = system
+        .cli(&["resume", &poisoned.to_string(), "--wait"])
+        .await?;
+    let stderr = String::from_utf8_lossy(&early.stderr);
+    assert!(!early.status.success(), "{}", stdout(&early));
+    assert!(
+        stderr.contains("stays parked") && stderr.contains(POISON_ERROR),
+        "{stderr}"
+    );
+    assert_eq!(parked_messages(&system, poisoned).await?.len(), 2);
+
     cure(&system).await?;
     let resumed = system
         .cli(&["resume", &poisoned.to_string(), "--wait"])
