@@ -158,3 +158,94 @@ async fn a_message_without_an_order_is_not_parked() -> anyhow::Result<()> {
     assert!(parking.park(&stock, "boom", 4).is_none());
     Ok(())
 }
+
+/// Handles every message, slowly, noting how many run at once.
+struct Slow {
+    handled: Arc<Mutex<Vec<String>>>,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Handler for Slow {
+    fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
+        let (handled, running, most) = (
+            self.handled.clone(),
+            self.running.clone(),
+            self.most.clone(),
+        );
+        Box::pin(async move {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            handled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(msg.message_id.unwrap_or_default());
+            running.fetch_sub(1, Ordering::SeqCst);
+            Outcome::Ack
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_drainers_replay_an_order_once_in_order_and_a_message_arriving_meanwhile_comes_last(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let second = db.second_store().await?;
+    let order = Uuid::new_v4();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let inner: Arc<dyn Handler> = Arc::new(Slow {
+        handled: handled.clone(),
+        running: Arc::default(),
+        most: most.clone(),
+    });
+    let lot = ParkingLot::new(db.pool().clone(), QUEUE, "commands");
+    let other_lot = ParkingLot::new(second.pool().clone(), QUEUE, "commands");
+    let parking = Parking::new(lot.clone(), inner.clone(), order_of);
+    let parked: Vec<String> = (1..=6).map(|n| format!("m{n}")).collect();
+    let first = parking
+        .park(&message(&parked[0], order), "boom", 4)
+        .ok_or_else(|| anyhow::anyhow!("parkable"))?;
+    first.await.map_err(anyhow::Error::msg)?;
+    for id in &parked[1..] {
+        assert_eq!(parking.handle(message(id, order)).await, Outcome::Ack);
+    }
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let drainers = [
+        tokio::spawn(drain(lot, inner.clone(), until_stopped(stopped.clone()))),
+        tokio::spawn(drain(other_lot, inner, until_stopped(stopped.clone()))),
+    ];
+    assert_eq!(resume(db.pool(), order).await?, 1);
+    // Wait until the replay is under way, then send one more message of the order.
+    testkit::wait_until("the replay to start", DEADLINE, || async {
+        Ok((!handled.lock().unwrap_or_else(|e| e.into_inner()).is_empty()).then_some(()))
+    })
+    .await?;
+    assert_eq!(parking.handle(message("late", order)).await, Outcome::Ack);
+    testkit::wait_until("the order to be unparked", DEADLINE, || async {
+        Ok(still_parked(db.pool(), order)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    let _ = stop.send(true);
+    for drainer in drainers {
+        tokio::time::timeout(DEADLINE, drainer).await??;
+    }
+
+    let mut expected = parked.clone();
+    expected.push("late".to_owned());
+    assert_eq!(*handled.lock().unwrap_or_else(|e| e.into_inner()), expected);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "one replay of the order at a time"
+    );
+    Ok(())
+}
