@@ -21,13 +21,13 @@ pub async fn list(store: &EventStore) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<36}  {:<28}  {:<20}  {:>7}  {:<20}  error",
+        "{:<36}  {:<38}  {:<24}  {:>7}  {:<24}  error",
         "order", "queue (worker)", "parked since", "waiting", "next replay"
     );
     for p in parked {
         let next = p.retry_at.map_or_else(|| "on resume".to_owned(), time);
         println!(
-            "{:<36}  {:<28}  {:<20}  {:>7}  {:<20}  {} (after {} attempts)",
+            "{:<36}  {:<38}  {:<24}  {:>7}  {:<24}  {} (after {} attempts)",
             p.order_id,
             format!("{} ({})", p.queue, p.worker),
             time(p.parked_at),
