@@ -12,6 +12,7 @@ mod forget;
 mod fulfilment;
 mod intake;
 mod operations;
+mod parking;
 mod refusals;
 mod restart;
 mod review;

@@ -37,6 +37,22 @@ pub trait Handler: Send + Sync + 'static {
     fn ordering_key(&self, _msg: &Incoming) -> Option<String> {
         None
     }
+
+    /// Called when the in-process retries of a transient failure have run out, before
+    /// the delay tiers (which would let the entity's later messages overtake this one)
+    /// and the dead-letter queue. A handler that can set the message aside durably
+    /// (parking it behind its entity, e.g. its order) returns the future that does so;
+    /// once it resolves `Ok`, the bus acks the message (store first, ack second:
+    /// at-least-once, so parking must be idempotent). `Err` returns the message to the
+    /// queue. The default, `None`, keeps the delay tiers and the dead-letter queue.
+    fn park(
+        &self,
+        _msg: &Incoming,
+        _reason: &str,
+        _attempts: u32,
+    ) -> Option<BoxFuture<'static, Result<(), String>>> {
+        None
+    }
 }
 
 /// How [`consume`] runs.
@@ -360,7 +376,9 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
         Verdict::Ack => Ok(()),
         Verdict::RetryLater { reason, attempts } => {
             let round = retry_round(&incoming).saturating_add(1);
-            if round <= options.delayed_retry_rounds {
+            if let Some(parking) = handler.park(&incoming, &reason, attempts) {
+                park(parking, &reason, attempts).await
+            } else if round <= options.delayed_retry_rounds {
                 let tier = crate::topology::retry_tier(round);
                 warn!(reason = %reason, attempts, round, tier, "retrying later");
                 delay(&bus, &queue, &delivery, &incoming, tier, round, attempts).await
@@ -390,6 +408,21 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
                 warn!(error = %err, "nack failed (the broker will redeliver)");
             }
         }
+    }
+}
+
+/// Waits until the handler has set the message aside (see [`Handler::park`]).
+async fn park(
+    parking: BoxFuture<'static, Result<(), String>>,
+    reason: &str,
+    attempts: u32,
+) -> Result<(), BusError> {
+    match parking.await {
+        Ok(()) => {
+            warn!(reason = %reason, attempts, "retries exhausted; message parked");
+            Ok(())
+        }
+        Err(cause) => Err(BusError::Park { reason: cause }),
     }
 }
 

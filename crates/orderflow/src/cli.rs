@@ -122,6 +122,34 @@ pub enum Command {
         #[arg(long, default_value = "ORDERFLOW_ROLE_PASSWORD")]
         password_env: String,
     },
+    /// List parked orders: orders whose message failed after its retries, with their
+    /// later messages waiting behind it (docs/OPERATIONS.md, "Repairing").
+    Parked,
+    /// Replay a parked order's messages in order, then unpark it (exit 1 if not parked).
+    Resume(ResumeArgs),
+    /// One order at a time.
+    Order {
+        #[command(subcommand)]
+        command: OrderCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    pub order_id: Uuid,
+    /// Wait until the order's parked messages were handled (exit 1 if one fails again).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait may take.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrderCommand {
+    /// Every event, parked message, replay, open timer and notification of the order,
+    /// by time, with causation links.
+    Timeline { order_id: Uuid },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

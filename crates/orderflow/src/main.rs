@@ -2,6 +2,7 @@
 mod admin;
 mod cli;
 mod forget;
+mod parked;
 mod publish;
 mod queries;
 mod telemetry;
@@ -145,6 +146,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let password = std::env::var(&password_env).ok().filter(|p| !p.is_empty());
             admin::setup_role(&store(&settings).await?, &role, password).await
         }
+        Command::Parked => parked::list(&store(&settings).await?).await,
+        Command::Resume(args) => {
+            parked::resume(
+                &store(&settings).await?,
+                args.order_id,
+                args.wait,
+                args.timeout,
+            )
+            .await
+        }
+        Command::Order {
+            command: cli::OrderCommand::Timeline { order_id },
+        } => parked::timeline(&store(&settings).await?, order_id).await,
     }
 }
 

@@ -370,6 +370,13 @@ fn ordering_key(msg: &Incoming) -> Option<String> {
     }
 }
 
+/// The order a command is about, if it decodes and names one (a `stock.set` does not):
+/// such a command can be parked behind its order. An undecodable one is not, so that
+/// it still goes to the dead-letter queue, even when its order is parked.
+pub fn order_of(msg: &Incoming) -> Option<uuid::Uuid> {
+    decode(&msg.routing_key, &msg.body).ok()?.order_id()
+}
+
 impl bus::Handler for CommandHandler {
     fn ordering_key(&self, msg: &Incoming) -> Option<String> {
         ordering_key(msg)
@@ -429,5 +436,28 @@ mod tests {
             Some("sku:A".into())
         );
         assert_eq!(ordering_key(&msg("not json")), None);
+    }
+
+    #[test]
+    fn only_decodable_commands_about_an_order_can_be_parked() {
+        let id = "7f0c1f2e-9a43-4a53-9a0e-0d6f3f6f4a11";
+        let cancel = Incoming {
+            routing_key: "order.cancel".into(),
+            ..msg(&format!(r#"{{"order_id":"{id}","reason":"x"}}"#))
+        };
+        assert_eq!(
+            order_of(&cancel).map(|o| o.to_string()),
+            Some(id.to_owned())
+        );
+        let missing_field = Incoming {
+            routing_key: "order.cancel".into(),
+            ..msg(&format!(r#"{{"order_id":"{id}"}}"#))
+        };
+        assert_eq!(order_of(&missing_field), None);
+        let stock = Incoming {
+            routing_key: "stock.set".into(),
+            ..msg(r#"{"sku":"A","quantity":1}"#)
+        };
+        assert_eq!(order_of(&stock), None);
     }
 }

@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod message;
 pub mod metrics;
 pub mod notification;
+pub mod parking;
 pub mod payment;
 pub mod registry;
 pub mod relay;

@@ -49,6 +49,10 @@ pub const OPEN_TIMERS: &str = "orderflow_open_timers";
 pub const CIRCUIT_STATE: &str = "orderflow_circuit_breaker_state";
 /// Processes with a live row in `workers` (heartbeat within three intervals).
 pub const LIVE_PROCESSES: &str = "orderflow_live_processes";
+/// Messages set aside behind their order (retries exhausted), by worker.
+pub const MESSAGES_PARKED: &str = "orderflow_messages_parked_total";
+/// Orders parked on some queue, waiting for a replay (sampled).
+pub const PARKED_ORDERS: &str = "orderflow_parked_orders";
 
 /// Handler latency buckets, in seconds: a few milliseconds (one append) up to a hung
 /// gateway call.
@@ -147,6 +151,20 @@ impl bus::Handler for Metered {
     fn ordering_key(&self, msg: &Incoming) -> Option<String> {
         self.inner.ordering_key(msg)
     }
+
+    fn park(
+        &self,
+        msg: &Incoming,
+        reason: &str,
+        attempts: u32,
+    ) -> Option<BoxFuture<'static, Result<(), String>>> {
+        self.inner.park(msg, reason, attempts)
+    }
+}
+
+/// Counts a message parked by `worker`.
+pub fn message_parked(worker: &'static str) {
+    metrics::counter!(MESSAGES_PARKED, "worker" => worker).increment(1);
 }
 
 /// Counts events appended by this process.
@@ -171,6 +189,7 @@ pub struct Sample {
     pub orders_by_status: Vec<(String, i64)>,
     pub open_timers: i64,
     pub live_processes: i64,
+    pub parked_orders: i64,
 }
 
 /// Reads the system-wide gauges from the database and sets them.
@@ -224,7 +243,12 @@ pub async fn sample(store: &EventStore) -> Result<Sample, sqlx::Error> {
         .fetch_one(&mut *conn)
         .await?;
     let live_processes = crate::registry::live_count(&mut conn).await?;
+    let parked_orders: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT order_id) FROM parked_orders")
+            .fetch_one(&mut *conn)
+            .await?;
     let sample = Sample {
+        parked_orders,
         head,
         followers,
         orders_by_status,
@@ -257,6 +281,7 @@ fn publish(sample: &Sample) {
     }
     metrics::gauge!(OPEN_TIMERS).set(sample.open_timers as f64);
     metrics::gauge!(LIVE_PROCESSES).set(sample.live_processes as f64);
+    metrics::gauge!(PARKED_ORDERS).set(sample.parked_orders as f64);
 }
 
 #[cfg(test)]

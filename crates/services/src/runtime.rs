@@ -19,15 +19,15 @@ use crate::commands::{CommandHandler, CommandService};
 use crate::gateway::Simulator;
 use crate::health::Probes;
 use crate::inventory::Inventory;
-use crate::metrics::Metered;
 use crate::notification::Notifications;
+use crate::parking::ParkingLot;
 use crate::payment::Payments;
 use crate::registry::Registration;
 use crate::saga::OrderSaga;
 use crate::settings::{redact_url, Settings};
 use crate::shipping::Shipping;
 use crate::timers::Scheduler;
-use crate::worker::{EventHandler, EventService};
+use crate::worker::{EventHandler, EventService, PerOrder};
 use crate::ServiceError;
 
 /// Every worker `orderflow run` knows, in start order.
@@ -327,28 +327,37 @@ fn start(
             }
             "timers" => Scheduler::new(store).run(shutdown).await,
             "commands" => {
-                let handler = Arc::new(Metered::new(
-                    "commands",
-                    Arc::new(CommandHandler(Arc::new(CommandService::new(
-                        store,
-                        rules(&settings),
-                    )))),
-                ));
-                Ok(bus::consume(
+                let pool = store.pool().clone();
+                let handler = Arc::new(CommandHandler(Arc::new(CommandService::new(
+                    store,
+                    rules(&settings),
+                ))));
+                crate::parking::consume_with_parking(
                     &bus_or_err()?,
-                    COMMAND_INTAKE_QUEUE,
+                    ParkingLot::new(pool, COMMAND_INTAKE_QUEUE, "commands"),
                     consume_options("commands"),
                     handler,
+                    crate::commands::order_of,
                     shutdown,
                 )
-                .await?)
+                .await
             }
             "order" => {
-                consume_events(bus_or_err()?, ORDER_QUEUE, OrderSaga::new(store), shutdown).await
-            }
-            "inventory" => {
+                let pool = store.pool().clone();
                 consume_events(
                     bus_or_err()?,
+                    pool,
+                    ORDER_QUEUE,
+                    OrderSaga::new(store),
+                    shutdown,
+                )
+                .await
+            }
+            "inventory" => {
+                let pool = store.pool().clone();
+                consume_events(
+                    bus_or_err()?,
+                    pool,
                     INVENTORY_QUEUE,
                     Inventory::new(store),
                     shutdown,
@@ -361,8 +370,10 @@ fn start(
                     settings.gateway_latency,
                     settings.gateway_failure_rate,
                 ));
+                let pool = store.pool().clone();
                 consume_events(
                     bus_or_err()?,
+                    pool,
                     PAYMENT_QUEUE,
                     Payments::new(store, gateway),
                     shutdown,
@@ -370,8 +381,10 @@ fn start(
                 .await
             }
             "shipping" => {
+                let pool = store.pool().clone();
                 consume_events(
                     bus_or_err()?,
+                    pool,
                     SHIPPING_QUEUE,
                     Shipping::new(store),
                     shutdown,
@@ -379,8 +392,10 @@ fn start(
                 .await
             }
             "notification" => {
+                let pool = store.pool().clone();
                 consume_events(
                     bus_or_err()?,
+                    pool,
                     NOTIFICATION_QUEUE,
                     Notifications::new(store),
                     shutdown,
@@ -394,14 +409,27 @@ fn start(
 
 async fn consume_events<S: EventService>(
     bus: Bus,
-    queue: &str,
+    pool: sqlx::PgPool,
+    queue: &'static str,
     service: S,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    let options = consume_options(service.name());
-    let handler = Arc::new(Metered::new(
-        service.name(),
-        Arc::new(EventHandler(Arc::new(service))),
-    ));
-    Ok(bus::consume(&bus, queue, options, handler, shutdown).await?)
+    let worker = service.name();
+    let handler: Arc<dyn bus::Handler> = Arc::new(EventHandler(Arc::new(service)));
+    // Payment calls the gateway and may hang until its timeout: a lane shared with
+    // other orders would hold them too (the bulkhead). Its events stay unordered.
+    let handler: Arc<dyn bus::Handler> = if worker == "payment" {
+        handler
+    } else {
+        Arc::new(PerOrder(handler))
+    };
+    crate::parking::consume_with_parking(
+        &bus,
+        ParkingLot::new(pool, queue, worker),
+        consume_options(worker),
+        handler,
+        crate::worker::event_order,
+        shutdown,
+    )
+    .await
 }

@@ -41,6 +41,29 @@ impl<S: EventService> bus::Handler for EventHandler<S> {
     }
 }
 
+/// The order an event is about (every event but a `stock.set`'s names one): such an
+/// event can be parked behind its order.
+pub fn event_order(msg: &Incoming) -> Option<uuid::Uuid> {
+    decode_event(msg).ok()?.event.order_id()
+}
+
+/// An event handler whose events for one order are handled one after another, in
+/// delivery order, within the process (the consume loop's lanes, key `order:<id>`), so
+/// that a later event of an order waits while an earlier one is retried, and parks
+/// behind it if that one parks. Not for a worker whose handler may hang on an outside
+/// call (payment): a lane is shared by many orders, and they would wait too.
+pub struct PerOrder(pub Arc<dyn bus::Handler>);
+
+impl bus::Handler for PerOrder {
+    fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
+        self.0.handle(msg)
+    }
+
+    fn ordering_key(&self, msg: &Incoming) -> Option<String> {
+        event_order(msg).map(crate::parking::order_key)
+    }
+}
+
 /// Maps a service result to what the bus does with the message.
 pub fn outcome(result: Result<(), ServiceError>, span: &tracing::Span) -> Outcome {
     match result {

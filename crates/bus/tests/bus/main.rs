@@ -3,6 +3,7 @@
 mod backpressure;
 mod consume;
 mod dlq;
+mod parking;
 mod publish;
 mod reconnect;
 mod support;
