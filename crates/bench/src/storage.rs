@@ -390,6 +390,8 @@ async fn raw_command(
         let (pool, payload) = (pool.clone(), Arc::clone(&payload));
         async move {
             let stream = streams::stock(&command_sku(clients, i * clients + c));
+            // The raw baseline: sqlx itself, without the cancel-safe wrapper.
+            #[allow(clippy::disallowed_methods)]
             let mut tx = pool.begin().await?;
             let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
                 "SELECT stream_version, payload FROM raw_events \

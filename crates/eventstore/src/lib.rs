@@ -8,12 +8,14 @@ mod database;
 mod error;
 mod read;
 mod store;
+mod transaction;
 mod types;
 mod wakeup;
 
 pub use database::drop_database;
 pub use error::StoreError;
 pub use store::{connect, connect_with, EventStore, MIGRATOR};
+pub use transaction::begin;
 pub use types::{
     AppendResult, ExpectedVersion, LogPosition, Metadata, NewEvent, RecordedEvent, StreamAppend,
 };

@@ -115,7 +115,7 @@ impl EventStore {
     ) -> Result<AppendResult, StoreError> {
         let mut attempt = 1;
         loop {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = crate::begin(&self.pool).await?;
             let failure = match append::attempt(&mut tx, &appends).await {
                 Ok(result) => {
                     tx.commit().await?;

@@ -35,9 +35,7 @@ pub async fn setup_role(
         "SELECT format('REVOKE UPDATE, DELETE, TRUNCATE ON events FROM %I', $1::text)".to_owned(),
         "SELECT format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON _sqlx_migrations FROM %I', $1::text)".to_owned(),
     ];
-    let mut tx = store
-        .pool()
-        .begin()
+    let mut tx = eventstore::begin(store.pool())
         .await
         .context("cannot open a transaction")?;
     for statement in &statements {

@@ -102,7 +102,7 @@ pub async fn run_once(
     projection: &dyn Projection,
 ) -> Result<usize, ProjectorError> {
     let name = checkpoint_name(projection);
-    let mut tx = store.pool().begin().await?;
+    let mut tx = eventstore::begin(store.pool()).await?;
     let after = store.lock_checkpoint(&mut tx, &name).await?;
     let records = store.read_all(after, PAGE_SIZE).await?;
     let Some(last) = records.last().map(RecordedEvent::log_position) else {
@@ -203,7 +203,7 @@ pub async fn replay_many(
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ProjectorError> {
     ensure_schema(store).await?;
-    let mut tx = store.pool().begin().await?;
+    let mut tx = eventstore::begin(store.pool()).await?;
     for projection in projections {
         // Hold the checkpoint row so the live projector waits instead of racing the rebuild.
         store

@@ -129,7 +129,7 @@ pub async fn verify(
     swap: bool,
 ) -> Result<VerifyReport, ProjectorError> {
     ensure_schema(store).await?;
-    let mut tx = store.pool().begin().await?;
+    let mut tx = eventstore::begin(store.pool()).await?;
     let mut checkpoints = Vec::with_capacity(projections.len());
     for projection in projections {
         let at = store

@@ -141,7 +141,7 @@ struct ReadModels {
 }
 
 async fn read_models_snapshot(store: &EventStore) -> Result<ReadModels, ServiceError> {
-    let mut tx = store.pool().begin().await?;
+    let mut tx = eventstore::begin(store.pool()).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;

@@ -170,7 +170,7 @@ impl ParkingLot {
         if !parked {
             return Ok(false);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = eventstore::begin(&self.pool).await?;
         // The drainer deletes the row under this lock only when no message waits.
         let still: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM parked_orders WHERE queue = $1 AND order_key = $2 FOR UPDATE",
@@ -199,7 +199,7 @@ impl ParkingLot {
         attempts: u32,
     ) -> Result<(), sqlx::Error> {
         let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = eventstore::begin(&self.pool).await?;
         sqlx::query(
             "INSERT INTO parked_orders (queue, order_key, order_id, worker, error, attempts, retry_at)
              VALUES ($1, $2, $3, $4, $5, $6, now() + $7 * interval '1 millisecond')
@@ -286,7 +286,7 @@ impl ParkingLot {
 
     /// Marks a message done and extends the claim.
     async fn replayed(&self, key: &str, seq: i64, attempts: u32) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = eventstore::begin(&self.pool).await?;
         sqlx::query(
             "UPDATE parked_messages SET replayed_at = now(), attempts = attempts + $2 WHERE seq = $1",
         )
@@ -317,7 +317,7 @@ impl ParkingLot {
         attempts: u32,
     ) -> Result<(), sqlx::Error> {
         let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = eventstore::begin(&self.pool).await?;
         sqlx::query(
             "UPDATE parked_messages SET error = $2, attempts = attempts + $3 WHERE seq = $1",
         )
@@ -349,7 +349,7 @@ impl ParkingLot {
     /// Deletes the order's row if no message waits any more (under the row lock that
     /// new messages take to join the queue). Returns whether it did.
     async fn unpark_if_drained(&self, key: &str) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = eventstore::begin(&self.pool).await?;
         sqlx::query("SELECT 1 FROM parked_orders WHERE queue = $1 AND order_key = $2 FOR UPDATE")
             .bind(&self.queue)
             .bind(key)

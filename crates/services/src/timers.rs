@@ -46,7 +46,7 @@ impl Scheduler {
 
     /// Fires every due timer once; returns how many fired.
     pub async fn fire_due(&self) -> Result<usize, ServiceError> {
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = eventstore::begin(self.store.pool()).await?;
         let due: Vec<DueTimer> = sqlx::query_as(
             "SELECT timer_id, kind, order_id, due_at FROM timers
               WHERE due_at <= now() ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",

@@ -23,7 +23,7 @@ async fn update_delete_and_truncate_are_refused_even_for_a_superuser() -> anyhow
     assert!(refused(&db, "DELETE FROM events").await?);
     assert!(refused(&db, "TRUNCATE events").await?);
     // Also when replication mode would skip ordinary triggers.
-    let mut tx = db.pool().begin().await?;
+    let mut tx = eventstore::begin(db.pool()).await?;
     sqlx::query("SET LOCAL session_replication_role = replica")
         .execute(&mut *tx)
         .await?;

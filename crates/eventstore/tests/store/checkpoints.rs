@@ -13,7 +13,7 @@ async fn a_checkpoint_starts_at_start_and_keeps_what_was_saved() -> anyhow::Resu
         transaction_id: 42,
         global_position: 7,
     };
-    let mut tx = db.pool().begin().await?;
+    let mut tx = eventstore::begin(db.pool()).await?;
     db.store
         .save_checkpoint(&mut tx, "projector", position)
         .await?;
@@ -44,7 +44,7 @@ async fn a_rolled_back_transaction_leaves_the_checkpoint_as_it_was() -> anyhow::
     db.store.save_checkpoint(&mut conn, "relay", saved).await?;
     drop(conn);
 
-    let mut tx = db.pool().begin().await?;
+    let mut tx = eventstore::begin(db.pool()).await?;
     assert_eq!(db.store.lock_checkpoint(&mut tx, "relay").await?, saved);
     let later = LogPosition {
         transaction_id: 2,

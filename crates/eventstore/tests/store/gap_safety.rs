@@ -19,7 +19,7 @@ async fn a_late_commit_with_a_lower_position_is_not_skipped() -> anyhow::Result<
     let checkpoint = before[0].log_position();
 
     // A takes a position and stays open.
-    let mut tx_a = store.pool().begin().await?;
+    let mut tx_a = eventstore::begin(store.pool()).await?;
     let a = store
         .append_batch_in(
             &mut tx_a,

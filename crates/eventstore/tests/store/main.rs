@@ -2,6 +2,7 @@
 
 mod append;
 mod append_only;
+mod cancelled_begin;
 mod checkpoints;
 mod connect;
 mod gap_safety;
