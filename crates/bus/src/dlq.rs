@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::Channel;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
 use tracing::{info, warn};
 
-use crate::message::{headers, render_headers};
+use crate::message::{headers, render_headers, Incoming, PERSISTENT};
 use crate::publish::Prepared;
 use crate::topology::DEAD_LETTER_QUEUE;
 use crate::{Bus, BusError};
@@ -232,4 +232,73 @@ async fn close(channel: &Channel) {
     if let Err(err) = channel.close(200, "done".into()).await {
         warn!(error = %err, "closing the dead-letter channel failed");
     }
+}
+
+/// Puts a copy of a message that is kept elsewhere into the dead-letter queue, with its
+/// body, its properties as the handler saw them, `x-orderflow-error` and its origin, so
+/// that `orderflow dlq list` shows it and `orderflow dlq retry` can send it back. Used
+/// for a parked order's message once its automatic retries are used up: contract
+/// section 2 says such a message ends in `orderflow.dead-letter`, while the order itself
+/// stays parked (its later messages keep waiting behind it). `extra` headers say where
+/// the original is kept.
+pub async fn dead_letter_copy(
+    bus: &Bus,
+    msg: &Incoming,
+    reason: &str,
+    attempts: u32,
+    extra: &[(&str, String)],
+) -> Result<(), BusError> {
+    let mut table = FieldTable::default();
+    let mut put = |name: &str, value: &str| {
+        table.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    };
+    for (name, value) in &msg.headers {
+        put(name, value);
+    }
+    put(headers::ERROR, reason);
+    put(headers::ORIGINAL_EXCHANGE, &msg.exchange);
+    put(headers::ORIGINAL_ROUTING_KEY, &msg.routing_key);
+    for (name, value) in extra {
+        put(name, value);
+    }
+    table.insert(
+        ShortString::from(headers::ATTEMPTS),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    let message = Prepared::new(
+        "",
+        DEAD_LETTER_QUEUE,
+        &msg.body,
+        properties_of(msg).with_headers(table),
+        true,
+    )?;
+    bus.publish_prepared(&message).await
+}
+
+/// The AMQP properties a handler saw, rebuilt from what [`Incoming`] kept of them.
+fn properties_of(msg: &Incoming) -> BasicProperties {
+    let text = |value: &Option<String>| value.as_deref().map(ShortString::from);
+    let mut properties = BasicProperties::default().with_delivery_mode(PERSISTENT);
+    if let Some(id) = text(&msg.message_id) {
+        properties = properties.with_message_id(id);
+    }
+    if let Some(id) = text(&msg.correlation_id) {
+        properties = properties.with_correlation_id(id);
+    }
+    if let Some(kind) = text(&msg.message_type) {
+        properties = properties.with_type(kind);
+    }
+    if let Some(content_type) = text(&msg.content_type) {
+        properties = properties.with_content_type(content_type);
+    }
+    if let Some(at) = msg
+        .timestamp
+        .and_then(|t| u64::try_from(t.timestamp()).ok())
+    {
+        properties = properties.with_timestamp(at);
+    }
+    properties
 }

@@ -19,7 +19,7 @@ pub mod topology;
 
 pub use connection::{Bus, BusOptions};
 pub use consume::{consume, ConsumeOptions, Handler};
-pub use dlq::{dlq_list, dlq_retry, DeadLetter, DlqSelector};
+pub use dlq::{dead_letter_copy, dlq_list, dlq_retry, DeadLetter, DlqSelector};
 pub use error::BusError;
 pub use message::{
     headers as header_names, Incoming, Outcome, OutgoingMessage, OutgoingProperties,

@@ -42,6 +42,9 @@ const CLAIM_SECONDS: f64 = 60.0;
 /// Why a message that was not itself failing was parked.
 const BEHIND: &str = "waiting behind an earlier parked message of its order";
 
+/// Header of a dead-letter copy naming the parked order that keeps the original.
+pub const PARKED_ORDER_HEADER: &str = "x-orderflow-parked-order";
+
 /// The key parked orders are stored under.
 pub fn order_key(order_id: Uuid) -> String {
     format!("order:{order_id}")
@@ -71,6 +74,8 @@ pub struct ParkingLot {
     pool: PgPool,
     queue: String,
     worker: &'static str,
+    /// Where a copy of a message goes once its automatic replays are used up.
+    dead_letters: Option<Bus>,
 }
 
 /// A parked order a drainer has claimed.
@@ -149,6 +154,42 @@ impl ParkingLot {
             pool,
             queue: queue.into(),
             worker,
+            dead_letters: None,
+        }
+    }
+
+    /// Once a parked order's automatic replays are used up, a copy of its failing
+    /// message goes to `orderflow.dead-letter` (contract section 2: a message whose
+    /// retries are exhausted ends there), while the order stays parked.
+    pub fn with_dead_letter_copies(mut self, bus: Bus) -> ParkingLot {
+        self.dead_letters = Some(bus);
+        self
+    }
+
+    /// See [`ParkingLot::with_dead_letter_copies`]. A failed copy is logged, not
+    /// retried: the message itself stays parked, nothing is lost.
+    async fn copy_to_dead_letters(
+        &self,
+        claim: &Claim,
+        msg: &Incoming,
+        reason: &str,
+        attempts: u32,
+    ) {
+        let Some(bus) = &self.dead_letters else {
+            return;
+        };
+        let reason = format!(
+            "{reason} (automatic replays used up; the order stays parked: orderflow resume {})",
+            claim.order_id
+        );
+        let extra = [(PARKED_ORDER_HEADER, claim.order_id.to_string())];
+        match bus::dead_letter_copy(bus, msg, &reason, attempts, &extra).await {
+            Ok(()) => {
+                info!(order_id = %claim.order_id, "a copy of the parked order's failing message is in the dead-letter queue")
+            }
+            Err(error) => {
+                warn!(%error, order_id = %claim.order_id, "cannot copy the parked message to the dead-letter queue")
+            }
         }
     }
 
@@ -308,14 +349,14 @@ impl ParkingLot {
 
     /// The replay failed: the order stays parked with the new error, due again after
     /// the next delay (at once if someone resumed it meanwhile; never once the
-    /// automatic replays are used up).
+    /// automatic replays are used up). Returns whether they are used up now.
     async fn failed(
         &self,
         claim: &Claim,
         seq: i64,
         reason: &str,
         attempts: u32,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
         let mut tx = eventstore::begin(&self.pool).await?;
         sqlx::query(
@@ -326,14 +367,15 @@ impl ParkingLot {
         .bind(attempts)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        let used_up: Option<bool> = sqlx::query_scalar(
             "UPDATE parked_orders
                 SET error = $3, attempts = attempts + $4, rounds = rounds + 1,
                     updated_at = now(), claimed_until = NULL,
                     retry_at = CASE
                         WHEN resumed_at > $5 THEN now()
                         ELSE now() + $6 * interval '1 millisecond' END
-              WHERE queue = $1 AND order_key = $2",
+              WHERE queue = $1 AND order_key = $2
+          RETURNING retry_at IS NULL",
         )
         .bind(&self.queue)
         .bind(&claim.order_key)
@@ -341,9 +383,10 @@ impl ParkingLot {
         .bind(attempts)
         .bind(claim.claimed_at)
         .bind(millis(replay_delay(claim.rounds + 2)))
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(used_up.unwrap_or(false))
     }
 
     /// Deletes the order's row if no message waits any more (under the row lock that
@@ -458,6 +501,7 @@ pub async fn consume_with_parking(
         lot.worker,
         Arc::new(Parking::new(lot.clone(), inner.clone(), order_of)),
     ));
+    let lot = lot.with_dead_letter_copies(bus.clone());
     let grace = options.shutdown_grace;
     let mut drainer = tokio::spawn(drain(lot, inner, shutdown.clone()));
     let consumed = bus::consume(bus, &queue, options, handler, shutdown).await;
@@ -520,7 +564,11 @@ async fn replay(
             (Ok(()), attempts) => lot.replayed(&claim.order_key, parked.seq, attempts).await?,
             (Err(reason), attempts) => {
                 warn!(%reason, attempts, seq = parked.seq, "a parked message failed again; the order stays parked");
-                return lot.failed(claim, parked.seq, &reason, attempts).await;
+                if lot.failed(claim, parked.seq, &reason, attempts).await? {
+                    lot.copy_to_dead_letters(claim, &parked.incoming(), &reason, attempts)
+                        .await;
+                }
+                return Ok(());
             }
         }
     }

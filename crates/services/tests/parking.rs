@@ -249,3 +249,76 @@ async fn two_drainers_replay_an_order_once_in_order_and_a_message_arriving_meanw
     );
     Ok(())
 }
+
+/// Contract section 2: a message whose retries are exhausted ends in the dead-letter
+/// queue. Once a parked order's automatic replays are used up, a copy of its failing
+/// message goes there (with the reason, its origin and the order that keeps it), while
+/// the order stays parked and its messages keep waiting for `resume`.
+#[tokio::test]
+async fn a_copy_goes_to_the_dead_letter_queue_when_the_automatic_replays_are_used_up(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let vhost = testkit::TestVhost::new().await?;
+    let bus = bus::Bus::connect(&vhost.url).await?;
+    let poisoned = Uuid::new_v4();
+    let inner: Arc<dyn Handler> = Arc::new(Recorder {
+        handled: Arc::new(Mutex::new(Vec::new())),
+        broken: Arc::new(AtomicBool::new(true)),
+        poisoned,
+    });
+    let lot = ParkingLot::new(db.pool().clone(), QUEUE, "commands");
+    let parking = Parking::new(lot.clone(), inner.clone(), order_of);
+    let park = parking
+        .park(&message("m1", poisoned), "boom", 4)
+        .ok_or_else(|| anyhow::anyhow!("a message with an order can be parked"))?;
+    park.await.map_err(anyhow::Error::msg)?;
+    // As if the earlier automatic replays had failed already: the next one is the last.
+    sqlx::query("UPDATE parked_orders SET rounds = $2 - 1, retry_at = now() WHERE order_id = $1")
+        .bind(poisoned)
+        .bind(services::parking::AUTO_REPLAYS)
+        .execute(db.pool())
+        .await?;
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let drainer = tokio::spawn(drain(
+        lot.with_dead_letter_copies(bus.clone()),
+        inner,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let letters = testkit::wait_until("a copy in the dead-letter queue", DEADLINE, || async {
+        let letters = bus::dlq_list(&bus, 10).await?;
+        Ok((!letters.is_empty()).then_some(letters))
+    })
+    .await?;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.message_id.as_deref(), Some("m1"));
+    assert_eq!(
+        (letter.exchange.as_str(), letter.routing_key.as_str()),
+        ("orderflow.commands", "order.cancel")
+    );
+    assert!(letter.error.contains("still broken"), "{}", letter.error);
+    assert_eq!(letter.body, poisoned.to_string().into_bytes());
+    assert_eq!(
+        letter.headers.get(services::parking::PARKED_ORDER_HEADER),
+        Some(&poisoned.to_string())
+    );
+    // The order stays parked, its message still first, no longer due by itself.
+    assert_eq!(
+        still_parked(db.pool(), poisoned).await?.as_deref(),
+        Some("still broken")
+    );
+    assert_eq!(waiting(&db, poisoned).await?, ["m1"]);
+    let due: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT retry_at FROM parked_orders WHERE order_id = $1")
+            .bind(poisoned)
+            .fetch_one(db.pool())
+            .await?;
+    assert_eq!(due, None, "it waits for an operator");
+
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, drainer).await??;
+    Ok(())
+}
