@@ -62,6 +62,19 @@ pub enum OrderStatus {
     Cancelled,
 }
 
+/// Every status the read model (`order_status.status`) shows, in the order's course
+/// (contract section 3).
+pub const READ_MODEL_STATUSES: [&str; 8] = [
+    "pending",
+    "under_review",
+    "confirmed",
+    "shipped",
+    "delivered",
+    "completed",
+    "cancelled",
+    "rejected",
+];
+
 impl OrderStatus {
     /// The status the read model (`order_status.status`) shows.
     ///
@@ -1353,5 +1366,10 @@ mod tests {
                 "cancelled"
             ]
         );
+        // Every status the saga reports is one the read model lists; `delivered`
+        // comes from the shipment stream.
+        assert!(names.iter().all(|n| READ_MODEL_STATUSES.contains(n)));
+        assert!(READ_MODEL_STATUSES.contains(&"delivered"));
+        assert_eq!(READ_MODEL_STATUSES.len(), names.len() + 1);
     }
 }

@@ -62,16 +62,7 @@ const HANDLER_BUCKETS: [f64; 14] = [
 
 /// Every status `order_status` knows: each is reported, 0 included, so a status that
 /// empties drops to 0 instead of keeping its last count.
-const STATUSES: [&str; 8] = [
-    "pending",
-    "under_review",
-    "confirmed",
-    "shipped",
-    "delivered",
-    "completed",
-    "cancelled",
-    "rejected",
-];
+const STATUSES: [&str; 8] = domain::order::READ_MODEL_STATUSES;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -16,16 +16,7 @@ use services::registry::Process;
 use super::scrape;
 
 /// Every status of `order_status`, in the order's course (contract section 3).
-pub const STATUSES: [&str; 8] = [
-    "pending",
-    "under_review",
-    "confirmed",
-    "shipped",
-    "delivered",
-    "completed",
-    "cancelled",
-    "rejected",
-];
+pub const STATUSES: [&str; 8] = domain::order::READ_MODEL_STATUSES;
 
 /// Statuses an order ends in.
 pub const TERMINAL: [&str; 4] = ["delivered", "completed", "cancelled", "rejected"];
