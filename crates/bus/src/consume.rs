@@ -76,7 +76,14 @@ pub struct ConsumeOptions {
     /// transiently is retried later through the delay tiers (1 s, 5 s, 30 s, 30 s …)
     /// before it is dead-lettered. 0: dead-letter at once.
     pub delayed_retry_rounds: u32,
+    /// Consume as the queue's only consumer (AMQP `exclusive`): while another consumer
+    /// holds the queue, the broker refuses this one, and [`consume`] stands by, asking
+    /// again every [`STANDBY_POLL`], until it goes (the router: one active, in order).
+    pub exclusive: bool,
 }
+
+/// How often a stand-by exclusive consumer asks for the queue again.
+pub const STANDBY_POLL: Duration = Duration::from_millis(500);
 
 impl Default for ConsumeOptions {
     fn default() -> Self {
@@ -89,6 +96,7 @@ impl Default for ConsumeOptions {
             retry_max_elapsed: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
             delayed_retry_rounds: 4,
+            exclusive: false,
         }
     }
 }
@@ -152,6 +160,17 @@ pub async fn consume(
         };
         let (channel, mut consumer) = match started {
             Ok(started) => started,
+            Err(err) if options.exclusive && is_in_exclusive_use(&err) => {
+                debug!(
+                    queue,
+                    "another consumer holds the queue exclusively; standing by"
+                );
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(STANDBY_POLL) => continue,
+                }
+            }
             Err(err) if err.is_transient() => {
                 let pause = reconnect.next_backoff().unwrap_or(Duration::from_secs(5));
                 warn!(queue, error = %err, retry_in = ?pause, "cannot start consuming; retrying");
@@ -272,12 +291,29 @@ async fn start(
         .basic_consume(
             queue.clone(),
             tag,
-            BasicConsumeOptions::default(),
+            BasicConsumeOptions {
+                exclusive: options.exclusive,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
         .await
         .map_err(|e| BusError::amqp(format!("consuming {queue}"), e))?;
     Ok((channel, consumer))
+}
+
+/// The broker refused an exclusive consume because another consumer holds the queue
+/// (`ACCESS_REFUSED`, 403).
+fn is_in_exclusive_use(err: &BusError) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match err {
+        BusError::Amqp { source, .. } => matches!(
+            source.kind(),
+            lapin::ErrorKind::ProtocolError(e)
+                if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+        ),
+        _ => false,
+    }
 }
 
 /// Waits until every in-flight handler has given its permit back, up to `grace`.
@@ -354,6 +390,9 @@ enum Verdict {
         reason: String,
         attempts: u32,
     },
+    Forward {
+        queue: String,
+    },
     /// In-process retries ran out on a transient failure: try again after a delay.
     RetryLater {
         reason: String,
@@ -374,6 +413,7 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
     let verdict = run_handler(&handler, &incoming, &options).await;
     let settled = match verdict {
         Verdict::Ack => Ok(()),
+        Verdict::Forward { queue } => forward(&bus, &delivery, &incoming, &queue).await,
         Verdict::RetryLater { reason, attempts } => {
             let round = retry_round(&incoming).saturating_add(1);
             if let Some(parking) = handler.park(&incoming, &reason, attempts) {
@@ -451,6 +491,7 @@ async fn run_handler(
         let joined = tokio::spawn(async move { task_handler.handle(msg).await }).await;
         match joined {
             Ok(Outcome::Ack) => return Verdict::Ack,
+            Ok(Outcome::Forward { queue }) => return Verdict::Forward { queue },
             Ok(Outcome::DeadLetter { reason }) => return Verdict::DeadLetter { reason, attempts },
             Ok(Outcome::Retry { reason }) => {
                 let pause = if attempts > options.max_retries {
@@ -522,6 +563,27 @@ pub(crate) async fn dead_letter(
         ],
     );
     let message = Prepared::new("", DEAD_LETTER_QUEUE, &delivery.data, properties, true)?;
+    bus.publish_prepared(&message).await
+}
+
+/// Publishes the delivery to `queue` through the default exchange with its body and
+/// properties as received plus its origin, and waits for the confirm (mandatory: a
+/// missing queue is an error, and the message goes back to where it came from).
+async fn forward(
+    bus: &Bus,
+    delivery: &Delivery,
+    incoming: &Incoming,
+    queue: &str,
+) -> Result<(), BusError> {
+    let properties = with_origin(
+        delivery,
+        incoming,
+        &[(
+            headers::ROUTED_TO,
+            AMQPValue::LongString(LongString::from(queue.as_bytes())),
+        )],
+    );
+    let message = Prepared::new("", queue, &delivery.data, properties, true)?;
     bus.publish_prepared(&message).await
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bus::topology::{
     INVENTORY_QUEUE, NOTIFICATION_QUEUE, ORDER_QUEUE, PAYMENT_QUEUE, SHIPPING_QUEUE,
 };
-use bus::{Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE};
+use bus::{Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE, COMMAND_PARTITION_QUEUES};
 use domain::Rules;
 use eventstore::EventStore;
 use tokio::sync::watch;
@@ -21,8 +21,10 @@ use crate::health::Probes;
 use crate::inventory::Inventory;
 use crate::notification::Notifications;
 use crate::parking::ParkingLot;
+use crate::partitions::{ConsumeOne, Partitioned};
 use crate::payment::Payments;
 use crate::registry::Registration;
+use crate::router::CommandRouter;
 use crate::saga::OrderSaga;
 use crate::settings::{redact_url, Settings};
 use crate::shipping::Shipping;
@@ -326,22 +328,7 @@ fn start(
                 .await
             }
             "timers" => Scheduler::new(store).run(shutdown).await,
-            "commands" => {
-                let pool = store.pool().clone();
-                let handler = Arc::new(CommandHandler(Arc::new(CommandService::new(
-                    store,
-                    rules(&settings),
-                ))));
-                crate::parking::consume_with_parking(
-                    &bus_or_err()?,
-                    ParkingLot::new(pool, COMMAND_INTAKE_QUEUE, "commands"),
-                    consume_options("commands"),
-                    handler,
-                    crate::commands::order_of,
-                    shutdown,
-                )
-                .await
-            }
+            "commands" => consume_commands(bus_or_err()?, store, &settings, shutdown).await,
             "order" => {
                 let pool = store.pool().clone();
                 consume_events(
@@ -405,6 +392,85 @@ fn start(
             _ => Ok(()),
         }
     })
+}
+
+/// Consume options of one command partition: a process may own all of them, so each
+/// gets a share of what the intake had alone (8 × 8 handlers at most per process).
+fn partition_options() -> ConsumeOptions {
+    ConsumeOptions {
+        prefetch: 32,
+        concurrency: 8,
+        consumer_tag_prefix: "orderflow-commands".to_owned(),
+        ..ConsumeOptions::default()
+    }
+}
+
+/// The router's options: the intake's only consumer (exclusive; the other processes'
+/// routers stand by), forwarding many orders' commands at once.
+fn router_options() -> ConsumeOptions {
+    ConsumeOptions {
+        prefetch: 256,
+        concurrency: 64,
+        consumer_tag_prefix: "orderflow-router".to_owned(),
+        exclusive: true,
+        ..ConsumeOptions::default()
+    }
+}
+
+/// The commands worker (ADR 0005, "Per-order ordering"): the router (active in one
+/// process at a time) forwards each command to its order's partition; this process
+/// consumes the partitions it owns, with parking around the handler, and drains the
+/// parked commands beside them.
+async fn consume_commands(
+    bus: Bus,
+    store: EventStore,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    use futures::FutureExt;
+    let shutdown = shutdown.boxed().shared();
+    let lot = ParkingLot::new(store.pool().clone(), COMMAND_INTAKE_QUEUE, "commands");
+    let inner: Arc<dyn bus::Handler> = Arc::new(CommandHandler(Arc::new(CommandService::new(
+        store,
+        rules(settings),
+    ))));
+    let handler = crate::parking::parked_handler(&lot, inner.clone(), crate::commands::order_of);
+    let mut drainer = tokio::spawn(crate::parking::drain(
+        lot.with_dead_letter_copies(bus.clone()),
+        inner,
+        shutdown.clone(),
+    ));
+    let consume_one: ConsumeOne = {
+        let bus = bus.clone();
+        Arc::new(move |queue, stop| {
+            let (bus, handler) = (bus.clone(), handler.clone());
+            Box::pin(async move {
+                Ok(bus::consume(&bus, queue, partition_options(), handler, stop).await?)
+            })
+        })
+    };
+    let partitioned = Partitioned {
+        worker: "commands",
+        queues: &COMMAND_PARTITION_QUEUES,
+        database_url: settings.database_url.clone(),
+    };
+    let router = bus::consume(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        router_options(),
+        Arc::new(CommandRouter),
+        shutdown.clone(),
+    );
+    let owned = crate::partitions::consume_owned(partitioned, consume_one, shutdown.clone());
+    let (routed, owned) = tokio::join!(router, owned);
+    if tokio::time::timeout(partition_options().shutdown_grace, &mut drainer)
+        .await
+        .is_err()
+    {
+        drainer.abort();
+    }
+    routed?;
+    owned
 }
 
 async fn consume_events<S: EventService>(
