@@ -1,0 +1,207 @@
+//! Per-order ordering across processes (ADR 0005, "Per-order ordering"): two
+//! processes running the commands worker share the command partitions, and every
+//! order's (and SKU's) commands are handled one at a time, in publish order, even when
+//! one of the processes is SIGKILLed on the way.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::Child;
+use uuid::Uuid;
+
+use crate::harness::{order, stock_stream, System, DEADLINE};
+
+/// Rounds of `stock.set` per SKU: round `r` sets the SKU to `r`.
+const ROUNDS: i64 = 8;
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// `orderflow_messages_handled_total{worker="commands"}` of the process serving `addr`.
+async fn commands_handled(addr: SocketAddr) -> anyhow::Result<f64> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("orderflow_messages_handled_total{worker=\"commands\"} ")
+        })
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// How many processes own command partitions, waited for until it is `processes`
+/// and all partitions are owned (the advisory locks of `services::partitions`).
+async fn wait_owners(system: &System, processes: i64) -> anyhow::Result<()> {
+    testkit::wait_until(
+        &format!("{processes} process(es) to own all 8 command partitions"),
+        DEADLINE,
+        || async {
+            let (owners, owned): (i64, i64) = sqlx::query_as(
+                "SELECT count(DISTINCT pid), count(*) FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND objid > 0
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(system.pool())
+            .await?;
+            Ok((owners == processes && owned == 8).then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| e.context(system.log_hint()))
+}
+
+/// Publishes rounds `rounds` of `stock.set` for every SKU, round by round, so that
+/// each SKU's sets are published back to back with other SKUs' in between.
+async fn set_rounds(
+    system: &System,
+    skus: &[String],
+    rounds: std::ops::RangeInclusive<i64>,
+) -> anyhow::Result<()> {
+    for round in rounds {
+        for sku in skus {
+            system
+                .send(
+                    "stock.set",
+                    serde_json::json!({"sku": sku, "quantity": round}),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every SKU's `StockSet` quantities in log order are 1, 2, …, ROUNDS: handled in
+/// publish order, none twice.
+async fn assert_sets_in_publish_order(system: &System, skus: &[String]) -> anyhow::Result<()> {
+    let expected: Vec<i64> = (1..=ROUNDS).collect();
+    for sku in skus {
+        let sets: Vec<i64> = system
+            .events(&stock_stream(sku))
+            .await?
+            .into_iter()
+            .filter(|(event_type, _)| event_type == "StockSet")
+            .map(|(_, payload)| payload["quantity"].as_i64().unwrap_or(-1))
+            .collect();
+        assert_eq!(sets, expected, "stock.set of {sku} in log order");
+    }
+    Ok(())
+}
+
+fn skus(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+async fn kill(mut child: Child) -> anyhow::Result<()> {
+    child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_share_the_commands_and_keep_every_orders_in_publish_order(
+) -> anyhow::Result<()> {
+    let (addr_a, addr_b) = (free_addr()?, free_addr()?);
+    let system = System::start(&[
+        ("ORDERFLOW_HTTP_ADDR", &addr_a.to_string()),
+        ("ORDERFLOW_REVIEW_THRESHOLD_CENTS", "1000"),
+    ])
+    .await?;
+    let second = system
+        .spawn_process(
+            "second",
+            &["commands"],
+            &[("ORDERFLOW_HTTP_ADDR", &addr_b.to_string())],
+        )
+        .await?;
+    wait_owners(&system, 2).await?;
+
+    // Stock sets, many SKUs, each set 1..=ROUNDS back to back.
+    let skus = skus("PART", 24);
+    set_rounds(&system, &skus, 1..=ROUNDS).await?;
+
+    // Review orders (total 1500 >= 1000): each placed and at once cancelled or approved.
+    system.set_stock("PART-ORDERS", 1_000).await?;
+    system.wait_stock("PART-ORDERS", (1_000, 0)).await?;
+    let ids: Vec<Uuid> = (0..30).map(|_| Uuid::new_v4()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        system
+            .place(order(
+                *id,
+                &[("PART-ORDERS", 1, 1_500)],
+                "tok_ok",
+                Some("express"),
+            ))
+            .await?;
+        if n % 2 == 0 {
+            system
+                .send(
+                    "order.cancel",
+                    serde_json::json!({"order_id": id, "reason": "changed my mind"}),
+                )
+                .await?;
+        } else {
+            system
+                .send(
+                    "order.approve",
+                    serde_json::json!({"order_id": id, "reviewer": "e2e"}),
+                )
+                .await?;
+        }
+    }
+    system.wait_commands_handled().await?;
+    for (n, id) in ids.iter().enumerate() {
+        if n % 2 == 0 {
+            system.wait_status(*id, "cancelled", DEADLINE).await?;
+            let (_, reason) = system.status(*id).await?.unwrap_or_default();
+            assert_eq!(reason.as_deref(), Some("customer_cancelled"), "order {id}");
+        } else {
+            system.wait_status(*id, "delivered", DEADLINE).await?;
+        }
+    }
+    assert_sets_in_publish_order(&system, &skus).await?;
+
+    // Both processes handled commands: the load is shared.
+    let handled = (
+        commands_handled(addr_a).await?,
+        commands_handled(addr_b).await?,
+    );
+    assert!(
+        handled.0 > 0.0 && handled.1 > 0.0,
+        "commands handled per process: {handled:?}"
+    );
+    kill(second).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_process_partitions_are_taken_over_and_order_is_kept() -> anyhow::Result<()> {
+    let system = System::start(&[]).await?;
+    let second = system.spawn_process("second", &["commands"], &[]).await?;
+    wait_owners(&system, 2).await?;
+
+    let skus = skus("KILL", 16);
+    set_rounds(&system, &skus, 1..=ROUNDS / 2).await?;
+    // SIGKILL while the first rounds are still being handled
+    kill(second).await?;
+    set_rounds(&system, &skus, ROUNDS / 2 + 1..=ROUNDS).await?;
+
+    wait_owners(&system, 1).await?;
+    system.wait_commands_handled().await?;
+    for sku in &skus {
+        system.wait_stock(sku, (ROUNDS, 0)).await?;
+    }
+    assert_sets_in_publish_order(&system, &skus).await?;
+    // nothing was dead-lettered on the way
+    assert_eq!(
+        system
+            .queue_depth(crate::harness::DEAD_LETTER_QUEUE)
+            .await?,
+        0
+    );
+    Ok(())
+}
