@@ -114,3 +114,164 @@ async fn single_active_consumer_stays_with_the_first_subscriber_whatever_the_pri
     );
     Ok(())
 }
+
+/// A router: forwards `<key>:<seq>` bodies to the partition of `<key>`, one key after
+/// another in delivery order (the lanes).
+struct KeyRouter;
+
+impl bus::Handler for KeyRouter {
+    fn ordering_key(&self, msg: &bus::Incoming) -> Option<String> {
+        Some(key_of(msg))
+    }
+
+    fn handle(&self, msg: bus::Incoming) -> futures::future::BoxFuture<'static, bus::Outcome> {
+        let partition = bus::partition_of(&key_of(&msg), bus::COMMAND_PARTITIONS);
+        let queue = bus::COMMAND_PARTITION_QUEUES[partition].to_owned();
+        Box::pin(async move { bus::Outcome::Forward { queue } })
+    }
+}
+
+fn key_of(msg: &bus::Incoming) -> String {
+    String::from_utf8_lossy(&msg.body)
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn router_options() -> bus::ConsumeOptions {
+    bus::ConsumeOptions {
+        exclusive: true,
+        concurrency: 16,
+        prefetch: 64,
+        ..crate::support::options(0)
+    }
+}
+
+async fn intake_consumers(bus: &bus::Bus) -> anyhow::Result<u32> {
+    let channel = bus.open_channel().await?;
+    let declared = channel
+        .queue_declare(
+            ShortString::from(bus::COMMAND_INTAKE_QUEUE),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.consumer_count())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_router_forwards_each_key_in_order_with_its_origin_and_a_stand_by_takes_over(
+) -> anyhow::Result<()> {
+    use crate::support::{FnHandler, Running, Seen};
+    use std::sync::Arc;
+
+    let (_vhost, bus) = connected().await?;
+    let first = Running::start(
+        &bus,
+        bus::COMMAND_INTAKE_QUEUE,
+        router_options(),
+        Arc::new(KeyRouter),
+    );
+    testkit::wait_until("the router to consume", DEADLINE, || async {
+        Ok((intake_consumers(&bus).await? == 1).then_some(()))
+    })
+    .await?;
+    // a second router stands by: the broker refuses it while the first holds the queue
+    let second = Running::start(
+        &bus,
+        bus::COMMAND_INTAKE_QUEUE,
+        router_options(),
+        Arc::new(KeyRouter),
+    );
+    let seen = Seen::default();
+    let mut partitions = Vec::new();
+    for queue in bus::COMMAND_PARTITION_QUEUES {
+        let recorder = seen.clone();
+        // one at a time: the order seen is the order in the partition queue
+        let sequential = bus::ConsumeOptions {
+            concurrency: 1,
+            ..crate::support::options(0)
+        };
+        partitions.push(Running::start(
+            &bus,
+            queue,
+            sequential,
+            Arc::new(FnHandler(move |msg: bus::Incoming| {
+                recorder.push(msg);
+                async { bus::Outcome::Ack }
+            })),
+        ));
+    }
+
+    let publish = |keys: std::ops::Range<usize>, rounds: std::ops::Range<usize>| {
+        let bus = bus.clone();
+        async move {
+            let mut messages = Vec::new();
+            for round in rounds {
+                for key in keys.clone() {
+                    let props = bus::OutgoingProperties::new(format!("k{key}-{round}"))
+                        .with_correlation_id("corr-route");
+                    messages.push(bus::OutgoingMessage {
+                        exchange: bus::COMMANDS_EXCHANGE.to_owned(),
+                        routing_key: "order.test".to_owned(),
+                        body: format!("k{key}:{round}").into_bytes(),
+                        properties: props,
+                    });
+                }
+            }
+            bus.publish_many(messages).await
+        }
+    };
+    let started = std::time::Instant::now();
+    publish(0..40, 0..10).await?;
+    testkit::wait_until("400 messages through the router", DEADLINE, || async {
+        Ok((seen.all().len() >= 400).then_some(()))
+    })
+    .await?;
+    eprintln!(
+        "400 commands routed and consumed in {:?}",
+        started.elapsed()
+    );
+
+    // the first router goes; the stand-by takes the intake over
+    first.stop().await?;
+    publish(0..40, 10..12).await?;
+    testkit::wait_until("480 messages through the routers", DEADLINE, || async {
+        Ok((seen.all().len() >= 480).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        intake_consumers(&bus).await?,
+        1,
+        "one router consumes at a time"
+    );
+
+    let all = seen.all();
+    for msg in &all {
+        assert_eq!(
+            msg.exchange,
+            bus::COMMANDS_EXCHANGE,
+            "the handler sees the origin"
+        );
+        assert_eq!(msg.routing_key, "order.test");
+        assert_eq!(msg.correlation_id.as_deref(), Some("corr-route"));
+    }
+    for key in 0..40 {
+        let rounds: Vec<String> = all
+            .iter()
+            .filter(|m| key_of(m) == format!("k{key}"))
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..12).map(|r| format!("k{key}:{r}")).collect();
+        assert_eq!(rounds, expected, "key k{key} in publish order");
+    }
+    second.stop().await?;
+    for partition in partitions {
+        partition.stop().await?;
+    }
+    Ok(())
+}
