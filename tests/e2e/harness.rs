@@ -22,6 +22,9 @@ use uuid::Uuid;
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 pub const COMMANDS_EXCHANGE: &str = "orderflow.commands";
+/// Where commands arrive: the router's queue (ADR 0005).
+pub const ROUTER_QUEUE: &str = "orderflow.commands.router";
+/// The intake before commands were partitioned; parked commands keep its name.
 pub const INTAKE_QUEUE: &str = "orderflow.commands.intake";
 pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letter";
 /// Where the router forwards each command (ADR 0005): one per partition.
@@ -247,7 +250,7 @@ impl System {
             let channel = connection.create_channel().await?;
             let declared = channel
                 .queue_declare(
-                    ShortString::from(INTAKE_QUEUE),
+                    ShortString::from(ROUTER_QUEUE),
                     QueueDeclareOptions {
                         passive: true,
                         ..QueueDeclareOptions::default()
@@ -551,7 +554,7 @@ impl System {
     }
 
     /// Waits until every command published so far has been handled and acknowledged:
-    /// the intake (the router's) and every command partition are empty.
+    /// the router's queue, the old intake and every command partition are empty.
     pub async fn wait_commands_handled(&self) -> anyhow::Result<()> {
         testkit::wait_until(
             "the intake and partition queues to drain",

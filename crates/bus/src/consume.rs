@@ -76,14 +76,7 @@ pub struct ConsumeOptions {
     /// transiently is retried later through the delay tiers (1 s, 5 s, 30 s, 30 s …)
     /// before it is dead-lettered. 0: dead-letter at once.
     pub delayed_retry_rounds: u32,
-    /// Consume as the queue's only consumer (AMQP `exclusive`): while another consumer
-    /// holds the queue, the broker refuses this one, and [`consume`] stands by, asking
-    /// again every [`STANDBY_POLL`], until it goes (the router: one active, in order).
-    pub exclusive: bool,
 }
-
-/// How often a stand-by exclusive consumer asks for the queue again.
-pub const STANDBY_POLL: Duration = Duration::from_millis(500);
 
 impl Default for ConsumeOptions {
     fn default() -> Self {
@@ -96,7 +89,6 @@ impl Default for ConsumeOptions {
             retry_max_elapsed: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
             delayed_retry_rounds: 4,
-            exclusive: false,
         }
     }
 }
@@ -160,17 +152,6 @@ pub async fn consume(
         };
         let (channel, mut consumer) = match started {
             Ok(started) => started,
-            Err(err) if options.exclusive && is_in_exclusive_use(&err) => {
-                debug!(
-                    queue,
-                    "another consumer holds the queue exclusively; standing by"
-                );
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    () = tokio::time::sleep(STANDBY_POLL) => continue,
-                }
-            }
             Err(err) if err.is_transient() => {
                 let pause = reconnect.next_backoff().unwrap_or(Duration::from_secs(5));
                 warn!(queue, error = %err, retry_in = ?pause, "cannot start consuming; retrying");
@@ -291,29 +272,12 @@ async fn start(
         .basic_consume(
             queue.clone(),
             tag,
-            BasicConsumeOptions {
-                exclusive: options.exclusive,
-                ..BasicConsumeOptions::default()
-            },
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .map_err(|e| BusError::amqp(format!("consuming {queue}"), e))?;
     Ok((channel, consumer))
-}
-
-/// The broker refused an exclusive consume because another consumer holds the queue
-/// (`ACCESS_REFUSED`, 403).
-fn is_in_exclusive_use(err: &BusError) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    match err {
-        BusError::Amqp { source, .. } => matches!(
-            source.kind(),
-            lapin::ErrorKind::ProtocolError(e)
-                if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
-        ),
-        _ => false,
-    }
 }
 
 /// Waits until every in-flight handler has given its permit back, up to `grace`.

@@ -13,8 +13,17 @@ pub const COMMANDS_EXCHANGE: &str = "orderflow.commands";
 pub const EVENTS_EXCHANGE: &str = "orderflow.events";
 /// Messages that cannot be decoded, or whose retries are exhausted.
 pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letter";
-/// Every command (`#` on [`COMMANDS_EXCHANGE`]).
-pub const COMMAND_INTAKE_QUEUE: &str = "orderflow.commands.intake";
+/// Every command (`#` on [`COMMANDS_EXCHANGE`]), consumed by the router. A quorum
+/// queue with `x-single-active-consumer`: every `commands` process subscribes, the
+/// broker delivers to one at a time and fails over when its channel goes, so commands
+/// are forwarded to their partitions in publish order. (An exclusive consumer on the
+/// old intake would have kept its name, but RabbitMQ 3.10's quorum queues accept a
+/// second "exclusive" consumer: tried, ADR 0005.)
+pub const COMMAND_INTAKE_QUEUE: &str = "orderflow.commands.router";
+/// The intake before commands were partitioned. A queue's arguments cannot change, so
+/// the router's queue has a new name; this one is still declared (as it was), no
+/// longer bound, and consumed by the router until it is empty and deleted by hand.
+pub const LEGACY_COMMAND_INTAKE_QUEUE: &str = "orderflow.commands.intake";
 
 /// How many partitions the commands are split into (fixed per deployment: changing it
 /// moves orders to other partitions, so drain the partition queues first).
@@ -101,7 +110,7 @@ pub const SERVICE_QUEUES: &[(&str, &[&str])] = &[
 
 /// All queues this topology declares (all durable quorum queues).
 pub fn all_queues() -> impl Iterator<Item = &'static str> {
-    [COMMAND_INTAKE_QUEUE]
+    [COMMAND_INTAKE_QUEUE, LEGACY_COMMAND_INTAKE_QUEUE]
         .into_iter()
         .chain(COMMAND_PARTITION_QUEUES)
         .chain([DEAD_LETTER_QUEUE])
@@ -126,13 +135,17 @@ pub async fn declare_topology(channel: &Channel) -> Result<(), BusError> {
             .map_err(|e| BusError::amqp(format!("declaring exchange {exchange}"), e))?;
     }
     for queue in all_queues() {
-        let single_active = COMMAND_PARTITION_QUEUES.contains(&queue);
+        let single_active =
+            queue == COMMAND_INTAKE_QUEUE || COMMAND_PARTITION_QUEUES.contains(&queue);
         declare_quorum_queue(channel, queue, single_active).await?;
     }
     for (tier, ttl_ms) in RETRY_TIERS {
         declare_retry_tier(channel, tier, ttl_ms).await?;
     }
     bind(channel, COMMAND_INTAKE_QUEUE, COMMANDS_EXCHANGE, "#").await?;
+    // Every command once: the old intake gets no more (an old build still running
+    // binds it again when it reconnects; duplicates have no effect, see "Upgrading").
+    unbind(channel, LEGACY_COMMAND_INTAKE_QUEUE, COMMANDS_EXCHANGE, "#").await?;
     for (queue, keys) in SERVICE_QUEUES {
         for key in *keys {
             bind(channel, queue, EVENTS_EXCHANGE, key).await?;
@@ -218,6 +231,18 @@ async fn declare_retry_tier(channel: &Channel, tier: &str, ttl_ms: u32) -> Resul
         .await
         .map_err(|e| BusError::amqp(format!("declaring queue {tier}"), e))?;
     bind(channel, tier, tier, "").await
+}
+
+async fn unbind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BusError> {
+    channel
+        .queue_unbind(
+            ShortString::from(queue),
+            ShortString::from(exchange),
+            ShortString::from(key),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BusError::amqp(format!("unbinding {queue} from {exchange} ({key})"), e))
 }
 
 async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BusError> {

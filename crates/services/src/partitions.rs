@@ -127,10 +127,9 @@ async fn own(
             () = tokio::time::sleep(REBALANCE_EVERY) => {}
         }
     };
-    // Stop every consumer before the locks go with the connection.
-    for (_, partition) in std::mem::take(&mut held) {
-        partition.stop().await;
-    }
+    // Stop every consumer (all at once: each may wait for its in-flight handlers)
+    // before the locks go with the connection.
+    futures::future::join_all(std::mem::take(&mut held).into_values().map(Held::stop)).await;
     let _ = conn.close().await;
     result
 }

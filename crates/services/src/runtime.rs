@@ -8,7 +8,10 @@ use std::time::Duration;
 use bus::topology::{
     INVENTORY_QUEUE, NOTIFICATION_QUEUE, ORDER_QUEUE, PAYMENT_QUEUE, SHIPPING_QUEUE,
 };
-use bus::{Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE, COMMAND_PARTITION_QUEUES};
+use bus::{
+    Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE, COMMAND_PARTITION_QUEUES,
+    LEGACY_COMMAND_INTAKE_QUEUE,
+};
 use domain::Rules;
 use eventstore::EventStore;
 use tokio::sync::watch;
@@ -405,14 +408,13 @@ fn partition_options() -> ConsumeOptions {
     }
 }
 
-/// The router's options: the intake's only consumer (exclusive; the other processes'
-/// routers stand by), forwarding many orders' commands at once.
+/// The router's options: the intake's active consumer (single active consumer; the
+/// other processes' routers wait), forwarding many orders' commands at once.
 fn router_options() -> ConsumeOptions {
     ConsumeOptions {
         prefetch: 256,
         concurrency: 64,
         consumer_tag_prefix: "orderflow-router".to_owned(),
-        exclusive: true,
         ..ConsumeOptions::default()
     }
 }
@@ -429,7 +431,12 @@ async fn consume_commands(
 ) -> Result<(), ServiceError> {
     use futures::FutureExt;
     let shutdown = shutdown.boxed().shared();
-    let lot = ParkingLot::new(store.pool().clone(), COMMAND_INTAKE_QUEUE, "commands");
+    // Parked commands keep the queue name they were parked under before partitioning.
+    let lot = ParkingLot::new(
+        store.pool().clone(),
+        LEGACY_COMMAND_INTAKE_QUEUE,
+        "commands",
+    );
     let inner: Arc<dyn bus::Handler> = Arc::new(CommandHandler(Arc::new(CommandService::new(
         store,
         rules(settings),
@@ -461,8 +468,17 @@ async fn consume_commands(
         Arc::new(CommandRouter),
         shutdown.clone(),
     );
+    // What an older build left in the old intake is routed too, by every process: the
+    // order of commands in flight during the upgrade is not kept (it was not before).
+    let legacy = bus::consume(
+        &bus,
+        LEGACY_COMMAND_INTAKE_QUEUE,
+        router_options(),
+        Arc::new(CommandRouter),
+        shutdown.clone(),
+    );
     let owned = crate::partitions::consume_owned(partitioned, consume_one, shutdown.clone());
-    let (routed, owned) = tokio::join!(router, owned);
+    let (routed, legacy, owned) = tokio::join!(router, legacy, owned);
     if tokio::time::timeout(partition_options().shutdown_grace, &mut drainer)
         .await
         .is_err()
@@ -470,6 +486,7 @@ async fn consume_commands(
         drainer.abort();
     }
     routed?;
+    legacy?;
     owned
 }
 
