@@ -208,6 +208,22 @@ impl System {
             .context("cannot start another orderflow run")
     }
 
+    /// Binds `queue` to `exchange` with `key`, as an older build's topology did.
+    pub async fn bind(&self, queue: &str, exchange: &str, key: &str) -> anyhow::Result<()> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_bind(
+                ShortString::from(queue),
+                ShortString::from(exchange),
+                ShortString::from(key),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "bound".into()).await;
+        Ok(())
+    }
+
     /// The workers the next `start_worker` runs (all when empty).
     pub fn set_workers(&mut self, workers: &[&str]) {
         self.workers = workers.iter().map(|w| (*w).to_owned()).collect();

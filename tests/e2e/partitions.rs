@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::process::Child;
 use uuid::Uuid;
 
-use crate::harness::{order, stock_stream, System, DEADLINE};
+use crate::harness::{order, stock_stream, System, COMMANDS_EXCHANGE, DEADLINE, INTAKE_QUEUE};
 
 /// Rounds of `stock.set` per SKU: round `r` sets the SKU to `r`.
 const ROUNDS: i64 = 8;
@@ -203,5 +203,41 @@ async fn a_killed_process_partitions_are_taken_over_and_order_is_kept() -> anyho
             .await?,
         0
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_an_older_build_routes_to_the_old_intake_are_still_handled_once(
+) -> anyhow::Result<()> {
+    let system = System::start(&[]).await?;
+    // An older build still running binds the old intake again: every command then
+    // reaches it and the router's queue both.
+    system.bind(INTAKE_QUEUE, COMMANDS_EXCHANGE, "#").await?;
+    let skus = skus("OLD", 4);
+    set_rounds(&system, &skus, 1..=ROUNDS).await?;
+    system.wait_commands_handled().await?;
+    // Handled through both queues, with one effect each. (Their order is not kept
+    // while both queues get the commands: the two copies race to the partition.)
+    for sku in &skus {
+        system
+            .wait_event(&stock_stream(sku), "StockSet", usize::try_from(ROUNDS)?)
+            .await?;
+    }
+    let routed = system
+        .cli(&["dlq", "list"])
+        .await
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    assert!(
+        !routed.contains("stock.set"),
+        "nothing dead-lettered: {routed}"
+    );
+    for sku in &skus {
+        let sets = system.count(&stock_stream(sku), "StockSet").await?;
+        assert_eq!(
+            sets,
+            usize::try_from(ROUNDS)?,
+            "{sku}: one StockSet per command"
+        );
+    }
     Ok(())
 }
