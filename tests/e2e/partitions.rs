@@ -36,21 +36,30 @@ async fn commands_handled(addr: SocketAddr) -> anyhow::Result<f64> {
         .unwrap_or(0.0))
 }
 
-/// How many processes own command partitions, waited for until it is `processes`
-/// and all partitions are owned (the advisory locks of `services::partitions`).
+/// How many processes own command partitions, waited for until it is `processes`,
+/// all partitions are owned and one process owns the router (the advisory locks of
+/// `services::partitions`).
 async fn wait_owners(system: &System, processes: i64) -> anyhow::Result<()> {
     testkit::wait_until(
         &format!("{processes} process(es) to own all 8 command partitions"),
         DEADLINE,
         || async {
-            let (owners, owned): (i64, i64) = sqlx::query_as(
+            // one row per lock class: the command partitions (8 locks) and the router (1)
+            let classes: Vec<(i64, i64)> = sqlx::query_as(
                 "SELECT count(DISTINCT pid), count(*) FROM pg_locks
                   WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND objid > 0
-                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  GROUP BY classid",
             )
-            .fetch_one(system.pool())
+            .fetch_all(system.pool())
             .await?;
-            Ok((owners == processes && owned == 8).then_some(()))
+            let partitions_owned = classes
+                .iter()
+                .any(|(owners, owned)| *owners == processes && *owned == 8);
+            let router_owned = classes
+                .iter()
+                .any(|(owners, owned)| *owners == 1 && *owned == 1);
+            Ok((partitions_owned && router_owned).then_some(()))
         },
     )
     .await
@@ -240,4 +249,29 @@ async fn commands_an_older_build_routes_to_the_old_intake_are_still_handled_once
         );
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_router_moves_to_another_process_when_its_owner_is_killed() -> anyhow::Result<()> {
+    let mut system = System::start(&[]).await?;
+    let second = system.spawn_process("second", &["commands"], &[]).await?;
+    wait_owners(&system, 2).await?;
+
+    let skus = skus("ROUTER", 16);
+    set_rounds(&system, &skus, 1..=ROUNDS / 2).await?;
+    // SIGKILL the first process: it owns the router (it started first) and half of
+    // the partitions, and it may be forwarding or handling the first rounds now
+    system.kill_worker().await?;
+    set_rounds(&system, &skus, ROUNDS / 2 + 1..=ROUNDS).await?;
+
+    wait_owners(&system, 1).await?;
+    system.wait_commands_handled().await?;
+    // the log, not the read models: the killed process ran the projector
+    for sku in &skus {
+        system
+            .wait_event(&stock_stream(sku), "StockSet", usize::try_from(ROUNDS)?)
+            .await?;
+    }
+    assert_sets_in_publish_order(&system, &skus).await?;
+    kill(second).await
 }

@@ -461,11 +461,29 @@ async fn consume_commands(
         queues: &COMMAND_PARTITION_QUEUES,
         database_url: settings.database_url.clone(),
     };
-    let router = bus::consume(
-        &bus,
-        COMMAND_INTAKE_QUEUE,
-        router_options(),
-        Arc::new(CommandRouter),
+    // One router at a time, owned like a partition: the next owner subscribes only
+    // after the previous one closed its channel, so what it had prefetched is back at
+    // the front of the queue first (with single active consumer alone, a waiting
+    // router would become active at the cancel, before those return).
+    let route_one: ConsumeOne = {
+        let bus = bus.clone();
+        Arc::new(move |queue, stop| {
+            let bus = bus.clone();
+            Box::pin(async move {
+                Ok(
+                    bus::consume(&bus, queue, router_options(), Arc::new(CommandRouter), stop)
+                        .await?,
+                )
+            })
+        })
+    };
+    let router = crate::partitions::consume_owned(
+        Partitioned {
+            worker: "commands-router",
+            queues: &[COMMAND_INTAKE_QUEUE],
+            database_url: settings.database_url.clone(),
+        },
+        route_one,
         shutdown.clone(),
     );
     // What an older build left in the old intake is routed too, by every process: the
