@@ -13,10 +13,9 @@ pub const COMMANDS_EXCHANGE: &str = "orderflow.commands";
 pub const EVENTS_EXCHANGE: &str = "orderflow.events";
 /// Messages that cannot be decoded, or whose retries are exhausted.
 pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letter";
-/// Every command (`#` on [`COMMANDS_EXCHANGE`]), consumed by the router. A quorum
-/// queue with `x-single-active-consumer`: every `commands` process subscribes, the
-/// broker delivers to one at a time and fails over when its channel goes, so commands
-/// are forwarded to their partitions in publish order. (An exclusive consumer on the
+/// Every command (`#` on [`COMMANDS_EXCHANGE`]), consumed by the router of the one
+/// process that owns it. A quorum queue with `x-single-active-consumer`, so that the
+/// broker delivers to one consumer at a time even if two ever subscribe. (An exclusive consumer on the
 /// old intake would have kept its name, but RabbitMQ 3.10's quorum queues accept a
 /// second "exclusive" consumer: tried, ADR 0005.)
 pub const COMMAND_INTAKE_QUEUE: &str = "orderflow.commands.router";

@@ -1,5 +1,5 @@
-//! The command router (ADR 0005, "Per-order ordering"): the one active consumer of the
-//! intake queue (single active consumer; the other processes' routers wait). It
+//! The command router (ADR 0005, "Per-order ordering"): the one consumer of the intake
+//! queue, in the process that owns it (`services::partitions`, like a partition). It
 //! decodes each command just far enough to know its order (or its SKU for
 //! `stock.set`) and forwards it, body and properties as sent, to that order's
 //! partition queue, which one process at a time consumes. Undecodable commands are

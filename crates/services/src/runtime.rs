@@ -408,8 +408,8 @@ fn partition_options() -> ConsumeOptions {
     }
 }
 
-/// The router's options: the intake's active consumer (single active consumer; the
-/// other processes' routers wait), forwarding many orders' commands at once.
+/// The router's options: the intake's one consumer, forwarding many orders' commands
+/// at once.
 fn router_options() -> ConsumeOptions {
     ConsumeOptions {
         prefetch: 256,
