@@ -275,3 +275,71 @@ async fn the_router_moves_to_another_process_when_its_owner_is_killed() -> anyho
     assert_sets_in_publish_order(&system, &skus).await?;
     kill(second).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_router_and_partitions_are_handed_over_in_order_when_their_owner_stops(
+) -> anyhow::Result<()> {
+    let mut system = System::start(&[]).await?;
+    let second = system.spawn_process("second", &["commands"], &[]).await?;
+    wait_owners(&system, 2).await?;
+
+    // SIGTERM to the owner of the router and of half the partitions while commands
+    // keep coming (published by another client): the other process must take over
+    // after what the stopping one had taken, not before it.
+    let skus = skus("STOP", 48);
+    let publisher = tokio::spawn(publish_rounds_from_elsewhere(
+        system.vhost.url.clone(),
+        skus.clone(),
+    ));
+    let stopped = system
+        .terminate_worker(std::time::Duration::from_secs(40))
+        .await?;
+    anyhow::ensure!(
+        stopped.success(),
+        "orderflow run did not stop cleanly: {stopped}"
+    );
+    publisher.await??;
+
+    wait_owners(&system, 1).await?;
+    system.wait_commands_handled().await?;
+    for sku in &skus {
+        system
+            .wait_event(&stock_stream(sku), "StockSet", usize::try_from(ROUNDS)?)
+            .await?;
+    }
+    assert_sets_in_publish_order(&system, &skus).await?;
+    kill(second).await
+}
+
+/// Publishes rounds 1..=ROUNDS of `stock.set` for `skus` on a connection of its own.
+async fn publish_rounds_from_elsewhere(url: String, skus: Vec<String>) -> anyhow::Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::ShortString;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for round in 1..=ROUNDS {
+        for sku in &skus {
+            let body = serde_json::to_vec(&serde_json::json!({"sku": sku, "quantity": round}))?;
+            let properties = BasicProperties::default()
+                .with_content_type(ShortString::from("application/json"))
+                .with_message_id(ShortString::from(Uuid::new_v4().to_string()))
+                .with_delivery_mode(2);
+            let confirmation = channel
+                .basic_publish(
+                    ShortString::from(COMMANDS_EXCHANGE),
+                    ShortString::from("stock.set"),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await?
+                .await?;
+            anyhow::ensure!(confirmation.is_ack(), "stock.set of {sku} not confirmed");
+        }
+    }
+    Ok(())
+}
