@@ -15,8 +15,16 @@ use crate::harness::{order, stock_stream, System, COMMANDS_EXCHANGE, DEADLINE, I
 /// Rounds of `stock.set` per SKU: round `r` sets the SKU to `r`.
 const ROUNDS: i64 = 8;
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// Where each registered process serves `/metrics` (each bound `127.0.0.1:0`, so that
+/// no port chosen in advance can be taken by a parallel test in between).
+async fn metrics_addrs(system: &System) -> anyhow::Result<Vec<SocketAddr>> {
+    let addrs: Vec<Option<String>> = sqlx::query_scalar("SELECT http_addr FROM workers")
+        .fetch_all(system.pool())
+        .await?;
+    addrs
+        .into_iter()
+        .map(|addr| Ok(addr.unwrap_or_default().parse::<SocketAddr>()?))
+        .collect()
 }
 
 /// `orderflow_messages_handled_total{worker="commands"}` of the process serving `addr`.
@@ -115,19 +123,12 @@ async fn kill(mut child: Child) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_processes_share_the_commands_and_keep_every_orders_in_publish_order(
 ) -> anyhow::Result<()> {
-    let (addr_a, addr_b) = (free_addr()?, free_addr()?);
     let system = System::start(&[
-        ("ORDERFLOW_HTTP_ADDR", &addr_a.to_string()),
+        ("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0"),
         ("ORDERFLOW_REVIEW_THRESHOLD_CENTS", "1000"),
     ])
     .await?;
-    let second = system
-        .spawn_process(
-            "second",
-            &["commands"],
-            &[("ORDERFLOW_HTTP_ADDR", &addr_b.to_string())],
-        )
-        .await?;
+    let second = system.spawn_process("second", &["commands"], &[]).await?;
     wait_owners(&system, 2).await?;
 
     // Stock sets, many SKUs, each set 1..=ROUNDS back to back.
@@ -176,12 +177,14 @@ async fn two_processes_share_the_commands_and_keep_every_orders_in_publish_order
     assert_sets_in_publish_order(&system, &skus).await?;
 
     // Both processes handled commands: the load is shared.
-    let handled = (
-        commands_handled(addr_a).await?,
-        commands_handled(addr_b).await?,
-    );
+    let addrs = metrics_addrs(&system).await?;
+    assert_eq!(addrs.len(), 2, "two processes registered: {addrs:?}");
+    let mut handled = Vec::new();
+    for addr in addrs {
+        handled.push(commands_handled(addr).await?);
+    }
     assert!(
-        handled.0 > 0.0 && handled.1 > 0.0,
+        handled.iter().all(|n| *n > 0.0),
         "commands handled per process: {handled:?}"
     );
     kill(second).await
