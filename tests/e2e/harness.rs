@@ -22,8 +22,22 @@ use uuid::Uuid;
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 pub const COMMANDS_EXCHANGE: &str = "orderflow.commands";
+/// Where commands arrive: the router's queue (ADR 0005).
+pub const ROUTER_QUEUE: &str = "orderflow.commands.router";
+/// The intake before commands were partitioned; parked commands keep its name.
 pub const INTAKE_QUEUE: &str = "orderflow.commands.intake";
 pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letter";
+/// Where the router forwards each command (ADR 0005): one per partition.
+pub const COMMAND_PARTITION_QUEUES: [&str; 8] = [
+    "orderflow.commands.p0",
+    "orderflow.commands.p1",
+    "orderflow.commands.p2",
+    "orderflow.commands.p3",
+    "orderflow.commands.p4",
+    "orderflow.commands.p5",
+    "orderflow.commands.p6",
+    "orderflow.commands.p7",
+];
 
 /// Settings every system gets unless the test overrides them: short carrier delays.
 const DEFAULT_ENV: &[(&str, &str)] = &[
@@ -164,6 +178,52 @@ impl System {
         self.wait_ready().await
     }
 
+    /// Starts one more `orderflow run` process on this system's database and vhost,
+    /// running `workers` (all when empty) with `extra_env` added; its output goes to
+    /// `<log>.<label>`. The caller owns (and kills) it.
+    pub async fn spawn_process(
+        &self,
+        label: &str,
+        workers: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Child> {
+        let path = self.log_path.with_extension(format!("{label}.log"));
+        eprintln!("orderflow log ({label}): {}", path.display());
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let only = workers.iter().flat_map(|w| ["--only", *w]);
+        tokio::process::Command::new(binary()?)
+            .arg("run")
+            .args(only)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start another orderflow run")
+    }
+
+    /// Binds `queue` to `exchange` with `key`, as an older build's topology did.
+    pub async fn bind(&self, queue: &str, exchange: &str, key: &str) -> anyhow::Result<()> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_bind(
+                ShortString::from(queue),
+                ShortString::from(exchange),
+                ShortString::from(key),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "bound".into()).await;
+        Ok(())
+    }
+
     /// The workers the next `start_worker` runs (all when empty).
     pub fn set_workers(&mut self, workers: &[&str]) {
         self.workers = workers.iter().map(|w| (*w).to_owned()).collect();
@@ -206,7 +266,7 @@ impl System {
             let channel = connection.create_channel().await?;
             let declared = channel
                 .queue_declare(
-                    ShortString::from(INTAKE_QUEUE),
+                    ShortString::from(ROUTER_QUEUE),
                     QueueDeclareOptions {
                         passive: true,
                         ..QueueDeclareOptions::default()
@@ -466,6 +526,16 @@ impl System {
 
     /// Messages in a queue, ready and unacknowledged, as the broker counts them.
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u64> {
+        let depths = self.queue_depths().await?;
+        depths
+            .iter()
+            .find(|(name, _)| name == queue)
+            .map(|(_, count)| *count)
+            .with_context(|| format!("no queue {queue} in {depths:?}"))
+    }
+
+    /// `(queue, messages)` of every queue of the vhost, as the broker counts them.
+    pub async fn queue_depths(&self) -> anyhow::Result<Vec<(String, u64)>> {
         let line = std::env::var("ORDERFLOW_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
         let mut words = line.split_whitespace();
         let program = words.next().context("ORDERFLOW_RABBITMQCTL is empty")?;
@@ -495,17 +565,28 @@ impl System {
                 let mut words = l.split_whitespace();
                 Some((words.next()?, words.next()?))
             })
-            .find(|(name, _)| *name == queue)
-            .map(|(_, count)| count.parse::<u64>())
-            .transpose()?
-            .with_context(|| format!("no queue {queue} in {text}"))
+            .map(|(name, count)| Ok((name.to_owned(), count.parse::<u64>()?)))
+            .collect()
     }
 
-    /// Waits until every command published so far has been handled and acknowledged.
+    /// Waits until every command published so far has been handled and acknowledged:
+    /// the router's queue, the old intake and every command partition are empty.
     pub async fn wait_commands_handled(&self) -> anyhow::Result<()> {
-        testkit::wait_until("the intake queue to drain", DEADLINE, || async {
-            Ok((self.queue_depth(INTAKE_QUEUE).await? == 0).then_some(()))
-        })
+        testkit::wait_until(
+            "the intake and partition queues to drain",
+            DEADLINE,
+            || async {
+                let depths = self.queue_depths().await?;
+                let pending: u64 = depths
+                    .iter()
+                    .filter(|(name, _)| {
+                        name == INTAKE_QUEUE || COMMAND_PARTITION_QUEUES.contains(&name.as_str())
+                    })
+                    .map(|(_, count)| count)
+                    .sum();
+                Ok((pending == 0).then_some(()))
+            },
+        )
         .await
     }
 

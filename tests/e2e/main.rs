@@ -13,6 +13,7 @@ mod fulfilment;
 mod intake;
 mod operations;
 mod parking;
+mod partitions;
 mod refusals;
 mod restart;
 mod review;

@@ -135,9 +135,9 @@ async fn top_once_shows_orders_flowing_and_a_dead_letter() -> anyhow::Result<()>
         .and_then(|n| n.parse::<i64>().ok())
         .context("no log head in the title")?;
     assert!(head > 10, "log head {head} after two orders: {text}");
-    // the intake is consumed by the running process
+    // the intake (the router's queue) is consumed by the running process
     assert_eq!(
-        row(&text, "orderflow.commands.intake").get(2),
+        row(&text, "orderflow.commands.router").get(2),
         Some(&"1".to_owned()),
         "{text}"
     );

@@ -432,7 +432,7 @@ async fn drive(
 }
 
 fn bus_intake() -> &'static str {
-    "orderflow.commands.intake"
+    "orderflow.commands.router"
 }
 
 async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>

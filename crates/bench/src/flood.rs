@@ -23,7 +23,8 @@ use crate::report::{fmt_ratio, fmt_value, Report, Row};
 use crate::Ctx;
 
 const COMMANDS_EXCHANGE: &str = "orderflow.commands";
-const INTAKE_QUEUE: &str = "orderflow.commands.intake";
+/// Where commands arrive (the router's queue, ADR 0005); the partitions follow it.
+const INTAKE_QUEUE: &str = "orderflow.commands.router";
 const SKUS: u64 = 100;
 /// Publishes in flight before the publisher waits for the oldest confirm.
 const CONFIRM_WINDOW: usize = 1_000;

@@ -354,6 +354,9 @@ enum Verdict {
         reason: String,
         attempts: u32,
     },
+    Forward {
+        queue: String,
+    },
     /// In-process retries ran out on a transient failure: try again after a delay.
     RetryLater {
         reason: String,
@@ -374,6 +377,7 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
     let verdict = run_handler(&handler, &incoming, &options).await;
     let settled = match verdict {
         Verdict::Ack => Ok(()),
+        Verdict::Forward { queue } => forward(&bus, &delivery, &incoming, &queue).await,
         Verdict::RetryLater { reason, attempts } => {
             let round = retry_round(&incoming).saturating_add(1);
             if let Some(parking) = handler.park(&incoming, &reason, attempts) {
@@ -451,6 +455,7 @@ async fn run_handler(
         let joined = tokio::spawn(async move { task_handler.handle(msg).await }).await;
         match joined {
             Ok(Outcome::Ack) => return Verdict::Ack,
+            Ok(Outcome::Forward { queue }) => return Verdict::Forward { queue },
             Ok(Outcome::DeadLetter { reason }) => return Verdict::DeadLetter { reason, attempts },
             Ok(Outcome::Retry { reason }) => {
                 let pause = if attempts > options.max_retries {
@@ -522,6 +527,27 @@ pub(crate) async fn dead_letter(
         ],
     );
     let message = Prepared::new("", DEAD_LETTER_QUEUE, &delivery.data, properties, true)?;
+    bus.publish_prepared(&message).await
+}
+
+/// Publishes the delivery to `queue` through the default exchange with its body and
+/// properties as received plus its origin, and waits for the confirm (mandatory: a
+/// missing queue is an error, and the message goes back to where it came from).
+async fn forward(
+    bus: &Bus,
+    delivery: &Delivery,
+    incoming: &Incoming,
+    queue: &str,
+) -> Result<(), BusError> {
+    let properties = with_origin(
+        delivery,
+        incoming,
+        &[(
+            headers::ROUTED_TO,
+            AMQPValue::LongString(LongString::from(queue.as_bytes())),
+        )],
+    );
+    let message = Prepared::new("", queue, &delivery.data, properties, true)?;
     bus.publish_prepared(&message).await
 }
 

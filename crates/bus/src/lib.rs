@@ -25,5 +25,6 @@ pub use message::{
     headers as header_names, Incoming, Outcome, OutgoingMessage, OutgoingProperties,
 };
 pub use topology::{
-    declare_topology, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE,
+    declare_topology, partition_of, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE, COMMAND_PARTITIONS,
+    COMMAND_PARTITION_QUEUES, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, LEGACY_COMMAND_INTAKE_QUEUE,
 };

@@ -22,6 +22,9 @@ pub mod headers {
     pub const ATTEMPTS: &str = "x-orderflow-attempts";
     /// How many delayed-retry rounds the message has been through.
     pub const RETRY_ROUND: &str = "x-orderflow-retry-round";
+    /// On a message the router forwarded to a partition queue: that queue. Its
+    /// origin headers say where it was first published.
+    pub const ROUTED_TO: &str = "x-orderflow-routed-to";
     /// Prefix of every header the bus adds (stripped again by `dlq_retry`).
     pub const PREFIX: &str = "x-orderflow-";
 }
@@ -131,10 +134,11 @@ impl Incoming {
     pub(crate) fn from_delivery(delivery: &Delivery) -> Self {
         let properties = &delivery.properties;
         let headers = render_headers(properties.headers().as_ref());
-        // A message back from a delay queue arrives through the default exchange with
-        // the queue's name as routing key; the handler sees where it was first sent.
+        // A message back from a delay queue, or forwarded to a partition by the router,
+        // arrives through the default exchange with the queue's name as routing key; the
+        // handler sees where it was first sent.
         let (exchange, routing_key) = match (
-            headers.contains_key(headers::RETRY_ROUND),
+            headers.contains_key(headers::RETRY_ROUND) || headers.contains_key(headers::ROUTED_TO),
             headers.get(headers::ORIGINAL_EXCHANGE),
             headers.get(headers::ORIGINAL_ROUTING_KEY),
         ) {
@@ -168,6 +172,10 @@ pub enum Outcome {
     Ack,
     /// It can never succeed (cannot be decoded…): move it to `orderflow.dead-letter`.
     DeadLetter { reason: String },
+    /// Move it, body and properties as received, to `queue` (through the default
+    /// exchange, with its origin in headers), wait for the confirm, then acknowledge:
+    /// what a router does.
+    Forward { queue: String },
     /// A transient failure: try again shortly, a bounded number of times, then dead-letter.
     Retry { reason: String },
 }

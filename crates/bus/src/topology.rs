@@ -13,8 +13,35 @@ pub const COMMANDS_EXCHANGE: &str = "orderflow.commands";
 pub const EVENTS_EXCHANGE: &str = "orderflow.events";
 /// Messages that cannot be decoded, or whose retries are exhausted.
 pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letter";
-/// Every command (`#` on [`COMMANDS_EXCHANGE`]).
-pub const COMMAND_INTAKE_QUEUE: &str = "orderflow.commands.intake";
+/// Every command (`#` on [`COMMANDS_EXCHANGE`]), consumed by the router of the one
+/// process that owns it. A quorum queue with `x-single-active-consumer`, so that the
+/// broker delivers to one consumer at a time even if two ever subscribe. (An exclusive consumer on the
+/// old intake would have kept its name, but RabbitMQ 3.10's quorum queues accept a
+/// second "exclusive" consumer: tried, ADR 0005.)
+pub const COMMAND_INTAKE_QUEUE: &str = "orderflow.commands.router";
+/// The intake before commands were partitioned. A queue's arguments cannot change, so
+/// the router's queue has a new name; this one is still declared (as it was), no
+/// longer bound, and consumed by the router until it is empty and deleted by hand.
+pub const LEGACY_COMMAND_INTAKE_QUEUE: &str = "orderflow.commands.intake";
+
+/// How many partitions the commands are split into (fixed per deployment: changing it
+/// moves orders to other partitions, so drain the partition queues first).
+pub const COMMAND_PARTITIONS: usize = 8;
+/// The command partitions (ADR 0005, "Per-order ordering"): the router, the one active
+/// consumer of [`COMMAND_INTAKE_QUEUE`], forwards each command to
+/// `COMMAND_PARTITION_QUEUES[partition_of(order or SKU)]` through the default exchange.
+/// Quorum queues with `x-single-active-consumer`: whatever a process believes it owns,
+/// the broker hands a partition to one consumer at a time, in queue order.
+pub const COMMAND_PARTITION_QUEUES: [&str; COMMAND_PARTITIONS] = [
+    "orderflow.commands.p0",
+    "orderflow.commands.p1",
+    "orderflow.commands.p2",
+    "orderflow.commands.p3",
+    "orderflow.commands.p4",
+    "orderflow.commands.p5",
+    "orderflow.commands.p6",
+    "orderflow.commands.p7",
+];
 
 pub const ORDER_QUEUE: &str = "orderflow.order";
 pub const INVENTORY_QUEUE: &str = "orderflow.inventory";
@@ -82,8 +109,10 @@ pub const SERVICE_QUEUES: &[(&str, &[&str])] = &[
 
 /// All queues this topology declares (all durable quorum queues).
 pub fn all_queues() -> impl Iterator<Item = &'static str> {
-    [COMMAND_INTAKE_QUEUE, DEAD_LETTER_QUEUE]
+    [COMMAND_INTAKE_QUEUE, LEGACY_COMMAND_INTAKE_QUEUE]
         .into_iter()
+        .chain(COMMAND_PARTITION_QUEUES)
+        .chain([DEAD_LETTER_QUEUE])
         .chain(SERVICE_QUEUES.iter().map(|(queue, _)| *queue))
 }
 
@@ -105,12 +134,17 @@ pub async fn declare_topology(channel: &Channel) -> Result<(), BusError> {
             .map_err(|e| BusError::amqp(format!("declaring exchange {exchange}"), e))?;
     }
     for queue in all_queues() {
-        declare_quorum_queue(channel, queue).await?;
+        let single_active =
+            queue == COMMAND_INTAKE_QUEUE || COMMAND_PARTITION_QUEUES.contains(&queue);
+        declare_quorum_queue(channel, queue, single_active).await?;
     }
     for (tier, ttl_ms) in RETRY_TIERS {
         declare_retry_tier(channel, tier, ttl_ms).await?;
     }
     bind(channel, COMMAND_INTAKE_QUEUE, COMMANDS_EXCHANGE, "#").await?;
+    // Every command once: the old intake gets no more (an old build still running
+    // binds it again when it reconnects; duplicates have no effect, see "Upgrading").
+    unbind(channel, LEGACY_COMMAND_INTAKE_QUEUE, COMMANDS_EXCHANGE, "#").await?;
     for (queue, keys) in SERVICE_QUEUES {
         for key in *keys {
             bind(channel, queue, EVENTS_EXCHANGE, key).await?;
@@ -128,7 +162,18 @@ fn quorum_arguments() -> FieldTable {
     arguments
 }
 
-async fn declare_quorum_queue(channel: &Channel, queue: &str) -> Result<(), BusError> {
+async fn declare_quorum_queue(
+    channel: &Channel,
+    queue: &str,
+    single_active: bool,
+) -> Result<(), BusError> {
+    let mut arguments = quorum_arguments();
+    if single_active {
+        arguments.insert(
+            ShortString::from("x-single-active-consumer"),
+            AMQPValue::Boolean(true),
+        );
+    }
     channel
         .queue_declare(
             ShortString::from(queue),
@@ -136,7 +181,7 @@ async fn declare_quorum_queue(channel: &Channel, queue: &str) -> Result<(), BusE
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            quorum_arguments(),
+            arguments,
         )
         .await
         .map_err(|e| BusError::amqp(format!("declaring queue {queue}"), e))?;
@@ -187,6 +232,18 @@ async fn declare_retry_tier(channel: &Channel, tier: &str, ttl_ms: u32) -> Resul
     bind(channel, tier, tier, "").await
 }
 
+async fn unbind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BusError> {
+    channel
+        .queue_unbind(
+            ShortString::from(queue),
+            ShortString::from(exchange),
+            ShortString::from(key),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BusError::amqp(format!("unbinding {queue} from {exchange} ({key})"), e))
+}
+
 async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BusError> {
     channel
         .queue_bind(
@@ -198,4 +255,58 @@ async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Resu
         )
         .await
         .map_err(|e| BusError::amqp(format!("binding {queue} to {exchange} with {key}"), e))
+}
+
+/// The partition (`0..partitions`) of `key` (e.g. `order:<id>`): FNV-1a, so that every
+/// process, whatever its Rust version, maps a key to the same partition.
+pub fn partition_of(key: &str, partitions: usize) -> usize {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = key.bytes().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    });
+    let partitions = u64::try_from(partitions.max(1)).unwrap_or(u64::MAX);
+    usize::try_from(hash % partitions).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_always_maps_to_the_same_partition() {
+        // Fixed values: a change here moves orders between partitions of a running
+        // deployment, which breaks their ordering during the change.
+        assert_eq!(partition_of("", 8), 0xcbf2_9ce4_8422_2325_u64 as usize % 8);
+        assert_eq!(
+            partition_of("order:7f0c1f2e-9a43-4a53-9a0e-0d6f3f6f4a11", 8),
+            partition_of("order:7f0c1f2e-9a43-4a53-9a0e-0d6f3f6f4a11", 8)
+        );
+        assert_eq!(partition_of("anything", 1), 0);
+        assert_eq!(partition_of("anything", 0), 0);
+    }
+
+    #[test]
+    fn orders_spread_over_every_partition() {
+        let mut counts = [0_usize; COMMAND_PARTITIONS];
+        for n in 0..8_000 {
+            let key = format!("order:{}", uuid::Uuid::from_u128(n * 7_919 + 13));
+            counts[partition_of(&key, COMMAND_PARTITIONS)] += 1;
+        }
+        // 1 000 expected each; FNV-1a keeps every partition within 20 % of that
+        assert!(
+            counts.iter().all(|c| (800..1_200).contains(c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn partition_queues_are_distinct_and_listed() {
+        let queues: std::collections::BTreeSet<&str> =
+            COMMAND_PARTITION_QUEUES.into_iter().collect();
+        assert_eq!(queues.len(), COMMAND_PARTITIONS);
+        assert!(COMMAND_PARTITION_QUEUES
+            .iter()
+            .all(|q| all_queues().any(|a| a == *q)));
+    }
 }

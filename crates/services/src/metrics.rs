@@ -94,7 +94,9 @@ pub fn install() -> PrometheusHandle {
 pub fn record_outcome(worker: &'static str, outcome: &Outcome, took: Duration) {
     metrics::histogram!(HANDLER_SECONDS, "worker" => worker).record(took.as_secs_f64());
     match outcome {
-        Outcome::Ack => metrics::counter!(MESSAGES_HANDLED, "worker" => worker).increment(1),
+        Outcome::Ack | Outcome::Forward { .. } => {
+            metrics::counter!(MESSAGES_HANDLED, "worker" => worker).increment(1)
+        }
         Outcome::Retry { .. } => {
             metrics::counter!(MESSAGES_FAILED, "worker" => worker).increment(1);
             metrics::counter!(MESSAGES_RETRIED, "worker" => worker).increment(1);

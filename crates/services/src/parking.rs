@@ -497,10 +497,7 @@ pub async fn consume_with_parking(
     use futures::FutureExt;
     let shutdown = shutdown.boxed().shared();
     let queue = lot.queue.clone();
-    let handler = Arc::new(Metered::new(
-        lot.worker,
-        Arc::new(Parking::new(lot.clone(), inner.clone(), order_of)),
-    ));
+    let handler = parked_handler(&lot, inner.clone(), order_of);
     let lot = lot.with_dead_letter_copies(bus.clone());
     let grace = options.shutdown_grace;
     let mut drainer = tokio::spawn(drain(lot, inner, shutdown.clone()));
@@ -511,6 +508,19 @@ pub async fn consume_with_parking(
         drainer.abort();
     }
     Ok(consumed?)
+}
+
+/// `inner` with parking around it, metered as the lot's worker: what consumes the
+/// lot's queue (or each of its partitions).
+pub fn parked_handler(
+    lot: &ParkingLot,
+    inner: Arc<dyn bus::Handler>,
+    order_of: fn(&Incoming) -> Option<Uuid>,
+) -> Arc<dyn bus::Handler> {
+    Arc::new(Metered::new(
+        lot.worker,
+        Arc::new(Parking::new(lot.clone(), inner, order_of)),
+    ))
 }
 
 /// Replays due parked orders of the lot's queue, one at a time, until `shutdown`.
@@ -586,6 +596,13 @@ async fn attempt(inner: &Arc<dyn bus::Handler>, msg: Incoming) -> (Result<(), St
             Ok(Outcome::Ack) => return (Ok(()), attempts),
             Ok(Outcome::Retry { reason }) => reason,
             Ok(Outcome::DeadLetter { reason }) => return (Err(reason), attempts),
+            // Parked messages are replayed to the worker's own handler, never a router's.
+            Ok(Outcome::Forward { queue }) => {
+                return (
+                    Err(format!("a replay cannot be forwarded (to {queue})")),
+                    attempts,
+                )
+            }
             Err(join_error) => return (Err(format!("handler failed: {join_error}")), attempts),
         };
         if attempts >= REPLAY_ATTEMPTS {

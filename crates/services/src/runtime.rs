@@ -8,7 +8,10 @@ use std::time::Duration;
 use bus::topology::{
     INVENTORY_QUEUE, NOTIFICATION_QUEUE, ORDER_QUEUE, PAYMENT_QUEUE, SHIPPING_QUEUE,
 };
-use bus::{Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE};
+use bus::{
+    Bus, ConsumeOptions, COMMAND_INTAKE_QUEUE, COMMAND_PARTITION_QUEUES,
+    LEGACY_COMMAND_INTAKE_QUEUE,
+};
 use domain::Rules;
 use eventstore::EventStore;
 use tokio::sync::watch;
@@ -21,8 +24,10 @@ use crate::health::Probes;
 use crate::inventory::Inventory;
 use crate::notification::Notifications;
 use crate::parking::ParkingLot;
+use crate::partitions::{ConsumeOne, Partitioned};
 use crate::payment::Payments;
 use crate::registry::Registration;
+use crate::router::CommandRouter;
 use crate::saga::OrderSaga;
 use crate::settings::{redact_url, Settings};
 use crate::shipping::Shipping;
@@ -326,22 +331,7 @@ fn start(
                 .await
             }
             "timers" => Scheduler::new(store).run(shutdown).await,
-            "commands" => {
-                let pool = store.pool().clone();
-                let handler = Arc::new(CommandHandler(Arc::new(CommandService::new(
-                    store,
-                    rules(&settings),
-                ))));
-                crate::parking::consume_with_parking(
-                    &bus_or_err()?,
-                    ParkingLot::new(pool, COMMAND_INTAKE_QUEUE, "commands"),
-                    consume_options("commands"),
-                    handler,
-                    crate::commands::order_of,
-                    shutdown,
-                )
-                .await
-            }
+            "commands" => consume_commands(bus_or_err()?, store, &settings, shutdown).await,
             "order" => {
                 let pool = store.pool().clone();
                 consume_events(
@@ -405,6 +395,117 @@ fn start(
             _ => Ok(()),
         }
     })
+}
+
+/// Consume options of one command partition: a process may own all of them, so each
+/// gets a share of what the intake had alone (8 × 8 handlers at most per process).
+fn partition_options() -> ConsumeOptions {
+    ConsumeOptions {
+        prefetch: 32,
+        concurrency: 8,
+        consumer_tag_prefix: "orderflow-commands".to_owned(),
+        ..ConsumeOptions::default()
+    }
+}
+
+/// The router's options: the intake's one consumer, forwarding many orders' commands
+/// at once.
+fn router_options() -> ConsumeOptions {
+    ConsumeOptions {
+        prefetch: 256,
+        concurrency: 64,
+        consumer_tag_prefix: "orderflow-router".to_owned(),
+        ..ConsumeOptions::default()
+    }
+}
+
+/// The commands worker (ADR 0005, "Per-order ordering"): the router (active in one
+/// process at a time) forwards each command to its order's partition; this process
+/// consumes the partitions it owns, with parking around the handler, and drains the
+/// parked commands beside them.
+async fn consume_commands(
+    bus: Bus,
+    store: EventStore,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    use futures::FutureExt;
+    let shutdown = shutdown.boxed().shared();
+    // Parked commands keep the queue name they were parked under before partitioning.
+    let lot = ParkingLot::new(
+        store.pool().clone(),
+        LEGACY_COMMAND_INTAKE_QUEUE,
+        "commands",
+    );
+    let inner: Arc<dyn bus::Handler> = Arc::new(CommandHandler(Arc::new(CommandService::new(
+        store,
+        rules(settings),
+    ))));
+    let handler = crate::parking::parked_handler(&lot, inner.clone(), crate::commands::order_of);
+    let mut drainer = tokio::spawn(crate::parking::drain(
+        lot.with_dead_letter_copies(bus.clone()),
+        inner,
+        shutdown.clone(),
+    ));
+    let consume_one: ConsumeOne = {
+        let bus = bus.clone();
+        Arc::new(move |queue, stop| {
+            let (bus, handler) = (bus.clone(), handler.clone());
+            Box::pin(async move {
+                Ok(bus::consume(&bus, queue, partition_options(), handler, stop).await?)
+            })
+        })
+    };
+    let partitioned = Partitioned {
+        worker: "commands",
+        queues: &COMMAND_PARTITION_QUEUES,
+        database_url: settings.database_url.clone(),
+    };
+    // One router at a time, owned like a partition: the next owner subscribes only
+    // after the previous one closed its channel, so what it had prefetched is back at
+    // the front of the queue first (with single active consumer alone, a waiting
+    // router would become active at the cancel, before those return).
+    let route_one: ConsumeOne = {
+        let bus = bus.clone();
+        Arc::new(move |queue, stop| {
+            let bus = bus.clone();
+            Box::pin(async move {
+                Ok(
+                    bus::consume(&bus, queue, router_options(), Arc::new(CommandRouter), stop)
+                        .await?,
+                )
+            })
+        })
+    };
+    let router = crate::partitions::consume_owned(
+        Partitioned {
+            worker: "commands-router",
+            queues: &[COMMAND_INTAKE_QUEUE],
+            database_url: settings.database_url.clone(),
+        },
+        route_one,
+        shutdown.clone(),
+    );
+    // What an older build left in the old intake is routed too, by every process: the
+    // order of commands in flight during the upgrade is not kept (it was not before).
+    let legacy = bus::consume(
+        &bus,
+        LEGACY_COMMAND_INTAKE_QUEUE,
+        router_options(),
+        Arc::new(CommandRouter),
+        shutdown.clone(),
+    );
+    let owned = crate::partitions::consume_owned(partitioned, consume_one, shutdown.clone());
+    let (routed, legacy, owned) = tokio::join!(router, legacy, owned);
+    if tokio::time::timeout(partition_options().shutdown_grace, &mut drainer)
+        .await
+        .is_err()
+    {
+        drainer.abort();
+    }
+    routed?;
+    legacy?;
+    owned
 }
 
 async fn consume_events<S: EventService>(

@@ -4,6 +4,7 @@ mod backpressure;
 mod consume;
 mod dlq;
 mod parking;
+mod partition;
 mod publish;
 mod reconnect;
 mod support;
