@@ -265,8 +265,7 @@ impl Projection for MilestonesProjection {
                 .collect();
             let history = load_streams(conn, &streams_to_load(events, &versions)).await?;
             let (rows, progress) = fold_page(events, stored, &history);
-            insert(conn, &rows).await?;
-            save_progress(conn, &progress).await
+            write(conn, &rows, &progress).await
         })
     }
 }
@@ -311,44 +310,6 @@ async fn load_progress(
             ))
         })
         .collect())
-}
-
-async fn save_progress(
-    conn: &mut PgConnection,
-    progress: &HashMap<String, Progress>,
-) -> Result<(), ProjectorError> {
-    if progress.is_empty() {
-        return Ok(());
-    }
-    let mut streams = Vec::with_capacity(progress.len());
-    let mut versions = Vec::with_capacity(progress.len());
-    let mut statuses = Vec::with_capacity(progress.len());
-    let mut lines = Vec::with_capacity(progress.len());
-    for (stream, p) in progress {
-        streams.push(stream.as_str());
-        versions.push(p.version);
-        statuses.push(status_code(p.state.status));
-        lines.push(
-            p.state
-                .lines
-                .iter()
-                .map(|l| line_code(*l))
-                .collect::<String>(),
-        );
-    }
-    sqlx::query(
-        "INSERT INTO order_milestone_progress (stream_name, version, status, lines)
-         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[])
-         ON CONFLICT (stream_name) DO UPDATE SET
-             version = EXCLUDED.version, status = EXCLUDED.status, lines = EXCLUDED.lines",
-    )
-    .bind(&streams)
-    .bind(&versions)
-    .bind(&statuses)
-    .bind(&lines)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// How `order_milestone_progress.status` names an `OrderStatus`.
@@ -435,12 +396,40 @@ async fn load_streams(
     Ok(loaded)
 }
 
-async fn insert(conn: &mut PgConnection, rows: &[MilestoneRow]) -> Result<(), ProjectorError> {
-    if rows.is_empty() {
+/// Writes a page's milestone rows and its streams' progress in one statement (the
+/// progress upsert as a data-modifying CTE: the two touch different tables).
+async fn write(
+    conn: &mut PgConnection,
+    rows: &[MilestoneRow],
+    progress: &HashMap<String, Progress>,
+) -> Result<(), ProjectorError> {
+    if rows.is_empty() && progress.is_empty() {
         return Ok(());
     }
+    let mut streams = Vec::with_capacity(progress.len());
+    let mut versions = Vec::with_capacity(progress.len());
+    let mut statuses = Vec::with_capacity(progress.len());
+    let mut lines = Vec::with_capacity(progress.len());
+    for (stream, p) in progress {
+        streams.push(stream.as_str());
+        versions.push(p.version);
+        statuses.push(status_code(p.state.status));
+        lines.push(
+            p.state
+                .lines
+                .iter()
+                .map(|l| line_code(*l))
+                .collect::<String>(),
+        );
+    }
     sqlx::query(
-        "INSERT INTO order_milestones (order_id, milestone, reached_at, global_position)
+        "WITH progress AS (
+             INSERT INTO order_milestone_progress (stream_name, version, status, lines)
+             SELECT * FROM UNNEST($5::text[], $6::bigint[], $7::text[], $8::text[])
+             ON CONFLICT (stream_name) DO UPDATE SET
+                 version = EXCLUDED.version, status = EXCLUDED.status, lines = EXCLUDED.lines
+         )
+         INSERT INTO order_milestones (order_id, milestone, reached_at, global_position)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[])
          ON CONFLICT (order_id, milestone) DO NOTHING",
     )
@@ -452,6 +441,10 @@ async fn insert(conn: &mut PgConnection, rows: &[MilestoneRow]) -> Result<(), Pr
     )
     .bind(rows.iter().map(|r| r.reached_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.global_position).collect::<Vec<_>>())
+    .bind(&streams)
+    .bind(&versions)
+    .bind(&statuses)
+    .bind(&lines)
     .execute(conn)
     .await?;
     Ok(())

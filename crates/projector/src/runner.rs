@@ -15,8 +15,15 @@ use crate::{
     stock_levels::StockLevelsProjection, timers::TimersProjection,
 };
 
-/// Events read and applied per transaction.
+/// Events read and applied per transaction by the live projection.
 pub const PAGE_SIZE: i64 = 2_000;
+
+/// Events read and applied per page by a replay (one transaction for all pages). A
+/// page costs each projection one to three statements whatever its length, and on a
+/// busy machine every round trip waits for the server and the client to be scheduled
+/// again: bigger pages pay that less often. Two pages are in memory at most (one
+/// applied, one read ahead), some tens of MiB, however long the log.
+pub const REPLAY_PAGE_SIZE: i64 = 10_000;
 
 /// How long a caught-up projection waits for a wake-up before looking again anyway.
 const FALLBACK_POLL: Duration = Duration::from_millis(500);
@@ -104,13 +111,34 @@ struct Page {
     events: Vec<EventEnvelope>,
 }
 
-async fn read_page(store: &EventStore, after: LogPosition) -> Result<Page, ProjectorError> {
-    let records = store.read_all(after, PAGE_SIZE).await?;
+async fn read_page(
+    store: &EventStore,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Page, ProjectorError> {
+    let records = store.read_all(after, limit).await?;
     Ok(Page {
         last: records.last().map(RecordedEvent::log_position),
         read: records.len(),
         events: decode_page(records),
     })
+}
+
+/// [`read_page`] with the decoding on a blocking thread: decoding a replay page is tens
+/// of milliseconds of CPU, which would otherwise hold up one of the runtime's workers,
+/// and with it the replay's own statements waiting to be polled.
+async fn read_page_off_runtime(
+    store: &EventStore,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Page, ProjectorError> {
+    let records = store.read_all(after, limit).await?;
+    let last = records.last().map(RecordedEvent::log_position);
+    let read = records.len();
+    let events = tokio::task::spawn_blocking(move || decode_page(records))
+        .await
+        .map_err(|e| ProjectorError::ReadAhead(e.to_string()))?;
+    Ok(Page { last, read, events })
 }
 
 /// The next page, read and decoded by a task of its own while the caller applies the
@@ -123,7 +151,8 @@ impl ReadAhead {
     fn start(store: &EventStore, after: LogPosition) -> Self {
         let store = store.clone();
         Self(tokio::spawn(
-            async move { read_page(&store, after).await }.in_current_span(),
+            async move { read_page_off_runtime(&store, after, REPLAY_PAGE_SIZE).await }
+                .in_current_span(),
         ))
     }
 
@@ -150,7 +179,7 @@ pub async fn run_once(
     let name = checkpoint_name(projection);
     let mut tx = eventstore::begin(store.pool()).await?;
     let after = store.lock_checkpoint(&mut tx, &name).await?;
-    let page = read_page(store, after).await?;
+    let page = read_page(store, after, PAGE_SIZE).await?;
     let Some(last) = page.last else {
         return Ok(0);
     };
@@ -270,8 +299,12 @@ pub async fn replay_many(
     let mut applied = 0u64;
     let started = std::time::Instant::now();
     let mut ahead = ReadAhead::start(store, after);
+    let mut tmp_wait = Duration::ZERO;
+    let mut tmp_apply = vec![Duration::ZERO; projections.len()];
     loop {
+        let t0 = std::time::Instant::now();
         let page = ahead.page().await?;
+        tmp_wait += t0.elapsed();
         let Some(last) = page.last else {
             if !older_events_pending(store, after, ours).await? {
                 break;
@@ -285,8 +318,10 @@ pub async fn replay_many(
             continue;
         };
         ahead = ReadAhead::start(store, last);
-        for projection in projections {
+        for (i, projection) in projections.iter().enumerate() {
+            let t0 = std::time::Instant::now();
             projection.apply_page(&mut tx, &page.events).await?;
+            tmp_apply[i] += t0.elapsed();
         }
         applied += page.read as u64;
         after = last;
@@ -298,6 +333,12 @@ pub async fn replay_many(
             .await?;
     }
     tx.commit().await?;
+    if std::env::var_os("TMP_REPLAY_TIMING").is_some() {
+        eprintln!(
+            "TMP wait {tmp_wait:?} apply {tmp_apply:?} total {:?}",
+            started.elapsed()
+        );
+    }
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
     info!(projections = ?names, events = applied, "replay finished");
     Ok(applied)
