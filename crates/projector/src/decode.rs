@@ -8,15 +8,18 @@ pub fn to_envelope(rec: &RecordedEvent) -> Result<EventEnvelope, DecodeError> {
     Ok(envelope(rec, rec.stream_name.clone(), event))
 }
 
-/// [`to_envelope`] for a record the caller is done with: its stream name moves into
-/// the envelope instead of being copied (replay decodes a million of them).
-pub fn into_envelope(mut rec: RecordedEvent) -> Result<EventEnvelope, DecodeError> {
-    let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)?;
+/// A stored event read as text ([`EventStore::read_all_text`]) into a domain event
+/// with its identity: the payload is deserialised from its JSON text directly (upcast
+/// first if older), and the stream name moves instead of being copied.
+///
+/// [`EventStore::read_all_text`]: eventstore::EventStore::read_all_text
+pub fn text_into_envelope(mut rec: RecordedEvent<String>) -> Result<EventEnvelope, DecodeError> {
+    let event = DomainEvent::decode_text(&rec.event_type, rec.schema_version, &rec.payload)?;
     let stream_name = std::mem::take(&mut rec.stream_name);
     Ok(envelope(&rec, stream_name, event))
 }
 
-fn envelope(rec: &RecordedEvent, stream_name: String, event: DomainEvent) -> EventEnvelope {
+fn envelope<P>(rec: &RecordedEvent<P>, stream_name: String, event: DomainEvent) -> EventEnvelope {
     EventEnvelope {
         event_id: rec.event_id,
         stream_name,
@@ -31,12 +34,12 @@ fn envelope(rec: &RecordedEvent, stream_name: String, event: DomainEvent) -> Eve
 
 /// Decodes a page; an event this version cannot decode (say, written by a newer one)
 /// is skipped with a warning rather than stopping every read model.
-pub(crate) fn decode_page(records: Vec<RecordedEvent>) -> Vec<EventEnvelope> {
+pub(crate) fn decode_page(records: Vec<RecordedEvent<String>>) -> Vec<EventEnvelope> {
     records
         .into_iter()
         .filter_map(|rec| {
             let position = rec.global_position;
-            match into_envelope(rec) {
+            match text_into_envelope(rec) {
                 Ok(env) => Some(env),
                 Err(error) => {
                     warn!(global_position = position, %error, "skipping an event the projector cannot decode");

@@ -116,7 +116,7 @@ async fn read_page(
     after: LogPosition,
     limit: i64,
 ) -> Result<Page, ProjectorError> {
-    let records = store.read_all(after, limit).await?;
+    let records = store.read_all_text(after, limit).await?;
     Ok(Page {
         last: records.last().map(RecordedEvent::log_position),
         read: records.len(),
@@ -132,7 +132,7 @@ async fn read_page_off_runtime(
     after: LogPosition,
     limit: i64,
 ) -> Result<Page, ProjectorError> {
-    let records = store.read_all(after, limit).await?;
+    let records = store.read_all_text(after, limit).await?;
     let last = records.last().map(RecordedEvent::log_position);
     let read = records.len();
     let events = tokio::task::spawn_blocking(move || decode_page(records))
@@ -299,12 +299,8 @@ pub async fn replay_many(
     let mut applied = 0u64;
     let started = std::time::Instant::now();
     let mut ahead = ReadAhead::start(store, after);
-    let mut tmp_wait = Duration::ZERO;
-    let mut tmp_apply = vec![Duration::ZERO; projections.len()];
     loop {
-        let t0 = std::time::Instant::now();
         let page = ahead.page().await?;
-        tmp_wait += t0.elapsed();
         let Some(last) = page.last else {
             if !older_events_pending(store, after, ours).await? {
                 break;
@@ -318,10 +314,8 @@ pub async fn replay_many(
             continue;
         };
         ahead = ReadAhead::start(store, last);
-        for (i, projection) in projections.iter().enumerate() {
-            let t0 = std::time::Instant::now();
+        for projection in projections {
             projection.apply_page(&mut tx, &page.events).await?;
-            tmp_apply[i] += t0.elapsed();
         }
         applied += page.read as u64;
         after = last;
@@ -333,12 +327,6 @@ pub async fn replay_many(
             .await?;
     }
     tx.commit().await?;
-    if std::env::var_os("TMP_REPLAY_TIMING").is_some() {
-        eprintln!(
-            "TMP wait {tmp_wait:?} apply {tmp_apply:?} total {:?}",
-            started.elapsed()
-        );
-    }
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
     info!(projections = ?names, events = applied, "replay finished");
     Ok(applied)
