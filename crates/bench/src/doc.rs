@@ -584,8 +584,10 @@ mod tests {
         let phases: Vec<&str> = previous.rows.iter().map(|(p, _)| *p).collect();
         assert_eq!(phases, ["storage", "replay", "replay", "e2e"]);
 
-        let mut report = Report::default();
-        report.phase = "replay";
+        let mut report = Report {
+            phase: "replay",
+            ..Report::default()
+        };
         report.add(row("replay_x", "projector", "`projector::replay` x", 99.0));
         report.target("replay ≥ 1 events/s", true, "new replay");
         let doc = render(&report, at(3), at(4), Some(&previous), &["replay"]);
@@ -641,8 +643,10 @@ mod tests {
     #[test]
     fn a_full_run_carries_nothing_over() {
         let previous = Previous::parse(&full_run());
-        let mut report = Report::default();
-        report.phase = "storage";
+        let mut report = Report {
+            phase: "storage",
+            ..Report::default()
+        };
         report.add(row("batch_1", "event store", "`append_batch`", 12.0));
         let doc = render(
             &report,
