@@ -155,6 +155,59 @@ impl Previous {
     }
 }
 
+impl Previous {
+    /// The run a kept line of `phase` was measured in: the one its mark names, or the
+    /// previous run itself.
+    fn run_of(&self, phase: &str) -> String {
+        self.rows
+            .iter()
+            .chain(&self.targets)
+            .filter(|(p, _)| *p == phase)
+            .find_map(|(_, line)| {
+                let (_, rest) = line.split_once("carried over from the run of ")?;
+                rest.split_once(")*").map(|(run, _)| run.to_owned())
+            })
+            .unwrap_or_else(|| self.run.clone())
+    }
+
+    /// The load average recorded for `run`: the previous document's own, or the one
+    /// its `carried over` line gave for an older run.
+    fn load_of(&self, run: &str) -> String {
+        if run == self.run {
+            return self.load.clone();
+        }
+        self.carried
+            .iter()
+            .filter(|line| line.contains(run))
+            .find_map(|line| {
+                let (_, rest) = line.split_once("(load average (1 min) ")?;
+                rest.split_once(')').map(|(load, _)| load.to_owned())
+            })
+            .unwrap_or_else(|| "not recorded".to_owned())
+    }
+
+    /// One `carried over` condition line per run the kept figures come from.
+    fn carried_conditions(&self, carried: &[&str]) -> Vec<String> {
+        let mut runs: Vec<(String, Vec<&str>)> = Vec::new();
+        for phase in carried {
+            let run = self.run_of(phase);
+            match runs.iter_mut().find(|(r, _)| *r == run) {
+                Some((_, phases)) => phases.push(phase),
+                None => runs.push((run, vec![phase])),
+            }
+        }
+        runs.into_iter()
+            .map(|(run, phases)| {
+                format!(
+                    "- **carried over**: the figures of {} are not of this run but of the run of {run} (load average (1 min) {}), kept from the document this run rewrote",
+                    phases.join(", "),
+                    self.load_of(&run)
+                )
+            })
+            .collect()
+    }
+}
+
 fn is_table_row(line: &str, header: &str) -> bool {
     line.starts_with("| ") && !line.starts_with(header) && !line.starts_with("| ---")
 }
@@ -260,17 +313,10 @@ pub fn render(
     for (k, v) in &report.context {
         let _ = writeln!(out, "- **{k}**: {v}");
     }
-    if let Some(prev) = previous.filter(|_| !carried.is_empty()) {
-        for line in &prev.carried {
+    if let Some(prev) = previous {
+        for line in prev.carried_conditions(&carried) {
             let _ = writeln!(out, "{line}");
         }
-        let _ = writeln!(
-            out,
-            "- **carried over**: the figures of {} are not of this run but of the run of {} (load average (1 min) {}), kept from the document this run rewrote",
-            carried.join(", "),
-            prev.run,
-            prev.load
-        );
     }
     out.push_str(
         "\nThe machine is shared: other sessions build and run their test suites on the same \
@@ -632,6 +678,10 @@ mod tests {
             Some(&Previous::parse(&doc)),
             &["replay"],
         );
+        assert!(again.contains(
+            "- **carried over**: the figures of storage, e2e are not of this run but of the run of 2026-01-01 01:00:00 → 02:00:00 (UTC) (load average (1 min) 1.00 before, 2.00 after)"
+        ));
+        assert_eq!(again.matches("- **carried over**").count(), 1);
         let storage_row = again.lines().find(|l| l.contains("| 11.0 events/s |"));
         assert_eq!(
             storage_row.map(|l| l.matches("carried over").count()),

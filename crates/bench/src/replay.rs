@@ -137,7 +137,6 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
     let full_runs = replay_all(&store).await?;
     let (mut issue6, mut old_floor) = (true, true);
     let mut details = Vec::new();
-    let mut flat = true;
     let mut memory = Vec::new();
     for ((name, big), (_, little)) in full_runs.iter().zip(&small_runs) {
         let rate = big.rate();
@@ -149,13 +148,11 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
             fmt_value(rate),
             ratio * 100.0
         ));
-        // Flat: the peak at N is within 25% (+8 MiB for allocator noise) of the peak at N/10.
-        let ok = big.peak_kb as f64 <= little.peak_kb as f64 * 1.25 + 8.0 * 1024.0;
-        flat &= ok;
         memory.push(format!(
-            "{name} {:.0} MiB at N/10 → {:.0} MiB at N",
+            "{name} {:.0} MiB at N/10 → {:.0} MiB at N (+{:.0} MiB over its RSS before)",
             mib(little.peak_kb),
-            mib(big.peak_kb)
+            mib(big.peak_kb),
+            mib(big.peak_kb.saturating_sub(big.rss_before_kb))
         ));
         let what = if name == ALL_FOUR {
             format!(
@@ -202,8 +199,25 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
         old_floor,
         details,
     );
+    // Flat: the process's peak over the runs at N is within 25% (+8 MiB for allocator
+    // noise) of its peak over the runs at N/10. Compared over all runs, not run by run:
+    // the allocator keeps what a run freed, so each run starts from the peak of the
+    // runs before it (the N/10 `replay_many`, with four projections' pages, is the
+    // highest), and a run's own peak says more about its place in the order than
+    // about the log's length.
+    let peak = |runs: &[(String, Replayed)]| runs.iter().map(|(_, r)| r.peak_kb).max().unwrap_or(0);
+    let (small_peak, full_peak) = (peak(&small_runs), peak(&full_runs));
+    let flat = full_peak as f64 <= small_peak as f64 * 1.25 + 8.0 * 1024.0;
+    memory.insert(
+        0,
+        format!(
+            "process peak over the runs {:.0} MiB at N/10 → {:.0} MiB at N",
+            mib(small_peak),
+            mib(full_peak)
+        ),
+    );
     report.target(
-        "replay memory flat (peak RSS at N ≤ 1.25 × peak at N/10 + 8 MiB)",
+        "replay memory flat (the process's peak RSS over the replays at N ≤ 1.25 × over those at N/10 + 8 MiB)",
         flat,
         memory.join("; "),
     );
