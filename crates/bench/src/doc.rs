@@ -65,7 +65,233 @@ async fn postgres_facts(url: &str) -> anyhow::Result<Vec<(String, String)>> {
     ])
 }
 
-pub fn render(report: &Report, started: DateTime<Utc>, finished: DateTime<Utc>) -> String {
+/// The phases, in the order the document lists their rows.
+pub const PHASES: [&str; 4] = ["storage", "replay", "e2e", "flood"];
+
+/// What a run of only some phases keeps of the document it rewrites: the lines of
+/// the other phases (rows, targets, paragraphs, observations), each with the phase it
+/// belongs to, and when they were measured.
+#[derive(Debug, Default, PartialEq)]
+pub struct Previous {
+    /// The previous document's `Run:` (start → end, UTC).
+    pub run: String,
+    /// Its load average line.
+    pub load: String,
+    /// Its `carried over` condition lines (figures it kept from older runs itself).
+    pub carried: Vec<String>,
+    pub rows: Vec<(&'static str, String)>,
+    pub targets: Vec<(&'static str, String)>,
+    pub paragraphs: Vec<(&'static str, String)>,
+    pub notes: Vec<(&'static str, String)>,
+}
+
+impl Previous {
+    /// Reads a document `render` wrote; lines it does not recognise are left out.
+    pub fn parse(markdown: &str) -> Previous {
+        let mut previous = Previous::default();
+        let mut section = "";
+        for line in markdown.lines() {
+            if let Some(title) = line.strip_prefix("## ") {
+                section = title.trim();
+                continue;
+            }
+            if let Some(run) = line.strip_prefix("Run: ") {
+                previous.run = run.trim_end_matches('.').to_owned();
+                continue;
+            }
+            match section {
+                "Conditions" => {
+                    if let Some(load) = line.strip_prefix("- **load average (1 min)**: ") {
+                        previous.load = load.to_owned();
+                    } else if line.starts_with("- **carried over**: ") {
+                        previous.carried.push(line.to_owned());
+                    }
+                }
+                "Results" if is_table_row(line, "| section |") => {
+                    let cells = cells(line);
+                    let phase = row_phase(
+                        cells.first().copied().unwrap_or(""),
+                        cells.get(1).copied().unwrap_or(""),
+                    );
+                    previous.rows.push((phase, line.to_owned()));
+                }
+                "Targets" if is_table_row(line, "| target |") => {
+                    let phase = target_phase(cells(line).first().copied().unwrap_or(""));
+                    previous.targets.push((phase, line.to_owned()));
+                }
+                "Where the time goes" if line.starts_with("- **") => {
+                    previous
+                        .paragraphs
+                        .push((paragraph_phase(line), line.to_owned()));
+                }
+                "Observations during the run" => {
+                    if let Some(note) = line.strip_prefix("- ") {
+                        previous.notes.push((note_phase(note), line.to_owned()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        previous
+    }
+
+    fn has(&self, phase: &str) -> bool {
+        self.rows
+            .iter()
+            .chain(&self.targets)
+            .any(|(p, _)| *p == phase)
+    }
+
+    /// `line` marked as measured in the previous run (unless an older mark says when).
+    fn mark(&self, line: &str) -> String {
+        if line.contains("carried over") {
+            return line.to_owned();
+        }
+        let mark = format!("*(carried over from the run of {})*", self.run);
+        match line.trim_end().strip_suffix('|') {
+            Some(table_row) => format!("{table_row} {mark} |"),
+            None => format!("{line} {mark}"),
+        }
+    }
+}
+
+impl Previous {
+    /// The run a kept line of `phase` was measured in: the one its mark names, or the
+    /// previous run itself.
+    fn run_of(&self, phase: &str) -> String {
+        self.rows
+            .iter()
+            .chain(&self.targets)
+            .filter(|(p, _)| *p == phase)
+            .find_map(|(_, line)| {
+                let (_, rest) = line.split_once("carried over from the run of ")?;
+                rest.split_once(")*").map(|(run, _)| run.to_owned())
+            })
+            .unwrap_or_else(|| self.run.clone())
+    }
+
+    /// The load average recorded for `run`: the previous document's own, or the one
+    /// its `carried over` line gave for an older run.
+    fn load_of(&self, run: &str) -> String {
+        if run == self.run {
+            return self.load.clone();
+        }
+        self.carried
+            .iter()
+            .filter(|line| line.contains(run))
+            .find_map(|line| {
+                let (_, rest) = line.split_once("(load average (1 min) ")?;
+                rest.split_once(')').map(|(load, _)| load.to_owned())
+            })
+            .unwrap_or_else(|| "not recorded".to_owned())
+    }
+
+    /// One `carried over` condition line per run the kept figures come from.
+    fn carried_conditions(&self, carried: &[&str]) -> Vec<String> {
+        let mut runs: Vec<(String, Vec<&str>)> = Vec::new();
+        for phase in carried {
+            let run = self.run_of(phase);
+            match runs.iter_mut().find(|(r, _)| *r == run) {
+                Some((_, phases)) => phases.push(phase),
+                None => runs.push((run, vec![phase])),
+            }
+        }
+        runs.into_iter()
+            .map(|(run, phases)| {
+                format!(
+                    "- **carried over**: the figures of {} are not of this run but of the run of {run} (load average (1 min) {}), kept from the document this run rewrote",
+                    phases.join(", "),
+                    self.load_of(&run)
+                )
+            })
+            .collect()
+    }
+}
+
+fn is_table_row(line: &str, header: &str) -> bool {
+    line.starts_with("| ") && !line.starts_with(header) && !line.starts_with("| ---")
+}
+
+fn cells(line: &str) -> Vec<&str> {
+    line.trim()
+        .trim_matches('|')
+        .split(" | ")
+        .map(str::trim)
+        .collect()
+}
+
+/// The phase that measures a results row, from its section and measurement.
+pub fn row_phase(section: &str, what: &str) -> &'static str {
+    match section {
+        "flood" => "flood",
+        "end to end" | "raw RabbitMQ" => "e2e",
+        "projector" => "replay",
+        "raw PostgreSQL" if what.starts_with("ordered scan") => "replay",
+        "event store" if what.starts_with("`read_all`") => "replay",
+        _ => "storage",
+    }
+}
+
+pub fn target_phase(name: &str) -> &'static str {
+    if name.starts_with("replay") {
+        "replay"
+    } else if name.starts_with("end to end") {
+        "e2e"
+    } else if name.contains("flood") {
+        "flood"
+    } else {
+        "storage"
+    }
+}
+
+/// The phase a "where the time goes" paragraph (`- **Title** …`) is about.
+pub fn paragraph_phase(line: &str) -> &'static str {
+    let title = line
+        .strip_prefix("- **")
+        .and_then(|rest| rest.split_once("**"))
+        .map_or("", |(title, _)| title);
+    match title {
+        "Reading the log" | "Replay" => "replay",
+        "End to end" => "e2e",
+        "Flood" => "flood",
+        _ => "storage",
+    }
+}
+
+pub fn note_phase(note: &str) -> &'static str {
+    if note.starts_with("generated ") {
+        "replay"
+    } else if note.starts_with("CPU time during the burst") {
+        "e2e"
+    } else if let Some(rest) = note.strip_prefix("phase ") {
+        PHASES
+            .into_iter()
+            .find(|p| rest.to_lowercase().starts_with(p))
+            .unwrap_or("storage")
+    } else if note.contains("flood") {
+        "flood"
+    } else {
+        "storage"
+    }
+}
+
+/// The document. `previous` (the document being rewritten) and `ran` (the phases of
+/// this run): the figures of a phase this run did not measure are taken over from
+/// `previous`, marked with the run they come from.
+pub fn render(
+    report: &Report,
+    started: DateTime<Utc>,
+    finished: DateTime<Utc>,
+    previous: Option<&Previous>,
+    ran: &[&str],
+) -> String {
+    let carried: Vec<&str> = previous.map_or_else(Vec::new, |prev| {
+        PHASES
+            .into_iter()
+            .filter(|p| !ran.contains(p) && prev.has(p))
+            .collect()
+    });
+    let keep = |phase: &str| previous.filter(|_| carried.contains(&phase));
     let mut out = String::new();
     out.push_str("# Benchmarks\n\n");
     out.push_str(
@@ -73,7 +299,9 @@ pub fn render(report: &Report, started: DateTime<Utc>, finished: DateTime<Utc>) 
          hand, run the script. Every figure is measured beside a raw baseline by the same \
          program in the same run, on a database (`orderflow_bench_<run>_<phase>`) and a \
          RabbitMQ vhost (`orderflow_bench_<run>`) of the bench's own, dropped at the end. The \
-         ratio is figure ÷ baseline.\n\n",
+         ratio is figure ÷ baseline. A run of some phases only (`--only`) keeps the other \
+         phases' figures from the document it rewrites, marked *carried over* with the run \
+         that measured them.\n\n",
     );
     let _ = writeln!(
         out,
@@ -85,6 +313,11 @@ pub fn render(report: &Report, started: DateTime<Utc>, finished: DateTime<Utc>) 
     for (k, v) in &report.context {
         let _ = writeln!(out, "- **{k}**: {v}");
     }
+    if let Some(prev) = previous {
+        for line in prev.carried_conditions(&carried) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     out.push_str(
         "\nThe machine is shared: other sessions build and run their test suites on the same \
          cores and the same PostgreSQL and RabbitMQ while the bench runs (see the load \
@@ -93,24 +326,90 @@ pub fn render(report: &Report, started: DateTime<Utc>, finished: DateTime<Utc>) 
          steadier than absolute numbers because each pair runs back to back.\n",
     );
     out.push_str("\n## Results\n\n");
-    out.push_str(&report.table());
+    out.push_str(Report::TABLE_HEADER);
+    for phase in PHASES {
+        let lines: Vec<String> = match keep(phase) {
+            Some(prev) => of_phase(&prev.rows, phase).map(|l| prev.mark(l)).collect(),
+            None => this_run(&report.rows, &report.row_phases, phase)
+                .map(Report::row_line)
+                .collect(),
+        };
+        for line in lines {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     out.push_str("\n## Targets\n\n");
-    out.push_str(&report.targets_table());
+    out.push_str(Report::TARGETS_HEADER);
+    for phase in PHASES {
+        let lines: Vec<String> = match keep(phase) {
+            Some(prev) => of_phase(&prev.targets, phase)
+                .map(|l| prev.mark(l))
+                .collect(),
+            None => this_run(&report.targets, &report.target_phases, phase)
+                .map(Report::target_line)
+                .collect(),
+        };
+        for line in lines {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     out.push_str("\n## Where the time goes\n\n");
-    out.push_str(&where_the_time_goes(report));
-    if !report.notes.is_empty() {
+    let analysis = where_the_time_goes(report);
+    for phase in PHASES {
+        match keep(phase) {
+            Some(prev) => {
+                for line in of_phase(&prev.paragraphs, phase) {
+                    let _ = writeln!(out, "{}", prev.mark(line));
+                }
+            }
+            None => {
+                for line in analysis.lines().filter(|l| paragraph_phase(l) == phase) {
+                    let _ = writeln!(out, "{line}");
+                }
+            }
+        }
+    }
+    let mut notes: Vec<String> = report.notes.iter().map(|n| format!("- {n}")).collect();
+    if let Some(prev) = previous {
+        for phase in &carried {
+            notes.extend(of_phase(&prev.notes, phase).map(|l| prev.mark(l)));
+        }
+    }
+    if !notes.is_empty() {
         out.push_str("\n## Observations during the run\n\n");
-        for note in &report.notes {
-            let _ = writeln!(out, "- {note}");
+        for note in notes {
+            let _ = writeln!(out, "{note}");
         }
     }
     out.push_str(
         "\n## How to run\n\n```sh\nscripts/bench                # full run (≈ 10 min), rewrites this file\n\
          scripts/bench --scale 0.05   # quick check, small sizes\n\
-         scripts/bench --only storage # one phase (storage, replay, e2e, flood)\n\
+         scripts/bench --only storage # one phase (storage, replay, e2e, flood); the others' figures are carried over\n\
          scripts/bench --only flood   # memory under 100,000 queued commands (≈ 2 min; not in the full run)\n```\n",
     );
     out
+}
+
+fn of_phase<'a>(
+    lines: &'a [(&'static str, String)],
+    phase: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    lines
+        .iter()
+        .filter(move |(p, _)| *p == phase)
+        .map(|(_, l)| l.as_str())
+}
+
+fn this_run<'a, T>(
+    items: &'a [T],
+    phases: &'a [&'static str],
+    phase: &'a str,
+) -> impl Iterator<Item = &'a T> + 'a {
+    items
+        .iter()
+        .zip(phases)
+        .filter(move |(_, p)| **p == phase)
+        .map(|(item, _)| item)
 }
 
 fn v(report: &Report, key: &str) -> String {
@@ -197,19 +496,30 @@ fn where_the_time_goes(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "- **Replay** (order_status {} events/s, stock_levels {}, timers {}, order_milestones {}; raw scan {}). \
-         Replay reads pages of {} through `read_all` and decodes every event into a \
-         `DomainEvent` (payload cloned, wrapped in a tagged object, deserialised), then each \
-         projection writes its page. order_status and stock_levels write one multi-row \
-         statement per page; timers issues one INSERT or DELETE per (order, kind) and so \
-         makes hundreds of round trips per page; order_milestones re-reads every order \
-         stream the page touches from `events` and decodes it again.",
+        "- **Replay** (order_status {} events/s, stock_levels {}, timers {}, order_milestones {}; all four in one pass with `replay_many` {}; raw scan {}). \
+         Replay reads pages of {} with `read_all_text` (payloads as JSON text) on a task of its \
+         own, one page ahead, and deserialises each payload straight into its `DomainEvent` \
+         on a blocking thread (upcasting older versions first), while the replay's \
+         transaction applies the page before: reading and writing overlap, and no \
+         `serde_json::Value` is built per payload (the raw baseline builds one, which is \
+         why a single projection's replay can run at or above the raw scan). Each \
+         projection writes a page in one statement (order_milestones: two when a page \
+         continues order streams, to read their progress): order_status an UPDATE of the \
+         orders that have a row and an INSERT of those that have none in one statement, \
+         without reading the rows first; stock_levels reads and upserts the page's SKUs; \
+         timers one DELETE (in a CTE) and INSERT keeping the order of effects; \
+         order_milestones reads what `reserved`/`paid` need from `order_milestone_progress` \
+         instead of folding every order stream again. What is left is the server's work \
+         per row written (index maintenance, WAL) in one backend: `replay_many` applies \
+         the four projections' statements one after another in its single transaction, \
+         so its rate is about the harmonic sum of theirs.",
         v(report, "replay_order_status"),
         v(report, "replay_stock_levels"),
         v(report, "replay_timers"),
         v(report, "replay_order_milestones"),
+        v(report, "replay_all_four"),
         v(report, "raw_scan"),
-        projector::PAGE_SIZE,
+        projector::REPLAY_PAGE_SIZE,
     );
     let _ = writeln!(
         out,
@@ -268,4 +578,151 @@ fn flood(report: &Report) -> String {
         ratio(report, "flood_peak_rss"),
         v(report, "flood_rss_1s"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Row;
+
+    fn row(key: &'static str, section: &'static str, what: &str, value: f64) -> Row {
+        Row {
+            key,
+            section,
+            what: what.to_owned(),
+            value,
+            unit: "events/s",
+            baseline: Some(("raw".to_owned(), 100.0)),
+            note: String::new(),
+        }
+    }
+
+    fn at(hour: u32) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.with_ymd_and_hms(2026, 1, 1, hour, 0, 0)
+            .single()
+            .unwrap_or_default()
+    }
+
+    /// A full run's document: a row and a target per phase, and a note.
+    fn full_run() -> String {
+        let mut report = Report::default();
+        report.context("load average (1 min)", "1.00 before, 2.00 after");
+        report.phase = "storage";
+        report.add(row("batch_1", "event store", "`append_batch`", 11.0));
+        report.target("batched append ≥ 50% of raw", true, "old storage");
+        report.phase = "replay";
+        report.add(row("raw_scan", "raw PostgreSQL", "ordered scan by …", 22.0));
+        report.add(row("replay_x", "projector", "`projector::replay` x", 33.0));
+        report.target("replay ≥ 1 events/s", false, "old replay");
+        report.note("generated 5 order-flow events");
+        report.phase = "e2e";
+        report.add(row("e2e_orders", "end to end", "sustained orders/s", 44.0));
+        report.note("CPU time during the burst: old");
+        render(&report, at(1), at(2), None, &["storage", "replay", "e2e"])
+    }
+
+    #[test]
+    fn a_partial_run_keeps_the_other_phases_figures_marked_as_carried_over() {
+        let previous = Previous::parse(&full_run());
+        assert_eq!(previous.run, "2026-01-01 01:00:00 → 02:00:00 (UTC)");
+        assert_eq!(previous.load, "1.00 before, 2.00 after");
+        let phases: Vec<&str> = previous.rows.iter().map(|(p, _)| *p).collect();
+        assert_eq!(phases, ["storage", "replay", "replay", "e2e"]);
+
+        let mut report = Report {
+            phase: "replay",
+            ..Report::default()
+        };
+        report.add(row("replay_x", "projector", "`projector::replay` x", 99.0));
+        report.target("replay ≥ 1 events/s", true, "new replay");
+        let doc = render(&report, at(3), at(4), Some(&previous), &["replay"]);
+
+        assert!(doc.contains("| 99.0 events/s |"), "this run's figure");
+        assert!(
+            !doc.contains("| 33.0 events/s |"),
+            "the old replay figure is gone"
+        );
+        assert!(!doc.contains("old replay"));
+        let carried: Vec<&str> = doc
+            .lines()
+            .filter(|l| l.contains("carried over from the run of 2026-01-01 01:00:00"))
+            .collect();
+        assert!(
+            carried.iter().any(|l| l.contains("| 11.0 events/s |")),
+            "storage row kept"
+        );
+        assert!(
+            carried.iter().any(|l| l.contains("| 44.0 events/s |")),
+            "e2e row kept"
+        );
+        assert!(
+            carried.iter().any(|l| l.contains("old storage")),
+            "storage target kept"
+        );
+        assert!(carried
+            .iter()
+            .any(|l| l.contains("CPU time during the burst: old")));
+        assert!(carried.iter().any(|l| l.starts_with("- **End to end**")));
+        assert!(doc.contains("- **carried over**: the figures of storage, e2e"));
+        // storage rows stay first, e2e after this run's replay rows
+        let position = |needle: &str| doc.find(needle).unwrap_or(usize::MAX);
+        assert!(position("| 11.0 events/s |") < position("| 99.0 events/s |"));
+        assert!(position("| 99.0 events/s |") < position("| 44.0 events/s |"));
+
+        // a second partial run keeps the first mark instead of stacking another
+        let again = render(
+            &report,
+            at(5),
+            at(6),
+            Some(&Previous::parse(&doc)),
+            &["replay"],
+        );
+        assert!(again.contains(
+            "- **carried over**: the figures of storage, e2e are not of this run but of the run of 2026-01-01 01:00:00 → 02:00:00 (UTC) (load average (1 min) 1.00 before, 2.00 after)"
+        ));
+        assert_eq!(again.matches("- **carried over**").count(), 1);
+        let storage_row = again.lines().find(|l| l.contains("| 11.0 events/s |"));
+        assert_eq!(
+            storage_row.map(|l| l.matches("carried over").count()),
+            Some(1)
+        );
+        assert!(storage_row.is_some_and(|l| l.contains("2026-01-01 01:00:00")));
+    }
+
+    #[test]
+    fn a_full_run_carries_nothing_over() {
+        let previous = Previous::parse(&full_run());
+        let mut report = Report {
+            phase: "storage",
+            ..Report::default()
+        };
+        report.add(row("batch_1", "event store", "`append_batch`", 12.0));
+        let doc = render(
+            &report,
+            at(3),
+            at(4),
+            Some(&previous),
+            &["storage", "replay", "e2e"],
+        );
+        assert!(!doc.contains("carried over from"));
+        assert!(!doc.contains("| 11.0 events/s |"));
+    }
+
+    #[test]
+    fn rows_and_paragraphs_are_told_apart_by_phase() {
+        assert_eq!(
+            row_phase("event store", "`read_all`, pages of 1000"),
+            "replay"
+        );
+        assert_eq!(
+            row_phase("event store", "`append`, 1 event per call"),
+            "storage"
+        );
+        assert_eq!(row_phase("raw RabbitMQ", "publish"), "e2e");
+        assert_eq!(target_phase("memory bounded under a flood of 5"), "flood");
+        assert_eq!(paragraph_phase("- **Reading the log** (…)"), "replay");
+        assert_eq!(paragraph_phase("- **Hot streams** (…)"), "storage");
+        assert_eq!(note_phase("phase Replay failed: boom"), "replay");
+    }
 }

@@ -27,6 +27,18 @@ enum Phase {
     Flood,
 }
 
+impl Phase {
+    /// The name the document groups rows by (`doc::PHASES`).
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Storage => "storage",
+            Phase::Replay => "replay",
+            Phase::E2e => "e2e",
+            Phase::Flood => "flood",
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "orderflow-bench",
@@ -161,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("run {} at scale {scale}: {:?}", ctx.run_id, phases);
     let mut failed = Vec::new();
     for phase in &phases {
+        report.phase = phase.name();
         let result = match phase {
             Phase::Storage => storage::run(&ctx, &mut report).await,
             Phase::Replay => replay::run(&ctx, &mut report).await,
@@ -182,7 +195,15 @@ async fn main() -> anyhow::Result<()> {
         report.context("conditions", args.conditions.clone());
     }
     let finished = chrono::Utc::now();
-    let markdown = doc::render(&report, started, finished);
+    // A run of some phases keeps the other phases' figures of the document it rewrites
+    // (marked as carried over), rather than dropping them.
+    let ran: Vec<&'static str> = phases.iter().map(|p| p.name()).collect();
+    let previous = args
+        .write_doc
+        .as_ref()
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .map(|text| doc::Previous::parse(&text));
+    let markdown = doc::render(&report, started, finished, previous.as_ref(), &ran);
     println!("{}", report.table());
     println!("{}", report.targets_table());
     if let Some(path) = &args.write_doc {

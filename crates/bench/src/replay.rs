@@ -1,6 +1,7 @@
 //! Replay: a realistic order-flow log generated with `append_batch`, the raw ordered scan
-//! and `read_all` over it, and `projector::replay` of each projection at N/10 and N
-//! events (throughput and the process's peak RSS).
+//! and `read_all` over it, and `projector::replay` of each projection, then
+//! `projector::replay_many` of all four in one pass, at N/10 and N events (throughput
+//! and the process's peak RSS).
 use std::time::{Duration, Instant};
 
 use eventstore::{EventStore, LogPosition, StreamAppend};
@@ -18,6 +19,14 @@ const SKUS_PER_WRITER: usize = 25;
 const GENERATE_BATCH: usize = 100;
 /// Page size of the scans.
 const SCAN_PAGE: i64 = 1_000;
+/// Issue 6's replay target, for every projection and for `replay_many` of all four.
+const TARGET_RATE: f64 = 150_000.0;
+const TARGET_RATIO: f64 = 0.5;
+/// The floor replay was held to before issue 6.
+const OLD_FLOOR_RATE: f64 = 100_000.0;
+const OLD_FLOOR_RATIO: f64 = 0.3;
+/// The name (and key suffix) of the `replay_many` run of every projection.
+pub const ALL_FOUR: &str = "all_four";
 
 pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let db = BenchDb::new(&ctx.database_url, &ctx.run_id, "replay")?;
@@ -126,32 +135,38 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
 
     eprintln!("== replay: projector::replay of each projection over {total} events");
     let full_runs = replay_all(&store).await?;
-    let mut all_fast = true;
+    let (mut issue6, mut old_floor) = (true, true);
     let mut details = Vec::new();
-    let mut flat = true;
     let mut memory = Vec::new();
     for ((name, big), (_, little)) in full_runs.iter().zip(&small_runs) {
         let rate = big.rate();
         let ratio = rate / raw_rate;
-        all_fast &= rate >= 100_000.0 && ratio >= 0.3;
+        old_floor &= rate >= OLD_FLOOR_RATE && ratio >= OLD_FLOOR_RATIO;
+        issue6 &= rate >= TARGET_RATE && ratio >= TARGET_RATIO;
         details.push(format!(
             "{name} {} ev/s = {:.0}%",
             fmt_value(rate),
             ratio * 100.0
         ));
-        // Flat: the peak at N is within 25% (+8 MiB for allocator noise) of the peak at N/10.
-        let ok = big.peak_kb as f64 <= little.peak_kb as f64 * 1.25 + 8.0 * 1024.0;
-        flat &= ok;
         memory.push(format!(
-            "{name} {:.0} MiB at N/10 → {:.0} MiB at N",
+            "{name} {:.0} MiB at N/10 → {:.0} MiB at N (+{:.0} MiB over its RSS before)",
             mib(little.peak_kb),
-            mib(big.peak_kb)
+            mib(big.peak_kb),
+            mib(big.peak_kb.saturating_sub(big.rss_before_kb))
         ));
+        let what = if name == ALL_FOUR {
+            format!(
+                "`projector::replay_many` of all four projections in one pass, {} events",
+                big.events
+            )
+        } else {
+            format!("`projector::replay` {name}, {} events", big.events)
+        };
         report.add(Row {
             // Projections come and go; a key per name (a few bytes leaked per run).
             key: Box::leak(format!("replay_{name}").into_boxed_str()),
             section: "projector",
-            what: format!("`projector::replay` {name}, {} events", big.events),
+            what,
             value: rate,
             unit: "events/s",
             baseline: Some((baseline.clone(), raw_rate)),
@@ -165,13 +180,44 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
             ),
         });
     }
+    let details = details.join("; ");
     report.target(
-        "replay ≥ 100,000 events/s and ≥ 30% of the raw ordered scan (each projection)",
-        all_fast,
-        details.join("; "),
+        format!(
+            "replay ≥ {} events/s and ≥ {:.0}% of the raw ordered scan (issue 6; each projection, and `replay_many` of all four)",
+            fmt_value(TARGET_RATE),
+            TARGET_RATIO * 100.0
+        ),
+        issue6,
+        details.clone(),
     );
     report.target(
-        "replay memory flat (peak RSS at N ≤ 1.25 × peak at N/10 + 8 MiB)",
+        format!(
+            "replay ≥ {} events/s and ≥ {:.0}% of the raw ordered scan (the earlier floor; the same runs)",
+            fmt_value(OLD_FLOOR_RATE),
+            OLD_FLOOR_RATIO * 100.0
+        ),
+        old_floor,
+        details,
+    );
+    // Flat: the process's peak over the runs at N is within 25% (+8 MiB for allocator
+    // noise) of its peak over the runs at N/10. Compared over all runs, not run by run:
+    // the allocator keeps what a run freed, so each run starts from the peak of the
+    // runs before it (the N/10 `replay_many`, with four projections' pages, is the
+    // highest), and a run's own peak says more about its place in the order than
+    // about the log's length.
+    let peak = |runs: &[(String, Replayed)]| runs.iter().map(|(_, r)| r.peak_kb).max().unwrap_or(0);
+    let (small_peak, full_peak) = (peak(&small_runs), peak(&full_runs));
+    let flat = full_peak as f64 <= small_peak as f64 * 1.25 + 8.0 * 1024.0;
+    memory.insert(
+        0,
+        format!(
+            "process peak over the runs {:.0} MiB at N/10 → {:.0} MiB at N",
+            mib(small_peak),
+            mib(full_peak)
+        ),
+    );
+    report.target(
+        "replay memory flat (the process's peak RSS over the replays at N ≤ 1.25 × over those at N/10 + 8 MiB)",
         flat,
         memory.join("; "),
     );
@@ -290,7 +336,17 @@ async fn wait_for_horizon(store: &EventStore) -> anyhow::Result<Duration> {
 async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)>> {
     let mut out = Vec::new();
     let total = u64::try_from(store.count().await?)?;
-    for projection in projector::all_projections() {
+    let projections = projector::all_projections();
+    // Each projection alone, then all of them in one pass (what `orderflow replay` does).
+    let mut runs: Vec<(String, Vec<&dyn projector::Projection>)> = projections
+        .iter()
+        .map(|p| (p.name().to_owned(), vec![p.as_ref()]))
+        .collect();
+    runs.push((
+        ALL_FOUR.to_owned(),
+        projections.iter().map(|p| p.as_ref()).collect(),
+    ));
+    for (name, run) in runs {
         let waited = wait_for_horizon(store).await?;
         if waited > Duration::from_millis(200) {
             eprintln!("  waited {waited:?} for transactions elsewhere on the server to end");
@@ -298,7 +354,7 @@ async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)
         let reset = reset_peak_rss();
         let rss_before_kb = proc_status_kb("VmRSS").unwrap_or(0);
         let started = Instant::now();
-        let events = projector::replay(store, projection.as_ref(), |_| {}).await?;
+        let events = projector::replay_many(store, &run, |_| {}).await?;
         let elapsed = started.elapsed();
         let peak_kb = if reset {
             proc_status_kb("VmHWM").unwrap_or(0)
@@ -307,17 +363,16 @@ async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)
         };
         if events < total {
             eprintln!(
-                "  warning: replay of {} saw {events} of {total} events (a transaction elsewhere on the server held the horizon back)",
-                projection.name()
+                "  warning: replay of {name} saw {events} of {total} events (a transaction elsewhere on the server held the horizon back)"
             );
         }
         eprintln!(
-            "  replay {}: {events} events in {elapsed:?}, peak RSS {:.0} MiB",
-            projection.name(),
+            "  replay {name}: {events} events in {elapsed:?} ({} ev/s), peak RSS {:.0} MiB",
+            fmt_value(events as f64 / elapsed.as_secs_f64().max(1e-9)),
             mib(peak_kb)
         );
         out.push((
-            projection.name().to_owned(),
+            name,
             Replayed {
                 events,
                 elapsed,

@@ -39,10 +39,17 @@ pub struct Report {
     pub context: Vec<(String, String)>,
     /// Free-form observations gathered while measuring (numbers included).
     pub notes: Vec<String>,
+    /// The phase being measured (`storage`, `replay`, …), set by `main` before each.
+    pub phase: &'static str,
+    /// The phase each row, target and note was recorded in, by index.
+    pub row_phases: Vec<&'static str>,
+    pub target_phases: Vec<&'static str>,
+    pub note_phases: Vec<&'static str>,
 }
 
 impl Report {
     pub fn add(&mut self, row: Row) {
+        self.row_phases.push(self.phase);
         let ratio = row
             .ratio()
             .map_or_else(String::new, |r| format!("  ({} baseline)", fmt_ratio(r)));
@@ -77,6 +84,7 @@ impl Report {
             target.detail
         );
         self.targets.push(target);
+        self.target_phases.push(self.phase);
     }
 
     pub fn context(&mut self, key: impl Into<String>, value: impl Into<String>) {
@@ -87,47 +95,56 @@ impl Report {
         let note = note.into();
         eprintln!("  note: {note}");
         self.notes.push(note);
+        self.note_phases.push(self.phase);
+    }
+
+    pub const TABLE_HEADER: &'static str = "| section | measurement | value | raw baseline (same run) | baseline | ratio | notes |\n| --- | --- | ---: | --- | ---: | ---: | --- |\n";
+    pub const TARGETS_HEADER: &'static str =
+        "| target | result | measured |\n| --- | --- | --- |\n";
+
+    /// One row of the results table (markdown, without the newline).
+    pub fn row_line(row: &Row) -> String {
+        let (bname, bvalue) = match &row.baseline {
+            Some((name, value)) => (name.clone(), format!("{} {}", fmt_value(*value), row.unit)),
+            None => ("—".to_owned(), "—".to_owned()),
+        };
+        let ratio = row.ratio().map_or_else(|| "—".to_owned(), fmt_ratio);
+        format!(
+            "| {} | {} | {} {} | {} | {} | {} | {} |",
+            row.section,
+            row.what,
+            fmt_value(row.value),
+            row.unit,
+            bname,
+            bvalue,
+            ratio,
+            row.note
+        )
+    }
+
+    /// One row of the targets table (markdown, without the newline).
+    pub fn target_line(t: &Target) -> String {
+        format!(
+            "| {} | {} | {} |",
+            t.name,
+            if t.pass { "**pass**" } else { "**FAIL**" },
+            t.detail
+        )
     }
 
     /// The results table (markdown).
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        out.push_str("| section | measurement | value | raw baseline (same run) | baseline | ratio | notes |\n");
-        out.push_str("| --- | --- | ---: | --- | ---: | ---: | --- |\n");
+        let mut out = String::from(Self::TABLE_HEADER);
         for row in &self.rows {
-            let (bname, bvalue) = match &row.baseline {
-                Some((name, value)) => {
-                    (name.clone(), format!("{} {}", fmt_value(*value), row.unit))
-                }
-                None => ("—".to_owned(), "—".to_owned()),
-            };
-            let ratio = row.ratio().map_or_else(|| "—".to_owned(), fmt_ratio);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} {} | {} | {} | {} | {} |",
-                row.section,
-                row.what,
-                fmt_value(row.value),
-                row.unit,
-                bname,
-                bvalue,
-                ratio,
-                row.note
-            );
+            let _ = writeln!(out, "{}", Self::row_line(row));
         }
         out
     }
 
     pub fn targets_table(&self) -> String {
-        let mut out = String::from("| target | result | measured |\n| --- | --- | --- |\n");
+        let mut out = String::from(Self::TARGETS_HEADER);
         for t in &self.targets {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} |",
-                t.name,
-                if t.pass { "**pass**" } else { "**FAIL**" },
-                t.detail
-            );
+            let _ = writeln!(out, "{}", Self::target_line(t));
         }
         out
     }

@@ -507,12 +507,13 @@ impl DomainEvent {
         if !EVENT_TYPES.contains(&event_type) {
             return Err(DecodeError::UnknownType(event_type.to_owned()));
         }
+        // The current version (nearly every stored event) is read in place; only an
+        // older one is copied, to be upcast.
+        if schema_version == current_schema_version(event_type) {
+            return decode_current(event_type, payload);
+        }
         let payload = upcast(event_type, schema_version, payload.clone())?;
-        let tagged = serde_json::json!({ "type": event_type, "payload": payload });
-        serde_json::from_value(tagged).map_err(|e| DecodeError::Malformed {
-            event_type: event_type.to_owned(),
-            reason: e.to_string(),
-        })
+        decode_current(event_type, &payload)
     }
 
     /// The order an event concerns, if any (every event but the stock-level ones).
@@ -549,6 +550,77 @@ impl DomainEvent {
             ShipmentShipped(e) => e.order_id,
             ShipmentDelivered(e) => e.order_id,
         })
+    }
+}
+
+/// Deserialises a payload of the current shape into the variant `event_type` names,
+/// with `$de` (one of the generic functions below) applied to that variant's type.
+macro_rules! decode_variant {
+    ($event_type:expr, $payload:expr, $de:ident) => {
+        decode_variant!(@each $event_type, $payload, $de;
+            OrderPlaced, OrderRejected, OrderSentForReview, OrderApproved, OrderAccepted,
+            OrderLineReserved, OrderLineOutOfStock, OrderPaymentCaptured, OrderPaymentFailed,
+            OrderConfirmed, OrderCompleted, OrderShipped, OrderCancelled, StockReleaseRequested,
+            OrderCommandRefused, StockSet, StockSetRefused, StockReserved,
+            StockReservationFailed, StockReleased, StockCommitted, PaymentRequested,
+            PaymentCaptured, PaymentDeclined, PaymentTimedOut, PaymentVoided, PaymentRefunded,
+            PaymentCaptureVoided, ShipmentShipped, ShipmentDelivered)
+    };
+    (@each $event_type:expr, $payload:expr, $de:ident; $($name:ident),*) => {
+        match $event_type {
+            $(stringify!($name) => $de::<$name>($payload).map(DomainEvent::$name),)*
+            _ => return Err(DecodeError::UnknownType($event_type.to_owned())),
+        }
+    };
+}
+
+fn from_value_ref<'a, T: Deserialize<'a>>(
+    payload: &'a serde_json::Value,
+) -> Result<T, serde_json::Error> {
+    T::deserialize(payload)
+}
+
+fn from_text<'a, T: Deserialize<'a>>(payload: &'a str) -> Result<T, serde_json::Error> {
+    serde_json::from_str(payload)
+}
+
+fn malformed(event_type: &str, error: serde_json::Error) -> DecodeError {
+    DecodeError::Malformed {
+        event_type: event_type.to_owned(),
+        reason: error.to_string(),
+    }
+}
+
+/// Deserialises a payload of the current shape straight into its variant: the same
+/// result as the adjacently tagged `DomainEvent` deserialiser, without building (and
+/// copying the payload into) a tagged `{"type", "payload"}` object first.
+fn decode_current(
+    event_type: &str,
+    payload: &serde_json::Value,
+) -> Result<DomainEvent, DecodeError> {
+    decode_variant!(event_type, payload, from_value_ref).map_err(|e| malformed(event_type, e))
+}
+
+impl DomainEvent {
+    /// [`DomainEvent::decode`] of a payload given as JSON text (as `payload::text`
+    /// reads it): an event of its type's current version is deserialised from the
+    /// text directly, without building a `serde_json::Value` first; an older one is
+    /// parsed and upcast as `decode` does.
+    pub fn decode_text(
+        event_type: &str,
+        schema_version: i32,
+        payload: &str,
+    ) -> Result<DomainEvent, DecodeError> {
+        if !EVENT_TYPES.contains(&event_type) {
+            return Err(DecodeError::UnknownType(event_type.to_owned()));
+        }
+        if schema_version == current_schema_version(event_type) {
+            return decode_variant!(event_type, payload, from_text)
+                .map_err(|e| malformed(event_type, e));
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(payload).map_err(|e| malformed(event_type, e))?;
+        DomainEvent::decode(event_type, schema_version, &value)
     }
 }
 
@@ -689,6 +761,32 @@ mod tests {
     }
 
     #[test]
+    fn decoding_text_upcasts_old_versions_and_refuses_what_decode_refuses() {
+        let text = v1_order_placed().to_string();
+        assert_eq!(
+            DomainEvent::decode_text("OrderPlaced", 1, &text),
+            DomainEvent::decode("OrderPlaced", 1, &v1_order_placed())
+        );
+        assert!(DomainEvent::decode_text("OrderPlaced", 1, &text).is_ok());
+        assert!(matches!(
+            DomainEvent::decode_text("OrderPlaced", 3, "{not json"),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            DomainEvent::decode_text("OrderPlaced", 1, "{not json"),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            DomainEvent::decode_text("OrderPlaced", 4, &text),
+            Err(DecodeError::UnknownVersion { .. })
+        ));
+        assert!(matches!(
+            DomainEvent::decode_text("Nope", 1, "{}"),
+            Err(DecodeError::UnknownType(_))
+        ));
+    }
+
+    #[test]
     fn a_v1_order_sent_for_review_is_upcast_to_the_amount_rule() {
         let v1 = serde_json::json!({
             "order_id": Uuid::from_u128(9), "total_cents": 100_000,
@@ -746,6 +844,84 @@ mod tests {
         ] {
             assert!(current_schema_version(event_type) > FIRST_SCHEMA_VERSION);
             assert!(!personal_fields(event_type).is_empty());
+        }
+    }
+
+    /// The adjacently tagged deserialiser `decode` used to go through.
+    fn tagged_decode(event_type: &str, payload: &serde_json::Value) -> Option<DomainEvent> {
+        serde_json::from_value(serde_json::json!({ "type": event_type, "payload": payload })).ok()
+    }
+
+    #[test]
+    fn decoding_in_place_equals_the_tagged_deserialiser() {
+        let order_id = Uuid::from_u128(5);
+        let payloads = [
+            ("OrderPlaced", {
+                let mut p = v1_order_placed();
+                p["plan"]["checks"] = serde_json::json!(["fraud_velocity"]);
+                p
+            }),
+            (
+                "PaymentCaptured",
+                serde_json::json!({"order_id": order_id, "amount_cents": 5, "gateway_reference": "g"}),
+            ),
+            (
+                "PaymentCaptured",
+                serde_json::json!({"order_id": order_id, "amount_cents": 5, "gateway_reference": "g", "unwanted": true}),
+            ),
+            (
+                "ShipmentShipped",
+                serde_json::json!({"order_id": order_id, "shipping": {"method": "express", "address": "x"},
+                                   "items": [{"sku": "A", "quantity": 1, "unit_price_cents": 3}],
+                                   "deliver_at": "2025-01-01T00:00:00Z"}),
+            ),
+            (
+                "OrderCancelled",
+                serde_json::json!({"order_id": order_id, "reason": "review_rejected", "detail": "d", "by": "rita"}),
+            ),
+            (
+                "StockSet",
+                serde_json::json!({"sku": "A", "quantity": 3, "extra": "ignored"}),
+            ),
+            (
+                "ShipmentDelivered",
+                serde_json::json!({"order_id": order_id}),
+            ),
+        ];
+        for (event_type, payload) in payloads {
+            let version = current_schema_version(event_type);
+            let decoded = DomainEvent::decode(event_type, version, &payload).ok();
+            assert!(decoded.is_some(), "{event_type} does not decode");
+            assert_eq!(decoded, tagged_decode(event_type, &payload), "{event_type}");
+            let text = payload.to_string();
+            assert_eq!(
+                DomainEvent::decode_text(event_type, version, &text).ok(),
+                decoded,
+                "{event_type} from text"
+            );
+        }
+        // malformed payloads are errors both ways
+        for (event_type, payload) in [
+            (
+                "StockSet",
+                serde_json::json!({"sku": "A", "quantity": "three"}),
+            ),
+            (
+                "OrderCancelled",
+                serde_json::json!({"order_id": order_id, "reason": "bored"}),
+            ),
+            ("ShipmentDelivered", serde_json::json!(null)),
+        ] {
+            let version = current_schema_version(event_type);
+            assert!(matches!(
+                DomainEvent::decode(event_type, version, &payload),
+                Err(DecodeError::Malformed { .. })
+            ));
+            assert!(matches!(
+                DomainEvent::decode_text(event_type, version, &payload.to_string()),
+                Err(DecodeError::Malformed { .. })
+            ));
+            assert_eq!(tagged_decode(event_type, &payload), None);
         }
     }
 

@@ -4,7 +4,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::append::{self, AttemptFailure};
 use crate::database::{open_pool, parse_options};
-use crate::read::{into_events, EventRow, EVENT_COLUMNS};
+use crate::read::{into_events, EventRow, TextEventRow, EVENT_COLUMNS, EVENT_COLUMNS_TEXT};
 use crate::wakeup::{Signals, Wakeups};
 use crate::{
     AppendResult, ExpectedVersion, LogPosition, NewEvent, RecordedEvent, StoreError, StreamAppend,
@@ -254,19 +254,31 @@ impl EventStore {
         after: LogPosition,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE (transaction_id, global_position) > ($1, $2) \
-               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
-             ORDER BY transaction_id, global_position \
-             LIMIT $3"
-        ))
-        .bind(after.transaction_id)
-        .bind(after.global_position)
-        .bind(limit.max(0))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<EventRow> = sqlx::query_as(&read_all_sql(EVENT_COLUMNS))
+            .bind(after.transaction_id)
+            .bind(after.global_position)
+            .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await?;
         into_events(rows)
+    }
+
+    /// [`read_all`](Self::read_all) with each payload as its JSON text (`payload::text`),
+    /// for a reader that deserialises payloads straight into its own types: building a
+    /// `serde_json::Value` of every payload first is most of the client's work of a
+    /// replay. The same events, in the same order, with the same guarantees.
+    pub async fn read_all_text(
+        &self,
+        after: LogPosition,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent<String>>, StoreError> {
+        let rows: Vec<TextEventRow> = sqlx::query_as(&read_all_sql(EVENT_COLUMNS_TEXT))
+            .bind(after.transaction_id)
+            .bind(after.global_position)
+            .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(RecordedEvent::try_from).collect()
     }
 
     /// The highest `global_position` in the log (0 when empty), committed or not yet
@@ -375,4 +387,15 @@ fn lost_every_race(appends: &[StreamAppend]) -> StoreError {
         expected: first.and_then(|a| append::expected_as_option(a.expected_version)),
         actual: None,
     }
+}
+
+/// `read_all`'s query: the gap-safe page after `($1, $2)`, at most `$3` rows.
+fn read_all_sql(columns: &str) -> String {
+    format!(
+        "SELECT {columns} FROM events \
+         WHERE (transaction_id, global_position) > ($1, $2) \
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+         ORDER BY transaction_id, global_position \
+         LIMIT $3"
+    )
 }

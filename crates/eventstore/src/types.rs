@@ -67,9 +67,11 @@ impl LogPosition {
     };
 }
 
-/// An event as stored.
+/// An event as stored. The payload is a `serde_json::Value`, or with
+/// [`EventStore::read_all_text`](crate::EventStore::read_all_text) its JSON text, for a
+/// reader that deserialises it straight into its own types.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RecordedEvent {
+pub struct RecordedEvent<P = serde_json::Value> {
     pub global_position: i64,
     pub transaction_id: i64,
     pub stream_name: String,
@@ -77,12 +79,12 @@ pub struct RecordedEvent {
     pub event_id: Uuid,
     pub event_type: String,
     pub schema_version: i32,
-    pub payload: serde_json::Value,
+    pub payload: P,
     pub metadata: Metadata,
     pub recorded_at: DateTime<Utc>,
 }
 
-impl RecordedEvent {
+impl<P> RecordedEvent<P> {
     pub fn log_position(&self) -> LogPosition {
         LogPosition {
             transaction_id: self.transaction_id,

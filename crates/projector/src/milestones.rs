@@ -16,9 +16,14 @@
 //! | `cancelled` | `OrderCancelled` |
 //! | `rejected` | `OrderRejected` |
 //!
-//! `reserved` and `paid` depend on the order's state before the event; the projection
-//! folds the order's stream (the domain's own `OrderState`) up to that event, so live
-//! projection and replay give the same rows.
+//! `reserved` and `paid` depend on the order's state before the event: the domain's own
+//! `OrderState` folded over the order's stream up to that event, so live projection
+//! and replay give the same rows whatever the pages. The part of that state they read
+//! (status and lines) is kept per stream in `order_milestone_progress`, as of the
+//! stream's last version applied: a page reads those rows and folds only its own
+//! events. An event that does not follow its stream's progress row directly (no row
+//! yet for a stream that began before, a version that was skipped or comes out of
+//! order) gets its state the old way, by folding the stream from `events`.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
@@ -105,20 +110,33 @@ pub fn rows_of_page(
     events: &[EventEnvelope],
     states: &HashMap<String, Vec<(i64, DomainEvent)>>,
 ) -> Vec<MilestoneRow> {
-    // (order, milestone) → row; the first reach in log order wins.
-    let mut rows: BTreeMap<(Uuid, &'static str), MilestoneRow> = BTreeMap::new();
-    let empty = OrderState::default();
+    let mut page = PageFold::default();
     for env in events {
-        let Some(order_id) = env.event.order_id() else {
-            continue;
-        };
         let before = if needs_order_state(&env.event) {
             state_before(states.get(&env.stream_name), env.stream_version)
         } else {
-            empty.clone()
+            OrderState::default()
         };
-        for milestone in reached(&before, &env.event) {
-            rows.entry((order_id, milestone))
+        page.add(env, &before);
+    }
+    page.rows()
+}
+
+/// The milestone rows of a page, the first reach of each (order, milestone) in log
+/// order winning.
+#[derive(Default)]
+struct PageFold {
+    rows: BTreeMap<(Uuid, &'static str), MilestoneRow>,
+}
+
+impl PageFold {
+    fn add(&mut self, env: &EventEnvelope, before: &OrderState) {
+        let Some(order_id) = env.event.order_id() else {
+            return;
+        };
+        for milestone in reached(before, &env.event) {
+            self.rows
+                .entry((order_id, milestone))
                 .or_insert_with(|| MilestoneRow {
                     order_id,
                     milestone: milestone.to_owned(),
@@ -127,7 +145,10 @@ pub fn rows_of_page(
                 });
         }
     }
-    rows.into_values().collect()
+
+    fn rows(self) -> Vec<MilestoneRow> {
+        self.rows.into_values().collect()
+    }
 }
 
 fn state_before(stream: Option<&Vec<(i64, DomainEvent)>>, version: i64) -> OrderState {
@@ -142,6 +163,80 @@ fn state_before(stream: Option<&Vec<(i64, DomainEvent)>>, version: i64) -> Order
     state
 }
 
+/// A stream's fold as far as the milestones need it: `state` is `OrderState` folded
+/// over the stream's versions `0..=version`. Only `status` and `lines`, all that
+/// [`reached`] reads, are stored; the rest is default in a state loaded back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub version: i64,
+    pub state: OrderState,
+}
+
+impl Progress {
+    /// Before a stream's first event.
+    fn start() -> Self {
+        Progress {
+            version: -1,
+            state: OrderState::default(),
+        }
+    }
+}
+
+/// Whether the projection keeps progress for a stream: every order stream, and any
+/// other stream with an event that needs it (none today; kept exact all the same).
+fn tracked(env: &EventEnvelope) -> bool {
+    domain::streams::category(&env.stream_name) == domain::streams::ORDER
+        || needs_order_state(&env.event)
+}
+
+/// Folds a page with the streams' progress. `progress` holds the stored rows of the
+/// page's tracked streams (missing: none stored); `history` the stream events
+/// loaded for [`streams_to_load`]. Returns the page's milestone rows and the
+/// streams' progress after it.
+pub fn fold_page(
+    events: &[EventEnvelope],
+    mut progress: HashMap<String, Progress>,
+    history: &HashMap<String, Vec<(i64, DomainEvent)>>,
+) -> (Vec<MilestoneRow>, HashMap<String, Progress>) {
+    let mut page = PageFold::default();
+    let empty = OrderState::default();
+    for env in events.iter() {
+        if !tracked(env) {
+            page.add(env, &empty);
+            continue;
+        }
+        let current = progress
+            .entry(env.stream_name.clone())
+            .or_insert_with(Progress::start);
+        if current.version + 1 != env.stream_version {
+            // Not the next version: the state before it, folded from the log.
+            current.state = state_before(history.get(&env.stream_name), env.stream_version);
+        }
+        page.add(env, &current.state);
+        current.state.apply(&env.event);
+        current.version = env.stream_version;
+    }
+    (page.rows(), progress)
+}
+
+/// The streams [`fold_page`] has to fold from `events`: those with an event that does
+/// not directly follow the progress before it (stored, or from earlier in the page).
+pub fn streams_to_load(events: &[EventEnvelope], stored: &HashMap<String, i64>) -> Vec<String> {
+    let mut versions: HashMap<&str, i64> = HashMap::new();
+    let mut load: HashSet<&str> = HashSet::new();
+    for env in events.iter().filter(|e| tracked(e)) {
+        let stream = env.stream_name.as_str();
+        let last = versions
+            .entry(stream)
+            .or_insert_with(|| stored.get(stream).copied().unwrap_or(-1));
+        if *last + 1 != env.stream_version {
+            load.insert(stream);
+        }
+        *last = env.stream_version;
+    }
+    load.into_iter().map(str::to_owned).collect()
+}
+
 pub struct MilestonesProjection;
 
 impl Projection for MilestonesProjection {
@@ -153,24 +248,126 @@ impl Projection for MilestonesProjection {
         &["order_milestones"]
     }
 
+    fn state_tables(&self) -> &'static [&'static str] {
+        &["order_milestone_progress"]
+    }
+
     fn apply_page<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         events: &'a [EventEnvelope],
     ) -> BoxFuture<'a, Result<(), ProjectorError>> {
         Box::pin(async move {
-            let streams: Vec<String> = events
+            let stored = load_progress(conn, events).await?;
+            let versions = stored
                 .iter()
-                .filter(|e| needs_order_state(&e.event))
-                .map(|e| e.stream_name.clone())
-                .collect::<HashSet<_>>()
-                .into_iter()
+                .map(|(stream, p)| (stream.clone(), p.version))
                 .collect();
-            let states = load_streams(conn, &streams).await?;
-            let rows = rows_of_page(events, &states);
-            insert(conn, &rows).await
+            let history = load_streams(conn, &streams_to_load(events, &versions)).await?;
+            let (rows, progress) = fold_page(events, stored, &history);
+            write(conn, &rows, &progress).await
         })
     }
+}
+
+/// The stored progress of the page's tracked streams that did not begin in it (a
+/// stream whose version 0 is in the page needs none).
+async fn load_progress(
+    conn: &mut PgConnection,
+    events: &[EventEnvelope],
+) -> Result<HashMap<String, Progress>, ProjectorError> {
+    let mut first: HashMap<&str, i64> = HashMap::new();
+    for env in events.iter().filter(|e| tracked(e)) {
+        first
+            .entry(env.stream_name.as_str())
+            .or_insert(env.stream_version);
+    }
+    let streams: Vec<&str> = first
+        .into_iter()
+        .filter(|(_, version)| *version != 0)
+        .map(|(stream, _)| stream)
+        .collect();
+    if streams.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, i64, String, String)> = sqlx::query_as(
+        "SELECT stream_name, version, status, lines FROM order_milestone_progress
+          WHERE stream_name = ANY($1)",
+    )
+    .bind(&streams)
+    .fetch_all(conn)
+    .await?;
+    // A row this build cannot read counts as missing: the stream is folded from the log.
+    Ok(rows
+        .into_iter()
+        .filter_map(|(stream, version, status, lines)| {
+            Some((
+                stream,
+                Progress {
+                    version,
+                    state: decode_state(&status, &lines)?,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// How `order_milestone_progress.status` names an `OrderStatus`.
+pub fn status_code(status: OrderStatus) -> &'static str {
+    match status {
+        OrderStatus::New => "new",
+        OrderStatus::Rejected => "rejected",
+        OrderStatus::UnderReview => "under_review",
+        OrderStatus::Accepted => "accepted",
+        OrderStatus::Confirmed => "confirmed",
+        OrderStatus::Completed => "completed",
+        OrderStatus::Shipped => "shipped",
+        OrderStatus::Cancelled => "cancelled",
+    }
+}
+
+/// How `order_milestone_progress.lines` writes a line's status, one letter a line.
+pub fn line_code(line: LineStatus) -> char {
+    match line {
+        LineStatus::Pending => 'p',
+        LineStatus::Reserved => 'r',
+        LineStatus::OutOfStock => 'o',
+        LineStatus::ReleaseRequested => 'x',
+    }
+}
+
+/// The state a progress row holds; `None` for a code this build does not know.
+pub fn decode_state(status: &str, lines: &str) -> Option<OrderState> {
+    let status = [
+        OrderStatus::New,
+        OrderStatus::Rejected,
+        OrderStatus::UnderReview,
+        OrderStatus::Accepted,
+        OrderStatus::Confirmed,
+        OrderStatus::Completed,
+        OrderStatus::Shipped,
+        OrderStatus::Cancelled,
+    ]
+    .into_iter()
+    .find(|s| status_code(*s) == status)?;
+    let lines = lines
+        .chars()
+        .map(|c| {
+            [
+                LineStatus::Pending,
+                LineStatus::Reserved,
+                LineStatus::OutOfStock,
+                LineStatus::ReleaseRequested,
+            ]
+            .into_iter()
+            .find(|l| line_code(*l) == c)
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(OrderState {
+        status,
+        lines,
+        ..OrderState::default()
+    })
 }
 
 /// The order streams named, decoded (upcast) in stream order. An event this version
@@ -199,19 +396,55 @@ async fn load_streams(
     Ok(loaded)
 }
 
-async fn insert(conn: &mut PgConnection, rows: &[MilestoneRow]) -> Result<(), ProjectorError> {
-    if rows.is_empty() {
+/// Writes a page's milestone rows and its streams' progress in one statement (the
+/// progress upsert as a data-modifying CTE: the two touch different tables).
+async fn write(
+    conn: &mut PgConnection,
+    rows: &[MilestoneRow],
+    progress: &HashMap<String, Progress>,
+) -> Result<(), ProjectorError> {
+    if rows.is_empty() && progress.is_empty() {
         return Ok(());
     }
+    let mut streams = Vec::with_capacity(progress.len());
+    let mut versions = Vec::with_capacity(progress.len());
+    let mut statuses = Vec::with_capacity(progress.len());
+    let mut lines = Vec::with_capacity(progress.len());
+    for (stream, p) in progress {
+        streams.push(stream.as_str());
+        versions.push(p.version);
+        statuses.push(status_code(p.state.status));
+        lines.push(
+            p.state
+                .lines
+                .iter()
+                .map(|l| line_code(*l))
+                .collect::<String>(),
+        );
+    }
     sqlx::query(
-        "INSERT INTO order_milestones (order_id, milestone, reached_at, global_position)
+        "WITH progress AS (
+             INSERT INTO order_milestone_progress (stream_name, version, status, lines)
+             SELECT * FROM UNNEST($5::text[], $6::bigint[], $7::text[], $8::text[])
+             ON CONFLICT (stream_name) DO UPDATE SET
+                 version = EXCLUDED.version, status = EXCLUDED.status, lines = EXCLUDED.lines
+         )
+         INSERT INTO order_milestones (order_id, milestone, reached_at, global_position)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[])
          ON CONFLICT (order_id, milestone) DO NOTHING",
     )
     .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.milestone.clone()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.milestone.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(rows.iter().map(|r| r.reached_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.global_position).collect::<Vec<_>>())
+    .bind(&streams)
+    .bind(&versions)
+    .bind(&statuses)
+    .bind(&lines)
     .execute(conn)
     .await?;
     Ok(())
@@ -384,6 +617,150 @@ mod tests {
             (rows[0].milestone.as_str(), rows[0].order_id),
             ("delivered", ORDER)
         );
+    }
+
+    /// The stream and its events as envelopes, versions 0, 1, 2 … in log order.
+    fn stream_envs(events: Vec<DomainEvent>) -> Vec<EventEnvelope> {
+        let stream = format!("order-{ORDER}");
+        (0..).zip(events).map(|(v, e)| env(v, &stream, e)).collect()
+    }
+
+    fn whole_streams(envs: &[EventEnvelope]) -> HashMap<String, Vec<(i64, DomainEvent)>> {
+        let mut streams: HashMap<String, Vec<(i64, DomainEvent)>> = HashMap::new();
+        for e in envs {
+            streams
+                .entry(e.stream_name.clone())
+                .or_default()
+                .push((e.stream_version, e.event.clone()));
+        }
+        for events in streams.values_mut() {
+            events.sort_by_key(|(v, _)| *v);
+        }
+        streams
+    }
+
+    /// Applies `envs` in pages of `size` as `apply_page` does, with a map standing in
+    /// for each table: progress is loaded for the streams that did not begin in the
+    /// page, and the first row of a milestone wins (ON CONFLICT DO NOTHING).
+    fn paged(envs: &[EventEnvelope], size: usize) -> Vec<MilestoneRow> {
+        let log = whole_streams(envs);
+        let mut table: BTreeMap<(Uuid, String), MilestoneRow> = BTreeMap::new();
+        let mut stored: HashMap<String, Progress> = HashMap::new();
+        for page in envs.chunks(size) {
+            let mut first: HashMap<&str, i64> = HashMap::new();
+            for e in page {
+                first
+                    .entry(e.stream_name.as_str())
+                    .or_insert(e.stream_version);
+            }
+            let loaded: HashMap<String, Progress> = stored
+                .iter()
+                .filter(|(s, _)| first.get(s.as_str()).is_some_and(|v| *v != 0))
+                .map(|(s, p)| (s.clone(), p.clone()))
+                .collect();
+            let versions = loaded.iter().map(|(s, p)| (s.clone(), p.version)).collect();
+            let history: HashMap<String, Vec<(i64, DomainEvent)>> =
+                streams_to_load(page, &versions)
+                    .into_iter()
+                    .filter_map(|s| log.get(&s).map(|events| (s, events.clone())))
+                    .collect();
+            let (rows, progress) = fold_page(page, loaded, &history);
+            for row in rows {
+                table
+                    .entry((row.order_id, row.milestone.clone()))
+                    .or_insert(row);
+            }
+            stored.extend(progress);
+        }
+        table.into_values().collect()
+    }
+
+    fn assert_pages_agree(envs: &[EventEnvelope]) {
+        let whole = rows_of_page(envs, &whole_streams(envs));
+        assert!(!whole.is_empty());
+        for size in 1..=envs.len() {
+            assert_eq!(paged(envs, size), whole, "pages of {size}");
+        }
+    }
+
+    #[test]
+    fn stored_progress_gives_the_rows_of_folding_the_stream_whatever_the_pages() {
+        let mut happy = placed_and_accepted();
+        happy.extend([reserved(1), captured(), reserved(0)]);
+        assert_pages_agree(&stream_envs(happy));
+
+        let mut late = placed_and_accepted();
+        late.extend([
+            reserved(0),
+            cancelled(CancelReason::CustomerCancelled),
+            reserved(1),
+            captured(),
+        ]);
+        assert_pages_agree(&stream_envs(late));
+    }
+
+    #[test]
+    fn an_event_out_of_its_streams_order_gets_the_state_of_the_versions_before_it() {
+        // Versions 3 then 2 in log order (a transaction with the older id committed
+        // later): the state before version 3 has line 0 reserved by version 2.
+        let mut events = placed_and_accepted();
+        events.extend([reserved(0), reserved(1)]);
+        let mut envs = stream_envs(events);
+        envs.swap(2, 3);
+        for (position, e) in (100..).zip(envs.iter_mut()) {
+            e.global_position = position;
+        }
+        let rows = rows_of_page(&envs, &whole_streams(&envs));
+        let reserved_at = rows.iter().find(|r| r.milestone == RESERVED);
+        assert_eq!(reserved_at.map(|r| r.global_position), Some(102));
+        assert_pages_agree(&envs);
+    }
+
+    #[test]
+    fn a_stream_without_stored_progress_is_folded_from_the_log() {
+        let mut events = placed_and_accepted();
+        events.extend([reserved(0), reserved(1), captured()]);
+        let envs = stream_envs(events);
+        // Only the last three events in the page, nothing stored (as after upgrading
+        // a database whose projection ran before the progress table existed).
+        let page = &envs[2..];
+        let load = streams_to_load(page, &HashMap::new());
+        assert_eq!(load, [format!("order-{ORDER}")]);
+        let (rows, progress) = fold_page(page, HashMap::new(), &whole_streams(&envs));
+        let names: Vec<&str> = rows.iter().map(|r| r.milestone.as_str()).collect();
+        assert_eq!(names.len(), 2);
+        assert!(names.contains(&RESERVED) && names.contains(&PAID));
+        let after = progress.get(&format!("order-{ORDER}"));
+        assert_eq!(after.map(|p| p.version), Some(4));
+    }
+
+    #[test]
+    fn progress_codes_read_back_and_unknown_codes_are_refused() {
+        for status in [
+            OrderStatus::New,
+            OrderStatus::Rejected,
+            OrderStatus::UnderReview,
+            OrderStatus::Accepted,
+            OrderStatus::Confirmed,
+            OrderStatus::Completed,
+            OrderStatus::Shipped,
+            OrderStatus::Cancelled,
+        ] {
+            let lines = [
+                LineStatus::Pending,
+                LineStatus::Reserved,
+                LineStatus::OutOfStock,
+                LineStatus::ReleaseRequested,
+            ];
+            let code: String = lines.iter().map(|l| line_code(*l)).collect();
+            let state = decode_state(status_code(status), &code);
+            assert_eq!(
+                state.map(|s| (s.status, s.lines)),
+                Some((status, lines.to_vec()))
+            );
+        }
+        assert_eq!(decode_state("paused", ""), None);
+        assert_eq!(decode_state("accepted", "rq"), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `order_status`: one row per order, the status users query.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use domain::{DomainEvent, EventEnvelope};
@@ -72,6 +72,61 @@ fn concerns_order_status(event: &DomainEvent) -> bool {
     matches!(event, DomainEvent::OrderPlaced(_)) || transition(event).is_some()
 }
 
+/// The columns the page's last transition of an order sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub status: &'static str,
+    pub cancel_reason: Option<&'static str>,
+    pub updated_at: DateTime<Utc>,
+    pub last_global_position: i64,
+}
+
+/// What a page does to one order's row, whichever way the row stands before it; the
+/// statement picks the case the table is in. Equal to applying the page's events one
+/// by one with [`apply`]: without a row, events before the first `OrderPlaced` change
+/// nothing and the row is that event's with the transitions after it (`created`);
+/// with a row, `OrderPlaced` changes nothing and each transition overwrites the same
+/// four columns, so the last one (`moved`) is what stays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderChange {
+    pub order_id: Uuid,
+    pub created: Option<OrderStatusRow>,
+    pub moved: Option<Moved>,
+}
+
+/// The page's changes, one per order it concerns, in order of first appearance.
+pub fn page_changes(events: &[EventEnvelope]) -> Vec<OrderChange> {
+    let mut changes: Vec<OrderChange> = Vec::new();
+    let mut index: HashMap<Uuid, usize> = HashMap::new();
+    for env in events.iter().filter(|e| concerns_order_status(&e.event)) {
+        let Some(order_id) = env.event.order_id() else {
+            continue;
+        };
+        let at = *index.entry(order_id).or_insert_with(|| {
+            changes.push(OrderChange {
+                order_id,
+                created: None,
+                moved: None,
+            });
+            changes.len() - 1
+        });
+        let change = &mut changes[at];
+        if let Some(row) = apply(change.created.as_ref(), env) {
+            change.created = Some(row);
+        }
+        if let Some((status, cancel_reason)) = transition(&env.event) {
+            change.moved = Some(Moved {
+                status,
+                cancel_reason,
+                updated_at: env.recorded_at,
+                last_global_position: env.global_position,
+            });
+        }
+    }
+    changes.retain(|c| c.created.is_some() || c.moved.is_some());
+    changes
+}
+
 pub struct OrderStatusProjection;
 
 impl Projection for OrderStatusProjection {
@@ -88,81 +143,119 @@ impl Projection for OrderStatusProjection {
         conn: &'a mut PgConnection,
         events: &'a [EventEnvelope],
     ) -> BoxFuture<'a, Result<(), ProjectorError>> {
-        Box::pin(async move {
-            let relevant: Vec<&EventEnvelope> = events
-                .iter()
-                .filter(|e| concerns_order_status(&e.event))
-                .collect();
-            if relevant.is_empty() {
-                return Ok(());
-            }
-            let ids: Vec<Uuid> = relevant
-                .iter()
-                .filter_map(|e| e.event.order_id())
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let mut rows = load(conn, &ids).await?;
-            let mut dirty = HashSet::new();
-            for env in relevant {
-                let Some(order_id) = env.event.order_id() else {
-                    continue;
-                };
-                if let Some(row) = apply(rows.get(&order_id), env) {
-                    rows.insert(order_id, row);
-                    dirty.insert(order_id);
-                }
-            }
-            let changed: Vec<&OrderStatusRow> =
-                dirty.iter().filter_map(|id| rows.get(id)).collect();
-            upsert(conn, &changed).await
-        })
+        Box::pin(async move { write(conn, &page_changes(events)).await })
     }
 }
 
-async fn load(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, OrderStatusRow>, ProjectorError> {
-    let rows: Vec<OrderStatusRow> = sqlx::query_as(
-        "SELECT order_id, customer_id, status, cancel_reason, total_cents, currency, item_count,
-                placed_at, updated_at, last_global_position
-           FROM order_status WHERE order_id = ANY($1)",
-    )
-    .bind(ids)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.order_id, r)).collect())
-}
-
-async fn upsert(conn: &mut PgConnection, rows: &[&OrderStatusRow]) -> Result<(), ProjectorError> {
-    if rows.is_empty() {
+/// Writes a page's changes in one statement (no read of the rows first): the UPDATE
+/// moves the orders that have a row, the INSERT creates the ones that have none. Both
+/// see the table as it was before the statement, so each order takes exactly one of
+/// the two cases.
+async fn write(conn: &mut PgConnection, changes: &[OrderChange]) -> Result<(), ProjectorError> {
+    if changes.is_empty() {
         return Ok(());
     }
+    let mut c = Columns::default();
+    for change in changes {
+        c.push(change);
+    }
     sqlx::query(
-        "INSERT INTO order_status (order_id, customer_id, status, cancel_reason, total_cents,
+        "WITH page AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::bool[], $3::text[], $4::text[], $5::text[],
+                                  $6::bigint[], $7::text[], $8::int[], $9::timestamptz[],
+                                  $10::timestamptz[], $11::bigint[], $12::bool[], $13::text[],
+                                  $14::text[], $15::timestamptz[], $16::bigint[])
+                 AS p(order_id, creates, customer_id, status, cancel_reason, total_cents,
+                      currency, item_count, placed_at, updated_at, last_global_position,
+                      moves, moved_status, moved_reason, moved_at, moved_position)
+         ),
+         moved AS (
+             UPDATE order_status o
+                SET status = p.moved_status, cancel_reason = p.moved_reason,
+                    updated_at = p.moved_at, last_global_position = p.moved_position
+               FROM page p
+              WHERE o.order_id = p.order_id AND p.moves
+         )
+         INSERT INTO order_status (order_id, customer_id, status, cancel_reason, total_cents,
                                    currency, item_count, placed_at, updated_at, last_global_position)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                              $6::text[], $7::int[], $8::timestamptz[], $9::timestamptz[], $10::bigint[])
-         ON CONFLICT (order_id) DO UPDATE SET
-             status = EXCLUDED.status,
-             cancel_reason = EXCLUDED.cancel_reason,
-             updated_at = EXCLUDED.updated_at,
-             last_global_position = EXCLUDED.last_global_position",
+         SELECT order_id, customer_id, status, cancel_reason, total_cents, currency, item_count,
+                placed_at, updated_at, last_global_position
+           FROM page p
+          WHERE p.creates AND NOT EXISTS (SELECT 1 FROM order_status o WHERE o.order_id = p.order_id)
+         ON CONFLICT (order_id) DO NOTHING",
     )
-    .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.customer_id.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.cancel_reason.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.total_cents).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.currency.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.item_count).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.placed_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.last_global_position).collect::<Vec<_>>())
+    .bind(c.order_id)
+    .bind(c.creates)
+    .bind(c.customer_id)
+    .bind(c.status)
+    .bind(c.cancel_reason)
+    .bind(c.total_cents)
+    .bind(c.currency)
+    .bind(c.item_count)
+    .bind(c.placed_at)
+    .bind(c.updated_at)
+    .bind(c.last_global_position)
+    .bind(c.moves)
+    .bind(c.moved_status)
+    .bind(c.moved_reason)
+    .bind(c.moved_at)
+    .bind(c.moved_position)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The statement's arrays, one entry per order; a case that does not apply gets
+/// placeholder values its flag (`creates`, `moves`) keeps from being used.
+#[derive(Default)]
+struct Columns<'a> {
+    order_id: Vec<Uuid>,
+    creates: Vec<bool>,
+    customer_id: Vec<&'a str>,
+    status: Vec<&'a str>,
+    cancel_reason: Vec<Option<&'a str>>,
+    total_cents: Vec<i64>,
+    currency: Vec<&'a str>,
+    item_count: Vec<i32>,
+    placed_at: Vec<DateTime<Utc>>,
+    updated_at: Vec<DateTime<Utc>>,
+    last_global_position: Vec<i64>,
+    moves: Vec<bool>,
+    moved_status: Vec<&'static str>,
+    moved_reason: Vec<Option<&'static str>>,
+    moved_at: Vec<DateTime<Utc>>,
+    moved_position: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(&mut self, change: &'a OrderChange) {
+        self.order_id.push(change.order_id);
+        let created = change.created.as_ref();
+        self.creates.push(created.is_some());
+        self.customer_id
+            .push(created.map_or("", |r| r.customer_id.as_str()));
+        self.status.push(created.map_or("", |r| r.status.as_str()));
+        self.cancel_reason
+            .push(created.and_then(|r| r.cancel_reason.as_deref()));
+        self.total_cents.push(created.map_or(0, |r| r.total_cents));
+        self.currency
+            .push(created.map_or("", |r| r.currency.as_str()));
+        self.item_count.push(created.map_or(0, |r| r.item_count));
+        self.placed_at
+            .push(created.map_or_else(DateTime::default, |r| r.placed_at));
+        self.updated_at
+            .push(created.map_or_else(DateTime::default, |r| r.updated_at));
+        self.last_global_position
+            .push(created.map_or(0, |r| r.last_global_position));
+        let moved = change.moved.as_ref();
+        self.moves.push(moved.is_some());
+        self.moved_status.push(moved.map_or("", |m| m.status));
+        self.moved_reason.push(moved.and_then(|m| m.cancel_reason));
+        self.moved_at
+            .push(moved.map_or_else(DateTime::default, |m| m.updated_at));
+        self.moved_position
+            .push(moved.map_or(0, |m| m.last_global_position));
+    }
 }
 
 #[cfg(test)]
@@ -231,6 +324,55 @@ mod tests {
         events
             .iter()
             .fold(None, |row, e| apply(row.as_ref(), e).or(row))
+    }
+
+    /// The row after a page, as the statement of [`write`] leaves it.
+    fn written(before: Option<&OrderStatusRow>, change: &OrderChange) -> Option<OrderStatusRow> {
+        match before {
+            None => change.created.clone(),
+            Some(row) => Some(change.moved.as_ref().map_or_else(
+                || row.clone(),
+                |m| OrderStatusRow {
+                    status: m.status.to_owned(),
+                    cancel_reason: m.cancel_reason.map(str::to_owned),
+                    updated_at: m.updated_at,
+                    last_global_position: m.last_global_position,
+                    ..row.clone()
+                },
+            )),
+        }
+    }
+
+    #[test]
+    fn a_pages_changes_equal_applying_its_events_one_by_one() {
+        let existing = fold(&[env(1, placed(ORDER, "c-0"))]);
+        let pages: Vec<Vec<EventEnvelope>> = vec![
+            vec![env(2, placed(ORDER, "c-1")), env(3, confirmed(ORDER))],
+            vec![
+                env(2, confirmed(ORDER)),
+                env(3, placed(ORDER, "c-1")),
+                env(4, cancelled(ORDER, CancelReason::OutOfStock)),
+                env(5, placed(ORDER, "c-2")),
+            ],
+            vec![env(2, placed(ORDER, "c-1"))],
+            vec![env(2, cancelled(ORDER, CancelReason::PaymentDeclined))],
+        ];
+        for (n, page) in pages.iter().enumerate() {
+            let changes = page_changes(page);
+            assert_eq!(changes.len(), 1, "page {n}");
+            for before in [None, existing.clone()] {
+                let one_by_one = page
+                    .iter()
+                    .fold(before.clone(), |row, e| apply(row.as_ref(), e).or(row));
+                assert_eq!(
+                    written(before.as_ref(), &changes[0]),
+                    one_by_one,
+                    "page {n}, row before: {}",
+                    before.is_some()
+                );
+            }
+        }
+        assert!(page_changes(&[]).is_empty());
     }
 
     #[test]

@@ -9,13 +9,21 @@ use futures::future::BoxFuture;
 use sqlx::PgConnection;
 use tracing::{info, warn, Instrument};
 
+use crate::decode::decode_page;
 use crate::{
     milestones::MilestonesProjection, order_status::OrderStatusProjection,
     stock_levels::StockLevelsProjection, timers::TimersProjection,
 };
 
-/// Events read and applied per transaction.
+/// Events read and applied per transaction by the live projection.
 pub const PAGE_SIZE: i64 = 2_000;
+
+/// Events read and applied per page by a replay (one transaction for all pages). A
+/// page costs each projection one to three statements whatever its length, and on a
+/// busy machine every round trip waits for the server and the client to be scheduled
+/// again: bigger pages pay that less often. Two pages are in memory at most (one
+/// applied, one read ahead), some tens of MiB, however long the log.
+pub const REPLAY_PAGE_SIZE: i64 = 10_000;
 
 /// How long a caught-up projection waits for a wake-up before looking again anyway.
 const FALLBACK_POLL: Duration = Duration::from_millis(500);
@@ -30,6 +38,8 @@ pub enum ProjectorError {
         "unknown projection '{0}' (known: order_status, stock_levels, timers, order_milestones)"
     )]
     UnknownProjection(String),
+    #[error("reading the log ahead failed: {0}")]
+    ReadAhead(String),
     #[error("read-model table {0} has no primary key to compare rows by")]
     NoPrimaryKey(String),
 }
@@ -37,8 +47,14 @@ pub enum ProjectorError {
 /// A read model built from the log.
 pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// The tables it owns (emptied before a replay).
+    /// The read-model tables it owns (emptied before a replay, compared by verify).
     fn tables(&self) -> &'static [&'static str];
+    /// Tables of its own working state, derived from the log like its read models:
+    /// emptied and rebuilt with them, shadowed by verify, but not compared (they are
+    /// not what users read).
+    fn state_tables(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Applies a page of events, in log order, inside the caller's transaction.
     fn apply_page<'a>(
         &'a self,
@@ -67,10 +83,16 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Projection>, ProjectorError> {
 /// table someone dropped is created again before it is rebuilt from the log.
 const READ_MODEL_SCHEMA: &str = include_str!("../../../migrations/0010_read_models.sql");
 const MILESTONES_SCHEMA: &str = include_str!("../../../migrations/0030_milestones.sql");
+const MILESTONE_PROGRESS_SCHEMA: &str =
+    include_str!("../../../migrations/0090_milestone_progress.sql");
 
 /// Creates any read-model table that is missing.
 pub async fn ensure_schema(store: &EventStore) -> Result<(), ProjectorError> {
-    for schema in [READ_MODEL_SCHEMA, MILESTONES_SCHEMA] {
+    for schema in [
+        READ_MODEL_SCHEMA,
+        MILESTONES_SCHEMA,
+        MILESTONE_PROGRESS_SCHEMA,
+    ] {
         sqlx::raw_sql(schema).execute(store.pool()).await?;
     }
     Ok(())
@@ -80,19 +102,72 @@ pub(crate) fn checkpoint_name(projection: &dyn Projection) -> String {
     format!("projection:{}", projection.name())
 }
 
-/// Decodes a page; an event this version cannot decode (say, written by a newer one)
-/// is skipped with a warning rather than stopping every read model.
-fn decode_page(records: &[RecordedEvent]) -> Vec<EventEnvelope> {
-    records
-        .iter()
-        .filter_map(|rec| match crate::to_envelope(rec) {
-            Ok(env) => Some(env),
-            Err(error) => {
-                warn!(global_position = rec.global_position, %error, "skipping an event the projector cannot decode");
-                None
-            }
-        })
-        .collect()
+/// A page read from the log: where it ends and its decoded events.
+struct Page {
+    /// The position of the last record read (`None`: nothing to read).
+    last: Option<LogPosition>,
+    /// Records read, decodable or not.
+    read: usize,
+    events: Vec<EventEnvelope>,
+}
+
+async fn read_page(
+    store: &EventStore,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Page, ProjectorError> {
+    let records = store.read_all_text(after, limit).await?;
+    Ok(Page {
+        last: records.last().map(RecordedEvent::log_position),
+        read: records.len(),
+        events: decode_page(records),
+    })
+}
+
+/// [`read_page`] with the decoding on a blocking thread: decoding a replay page is tens
+/// of milliseconds of CPU, which would otherwise hold up one of the runtime's workers,
+/// and with it the replay's own statements waiting to be polled.
+async fn read_page_off_runtime(
+    store: &EventStore,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Page, ProjectorError> {
+    let records = store.read_all_text(after, limit).await?;
+    let last = records.last().map(RecordedEvent::log_position);
+    let read = records.len();
+    let events = tokio::task::spawn_blocking(move || decode_page(records))
+        .await
+        .map_err(|e| ProjectorError::ReadAhead(e.to_string()))?;
+    Ok(Page { last, read, events })
+}
+
+/// The next page, read and decoded by a task of its own while the caller applies the
+/// current one: reading the log (another pooled connection, the server's scan and the
+/// client's JSON decoding) overlaps with the writes in the replay's transaction
+/// instead of adding to them. At most one page is ahead, so memory stays flat.
+struct ReadAhead(tokio::task::JoinHandle<Result<Page, ProjectorError>>);
+
+impl ReadAhead {
+    fn start(store: &EventStore, after: LogPosition) -> Self {
+        let store = store.clone();
+        Self(tokio::spawn(
+            async move { read_page_off_runtime(&store, after, REPLAY_PAGE_SIZE).await }
+                .in_current_span(),
+        ))
+    }
+
+    async fn page(&mut self) -> Result<Page, ProjectorError> {
+        (&mut self.0)
+            .await
+            .map_err(|e| ProjectorError::ReadAhead(e.to_string()))?
+    }
+}
+
+impl Drop for ReadAhead {
+    /// A replay that fails (or is dropped) stops its read ahead too.
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Applies the next page after the projection's checkpoint, rows and checkpoint in one
@@ -104,18 +179,17 @@ pub async fn run_once(
     let name = checkpoint_name(projection);
     let mut tx = eventstore::begin(store.pool()).await?;
     let after = store.lock_checkpoint(&mut tx, &name).await?;
-    let records = store.read_all(after, PAGE_SIZE).await?;
-    let Some(last) = records.last().map(RecordedEvent::log_position) else {
+    let page = read_page(store, after, PAGE_SIZE).await?;
+    let Some(last) = page.last else {
         return Ok(0);
     };
-    let page = decode_page(&records);
-    projection.apply_page(&mut tx, &page).await?;
+    projection.apply_page(&mut tx, &page.events).await?;
     store.save_checkpoint(&mut tx, &name, last).await?;
     tx.commit().await?;
     // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
     metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())
-        .increment(records.len() as u64);
-    Ok(records.len())
+        .increment(page.read as u64);
+    Ok(page.read)
 }
 
 /// Follows the log with every projection until `shutdown` resolves.
@@ -209,7 +283,7 @@ pub async fn replay_many(
         store
             .lock_checkpoint(&mut tx, &checkpoint_name(*projection))
             .await?;
-        for table in projection.tables() {
+        for table in projection.tables().iter().chain(projection.state_tables()) {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&mut *tx)
                 .await?;
@@ -224,9 +298,10 @@ pub async fn replay_many(
     let mut after = LogPosition::START;
     let mut applied = 0u64;
     let started = std::time::Instant::now();
+    let mut ahead = ReadAhead::start(store, after);
     loop {
-        let records = store.read_all(after, PAGE_SIZE).await?;
-        let Some(last) = records.last().map(RecordedEvent::log_position) else {
+        let page = ahead.page().await?;
+        let Some(last) = page.last else {
             if !older_events_pending(store, after, ours).await? {
                 break;
             }
@@ -235,13 +310,14 @@ pub async fn replay_many(
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+            ahead = ReadAhead::start(store, after);
             continue;
         };
-        let page = decode_page(&records);
+        ahead = ReadAhead::start(store, last);
         for projection in projections {
-            projection.apply_page(&mut tx, &page).await?;
+            projection.apply_page(&mut tx, &page.events).await?;
         }
-        applied += records.len() as u64;
+        applied += page.read as u64;
         after = last;
         progress(applied);
     }

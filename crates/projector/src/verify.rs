@@ -142,7 +142,14 @@ pub async fn verify(
         .flat_map(|p| p.tables())
         .copied()
         .collect();
-    create_shadow(&mut tx, &tables).await?;
+    // The projections' own state tables are rebuilt in the shadow too (their live rows
+    // must not see the rebuild), but only read models are compared.
+    let shadowed: Vec<&'static str> = tables
+        .iter()
+        .copied()
+        .chain(projections.iter().flat_map(|p| p.state_tables()).copied())
+        .collect();
+    create_shadow(&mut tx, &shadowed).await?;
     let events = rebuild(store, &mut tx, projections, &checkpoints).await?;
     let mut diffs = Vec::with_capacity(tables.len());
     for table in &tables {
@@ -151,7 +158,8 @@ pub async fn verify(
     let differs = diffs.iter().any(|d| d.total > 0);
     let swapped = swap && differs;
     if swapped {
-        for table in &tables {
+        // State tables too: the rebuilt state belongs with the rebuilt rows.
+        for table in &shadowed {
             replace_live_rows(&mut tx, table).await?;
         }
     }

@@ -92,3 +92,42 @@ async fn stream_has_event_type_tells_whether_a_type_was_ever_recorded() -> anyho
     assert_eq!(set, vec!["stock-apple".to_string()]);
     Ok(())
 }
+
+#[tokio::test]
+async fn read_all_text_returns_the_same_events_with_the_payload_as_json_text() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let mut appended = events(3);
+    appended[1].payload = serde_json::json!({ "text": "a \"quoted\" ü", "list": [1, 2.5, null] });
+    db.store
+        .append("order-1", ExpectedVersion::NoStream, appended)
+        .await?;
+    let values = follow_until(&db.store, LogPosition::START, 10, 3).await?;
+    let texts = db.store.read_all_text(LogPosition::START, 10).await?;
+    assert_eq!(texts.len(), 3);
+    for (value, text) in values.iter().zip(&texts) {
+        let parsed: serde_json::Value = serde_json::from_str(&text.payload)?;
+        assert_eq!(parsed, value.payload);
+        assert_eq!(text.log_position(), value.log_position());
+        assert_eq!(
+            (
+                text.event_id,
+                &text.stream_name,
+                text.stream_version,
+                text.metadata
+            ),
+            (
+                value.event_id,
+                &value.stream_name,
+                value.stream_version,
+                value.metadata
+            )
+        );
+        assert_eq!(text.recorded_at, value.recorded_at);
+    }
+    // pages continue from a position as read_all's do
+    let rest = db.store.read_all_text(texts[0].log_position(), 10).await?;
+    assert_eq!(rest.len(), 2);
+    assert_eq!(rest[0].event_id, texts[1].event_id);
+    Ok(())
+}

@@ -5,6 +5,7 @@
 mod concurrency;
 mod crash_safety;
 mod order_status;
+mod pages;
 mod replay;
 mod stock_levels;
 mod support;

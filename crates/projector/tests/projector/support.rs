@@ -322,6 +322,10 @@ impl Projection for Interrupted {
         self.inner.tables()
     }
 
+    fn state_tables(&self) -> &'static [&'static str] {
+        self.inner.state_tables()
+    }
+
     fn apply_page<'a>(
         &'a self,
         conn: &'a mut sqlx::PgConnection,
