@@ -145,6 +145,11 @@ fn pool_size(workers: usize) -> u32 {
     u32::try_from(4 + 4 * workers).unwrap_or(u32::MAX).min(24)
 }
 
+/// The pool size: `ORDERFLOW_DB_POOL_SIZE` when set, else [`pool_size`].
+fn pool_for(settings: &Settings, workers: usize) -> u32 {
+    settings.db_pool_size.unwrap_or_else(|| pool_size(workers))
+}
+
 /// Runs `workers` until `shutdown` resolves or one of them fails for good.
 pub async fn run(
     settings: Settings,
@@ -154,7 +159,7 @@ pub async fn run(
     if let Some(unknown) = workers.iter().find(|w| !ALL_WORKERS.contains(w)) {
         return Err(RunError::UnknownWorker((*unknown).to_owned()));
     }
-    let store = open_store(&settings.database_url, pool_size(workers.len()))
+    let store = open_store(&settings.database_url, pool_for(&settings, workers.len()))
         .await
         .map_err(|source| RunError::Store {
             url: redact_url(&settings.database_url),
@@ -533,4 +538,21 @@ async fn consume_events<S: EventService>(
         shutdown,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_grows_with_the_workers_up_to_a_cap_unless_set() {
+        let unset = Settings::default();
+        assert_eq!(pool_for(&unset, 1), 8);
+        assert_eq!(pool_for(&unset, ALL_WORKERS.len()), 24);
+        let set = Settings {
+            db_pool_size: Some(6),
+            ..Settings::default()
+        };
+        assert_eq!(pool_for(&set, ALL_WORKERS.len()), 6);
+    }
 }

@@ -62,13 +62,17 @@ pub struct Settings {
     /// How often a running process refreshes its row in `workers`
     /// (`ORDERFLOW_HEARTBEAT_INTERVAL`); silent for three of them = gone.
     pub heartbeat_interval: Duration,
+    /// Database connections in this process's pool (`ORDERFLOW_DB_POOL_SIZE`; unset:
+    /// 4 + 4 per worker, at most 24), to keep the sum over all processes under
+    /// PostgreSQL's `max_connections`.
+    pub db_pool_size: Option<u32>,
 }
 
 /// The variable naming the optional settings file.
 pub const CONFIG_FILE_VAR: &str = "ORDERFLOW_CONFIG";
 
 /// Every setting: its key in the settings file and its environment variable.
-pub const SETTINGS: [(&str, &str); 15] = [
+pub const SETTINGS: [(&str, &str); 16] = [
     ("database_url", "DATABASE_URL"),
     ("amqp_url", "AMQP_URL"),
     ("review_threshold_cents", "ORDERFLOW_REVIEW_THRESHOLD_CENTS"),
@@ -87,6 +91,7 @@ pub const SETTINGS: [(&str, &str); 15] = [
     ("express_max_units", "ORDERFLOW_EXPRESS_MAX_UNITS"),
     ("http_addr", "ORDERFLOW_HTTP_ADDR"),
     ("heartbeat_interval", "ORDERFLOW_HEARTBEAT_INTERVAL"),
+    ("db_pool_size", "ORDERFLOW_DB_POOL_SIZE"),
 ];
 
 /// The settings file, parsed: values by environment-variable name.
@@ -169,6 +174,7 @@ impl std::fmt::Debug for Settings {
             .field("express_max_units", &self.express_max_units)
             .field("http_addr", &self.http_addr)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("db_pool_size", &self.db_pool_size)
             .finish()
     }
 }
@@ -199,6 +205,7 @@ impl Default for Settings {
             express_max_units: None,
             http_addr: HttpAddr::Default(SocketAddr::from(([127, 0, 0, 1], 9464))),
             heartbeat_interval: Duration::from_secs(5),
+            db_pool_size: None,
         }
     }
 }
@@ -265,6 +272,9 @@ impl Settings {
                 .map_or(Ok(defaults.http_addr), parse_http_addr)?,
             heartbeat_interval: get("ORDERFLOW_HEARTBEAT_INTERVAL")
                 .map_or(Ok(defaults.heartbeat_interval), parse_duration)?,
+            db_pool_size: get("ORDERFLOW_DB_POOL_SIZE")
+                .map(parse_pool_size)
+                .transpose()?,
         }
         .consistent()
     }
@@ -323,6 +333,18 @@ fn parse_units((name, value): (&'static str, String)) -> Result<u32, SettingsErr
             name,
             &value,
             "must be a whole number of units, at least 1 (leave it unset to turn the rule off)",
+        )),
+    }
+}
+
+fn parse_pool_size((name, value): (&'static str, String)) -> Result<u32, SettingsError> {
+    match value.trim().parse::<u32>() {
+        // A handler may hold a transaction while its worker reads another stream.
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(invalid(
+            name,
+            &value,
+            "must be a whole number of connections, at least 2 (leave it unset for 4 + 4 per worker, at most 24)",
         )),
     }
 }
@@ -468,6 +490,22 @@ mod tests {
             with(&[("ORDERFLOW_CURRENCY", "euro")]).map_err(|e| e.name),
             Err("ORDERFLOW_CURRENCY")
         );
+    }
+
+    #[test]
+    fn the_pool_size_is_chosen_per_process_or_set() {
+        assert_eq!(with(&[]).map(|s| s.db_pool_size), Ok(None));
+        assert_eq!(
+            with(&[("ORDERFLOW_DB_POOL_SIZE", "8")]).map(|s| s.db_pool_size),
+            Ok(Some(8))
+        );
+        for bad in ["1", "0", "-3", "many"] {
+            assert_eq!(
+                with(&[("ORDERFLOW_DB_POOL_SIZE", bad)]).map_err(|e| e.name),
+                Err("ORDERFLOW_DB_POOL_SIZE"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
