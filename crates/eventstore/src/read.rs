@@ -9,8 +9,14 @@ use crate::{Metadata, RecordedEvent, StoreError};
 pub(crate) const EVENT_COLUMNS: &str = "global_position, transaction_id, stream_name, \
     stream_version, event_id, event_type, schema_version, payload, metadata, recorded_at";
 
+/// [`EVENT_COLUMNS`] with the JSON columns as text, in `TextEventRow`'s field names.
+pub(crate) const EVENT_COLUMNS_TEXT: &str = "global_position, transaction_id, stream_name, \
+    stream_version, event_id, event_type, schema_version, payload::text AS payload, \
+    metadata::text AS metadata, recorded_at";
+
+/// The columns both row shapes read the same way.
 #[derive(Debug, sqlx::FromRow)]
-pub(crate) struct EventRow {
+pub(crate) struct RowHead {
     global_position: i64,
     transaction_id: i64,
     stream_name: String,
@@ -18,34 +24,50 @@ pub(crate) struct EventRow {
     event_id: Uuid,
     event_type: String,
     schema_version: i32,
+    recorded_at: DateTime<Utc>,
+}
+
+impl RowHead {
+    /// Metadata is decoded by the caller rather than by sqlx so that a bad row is
+    /// reported here with its position instead of as an anonymous decode error.
+    fn into_event<P>(
+        self,
+        payload: P,
+        metadata: Result<Metadata, serde_json::Error>,
+    ) -> Result<RecordedEvent<P>, StoreError> {
+        let metadata = metadata.map_err(|error| StoreError::Malformed {
+            global_position: self.global_position,
+            reason: format!("metadata: {error}"),
+        })?;
+        Ok(RecordedEvent {
+            global_position: self.global_position,
+            transaction_id: self.transaction_id,
+            stream_name: self.stream_name,
+            stream_version: self.stream_version,
+            event_id: self.event_id,
+            event_type: self.event_type,
+            schema_version: self.schema_version,
+            payload,
+            metadata,
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct EventRow {
+    #[sqlx(flatten)]
+    head: RowHead,
     payload: serde_json::Value,
     metadata: serde_json::Value,
-    recorded_at: DateTime<Utc>,
 }
 
 impl TryFrom<EventRow> for RecordedEvent {
     type Error = StoreError;
 
-    /// Metadata is decoded here rather than by sqlx so that a bad row is reported with
-    /// its position instead of as an anonymous decode error.
     fn try_from(row: EventRow) -> Result<Self, StoreError> {
-        let metadata: Metadata =
-            serde_json::from_value(row.metadata).map_err(|error| StoreError::Malformed {
-                global_position: row.global_position,
-                reason: format!("metadata: {error}"),
-            })?;
-        Ok(RecordedEvent {
-            global_position: row.global_position,
-            transaction_id: row.transaction_id,
-            stream_name: row.stream_name,
-            stream_version: row.stream_version,
-            event_id: row.event_id,
-            event_type: row.event_type,
-            schema_version: row.schema_version,
-            payload: row.payload,
-            metadata,
-            recorded_at: row.recorded_at,
-        })
+        let metadata = serde_json::from_value(row.metadata);
+        row.head.into_event(row.payload, metadata)
     }
 }
 
@@ -53,47 +75,21 @@ pub(crate) fn into_events(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, Sto
     rows.into_iter().map(RecordedEvent::try_from).collect()
 }
 
-/// [`EVENT_COLUMNS`] with the JSON columns as text, in `TextEventRow`'s field names.
-pub(crate) const EVENT_COLUMNS_TEXT: &str = "global_position, transaction_id, stream_name, \
-    stream_version, event_id, event_type, schema_version, payload::text AS payload, \
-    metadata::text AS metadata, recorded_at";
-
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct TextEventRow {
-    global_position: i64,
-    transaction_id: i64,
-    stream_name: String,
-    stream_version: i64,
-    event_id: Uuid,
-    event_type: String,
-    schema_version: i32,
+    #[sqlx(flatten)]
+    head: RowHead,
     payload: String,
     metadata: String,
-    recorded_at: DateTime<Utc>,
 }
 
 impl TryFrom<TextEventRow> for RecordedEvent<String> {
     type Error = StoreError;
 
     /// Metadata is parsed from its text straight into `Metadata` (no intermediate
-    /// `serde_json::Value`), a bad row reported with its position.
+    /// `serde_json::Value`).
     fn try_from(row: TextEventRow) -> Result<Self, StoreError> {
-        let metadata: Metadata =
-            serde_json::from_str(&row.metadata).map_err(|error| StoreError::Malformed {
-                global_position: row.global_position,
-                reason: format!("metadata: {error}"),
-            })?;
-        Ok(RecordedEvent {
-            global_position: row.global_position,
-            transaction_id: row.transaction_id,
-            stream_name: row.stream_name,
-            stream_version: row.stream_version,
-            event_id: row.event_id,
-            event_type: row.event_type,
-            schema_version: row.schema_version,
-            payload: row.payload,
-            metadata,
-            recorded_at: row.recorded_at,
-        })
+        let metadata = serde_json::from_str(&row.metadata);
+        row.head.into_event(row.payload, metadata)
     }
 }
