@@ -27,17 +27,8 @@ pub const ROUTER_QUEUE: &str = "orderflow.commands.router";
 /// The intake before commands were partitioned; parked commands keep its name.
 pub const INTAKE_QUEUE: &str = "orderflow.commands.intake";
 pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letter";
-/// Where the router forwards each command (ADR 0005): one per partition.
-pub const COMMAND_PARTITION_QUEUES: [&str; 8] = [
-    "orderflow.commands.p0",
-    "orderflow.commands.p1",
-    "orderflow.commands.p2",
-    "orderflow.commands.p3",
-    "orderflow.commands.p4",
-    "orderflow.commands.p5",
-    "orderflow.commands.p6",
-    "orderflow.commands.p7",
-];
+/// Where the router forwards each command (ADR 0005): internal names, not contract.
+pub use bus::topology::COMMAND_PARTITION_QUEUES;
 
 /// Settings every system gets unless the test overrides them: short carrier delays.
 const DEFAULT_ENV: &[(&str, &str)] = &[

@@ -76,6 +76,18 @@ pub const READ_MODEL_STATUSES: [&str; 8] = [
 ];
 
 impl OrderStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [OrderStatus; 8] = [
+        OrderStatus::New,
+        OrderStatus::Rejected,
+        OrderStatus::UnderReview,
+        OrderStatus::Accepted,
+        OrderStatus::Confirmed,
+        OrderStatus::Completed,
+        OrderStatus::Shipped,
+        OrderStatus::Cancelled,
+    ];
+
     /// The status the read model (`order_status.status`) shows.
     ///
     /// `New` has no read-model row (an order exists from `OrderPlaced` on) and maps to

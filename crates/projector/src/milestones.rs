@@ -338,18 +338,9 @@ pub fn line_code(line: LineStatus) -> char {
 
 /// The state a progress row holds; `None` for a code this build does not know.
 pub fn decode_state(status: &str, lines: &str) -> Option<OrderState> {
-    let status = [
-        OrderStatus::New,
-        OrderStatus::Rejected,
-        OrderStatus::UnderReview,
-        OrderStatus::Accepted,
-        OrderStatus::Confirmed,
-        OrderStatus::Completed,
-        OrderStatus::Shipped,
-        OrderStatus::Cancelled,
-    ]
-    .into_iter()
-    .find(|s| status_code(*s) == status)?;
+    let status = OrderStatus::ALL
+        .into_iter()
+        .find(|s| status_code(*s) == status)?;
     let lines = lines
         .chars()
         .map(|c| {
@@ -736,16 +727,7 @@ mod tests {
 
     #[test]
     fn progress_codes_read_back_and_unknown_codes_are_refused() {
-        for status in [
-            OrderStatus::New,
-            OrderStatus::Rejected,
-            OrderStatus::UnderReview,
-            OrderStatus::Accepted,
-            OrderStatus::Confirmed,
-            OrderStatus::Completed,
-            OrderStatus::Shipped,
-            OrderStatus::Cancelled,
-        ] {
+        for status in OrderStatus::ALL {
             let lines = [
                 LineStatus::Pending,
                 LineStatus::Reserved,
