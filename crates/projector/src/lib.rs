@@ -12,6 +12,8 @@ pub mod milestones;
 pub mod order_status;
 mod runner;
 pub mod stock_levels;
+#[cfg(test)]
+mod test_events;
 pub mod timers;
 pub mod verify;
 

@@ -458,7 +458,6 @@ pub async fn of_order(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
     use domain::commands::{OrderLine, PlaceOrder};
     use domain::events::{
         OrderCancelled, OrderLineReserved, OrderPaymentCaptured, ShipmentDelivered,
@@ -469,19 +468,7 @@ mod tests {
     const ORDER: Uuid = Uuid::from_u128(0xA11CE);
 
     fn env(version: i64, stream: &str, event: DomainEvent) -> EventEnvelope {
-        EventEnvelope {
-            event_id: Uuid::from_u128(version as u128),
-            stream_name: stream.to_owned(),
-            stream_version: version,
-            global_position: 100 + version,
-            recorded_at: Utc
-                .with_ymd_and_hms(2025, 1, 1, 12, 0, u32::try_from(version).unwrap_or(0))
-                .single()
-                .unwrap_or_default(),
-            correlation_id: Uuid::nil(),
-            causation_id: Uuid::nil(),
-            event,
-        }
+        crate::test_events::envelope(stream, version, 100 + version, event)
     }
 
     /// A two-line digital order, placed and accepted.

@@ -261,7 +261,6 @@ impl<'a> Columns<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
     use domain::events::{
         CancelReason, OrderCancelled, OrderCommandRefused, OrderConfirmed, OrderShipped,
         ShipmentDelivered,
@@ -269,23 +268,10 @@ mod tests {
 
     const ORDER: Uuid = Uuid::from_u128(0xA11CE);
 
-    fn at(second: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2025, 1, 1, 12, 0, second)
-            .single()
-            .unwrap_or_default()
-    }
+    use crate::test_events::at;
 
     fn env(position: i64, event: DomainEvent) -> EventEnvelope {
-        EventEnvelope {
-            event_id: Uuid::from_u128(position as u128),
-            stream_name: format!("order-{ORDER}"),
-            stream_version: position,
-            global_position: position,
-            recorded_at: at(u32::try_from(position).unwrap_or(0)),
-            correlation_id: Uuid::nil(),
-            causation_id: Uuid::nil(),
-            event,
-        }
+        crate::test_events::envelope(&format!("order-{ORDER}"), position, position, event)
     }
 
     /// Built from the v1 payload, which every later schema version upcasts.

@@ -183,28 +183,14 @@ async fn write(conn: &mut PgConnection, changes: &PageChanges) -> Result<(), Pro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
     use domain::events::{OrderApproved, OrderSentForReview, PaymentCaptured, PaymentRequested};
 
     const ORDER: Uuid = Uuid::from_u128(0xA11CE);
 
-    fn at(second: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2025, 1, 1, 12, 0, second)
-            .single()
-            .unwrap_or_default()
-    }
+    use crate::test_events::at;
 
     fn env(position: i64, event: DomainEvent) -> EventEnvelope {
-        EventEnvelope {
-            event_id: Uuid::from_u128(position as u128),
-            stream_name: format!("payment-{ORDER}"),
-            stream_version: position,
-            global_position: position,
-            recorded_at: at(u32::try_from(position).unwrap_or(0)),
-            correlation_id: Uuid::nil(),
-            causation_id: Uuid::nil(),
-            event,
-        }
+        crate::test_events::envelope(&format!("payment-{ORDER}"), position, position, event)
     }
 
     fn requested(position: i64) -> EventEnvelope {
