@@ -333,23 +333,64 @@ impl EventStore {
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<LogPosition, StoreError> {
-        sqlx::query(
-            "INSERT INTO checkpoints (name, transaction_id, global_position) VALUES ($1, 0, 0) \
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .execute(&mut *conn)
-        .await?;
-        let (transaction_id, global_position): (i64, i64) = sqlx::query_as(
-            "SELECT transaction_id, global_position FROM checkpoints WHERE name = $1 FOR UPDATE",
-        )
-        .bind(name)
-        .fetch_one(&mut *conn)
-        .await?;
+        const LOCK: &str =
+            "SELECT transaction_id, global_position FROM checkpoints WHERE name = $1 FOR UPDATE";
+        let mut row: Option<(i64, i64)> = sqlx::query_as(LOCK)
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if row.is_none() {
+            // A follower's first turn: create its row (racing others doing the same),
+            // then lock it.
+            sqlx::query(
+                "INSERT INTO checkpoints (name, transaction_id, global_position) VALUES ($1, 0, 0) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .execute(&mut *conn)
+            .await?;
+            row = sqlx::query_as(LOCK)
+                .bind(name)
+                .fetch_optional(&mut *conn)
+                .await?;
+        }
+        let (transaction_id, global_position) = row.unwrap_or_default();
         Ok(LogPosition {
             transaction_id,
             global_position,
         })
+    }
+
+    /// [`lock_checkpoint`](Self::lock_checkpoint) without waiting: `None` when
+    /// another transaction holds the row (a replay, or the same follower in another
+    /// process), so a follower of several logs' readers can get on with the others.
+    pub async fn try_lock_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<Option<LogPosition>, StoreError> {
+        const TRY_LOCK: &str = "SELECT transaction_id, global_position FROM checkpoints \
+             WHERE name = $1 FOR UPDATE SKIP LOCKED";
+        let row: Option<(i64, i64)> = sqlx::query_as(TRY_LOCK)
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some((transaction_id, global_position)) = row {
+            return Ok(Some(LogPosition {
+                transaction_id,
+                global_position,
+            }));
+        }
+        // No row we could lock: either someone holds it, or it does not exist yet.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM checkpoints WHERE name = $1)")
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await?;
+        if exists {
+            return Ok(None);
+        }
+        self.lock_checkpoint(conn, name).await.map(Some)
     }
 
     /// Forgets the follower's position: it starts again from `LogPosition::START`

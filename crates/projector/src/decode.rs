@@ -1,5 +1,5 @@
 use domain::{DecodeError, DomainEvent, EventEnvelope};
-use eventstore::RecordedEvent;
+use eventstore::{LogPosition, RecordedEvent};
 use tracing::warn;
 
 /// Turns a stored event into a domain event with its identity, upcasting old versions.
@@ -35,14 +35,24 @@ fn envelope<P>(rec: &RecordedEvent<P>, stream_name: String, event: DomainEvent) 
 /// Decodes a page; an event this version cannot decode (say, written by a newer one)
 /// is skipped with a warning rather than stopping every read model.
 pub(crate) fn decode_page(records: Vec<RecordedEvent<String>>) -> Vec<EventEnvelope> {
+    decode_page_at(records)
+        .into_iter()
+        .map(|(_, env)| env)
+        .collect()
+}
+
+/// [`decode_page`], each event with its place in the log.
+pub(crate) fn decode_page_at(
+    records: Vec<RecordedEvent<String>>,
+) -> Vec<(LogPosition, EventEnvelope)> {
     records
         .into_iter()
         .filter_map(|rec| {
-            let position = rec.global_position;
+            let position = rec.log_position();
             match text_into_envelope(rec) {
-                Ok(env) => Some(env),
+                Ok(env) => Some((position, env)),
                 Err(error) => {
-                    warn!(global_position = position, %error, "skipping an event the projector cannot decode");
+                    warn!(global_position = position.global_position, %error, "skipping an event the projector cannot decode");
                     None
                 }
             }

@@ -8,6 +8,7 @@
 
 pub mod check;
 mod decode;
+mod follow;
 pub mod milestones;
 pub mod order_status;
 mod runner;

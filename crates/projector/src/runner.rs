@@ -7,7 +7,7 @@ use domain::EventEnvelope;
 use eventstore::{EventStore, LogPosition, RecordedEvent, StoreError};
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::decode::decode_page;
 use crate::{
@@ -24,9 +24,6 @@ pub const PAGE_SIZE: i64 = 2_000;
 /// again: bigger pages pay that less often. Two pages are in memory at most (one
 /// applied, one read ahead), some tens of MiB, however long the log.
 pub const REPLAY_PAGE_SIZE: i64 = 10_000;
-
-/// How long a caught-up projection waits for a wake-up before looking again anyway.
-const FALLBACK_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -176,20 +173,53 @@ pub async fn run_once(
     store: &EventStore,
     projection: &dyn Projection,
 ) -> Result<usize, ProjectorError> {
+    apply_next(store, projection, &mut None).await
+}
+
+/// [`run_once`] for a follower that remembers where it is: `known` is the checkpoint it
+/// last saw or wrote (`None`: read it). The page is read before any transaction, so a
+/// follower that is caught up costs one query per wake-up, not a transaction; the
+/// checkpoint row is locked only to apply a page, and if it has moved meanwhile (a
+/// replay, or the same projection in another process) the page is read again from
+/// where it now is: nothing is applied twice or skipped.
+async fn apply_next(
+    store: &EventStore,
+    projection: &dyn Projection,
+    known: &mut Option<LogPosition>,
+) -> Result<usize, ProjectorError> {
     let name = checkpoint_name(projection);
-    let mut tx = eventstore::begin(store.pool()).await?;
-    let after = store.lock_checkpoint(&mut tx, &name).await?;
-    let page = read_page(store, after, PAGE_SIZE).await?;
-    let Some(last) = page.last else {
-        return Ok(0);
-    };
-    projection.apply_page(&mut tx, &page.events).await?;
-    store.save_checkpoint(&mut tx, &name, last).await?;
-    tx.commit().await?;
-    // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
-    metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())
-        .increment(page.read as u64);
-    Ok(page.read)
+    loop {
+        let after = match *known {
+            Some(position) => position,
+            None => store.load_checkpoint(&name).await?,
+        };
+        *known = Some(after);
+        let page = read_page(store, after, PAGE_SIZE).await?;
+        let Some(last) = page.last else {
+            return Ok(0);
+        };
+        let mut tx = eventstore::begin(store.pool()).await?;
+        let locked = store.lock_checkpoint(&mut tx, &name).await?;
+        if locked != after {
+            debug!(
+                projection = projection.name(),
+                "checkpoint moved by someone else; reading again from it"
+            );
+            *known = Some(locked);
+            continue;
+        }
+        projection.apply_page(&mut tx, &page.events).await?;
+        store.save_checkpoint(&mut tx, &name, last).await?;
+        // Unknown until the commit is confirmed: a lost answer may or may not have
+        // committed, so the next round reads the checkpoint again.
+        *known = None;
+        tx.commit().await?;
+        *known = Some(last);
+        // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
+        metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())
+            .increment(page.read as u64);
+        return Ok(page.read);
+    }
 }
 
 /// Follows the log with every projection until `shutdown` resolves.
@@ -198,42 +228,12 @@ pub async fn run(
     projections: Vec<Arc<dyn Projection>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ProjectorError> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for projection in projections {
-        let store = store.clone();
-        let span = tracing::info_span!("projection", name = projection.name());
-        tasks.spawn(follow(store, projection).instrument(span));
-    }
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    let span = tracing::info_span!("projection", names = ?names);
+    let following = crate::follow::follow_all(store, projections).instrument(span);
     tokio::select! {
-        _ = shutdown => {
-            tasks.abort_all();
-            Ok(())
-        }
-        Some(result) = tasks.join_next() => match result {
-            Ok(outcome) => outcome,
-            Err(join_error) => {
-                warn!(%join_error, "a projection task ended unexpectedly");
-                Ok(())
-            }
-        },
-    }
-}
-
-async fn follow(store: EventStore, projection: Arc<dyn Projection>) -> Result<(), ProjectorError> {
-    let mut wakeups = store.follow().await?;
-    loop {
-        match run_once(&store, projection.as_ref()).await {
-            Ok(0) => {
-                wakeups.wait(FALLBACK_POLL).await;
-            }
-            Ok(_) => {}
-            Err(error) => {
-                // A lost connection or a restarted server: nothing was committed, so
-                // the page is applied again from the checkpoint once the database answers.
-                warn!(%error, "projection page failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
+        () = shutdown => Ok(()),
+        outcome = following => outcome,
     }
 }
 

@@ -194,7 +194,13 @@ async fn fold_from<S: Evolve>(
     Ok(Loaded { state, version })
 }
 
-/// Like [`decide_on`], folding from `cache`.
+/// Like [`decide_on`], deciding on the cached state when there is one, without
+/// reading the stream first: the append expects the cached version, so a stream that
+/// moved on elsewhere (another process, another cache) is refused as a conflict, and
+/// only then read and decided again. A cached state is a prefix of the stream, never
+/// ahead of it; a decision of "nothing" on it could miss what the newer events would
+/// make due, so it is confirmed on a read before it counts. In the common case (this
+/// process wrote the stream last) a decision costs one statement, the append.
 pub async fn decide_on_cached<S, F>(
     store: &EventStore,
     cache: &StreamCache<S>,
@@ -207,10 +213,55 @@ where
     F: Fn(&S) -> Vec<DomainEvent>,
 {
     let _turn = cache.serialise(stream).await;
-    decide_with(store, stream, cause, decide, || {
-        load_cached(store, cache, stream)
+    let mut must_read = false;
+    for attempt in 0..MAX_CONFLICT_RETRIES {
+        let cached = if must_read { None } else { cache.get(stream) };
+        let read = cached.is_none();
+        let (mut state, mut version) = match cached {
+            Some(cached) => cached,
+            None => {
+                let loaded = load_cached(store, cache, stream).await?;
+                (loaded.state, loaded.version)
+            }
+        };
+        let mut events = decide(&state);
+        if events.is_empty() && !read {
+            let loaded = load_cached(store, cache, stream).await?;
+            (state, version) = (loaded.state, loaded.version);
+            events = decide(&state);
+        }
+        if events.is_empty() {
+            return Ok(Decided::Nothing { state });
+        }
+        match store
+            .append(stream, expected(version), cause.new_events(&events, 0))
+            .await
+        {
+            Ok(appended) => {
+                crate::metrics::events_appended(events.len());
+                for e in &events {
+                    state.apply(e);
+                }
+                cache.put(stream, &state, Some(appended.next_expected_version));
+                return Ok(Decided::Appended { events, state });
+            }
+            Err(StoreError::Duplicate { event_id }) => {
+                debug!(%event_id, stream, "already handled; nothing more to do");
+                let Loaded { state, .. } = load_cached(store, cache, stream).await?;
+                return Ok(Decided::Nothing { state });
+            }
+            Err(StoreError::Conflict { .. }) => {
+                must_read = true;
+                let pause = rand::random_range(0..=attempt.min(10) as u64 * 2);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                continue;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(ServiceError::Contended {
+        stream: stream.to_owned(),
     })
-    .await
 }
 
 /// Folds `stream`, asks `decide`, appends what it decided; retries on conflicts.

@@ -1,6 +1,9 @@
 //! Notifications: one row per customer-facing change, with the text the customer gets.
 //! A failure here never blocks the flow: the notification queue is separate, and the
 //! message is retried or dead-lettered on its own.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use domain::events::CancelReason;
 use domain::{DomainEvent, EventEnvelope};
 use eventstore::EventStore;
@@ -13,7 +16,14 @@ use crate::ServiceError;
 
 pub struct Notifications {
     store: EventStore,
+    /// Order → customer, remembered from the first read: an order's customer never
+    /// changes, and reading it from the log for every notification was a query per
+    /// message. Bounded: emptied when full.
+    customers: Mutex<HashMap<Uuid, String>>,
 }
+
+/// Orders whose customer is remembered at once.
+const REMEMBERED_CUSTOMERS: usize = 10_000;
 
 /// The kind and text of the notification an event gives the customer, if any.
 pub fn notification_for(event: &DomainEvent) -> Option<(&'static str, String)> {
@@ -86,7 +96,10 @@ fn cancel_text(reason: CancelReason) -> &'static str {
 
 impl Notifications {
     pub fn new(store: EventStore) -> Notifications {
-        Notifications { store }
+        Notifications {
+            store,
+            customers: Mutex::new(HashMap::new()),
+        }
     }
 
     pub async fn react(&self, env: &EventEnvelope) -> Result<(), ServiceError> {
@@ -117,7 +130,11 @@ impl Notifications {
         event: &DomainEvent,
     ) -> Result<Option<String>, ServiceError> {
         if let DomainEvent::OrderPlaced(e) = event {
+            self.remember(order_id, &e.customer_id);
             return Ok(Some(e.customer_id.clone()));
+        }
+        if let Some(customer) = self.remembered().get(&order_id) {
+            return Ok(Some(customer.clone()));
         }
         let customer: Option<String> = sqlx::query_scalar(
             "SELECT payload->>'customer_id' FROM events
@@ -126,7 +143,24 @@ impl Notifications {
         .bind(domain::streams::order(order_id))
         .fetch_optional(self.store.pool())
         .await?;
+        if let Some(customer) = &customer {
+            self.remember(order_id, customer);
+        }
         Ok(customer)
+    }
+
+    fn remember(&self, order_id: Uuid, customer: &str) {
+        let mut customers = self.remembered();
+        if customers.len() >= REMEMBERED_CUSTOMERS {
+            customers.clear();
+        }
+        customers.insert(order_id, customer.to_owned());
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, String>> {
+        self.customers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -13,8 +13,9 @@
 //! the message is queued before the drainer looks (and is replayed), or the row is gone
 //! (and the message is handled at once, after everything parked before it).
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bus::{Bus, ConsumeOptions, Incoming, Outcome};
 use chrono::{DateTime, Utc};
@@ -68,10 +69,78 @@ fn millis(delay: Option<Duration>) -> Option<f64> {
     delay.map(|d| d.as_secs_f64() * 1000.0)
 }
 
+/// How long a process trusts its last look at whether its queue has any parked order.
+/// Within a process the answer is exact (parking here marks it at once, and one
+/// order's messages are handled one after another); another process's parking is seen
+/// within this, well inside the window the in-process retries already leave between
+/// two processes (a failing message is retried for up to seconds before it parks,
+/// while its order's next message may be handled elsewhere).
+const PARKED_LOOK_VALID: Duration = Duration::from_millis(250);
+
+/// Whether the queue has any parked order, as last seen: most messages then need no
+/// query at all (the lookup per message was a tenth of all statements of the flow).
+#[derive(Default)]
+struct AnyParked {
+    /// Some order of this queue is (or may be) parked.
+    some: AtomicBool,
+    /// Parkings by this process so far: a look that raced one must not clear `some`.
+    parked_here: AtomicU64,
+    /// When `some` was last read from the database (ms since `epoch`); 0: never.
+    looked_at: AtomicU64,
+    epoch: OnceLock<Instant>,
+}
+
+impl AnyParked {
+    fn now_ms(&self) -> u64 {
+        let epoch = self.epoch.get_or_init(Instant::now);
+        u64::try_from(epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Whether it is time to look again; only one caller at a time gets `true`.
+    fn due(&self) -> bool {
+        let now = self.now_ms();
+        let last = self.looked_at.load(Ordering::Acquire);
+        let valid = u64::try_from(PARKED_LOOK_VALID.as_millis()).unwrap_or(u64::MAX);
+        (last == 0 || now.saturating_sub(last) >= valid)
+            && self
+                .looked_at
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Marks the queue as having a parked order, before the parking commits.
+    fn parking(&self) {
+        self.parked_here.fetch_add(1, Ordering::AcqRel);
+        self.some.store(true, Ordering::Release);
+    }
+
+    fn parkings(&self) -> u64 {
+        self.parked_here.load(Ordering::Acquire)
+    }
+
+    /// Records what a look begun after `parkings` parkings saw.
+    fn seen(&self, some: bool, parkings: u64) {
+        let some = some || self.parkings() != parkings;
+        self.some.store(some, Ordering::Release);
+    }
+
+    fn some(&self) -> bool {
+        self.some.load(Ordering::Acquire)
+    }
+
+    /// Forget the last look: the next message looks again.
+    fn expire(&self) {
+        self.looked_at.store(0, Ordering::Release);
+    }
+}
+
 /// One queue's parking lot.
 #[derive(Clone)]
 pub struct ParkingLot {
     pool: PgPool,
+    any_parked: Arc<AnyParked>,
     queue: String,
     worker: &'static str,
     /// Where a copy of a message goes once its automatic replays are used up.
@@ -152,6 +221,7 @@ impl ParkingLot {
     pub fn new(pool: PgPool, queue: impl Into<String>, worker: &'static str) -> ParkingLot {
         ParkingLot {
             pool,
+            any_parked: Arc::default(),
             queue: queue.into(),
             worker,
             dead_letters: None,
@@ -193,13 +263,32 @@ impl ParkingLot {
         }
     }
 
+    /// Whether some order of this queue may be parked (see [`PARKED_LOOK_VALID`]).
+    async fn any_parked(&self) -> Result<bool, sqlx::Error> {
+        if self.any_parked.due() {
+            let parkings = self.any_parked.parkings();
+            let some: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM parked_orders WHERE queue = $1)")
+                    .bind(&self.queue)
+                    .fetch_one(&self.pool)
+                    .await
+                    .inspect_err(|_| self.any_parked.expire())?;
+            self.any_parked.seen(some, parkings);
+        }
+        Ok(self.any_parked.some())
+    }
+
     /// Parks `msg` behind its order if the order is parked on this queue. Returns
-    /// whether it did. The common case (not parked) is one indexed read.
+    /// whether it did. The common case (nothing parked on the queue) needs no query;
+    /// otherwise one indexed read.
     pub async fn park_if_parked(
         &self,
         msg: &Incoming,
         order_id: Uuid,
     ) -> Result<bool, sqlx::Error> {
+        if !self.any_parked().await? {
+            return Ok(false);
+        }
         let key = order_key(order_id);
         let parked: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM parked_orders WHERE queue = $1 AND order_key = $2)",
@@ -240,6 +329,9 @@ impl ParkingLot {
         attempts: u32,
     ) -> Result<(), sqlx::Error> {
         let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+        // Before the row exists: a message of this order handled meanwhile in this
+        // process looks it up instead of trusting an older "nothing parked".
+        self.any_parked.parking();
         let mut tx = eventstore::begin(&self.pool).await?;
         sqlx::query(
             "INSERT INTO parked_orders (queue, order_key, order_id, worker, error, attempts, retry_at)
@@ -358,6 +450,9 @@ impl ParkingLot {
         attempts: u32,
     ) -> Result<bool, sqlx::Error> {
         let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+        // Before the row exists: a message of this order handled meanwhile in this
+        // process looks it up instead of trusting an older "nothing parked".
+        self.any_parked.parking();
         let mut tx = eventstore::begin(&self.pool).await?;
         sqlx::query(
             "UPDATE parked_messages SET error = $2, attempts = attempts + $3 WHERE seq = $1",

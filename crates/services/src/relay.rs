@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bus::Bus;
-use eventstore::{EventStore, RecordedEvent};
+use eventstore::{EventStore, LogPosition, RecordedEvent};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tracing::{debug, info, warn};
@@ -61,8 +61,11 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     }
     info!("relay active");
     let mut wakeups = store.follow().await?;
+    // The active relay is the only writer of its checkpoint (it holds the lock), so it
+    // remembers where it is instead of reading the checkpoint for every page.
+    let mut known = None;
     loop {
-        let published = relay_page(store, bus).await?;
+        let published = relay_next(store, bus, &mut known).await?;
         if published == 0 {
             wakeups.wait(FALLBACK_POLL).await;
             // Notice a lost lock connection (another relay may have taken over).
@@ -73,15 +76,30 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
 
 /// Publishes the next page after the checkpoint; returns how many events it published.
 pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceError> {
-    let after = store.load_checkpoint(CHECKPOINT).await?;
+    relay_next(store, bus, &mut None).await
+}
+
+/// [`relay_page`] after `known`, the checkpoint last read or written (`None`: read
+/// it). An error forgets it.
+async fn relay_next(
+    store: &EventStore,
+    bus: &Bus,
+    known: &mut Option<LogPosition>,
+) -> Result<usize, ServiceError> {
+    let after = match known.take() {
+        Some(after) => after,
+        None => store.load_checkpoint(CHECKPOINT).await?,
+    };
     let records = store.read_all(after, PAGE).await?;
     let Some(last) = records.last().map(RecordedEvent::log_position) else {
+        *known = Some(after);
         return Ok(0);
     };
     bus.publish_many(records.iter().map(event_message).collect())
         .await?;
     let mut conn = store.pool().acquire().await?;
     store.save_checkpoint(&mut conn, CHECKPOINT, last).await?;
+    *known = Some(last);
     metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(records.len() as u64);
     debug!(count = records.len(), "relayed events");
     Ok(records.len())

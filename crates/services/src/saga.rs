@@ -6,17 +6,26 @@ use eventstore::EventStore;
 use futures::future::BoxFuture;
 use tracing::info;
 
-use crate::exec::{decide_on, Cause};
+use crate::exec::{decide_on_cached, Cause, StreamCache};
 use crate::worker::EventService;
 use crate::ServiceError;
 
 pub struct OrderSaga {
     store: EventStore,
+    /// Folded order streams: most of an order's events reach the same process one
+    /// after another, which then decides without reading the stream again.
+    orders: StreamCache<OrderState>,
 }
+
+/// Order streams kept folded at once (a few KiB each).
+const CACHED_ORDERS: usize = 10_000;
 
 impl OrderSaga {
     pub fn new(store: EventStore) -> OrderSaga {
-        OrderSaga { store }
+        OrderSaga {
+            store,
+            orders: StreamCache::new(CACHED_ORDERS),
+        }
     }
 
     /// The saga's input for an event, if the saga cares about it.
@@ -36,11 +45,14 @@ impl OrderSaga {
             return Ok(());
         };
         let cause = Cause::new(env.event_id, env.correlation_id, "order");
-        let decided =
-            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), &cause, |s| {
-                order::decide(s, input.clone())
-            })
-            .await?;
+        let decided = decide_on_cached(
+            &self.store,
+            &self.orders,
+            &streams::order(order_id),
+            &cause,
+            |s: &OrderState| order::decide(s, input.clone()),
+        )
+        .await?;
         let types: Vec<&str> = decided.events().iter().map(|e| e.event_type()).collect();
         if !types.is_empty() {
             info!(%order_id, events = ?types, "order saga moved on");

@@ -322,3 +322,58 @@ async fn a_copy_goes_to_the_dead_letter_queue_when_the_automatic_replays_are_use
     tokio::time::timeout(DEADLINE, drainer).await??;
     Ok(())
 }
+
+/// Processes remember whether their queue has any parked order for a short while
+/// instead of asking for every message; a parking by another process is still seen
+/// within that while, and the order's later messages then wait behind it.
+#[tokio::test]
+async fn another_process_sees_a_parked_order_soon_after_it_parks() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (poisoned, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let inner: Arc<dyn Handler> = Arc::new(Recorder {
+        handled: handled.clone(),
+        broken: Arc::new(AtomicBool::new(true)),
+        poisoned,
+    });
+    let here = Parking::new(
+        ParkingLot::new(db.pool().clone(), QUEUE, "commands"),
+        inner.clone(),
+        order_of,
+    );
+    let elsewhere = Parking::new(
+        ParkingLot::new(db.pool().clone(), QUEUE, "commands"),
+        inner,
+        order_of,
+    );
+    // The other process has looked already: nothing parked, remembered.
+    assert_eq!(elsewhere.handle(message("o1", other)).await, Outcome::Ack);
+
+    let park = here
+        .park(&message("m1", poisoned), "boom", 4)
+        .ok_or_else(|| anyhow::anyhow!("a message with an order can be parked"))?;
+    park.await.map_err(anyhow::Error::msg)?;
+
+    // Until the other process looks again, it hands the order's messages to the
+    // (still failing) handler; from then on they wait behind the parked one.
+    let mut tries = 0;
+    let elsewhere = &elsewhere;
+    testkit::wait_until(
+        "the other process to see the parked order",
+        DEADLINE,
+        || {
+            tries += 1;
+            let next = message(&format!("m{}", tries + 1), poisoned);
+            async move { Ok((elsewhere.handle(next).await == Outcome::Ack).then_some(tries)) }
+        },
+    )
+    .await?;
+    let waiting = waiting(&db, poisoned).await?;
+    assert_eq!(
+        waiting.len(),
+        2,
+        "the first message and the one that waits behind it"
+    );
+    assert_eq!(waiting[0], "m1");
+    Ok(())
+}

@@ -167,3 +167,89 @@ async fn an_event_this_version_cannot_decode_is_skipped_not_fatal() -> anyhow::R
     assert_eq!(stock_rows(store).await?, vec![("A".to_owned(), 8, 0)]);
     Ok(())
 }
+
+/// The live projector reads each page once for all projections; a projection whose
+/// checkpoint someone else holds (the same projection in another process, mid-page)
+/// is left behind alone, and catches up once it is free. (The holder began after the
+/// events were written: an older open transaction would hold back every reader of the
+/// log, see `EventStore::read_all`.)
+#[tokio::test]
+async fn a_projection_held_elsewhere_does_not_hold_back_the_others() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    set_stock(store, "A", 100).await?;
+    let mut order = OrderScript::new(store);
+    order.place(vec![line("A", 7, 10)], true).await?;
+    order.reserve_all().await?;
+
+    let holder = db.second_store().await?;
+    let mut held = eventstore::begin(holder.pool()).await?;
+    holder
+        .lock_checkpoint(&mut held, "projection:stock_levels")
+        .await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let live = tokio::spawn(projector::run(
+        store.clone(),
+        projector::all_projections(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let order_status = projector::by_name("order_status")?;
+    testkit::wait_until("order_status to catch up", DEADLINE, || async {
+        Ok((behind(store, order_status.as_ref()).await? == 0).then_some(()))
+    })
+    .await?;
+    assert!(
+        behind(store, &StockLevelsProjection).await? > 0,
+        "stock_levels cannot move while its checkpoint is held"
+    );
+    assert!(stock_rows(store).await?.is_empty());
+
+    held.rollback().await?;
+    testkit::wait_until("stock_levels to catch up once free", DEADLINE, || async {
+        Ok((stock_rows(store).await? == vec![("A".to_owned(), 93, 7)]).then_some(()))
+    })
+    .await?;
+    assert_eq!(behind(store, &StockLevelsProjection).await?, 0);
+    let _ = stop.send(());
+    live.await??;
+    Ok(())
+}
+
+/// Two live projectors (two processes) on one log: every event applied exactly once.
+#[tokio::test]
+async fn two_live_projectors_apply_every_event_exactly_once() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let mut stops = Vec::new();
+    let mut lives = Vec::new();
+    for _ in 0..2 {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop);
+        lives.push(tokio::spawn(projector::run(
+            db.second_store().await?,
+            projector::all_projections(),
+            async move {
+                let _ = stopped.await;
+            },
+        )));
+    }
+    let expected = big_log(store).await?;
+    testkit::wait_until("both projectors to catch up", DEADLINE, || async {
+        let mut caught_up = true;
+        for p in projector::all_projections() {
+            caught_up &= behind(store, p.as_ref()).await? == 0;
+        }
+        Ok(caught_up.then_some(()))
+    })
+    .await?;
+    assert_eq!(stock_rows(store).await?, expected);
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for live in lives {
+        live.await??;
+    }
+    Ok(())
+}

@@ -1,5 +1,5 @@
 use domain::{stock, streams, DomainEvent, StockInput, StockState};
-use services::exec::{decide_on, load, Cause, Decided};
+use services::exec::{decide_on, decide_on_cached, load, Cause, Decided, StreamCache};
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -166,5 +166,102 @@ async fn concurrent_first_writers_of_a_new_stream_all_get_their_turn() -> anyhow
         .map(|r| r.stream_version)
         .collect();
     assert_eq!(versions, (0..8).collect::<Vec<_>>());
+    Ok(())
+}
+
+/// Two processes' caches of one stock stream: each decides on its cached state without
+/// reading first, so the one that did not write last decides on a stale state; its
+/// append expects the stale version, is refused, and it reads and decides again.
+#[tokio::test]
+async fn a_cache_behind_the_stream_is_refused_then_caught_up_and_never_oversells(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    let (here, elsewhere) = (StreamCache::new(16), StreamCache::new(16));
+    decide_on_cached(&db.store, &here, &stream, &cause("stock.set"), set(2)).await?;
+    let first = decide_on_cached(
+        &db.store,
+        &here,
+        &stream,
+        &cause("inventory.reserve.0"),
+        reserve(Uuid::new_v4(), 1),
+    )
+    .await?;
+    assert!(matches!(first.events(), [DomainEvent::StockReserved(_)]));
+    // The other process takes the last unit; `here` still believes one is left.
+    let other = decide_on_cached(
+        &db.store,
+        &elsewhere,
+        &stream,
+        &cause("inventory.reserve.0"),
+        reserve(Uuid::new_v4(), 1),
+    )
+    .await?;
+    assert!(matches!(other.events(), [DomainEvent::StockReserved(_)]));
+
+    let late = decide_on_cached(
+        &db.store,
+        &here,
+        &stream,
+        &cause("inventory.reserve.0"),
+        reserve(Uuid::new_v4(), 1),
+    )
+    .await?;
+    assert!(
+        matches!(late.events(), [DomainEvent::StockReservationFailed(_)]),
+        "decided on the stale cache instead of the stream: {:?}",
+        late.events()
+    );
+    let truth = load::<StockState>(&db.store, &stream).await?;
+    assert_eq!(
+        late.state(),
+        &truth.state,
+        "the cache caught up with the stream"
+    );
+    assert_eq!(truth.version, Some(3));
+    Ok(())
+}
+
+/// A cached state that lacks events written elsewhere may see nothing to do where the
+/// stream does: such a "nothing" is checked against the stream before it counts.
+#[tokio::test]
+async fn nothing_to_do_on_a_stale_cache_is_checked_against_the_stream() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    let (here, elsewhere) = (StreamCache::new(16), StreamCache::new(16));
+    decide_on_cached(&db.store, &here, &stream, &cause("stock.set"), set(5)).await?;
+    let order_id = Uuid::new_v4();
+    decide_on_cached(
+        &db.store,
+        &elsewhere,
+        &stream,
+        &cause("inventory.reserve.0"),
+        reserve(order_id, 2),
+    )
+    .await?;
+    let release = move |s: &StockState| {
+        stock::decide(
+            s,
+            StockInput::Release {
+                sku: "A".into(),
+                order_id,
+                line: 0,
+            },
+        )
+    };
+    // `here` never saw the reservation: on its cache alone, there is nothing to release.
+    let released = decide_on_cached(
+        &db.store,
+        &here,
+        &stream,
+        &cause("inventory.release"),
+        release,
+    )
+    .await?;
+    assert!(
+        matches!(released.events(), [DomainEvent::StockReleased(_)]),
+        "the release was lost on a stale cache: {:?}",
+        released.events()
+    );
     Ok(())
 }

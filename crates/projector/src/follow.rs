@@ -1,0 +1,185 @@
+//! Live projection: one reader follows the log for every projection of the process.
+//!
+//! Each page is read and decoded once and handed to every projection, which applies
+//! the part after its own checkpoint in its own transaction (rows and checkpoint
+//! together), all projections at once on their own connections. A projection stays
+//! independent of the others: its checkpoint is its own, a failure or a lock held by
+//! someone else (a replay, the same projection in another process) holds back only
+//! that projection, and the reader starts each page at the checkpoint of the one that
+//! is furthest behind. Reading once instead of once per projection saves three
+//! queries and three decodings of every event.
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::EventEnvelope;
+use eventstore::{EventStore, LogPosition, RecordedEvent};
+use tracing::{debug, warn};
+
+use crate::decode::decode_page_at;
+use crate::runner::checkpoint_name;
+use crate::{Projection, ProjectorError, PAGE_SIZE};
+
+/// How long a caught-up follower waits for a wake-up before looking again anyway.
+const FALLBACK_POLL: Duration = Duration::from_millis(500);
+/// Pause after a failed round before the next.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// A page read once for every projection.
+struct SharedPage {
+    /// The position of the last record read (also of one that could not be decoded).
+    last: LogPosition,
+    positions: Vec<LogPosition>,
+    events: Vec<EventEnvelope>,
+}
+
+impl SharedPage {
+    /// The events after `after`.
+    fn after(&self, after: LogPosition) -> &[EventEnvelope] {
+        let start = self.positions.partition_point(|p| *p <= after);
+        self.events.get(start..).unwrap_or_default()
+    }
+}
+
+/// One projection and where this follower believes its checkpoint is (`None`: read
+/// it before the next page).
+struct Follower {
+    projection: Arc<dyn Projection>,
+    checkpoint: String,
+    known: Option<LogPosition>,
+}
+
+/// Follows the log with `projections` until the task is dropped.
+pub(crate) async fn follow_all(
+    store: EventStore,
+    projections: Vec<Arc<dyn Projection>>,
+) -> Result<(), ProjectorError> {
+    let mut wakeups = store.follow().await?;
+    let mut followers: Vec<Follower> = projections
+        .into_iter()
+        .map(|projection| Follower {
+            checkpoint: checkpoint_name(projection.as_ref()),
+            projection,
+            known: None,
+        })
+        .collect();
+    loop {
+        match round(&store, &mut followers).await {
+            Ok(0) => {
+                wakeups.wait(FALLBACK_POLL).await;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                // Nothing of a failed projection's page was committed: it is applied
+                // again from its checkpoint once the database answers.
+                warn!(%error, "projection round failed; retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Reads the next page after the furthest-behind checkpoint and lets every projection
+/// apply its part. Returns how many events were applied by any of them (0: nothing
+/// to do for now).
+async fn round(store: &EventStore, followers: &mut [Follower]) -> Result<usize, ProjectorError> {
+    for follower in followers.iter_mut() {
+        if follower.known.is_none() {
+            follower.known = Some(store.load_checkpoint(&follower.checkpoint).await?);
+        }
+    }
+    let Some(from) = followers.iter().filter_map(|f| f.known).min() else {
+        return Ok(0);
+    };
+    let Some(page) = read(store, from).await? else {
+        return Ok(0);
+    };
+    let applied = futures::future::join_all(
+        followers
+            .iter_mut()
+            .map(|follower| apply(store, follower, &page)),
+    )
+    .await;
+    let mut progress = 0;
+    let mut failure = None;
+    for outcome in applied {
+        match outcome {
+            Ok(n) => progress += n,
+            Err(error) => failure = Some(error),
+        }
+    }
+    match failure {
+        Some(error) if progress == 0 => Err(error),
+        Some(error) => {
+            warn!(%error, "a projection failed on a page the others applied; it retries");
+            Ok(progress)
+        }
+        None => Ok(progress),
+    }
+}
+
+async fn read(
+    store: &EventStore,
+    after: LogPosition,
+) -> Result<Option<SharedPage>, ProjectorError> {
+    let records = store.read_all_text(after, PAGE_SIZE).await?;
+    let Some(last) = records.last().map(RecordedEvent::log_position) else {
+        return Ok(None);
+    };
+    let (positions, events) = decode_page_at(records).into_iter().unzip();
+    Ok(Some(SharedPage {
+        last,
+        positions,
+        events,
+    }))
+}
+
+/// Applies the part of `page` after the follower's checkpoint, rows and checkpoint in
+/// one transaction; returns how many events it covered.
+async fn apply(
+    store: &EventStore,
+    follower: &mut Follower,
+    page: &SharedPage,
+) -> Result<usize, ProjectorError> {
+    let Some(after) = follower.known else {
+        return Ok(0);
+    };
+    if after >= page.last {
+        return Ok(0);
+    }
+    let name = follower.projection.name();
+    let mut tx = eventstore::begin(store.pool()).await?;
+    let Some(locked) = store
+        .try_lock_checkpoint(&mut tx, &follower.checkpoint)
+        .await?
+    else {
+        debug!(
+            projection = name,
+            "checkpoint held elsewhere; leaving the page to it"
+        );
+        follower.known = None;
+        return Ok(0);
+    };
+    if locked != after {
+        debug!(
+            projection = name,
+            "checkpoint moved elsewhere; reading again from it"
+        );
+        follower.known = Some(locked);
+        return Ok(0);
+    }
+    // Unknown until the commit is confirmed: a lost answer may or may not have
+    // committed, so an error below makes the next round read the checkpoint again.
+    follower.known = None;
+    let events = page.after(after);
+    follower.projection.apply_page(&mut tx, events).await?;
+    store
+        .save_checkpoint(&mut tx, &follower.checkpoint, page.last)
+        .await?;
+    tx.commit().await?;
+    follower.known = Some(page.last);
+    // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
+    metrics::counter!("orderflow_events_projected_total", "projection" => name)
+        .increment(events.len() as u64);
+    // Progress even when every event of its part was undecodable (skipped).
+    Ok(events.len().max(1))
+}
