@@ -31,6 +31,10 @@ pub struct CommandService {
     known_skus: RwLock<BTreeSet<String>>,
     /// Folded stock streams for `stock.set` (a SKU set often has a long stream).
     stock: StreamCache<StockState>,
+    /// Order streams being placed: an `order.place` is decided on the empty stream
+    /// without reading it ([`StreamCache::assume_new`]); a re-placed order's stream is
+    /// then refused on append and read.
+    placing: StreamCache<OrderState>,
     /// Which orders exist: placed ones (forever), and ids found unplaced (for a while),
     /// so a flood of commands about orders that do not exist stops at this cache.
     orders: OrderCache,
@@ -43,6 +47,9 @@ pub struct CommandService {
 
 /// Stock streams whose folded state the intake keeps.
 const CACHED_STOCK_STREAMS: usize = 10_000;
+/// Order streams remembered by the placing path (only needed until the placement is
+/// decided; bounded like every cache here).
+const PLACING_STREAMS: usize = 1_024;
 
 /// How long an order id found unplaced is answered from the cache.
 const UNPLACED_TTL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -99,6 +106,7 @@ impl CommandService {
             rules,
             known_skus: RwLock::new(BTreeSet::new()),
             stock: StreamCache::new(CACHED_STOCK_STREAMS),
+            placing: StreamCache::new(PLACING_STREAMS),
             orders: OrderCache::default(),
             placement_lookups: std::sync::atomic::AtomicU64::new(0),
         }
@@ -152,8 +160,14 @@ impl CommandService {
         let key = self.vault.key_for(&cmd.customer_id).await?;
         let order_id = cmd.order_id;
         let sealed = SealedPlacement::seal(key, cmd)?;
-        let decided =
-            decide_on::<OrderState, _>(&self.store, &streams::order(order_id), cause, |s| {
+        let stream = streams::order(order_id);
+        self.placing.assume_new(&stream);
+        let decided = decide_on_cached(
+            &self.store,
+            &self.placing,
+            &stream,
+            cause,
+            |s: &OrderState| {
                 order::decide(
                     s,
                     OrderInput::Place {
@@ -164,8 +178,9 @@ impl CommandService {
                         now,
                     },
                 )
-            })
-            .await?;
+            },
+        )
+        .await?;
         self.orders.mark_placed(order_id);
         log_decision("order", &decided);
         Ok(())

@@ -136,6 +136,29 @@ impl<S: Clone> StreamCache<S> {
         }
     }
 
+    /// For a stream the caller expects to be new (the decision about to be made is
+    /// normally its first): the next [`decide_on_cached`] decides on the empty state
+    /// without reading. A stream that exists after all is refused as a conflict on
+    /// append, then read; a stream already cached is left as it is.
+    pub fn assume_new(&self, stream: &str)
+    where
+        S: Default,
+    {
+        let mut entries = self.lock();
+        if entries.contains_key(stream) {
+            return;
+        }
+        if entries.len() >= self.capacity {
+            entries.clear();
+        }
+        entries.insert(stream.to_owned(), (S::default(), None));
+    }
+
+    /// The cached state of `stream`, if any, and its version.
+    pub fn cached(&self, stream: &str) -> Option<(S, Option<i64>)> {
+        self.get(stream)
+    }
+
     fn get(&self, stream: &str) -> Option<(S, Option<i64>)> {
         self.lock().get(stream).cloned()
     }

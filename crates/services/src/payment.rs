@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::breaker::{gateway_breaker, CircuitState, GatewayBreaker, StateLog};
-use crate::exec::{decide_on, load, Cause};
+use crate::exec::{decide_on_cached, load_cached, Cause, StreamCache};
 use crate::gateway::{
     CaptureOutcome, CaptureRequest, GatewayError, PaymentGateway, RefundRequest, VoidOutcome,
     VoidRequest,
@@ -47,7 +47,13 @@ pub struct Payments {
     circuit: StateLog,
     /// [`FAULT_CRASH_AFTER_CAPTURE`] was set at start (test-only failpoint).
     crash_after_capture: bool,
+    /// Folded payment streams: a payment's few decisions (request, capture) follow each
+    /// other in this process and need no read of the stream in between.
+    payments: StreamCache<PaymentState>,
 }
+
+/// Payment streams kept folded at once.
+const CACHED_PAYMENTS: usize = 10_000;
 
 impl Payments {
     pub fn new(store: EventStore, gateway: Arc<dyn PaymentGateway>) -> Payments {
@@ -59,6 +65,22 @@ impl Payments {
             breaker,
             circuit,
             crash_after_capture: std::env::var_os(FAULT_CRASH_AFTER_CAPTURE).is_some(),
+            payments: StreamCache::new(CACHED_PAYMENTS),
+        }
+    }
+
+    /// The payment's state as this process last decided or read it. It can lag behind
+    /// a decision made elsewhere (the payment timer, another process); acting on it
+    /// then is harmless: every gateway call carries the step's idempotency key, and
+    /// recording its outcome on a stale state is refused and decided again on the
+    /// stream. The process that made the other decision settles after it itself.
+    async fn current(&self, order_id: Uuid) -> Result<PaymentState, ServiceError> {
+        let stream = streams::payment(order_id);
+        match self.payments.cached(&stream) {
+            Some((state, _)) => Ok(state),
+            None => Ok(load_cached(&self.store, &self.payments, &stream)
+                .await?
+                .state),
         }
     }
 
@@ -73,11 +95,18 @@ impl Payments {
         cause: &Cause,
         input: PaymentInput,
     ) -> Result<PaymentState, ServiceError> {
-        let decided =
-            decide_on::<PaymentState, _>(&self.store, &streams::payment(order_id), cause, |s| {
-                payment::decide(s, input.clone())
-            })
-            .await?;
+        let stream = streams::payment(order_id);
+        if matches!(input, PaymentInput::Request(..)) {
+            self.payments.assume_new(&stream);
+        }
+        let decided = decide_on_cached(
+            &self.store,
+            &self.payments,
+            &stream,
+            cause,
+            |s: &PaymentState| payment::decide(s, input.clone()),
+        )
+        .await?;
         for e in decided.events() {
             info!(%order_id, event = e.event_type(), "payment recorded");
         }
@@ -114,9 +143,7 @@ impl Payments {
         let mut backoff = retry_schedule();
         let mut failures = 0u32;
         loop {
-            let state = load::<PaymentState>(&self.store, &streams::payment(order_id))
-                .await?
-                .state;
+            let state = self.current(order_id).await?;
             let Some(action) = payment::next_action(&state) else {
                 return Ok(());
             };

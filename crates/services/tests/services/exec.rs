@@ -265,3 +265,32 @@ async fn nothing_to_do_on_a_stale_cache_is_checked_against_the_stream() -> anyho
     );
     Ok(())
 }
+
+/// A stream assumed new is decided on the empty state without a read; when it exists
+/// after all, the append is refused and the decision is made again on the stream.
+#[tokio::test]
+async fn a_stream_wrongly_assumed_new_is_read_and_decided_again() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    let (here, elsewhere) = (StreamCache::new(16), StreamCache::new(16));
+    decide_on_cached(&db.store, &elsewhere, &stream, &cause("stock.set"), set(5)).await?;
+
+    here.assume_new(&stream);
+    let decided = decide_on_cached(
+        &db.store,
+        &here,
+        &stream,
+        &cause("inventory.reserve.0"),
+        reserve(Uuid::new_v4(), 3),
+    )
+    .await?;
+    assert!(
+        matches!(decided.events(), [DomainEvent::StockReserved(_)]),
+        "decided on the assumed empty stream (no stock) instead of the real one: {:?}",
+        decided.events()
+    );
+    let truth = load::<StockState>(&db.store, &stream).await?;
+    assert_eq!(truth.version, Some(1));
+    assert_eq!(decided.state(), &truth.state);
+    Ok(())
+}
