@@ -358,6 +358,10 @@ async fn drive(
         })
         .collect();
     latencies.sort_unstable();
+    let timeline = timeline(pool, &published).await?;
+    report.note(format!(
+        "where the latency goes at half load: after the publish, each event of a paced order was recorded at (p50 / p99; `recorded_at` is its transaction's start): {timeline}"
+    ));
 
     eprintln!("== e2e: stopping orderflow; raw RabbitMQ at the same pace");
     let cost: (i64, i64) =
@@ -429,6 +433,47 @@ async fn drive(
         ),
     });
     Ok(())
+}
+
+/// For each event type of the paced orders' streams, when it was recorded after the
+/// order's publish (p50 / p99), in the order of the p50s: which hop takes the time.
+async fn timeline(pool: &PgPool, published: &HashMap<Uuid, SystemTime>) -> anyhow::Result<String> {
+    let rows: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT substring(stream_name from '[0-9a-f-]{36}$'), event_type, recorded_at FROM events \
+          WHERE stream_name ~ '^(order|payment|shipment)-'",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut after: HashMap<String, Vec<u64>> = HashMap::new();
+    for (id, event_type, at) in rows {
+        let Some(sent) = Uuid::parse_str(&id).ok().and_then(|id| published.get(&id)) else {
+            continue;
+        };
+        let sent: DateTime<Utc> = (*sent).into();
+        let micros = (at - sent).num_microseconds().unwrap_or(0).max(0) as u64;
+        after.entry(event_type).or_default().push(micros);
+    }
+    let mut steps: Vec<(u64, String)> = after
+        .into_iter()
+        .map(|(event_type, mut micros)| {
+            micros.sort_unstable();
+            let (p50, p99) = (percentile(&micros, 50.0), percentile(&micros, 99.0));
+            (
+                p50,
+                format!(
+                    "{event_type} {:.0} / {:.0} ms",
+                    p50 as f64 / 1000.0,
+                    p99 as f64 / 1000.0
+                ),
+            )
+        })
+        .collect();
+    steps.sort();
+    Ok(steps
+        .into_iter()
+        .map(|(_, step)| step)
+        .collect::<Vec<_>>()
+        .join(", "))
 }
 
 fn bus_intake() -> &'static str {

@@ -20,6 +20,10 @@ pub enum ServiceError {
     Projector(#[from] projector::ProjectorError),
     #[error(transparent)]
     Vault(#[from] crate::vault::VaultError),
+    /// A write this message shared with other messages' (one statement for all)
+    /// failed; it is retried like the database error it stands for.
+    #[error("the batched write failed: {0}")]
+    BatchedWrite(String),
 }
 
 impl ServiceError {

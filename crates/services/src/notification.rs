@@ -8,6 +8,7 @@ use domain::events::CancelReason;
 use domain::{DomainEvent, EventEnvelope};
 use eventstore::EventStore;
 use futures::future::BoxFuture;
+use tokio::sync::oneshot;
 use tracing::info;
 use uuid::Uuid;
 
@@ -20,7 +21,23 @@ pub struct Notifications {
     /// changes, and reading it from the log for every notification was a query per
     /// message. Bounded: emptied when full.
     customers: Mutex<HashMap<Uuid, String>>,
+    /// Notifications waiting to be written with the next batch ([`Notifications::write`]).
+    queue: Mutex<Vec<Queued>>,
+    /// One batch is written at a time.
+    writing: tokio::sync::Mutex<()>,
 }
+
+/// A notification row.
+struct Notification {
+    event_id: Uuid,
+    order_id: Uuid,
+    customer_id: Option<String>,
+    kind: &'static str,
+    message: String,
+}
+
+/// A queued notification and where to say whether it was written.
+type Queued = (Notification, oneshot::Sender<Result<(), String>>);
 
 /// Orders whose customer is remembered at once.
 const REMEMBERED_CUSTOMERS: usize = 10_000;
@@ -99,6 +116,8 @@ impl Notifications {
         Notifications {
             store,
             customers: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Vec::new()),
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -109,19 +128,80 @@ impl Notifications {
             return Ok(());
         };
         let customer_id = self.customer_of(order_id, &env.event).await?;
-        sqlx::query(
-            "INSERT INTO notifications (event_id, order_id, customer_id, kind, message)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(env.event_id)
-        .bind(order_id)
-        .bind(&customer_id)
-        .bind(kind)
-        .bind(&message)
-        .execute(self.store.pool())
+        self.write(Notification {
+            event_id: env.event_id,
+            order_id,
+            customer_id,
+            kind,
+            message,
+        })
         .await?;
         info!(%order_id, kind, "customer notified");
         Ok(())
+    }
+
+    /// Writes the notification together with the others being handled at the same
+    /// moment (group commit): the messages in flight share one INSERT and one commit
+    /// instead of one each. Returns once the row is committed, so each message is
+    /// still acknowledged only after its own effect is durable; a failed INSERT fails
+    /// every message in it, and each is retried on its own (the insert is idempotent
+    /// by event id).
+    async fn write(&self, notification: Notification) -> Result<(), ServiceError> {
+        let (done, written) = oneshot::channel();
+        self.queued().push((notification, done));
+        {
+            // Whoever holds the turn writes everything queued so far, its own row and
+            // those of the handlers waiting behind it.
+            let _turn = self.writing.lock().await;
+            let batch = std::mem::take(&mut *self.queued());
+            if !batch.is_empty() {
+                let result = self
+                    .insert(batch.iter().map(|(n, _)| n))
+                    .await
+                    .map_err(|e| e.to_string());
+                for (_, done) in batch {
+                    let _ = done.send(result.clone());
+                }
+            }
+        }
+        match written.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(ServiceError::BatchedWrite(reason)),
+            Err(_) => Err(ServiceError::BatchedWrite(
+                "the writer of the batch stopped before it finished".to_owned(),
+            )),
+        }
+    }
+
+    async fn insert(&self, batch: impl Iterator<Item = &Notification>) -> Result<(), sqlx::Error> {
+        let (mut ids, mut orders, mut customers, mut kinds, mut messages) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for n in batch {
+            ids.push(n.event_id);
+            orders.push(n.order_id);
+            customers.push(n.customer_id.clone());
+            kinds.push(n.kind);
+            messages.push(n.message.clone());
+        }
+        sqlx::query(
+            "INSERT INTO notifications (event_id, order_id, customer_id, kind, message)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[])
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(ids)
+        .bind(orders)
+        .bind(customers)
+        .bind(kinds)
+        .bind(messages)
+        .execute(self.store.pool())
+        .await?;
+        Ok(())
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn customer_of(

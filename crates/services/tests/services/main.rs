@@ -4,6 +4,7 @@
 mod audit;
 mod exec;
 mod gateway;
+mod notification;
 mod partitions;
 mod payment;
 mod relay;
