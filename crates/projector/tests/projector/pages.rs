@@ -180,8 +180,7 @@ async fn orders_spanning_pages_give_the_same_rows_live_and_replayed() -> anyhow:
     assert!(!live.2.is_empty(), "progress is kept per order stream");
 
     let projections = projector::all_projections();
-    let all: Vec<&dyn projector::Projection> = projections.iter().map(|p| p.as_ref()).collect();
-    let applied = projector::replay_many(store, &all, |_| {}).await?;
+    let applied = projector::replay_many(store, &projections, |_| {}).await?;
     assert_eq!(i64::try_from(applied)?, store.count().await?);
     assert_eq!(every_row(store).await?, live);
     Ok(())
@@ -216,7 +215,12 @@ async fn a_timer_cancelled_and_scheduled_again_in_a_later_page_keeps_only_the_ne
     let newest = last_of(store, &payment, "PaymentRequested").await?;
     assert_eq!(second[0].0, newest.event_id);
 
-    projector::replay(store, &projector::timers::TimersProjection, |_| {}).await?;
+    projector::replay(
+        store,
+        std::sync::Arc::new(projector::timers::TimersProjection),
+        |_| {},
+    )
+    .await?;
     assert_eq!(timer_rows(store).await?, second);
     Ok(())
 }

@@ -408,7 +408,7 @@ pub async fn all_rows(
 
 pub async fn replay_all(store: &EventStore) -> anyhow::Result<()> {
     for projection in projector::all_projections() {
-        projector::replay(store, projection.as_ref(), |_| {}).await?;
+        projector::replay(store, projection, |_| {}).await?;
     }
     Ok(())
 }
