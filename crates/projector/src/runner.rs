@@ -427,7 +427,7 @@ async fn first_failure(appliers: &mut JoinSet<Result<Rebuilt, ProjectorError>>) 
 /// [`REPLAY_PAGE_SIZE`], one page ahead, and hands each page (shared, not copied) to
 /// one task per projection through a channel of [`REPLAY_QUEUE`] pages, so the log's
 /// length does not change the memory used. The reader stops when nothing is left to
-/// read and no transaction older than the newest of the projections' transactions can
+/// read and no transaction older than the oldest of the projections' transactions can
 /// still add events (waiting at most a minute for one). Only when every projection has
 /// applied every page does each save its checkpoint at the last position read (the
 /// same for all: the live projector continues from there, so nothing is skipped or
@@ -469,10 +469,14 @@ pub async fn replay_many(
             .map(|projection| begin_rebuild(store, projection.as_ref())),
     )
     .await?;
-    // The newest of our transactions: every event of an older transaction belongs in
+    // The oldest of our transactions: every event of an older transaction belongs in
     // this rebuild, also one whose transaction is still running somewhere and so not
-    // yet readable; younger ones are the live projector's after we commit.
-    let ours = begun.iter().map(|(_, id)| *id).max().unwrap_or(0);
+    // yet readable; younger ones are the live projector's after we commit. Not the
+    // newest: the log is readable only below the oldest transaction still open, ours
+    // included, so an event appended between our transactions' ids cannot be read
+    // before we commit, and waiting for it would wait the whole minute for nothing. It
+    // lies beyond the checkpoint we save, so the live projector applies it.
+    let ours = begun.iter().map(|(_, id)| *id).min().unwrap_or(0);
     let started = std::time::Instant::now();
     let mut appliers = JoinSet::new();
     let mut senders = Vec::with_capacity(projections.len());

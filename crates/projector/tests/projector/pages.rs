@@ -2,11 +2,10 @@
 //! of `REPLAY_PAGE_SIZE`, read ahead) cut the log in different places; an order whose
 //! events span pages must come out the same either way, in every table the
 //! projections write (the milestones' progress included).
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use domain::events::{PaymentCaptured, PaymentRequested, StockReserved};
 use domain::{streams, DomainEvent, OrderInput};
 use eventstore::EventStore;
-use projector::milestones::MilestoneRow;
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -44,42 +43,6 @@ fn captured(order_id: Uuid) -> PaymentCaptured {
         gateway_reference: "sim-test".to_owned(),
         unwanted: false,
     }
-}
-
-async fn milestone_rows(store: &EventStore) -> anyhow::Result<Vec<MilestoneRow>> {
-    Ok(sqlx::query_as(
-        "SELECT order_id, milestone, reached_at, global_position FROM order_milestones
-          ORDER BY order_id, milestone",
-    )
-    .fetch_all(store.pool())
-    .await?)
-}
-
-async fn progress_rows(store: &EventStore) -> anyhow::Result<Vec<(String, i64, String, String)>> {
-    Ok(sqlx::query_as(
-        "SELECT stream_name, version, status, lines FROM order_milestone_progress
-          ORDER BY stream_name",
-    )
-    .fetch_all(store.pool())
-    .await?)
-}
-
-type Rows = (
-    (
-        Vec<projector::order_status::OrderStatusRow>,
-        Vec<(String, i64, i64)>,
-        Vec<(Uuid, String, Uuid, DateTime<Utc>)>,
-    ),
-    Vec<MilestoneRow>,
-    Vec<(String, i64, String, String)>,
-);
-
-async fn every_row(store: &EventStore) -> anyhow::Result<Rows> {
-    Ok((
-        all_rows(store).await?,
-        milestone_rows(store).await?,
-        progress_rows(store).await?,
-    ))
 }
 
 #[tokio::test]
