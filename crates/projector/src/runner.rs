@@ -156,10 +156,10 @@ async fn read_page_off_runtime(
     Ok(Page { last, read, events })
 }
 
-/// The next page, read and decoded by a task of its own while the caller applies the
-/// current one: reading the log (another pooled connection, the server's scan and the
-/// client's JSON decoding) overlaps with the writes in the replay's transaction
-/// instead of adding to them. At most one page is ahead, so memory stays flat.
+/// The next page, read and decoded by a task of its own while the projections apply
+/// the current one: reading the log (another pooled connection, the server's scan and
+/// the client's JSON decoding) overlaps with the writes in the replay's transactions
+/// instead of adding to them. At most one page is read ahead, so memory stays flat.
 struct ReadAhead(tokio::task::JoinHandle<Result<Page, ProjectorError>>);
 
 impl ReadAhead {
@@ -446,7 +446,7 @@ async fn first_failure(appliers: &mut JoinSet<Result<Rebuilt, ProjectorError>>) 
 ///
 /// Needs one pooled connection per projection and one for the reader at the same time:
 /// a pool smaller than that is refused up front ([`ProjectorError::PoolTooSmall`]);
-/// `eventstore::connect` opens ten.
+/// `eventstore::connect` opens ten. No projections: nothing is read, 0.
 pub async fn replay_many(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
