@@ -461,8 +461,10 @@ pub async fn replay_many(
         return Err(ProjectorError::PoolTooSmall { needed, pool_size });
     }
     ensure_schema(store).await?;
-    // Every transaction before the reader's connection: a replay holds what it needs
-    // before anything can wait on its checkpoint locks for long.
+    // Every transaction is begun before the reader takes its connection: whatever then
+    // waits on our checkpoint locks (a live projector on the same pool holds a
+    // connection while it waits) cannot hold the connections the replay still needs,
+    // beyond the reader's one.
     let begun = futures::future::try_join_all(
         projections
             .iter()

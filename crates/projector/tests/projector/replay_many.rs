@@ -274,3 +274,28 @@ async fn events_appended_during_a_replay_of_all_four_are_applied_once_by_the_liv
     live.await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_pool_too_small_for_every_projection_and_the_reader_is_refused_before_anything_changes(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    set_stock(store, "A", 5).await?;
+    catch_up_all(store).await?;
+    let at = checkpoints(store).await?;
+    let small = eventstore::connect_with(db.url(), 4).await?;
+    match projector::replay_many(&small, &projector::all_projections(), |_| {}).await {
+        Err(ProjectorError::PoolTooSmall {
+            needed: 5,
+            pool_size: 4,
+        }) => {}
+        other => anyhow::bail!("unexpected outcome {other:?}"),
+    }
+    assert_eq!(stock_rows(store).await?, vec![("A".to_owned(), 5, 0)]);
+    assert_eq!(checkpoints(store).await?, at);
+    // one projection and the reader fit
+    let applied = projector::replay(&small, projector::by_name("stock_levels")?, |_| {}).await?;
+    assert_eq!(applied, 1);
+    assert_eq!(stock_rows(store).await?, vec![("A".to_owned(), 5, 0)]);
+    Ok(())
+}
