@@ -511,7 +511,7 @@ fn where_the_time_goes(report: &Report) -> String {
          order_milestones reads what `reserved`/`paid` need from `order_milestone_progress` \
          instead of folding every order stream again. What is left is the server's work \
          per row written (index maintenance, WAL). `replay_many` reads the log once and \
-         hands each page (shared, not copied; two queued at most per projection) to one \
+         hands each page (shared, not copied; one queued at most per projection) to one \
          task per projection, each writing in its own transaction on its own connection: \
          the four projections' statements run at the same time in four backends instead \
          of one after another in one, and each commits only when all have applied the \

@@ -24,9 +24,9 @@ pub const PAGE_SIZE: i64 = 2_000;
 /// Events read and applied per page by a replay (one transaction per projection for
 /// all pages). A page costs each projection one to three statements whatever its
 /// length, and on a busy machine every round trip waits for the server and the client
-/// to be scheduled again: bigger pages pay that less often. A few pages are in memory
-/// at most (one read ahead, and up to `REPLAY_QUEUE` + 1 waiting for or being applied
-/// by the slowest projection), however long the log.
+/// to be scheduled again: bigger pages pay that less often. Four pages are in memory at
+/// most (one being read ahead, one waiting to be handed over, and `REPLAY_QUEUE` + 1
+/// queued for or applied by the slowest projection), however long the log.
 pub const REPLAY_PAGE_SIZE: i64 = 10_000;
 
 /// How long a caught-up projection waits for a wake-up before looking again anyway.
@@ -268,8 +268,9 @@ const REPLAY_WAIT_FOR_OLDER: Duration = Duration::from_secs(60);
 
 /// Pages queued for each projection of a replay beyond the one it applies: the reader
 /// waits for the slowest projection after that many, so memory stays flat however long
-/// the log.
-const REPLAY_QUEUE: usize = 2;
+/// the log. One is enough to keep every projection busy (the reader reads the next
+/// page meanwhile); each more is another page in memory.
+const REPLAY_QUEUE: usize = 1;
 
 /// Whether events of transactions older than `ours` lie beyond `after` (written, not
 /// yet readable because their transaction or an older one is still open).
