@@ -496,11 +496,11 @@ fn where_the_time_goes(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "- **Replay** (order_status {} events/s, stock_levels {}, timers {}, order_milestones {}; all four in one pass with `replay_many` {}; raw scan {}). \
+        "- **Replay** (order_status {} events/s, stock_levels {}, timers {}, order_milestones {}; all four together with `replay_many` {}; raw scan {}). \
          Replay reads pages of {} with `read_all_text` (payloads as JSON text) on a task of its \
          own, one page ahead, and deserialises each payload straight into its `DomainEvent` \
-         on a blocking thread (upcasting older versions first), while the replay's \
-         transaction applies the page before: reading and writing overlap, and no \
+         on a blocking thread (upcasting older versions first), while the projections \
+         apply the page before: reading and writing overlap, and no \
          `serde_json::Value` is built per payload (the raw baseline builds one, which is \
          why a single projection's replay can run at or above the raw scan). Each \
          projection writes a page in one statement (order_milestones: two when a page \
@@ -510,9 +510,14 @@ fn where_the_time_goes(report: &Report) -> String {
          timers one DELETE (in a CTE) and INSERT keeping the order of effects; \
          order_milestones reads what `reserved`/`paid` need from `order_milestone_progress` \
          instead of folding every order stream again. What is left is the server's work \
-         per row written (index maintenance, WAL) in one backend: `replay_many` applies \
-         the four projections' statements one after another in its single transaction, \
-         so its rate is about the harmonic sum of theirs.",
+         per row written (index maintenance, WAL). `replay_many` reads the log once and \
+         hands each page (shared, not copied; one queued at most per projection) to one \
+         task per projection, each writing in its own transaction on its own connection: \
+         the four projections' statements run at the same time in four backends instead \
+         of one after another in one, and each commits only when all have applied the \
+         whole log. The slowest projection sets the pace, and the four backends share \
+         the machine's cores, so its rate lies between the harmonic sum of the single \
+         rates (one after another) and the slowest one's.",
         v(report, "replay_order_status"),
         v(report, "replay_stock_levels"),
         v(report, "replay_timers"),

@@ -338,14 +338,11 @@ async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)
     let total = u64::try_from(store.count().await?)?;
     let projections = projector::all_projections();
     // Each projection alone, then all of them in one pass (what `orderflow replay` does).
-    let mut runs: Vec<(String, Vec<&dyn projector::Projection>)> = projections
+    let mut runs: Vec<(String, Vec<std::sync::Arc<dyn projector::Projection>>)> = projections
         .iter()
-        .map(|p| (p.name().to_owned(), vec![p.as_ref()]))
+        .map(|p| (p.name().to_owned(), vec![p.clone()]))
         .collect();
-    runs.push((
-        ALL_FOUR.to_owned(),
-        projections.iter().map(|p| p.as_ref()).collect(),
-    ));
+    runs.push((ALL_FOUR.to_owned(), projections.clone()));
     for (name, run) in runs {
         let waited = wait_for_horizon(store).await?;
         if waited > Duration::from_millis(200) {

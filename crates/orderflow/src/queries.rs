@@ -209,12 +209,12 @@ pub async fn replay(store: &EventStore, projection: Option<&str>) -> anyhow::Res
         None => projector::all_projections(),
     };
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
-    let refs: Vec<&dyn projector::Projection> = projections.iter().map(|p| p.as_ref()).collect();
     let started = std::time::Instant::now();
     let mut last_report = std::time::Instant::now();
-    // One pass over the log and one transaction for all of them: readers see the old
-    // rows until the new ones are committed.
-    let applied = projector::replay_many(store, &refs, |n| {
+    // One pass over the log, each projection in a transaction of its own, committed
+    // only when every one of them has applied the whole log: readers see the old rows
+    // until the new ones are committed.
+    let applied = projector::replay_many(store, &projections, |n| {
         if last_report.elapsed().as_secs() >= 1 {
             eprintln!("  {n} events applied");
             last_report = std::time::Instant::now();

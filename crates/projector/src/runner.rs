@@ -1,12 +1,15 @@
 //! Following the log: live projection and replay share `apply_events`.
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use domain::EventEnvelope;
 use eventstore::{EventStore, LogPosition, RecordedEvent, StoreError};
 use futures::future::BoxFuture;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, Transaction};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::decode::decode_page;
@@ -18,11 +21,12 @@ use crate::{
 /// Events read and applied per transaction by the live projection.
 pub const PAGE_SIZE: i64 = 2_000;
 
-/// Events read and applied per page by a replay (one transaction for all pages). A
-/// page costs each projection one to three statements whatever its length, and on a
-/// busy machine every round trip waits for the server and the client to be scheduled
-/// again: bigger pages pay that less often. Two pages are in memory at most (one
-/// applied, one read ahead), some tens of MiB, however long the log.
+/// Events read and applied per page by a replay (one transaction per projection for
+/// all pages). A page costs each projection one to three statements whatever its
+/// length, and on a busy machine every round trip waits for the server and the client
+/// to be scheduled again: bigger pages pay that less often. Four pages are in memory at
+/// most (one being read ahead, one waiting to be handed over, and `REPLAY_QUEUE` + 1
+/// queued for or applied by the slowest projection), however long the log.
 pub const REPLAY_PAGE_SIZE: i64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,17 @@ pub enum ProjectorError {
     ReadAhead(String),
     #[error("read-model table {0} has no primary key to compare rows by")]
     NoPrimaryKey(String),
+    #[error("rebuilding {projection} failed: {source}")]
+    Rebuild {
+        projection: &'static str,
+        source: Box<ProjectorError>,
+    },
+    #[error("a projection's replay task ended unexpectedly: {0}")]
+    Applier(String),
+    #[error(
+        "a replay of these projections needs {needed} database connections at once, but the pool has {pool_size}"
+    )]
+    PoolTooSmall { needed: usize, pool_size: u32 },
 }
 
 /// A read model built from the log.
@@ -138,10 +153,10 @@ async fn read_page_off_runtime(
     Ok(Page { last, read, events })
 }
 
-/// The next page, read and decoded by a task of its own while the caller applies the
-/// current one: reading the log (another pooled connection, the server's scan and the
-/// client's JSON decoding) overlaps with the writes in the replay's transaction
-/// instead of adding to them. At most one page is ahead, so memory stays flat.
+/// The next page, read and decoded by a task of its own while the projections apply
+/// the current one: reading the log (another pooled connection, the server's scan and
+/// the client's JSON decoding) overlaps with the writes in the replay's transactions
+/// instead of adding to them. At most one page is read ahead, so memory stays flat.
 struct ReadAhead(tokio::task::JoinHandle<Result<Page, ProjectorError>>);
 
 impl ReadAhead {
@@ -238,11 +253,11 @@ pub async fn run(
 }
 
 /// Rebuilds one projection from the start of the log in a single transaction: readers
-/// keep seeing the old rows until the new ones are committed. `progress` is called
-/// with the number of events applied so far after each page.
+/// keep seeing the old rows until the new ones are committed. `progress` as for
+/// [`replay_many`].
 pub async fn replay(
     store: &EventStore,
-    projection: &dyn Projection,
+    projection: Arc<dyn Projection>,
     progress: impl FnMut(u64),
 ) -> Result<u64, ProjectorError> {
     replay_many(store, &[projection], progress).await
@@ -250,6 +265,12 @@ pub async fn replay(
 
 /// How long a replay waits for transactions that began before it to end.
 const REPLAY_WAIT_FOR_OLDER: Duration = Duration::from_secs(60);
+
+/// Pages queued for each projection of a replay beyond the one it applies: the reader
+/// waits for the slowest projection after that many, so memory stays flat however long
+/// the log. One is enough to keep every projection busy (the reader reads the next
+/// page meanwhile); each more is another page in memory.
+const REPLAY_QUEUE: usize = 1;
 
 /// Whether events of transactions older than `ours` lie beyond `after` (written, not
 /// yet readable because their transaction or an older one is still open).
@@ -269,34 +290,80 @@ async fn older_events_pending(
     .await?)
 }
 
-/// Rebuilds several projections in one pass over the log and one transaction: each
-/// page is read once and applied to every projection.
-pub async fn replay_many(
+/// A projection's rebuild whose pages are all applied, its transaction still open.
+struct Rebuilt {
+    projection: Arc<dyn Projection>,
+    tx: Transaction<'static, Postgres>,
+}
+
+/// Begins `projection`'s rebuild in a transaction of its own: its checkpoint row locked
+/// (the live projector waits instead of racing the rebuild), its tables emptied.
+/// Returns the transaction and its id.
+async fn begin_rebuild(
     store: &EventStore,
-    projections: &[&dyn Projection],
-    mut progress: impl FnMut(u64),
-) -> Result<u64, ProjectorError> {
-    ensure_schema(store).await?;
+    projection: &dyn Projection,
+) -> Result<(Transaction<'static, Postgres>, i64), ProjectorError> {
     let mut tx = eventstore::begin(store.pool()).await?;
-    for projection in projections {
-        // Hold the checkpoint row so the live projector waits instead of racing the rebuild.
-        store
-            .lock_checkpoint(&mut tx, &checkpoint_name(*projection))
-            .await?;
-        for table in projection.tables().iter().chain(projection.state_tables()) {
-            sqlx::query(&format!("DELETE FROM {table}"))
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
-    // Our own transaction id: every event of an older transaction belongs in this
-    // rebuild, also one whose transaction is still running somewhere and so not yet
-    // readable; younger ones are the live projector's after we commit.
-    let ours: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+    store
+        .lock_checkpoint(&mut tx, &checkpoint_name(projection))
+        .await?;
+    let id: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
         .fetch_one(&mut *tx)
         .await?;
+    for table in projection.tables().iter().chain(projection.state_tables()) {
+        sqlx::query(&format!("DELETE FROM {table}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok((tx, id))
+}
+
+/// One projection's side of a replay: applies each page it is handed in its own
+/// transaction until the reader closes the channel, counting the records applied.
+/// Returns the transaction uncommitted; an error drops it, which rolls it back.
+async fn apply_pages(
+    projection: Arc<dyn Projection>,
+    mut tx: Transaction<'static, Postgres>,
+    mut pages: mpsc::Receiver<Arc<Page>>,
+    applied: Arc<AtomicU64>,
+) -> Result<Rebuilt, ProjectorError> {
+    while let Some(page) = pages.recv().await {
+        projection
+            .apply_page(&mut tx, &page.events)
+            .await
+            .map_err(|source| ProjectorError::Rebuild {
+                projection: projection.name(),
+                source: Box::new(source),
+            })?;
+        applied.fetch_add(page.read as u64, Ordering::Relaxed);
+    }
+    Ok(Rebuilt { projection, tx })
+}
+
+/// Where the reader of a replay stopped.
+struct Fed {
+    /// The position of the last record read (the checkpoint every projection saves).
+    after: LogPosition,
+    /// Records read.
+    read: u64,
+    /// The last count handed to `progress`.
+    reported: u64,
+}
+
+/// The reader of a replay: reads the log once, one page ahead, and hands every page to
+/// each projection's applier, until nothing is left to read and no transaction older
+/// than `ours` can still add events. `None`: an applier stopped taking pages (it
+/// failed; its task says why). After each page is handed over, `progress` is called
+/// with the number of records every projection has applied, when that grew.
+async fn feed(
+    store: &EventStore,
+    appliers: Vec<mpsc::Sender<Arc<Page>>>,
+    applied: &[Arc<AtomicU64>],
+    ours: i64,
+    progress: &mut impl FnMut(u64),
+) -> Result<Option<Fed>, ProjectorError> {
     let mut after = LogPosition::START;
-    let mut applied = 0u64;
+    let (mut read, mut reported) = (0u64, 0u64);
     let started = std::time::Instant::now();
     let mut ahead = ReadAhead::start(store, after);
     loop {
@@ -314,20 +381,171 @@ pub async fn replay_many(
             continue;
         };
         ahead = ReadAhead::start(store, last);
-        for projection in projections {
-            projection.apply_page(&mut tx, &page.events).await?;
-        }
-        applied += page.read as u64;
+        read += page.read as u64;
         after = last;
-        progress(applied);
+        let page = Arc::new(page);
+        for applier in &appliers {
+            if applier.send(page.clone()).await.is_err() {
+                return Ok(None);
+            }
+        }
+        let done = applied
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(read);
+        if done > reported {
+            reported = done;
+            progress(done);
+        }
     }
-    for projection in projections {
+    Ok(Some(Fed {
+        after,
+        read,
+        reported,
+    }))
+}
+
+/// The error of the first applier that ended with one (the others' transactions roll
+/// back as they are dropped).
+async fn first_failure(appliers: &mut JoinSet<Result<Rebuilt, ProjectorError>>) -> ProjectorError {
+    while let Some(ended) = appliers.join_next().await {
+        match ended {
+            Ok(Ok(_rebuilt)) => {}
+            Ok(Err(error)) => return error,
+            Err(join_error) => return ProjectorError::Applier(join_error.to_string()),
+        }
+    }
+    ProjectorError::Applier("it stopped taking pages without an error".to_owned())
+}
+
+/// Rebuilds several projections from the start of the log, reading it once, each
+/// projection in its own transaction on its own connection, concurrently.
+///
+/// Every projection's transaction is begun first: it locks the projection's checkpoint
+/// row (the live projector waits on it instead of racing the rebuild) and empties its
+/// tables and state tables. Then one reader reads the log in pages of
+/// [`REPLAY_PAGE_SIZE`], one page ahead, and hands each page (shared, not copied) to
+/// one task per projection through a channel of [`REPLAY_QUEUE`] pages, so the log's
+/// length does not change the memory used. The reader stops when nothing is left to
+/// read and no transaction older than the oldest of the projections' transactions can
+/// still add events (waiting at most a minute for one). Only when every projection has
+/// applied every page does each save its checkpoint at the last position read (the
+/// same for all: the live projector continues from there, so nothing is skipped or
+/// applied twice) and commit; readers see the old rows until then.
+///
+/// Each projection's rebuild is atomic on its own: if any projection fails, the reader
+/// stops and none commits, so every projection keeps its old rows and checkpoint.
+/// Only a failure during the commits themselves (the last step, a few milliseconds)
+/// can leave some projections rebuilt and the others as they were, each consistent
+/// with its own checkpoint. Nothing more is needed across projections: the live
+/// projector runs each one on its own checkpoint too.
+///
+/// `progress` is called after each page is handed to the projections, with the number
+/// of events every one of them has applied so far when that grew, and once more at the
+/// end (before the commits) with the total.
+///
+/// Needs one pooled connection per projection and one for the reader at the same time:
+/// a pool smaller than that is refused up front ([`ProjectorError::PoolTooSmall`]);
+/// `eventstore::connect` opens ten. No projections: nothing is read, 0.
+pub async fn replay_many(
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+    mut progress: impl FnMut(u64),
+) -> Result<u64, ProjectorError> {
+    if projections.is_empty() {
+        return Ok(0);
+    }
+    let needed = projections.len() + 1;
+    let pool_size = store.pool().options().get_max_connections();
+    if usize::try_from(pool_size).is_ok_and(|size| size < needed) {
+        return Err(ProjectorError::PoolTooSmall { needed, pool_size });
+    }
+    ensure_schema(store).await?;
+    // Every transaction is begun before the reader takes its connection: whatever then
+    // waits on our checkpoint locks (a live projector on the same pool holds a
+    // connection while it waits) cannot hold the connections the replay still needs,
+    // beyond the reader's one.
+    let begun = futures::future::try_join_all(
+        projections
+            .iter()
+            .map(|projection| begin_rebuild(store, projection.as_ref())),
+    )
+    .await?;
+    // The oldest of our transactions: every event of an older transaction belongs in
+    // this rebuild, also one whose transaction is still running somewhere and so not
+    // yet readable; younger ones are the live projector's after we commit. Not the
+    // newest: the log is readable only below the oldest transaction still open, ours
+    // included, so an event appended between our transactions' ids cannot be read
+    // before we commit, and waiting for it would wait the whole minute for nothing. It
+    // lies beyond the checkpoint we save, so the live projector applies it.
+    let ours = begun.iter().map(|(_, id)| *id).min().unwrap_or(0);
+    let started = std::time::Instant::now();
+    let mut appliers = JoinSet::new();
+    let mut senders = Vec::with_capacity(projections.len());
+    let mut applied = Vec::with_capacity(projections.len());
+    for (projection, (tx, _)) in projections.iter().zip(begun) {
+        let (send, receive) = mpsc::channel(REPLAY_QUEUE);
+        let count = Arc::new(AtomicU64::new(0));
+        let span = tracing::info_span!("replay", projection = projection.name());
+        appliers
+            .spawn(apply_pages(projection.clone(), tx, receive, count.clone()).instrument(span));
+        senders.push(send);
+        applied.push(count);
+    }
+    // An applier that ends while the log is still being read has failed: stop reading.
+    let fed = tokio::select! {
+        fed = feed(store, senders, &applied, ours, &mut progress) => fed?,
+        Some(ended) = appliers.join_next() => match ended {
+            Ok(Err(error)) => return Err(error),
+            Err(join_error) => return Err(ProjectorError::Applier(join_error.to_string())),
+            Ok(Ok(_rebuilt)) => None,
+        },
+    };
+    let Some(fed) = fed else {
+        return Err(first_failure(&mut appliers).await);
+    };
+    // The barrier: every projection has applied every page, or none commits.
+    let mut rebuilt = Vec::with_capacity(projections.len());
+    while let Some(ended) = appliers.join_next().await {
+        match ended {
+            Ok(Ok(done)) => rebuilt.push(done),
+            Ok(Err(error)) => return Err(error),
+            Err(join_error) => return Err(ProjectorError::Applier(join_error.to_string())),
+        }
+    }
+    if fed.read > fed.reported {
+        progress(fed.read);
+    }
+    for done in &mut rebuilt {
         store
-            .save_checkpoint(&mut tx, &checkpoint_name(*projection), after)
+            .save_checkpoint(
+                &mut done.tx,
+                &checkpoint_name(done.projection.as_ref()),
+                fed.after,
+            )
             .await?;
     }
-    tx.commit().await?;
-    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
-    info!(projections = ?names, events = applied, "replay finished");
-    Ok(applied)
+    let mut committed = Vec::with_capacity(rebuilt.len());
+    for done in rebuilt {
+        let name = done.projection.name();
+        if let Err(error) = done.tx.commit().await {
+            warn!(
+                %error,
+                projection = name,
+                ?committed,
+                "a rebuilt projection failed to commit; the ones committed before it stay rebuilt and the others keep their old rows"
+            );
+            return Err(error.into());
+        }
+        committed.push(name);
+    }
+    let elapsed = started.elapsed();
+    info!(
+        projections = ?committed,
+        events = fed.read,
+        elapsed_ms = elapsed.as_millis() as u64,
+        "the replay rebuilt every projection, each in its own transaction"
+    );
+    Ok(fed.read)
 }

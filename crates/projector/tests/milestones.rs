@@ -235,13 +235,13 @@ async fn replay_gives_identical_milestones_also_after_the_table_was_dropped() ->
     let live = project(&db.store, 16).await?;
     assert_eq!(live.len(), 16);
 
-    projector::replay(&db.store, &MilestonesProjection, |_| {}).await?;
+    projector::replay(&db.store, std::sync::Arc::new(MilestonesProjection), |_| {}).await?;
     assert_eq!(rows(&db.store).await?, live);
 
     sqlx::query("DROP TABLE order_milestones")
         .execute(db.pool())
         .await?;
-    projector::replay(&db.store, &MilestonesProjection, |_| {}).await?;
+    projector::replay(&db.store, std::sync::Arc::new(MilestonesProjection), |_| {}).await?;
     assert_eq!(rows(&db.store).await?, live);
     assert!(projector::all_projections()
         .iter()

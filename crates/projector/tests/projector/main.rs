@@ -7,6 +7,7 @@ mod crash_safety;
 mod order_status;
 mod pages;
 mod replay;
+mod replay_many;
 mod stock_levels;
 mod support;
 mod timers;

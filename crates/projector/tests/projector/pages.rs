@@ -2,11 +2,10 @@
 //! of `REPLAY_PAGE_SIZE`, read ahead) cut the log in different places; an order whose
 //! events span pages must come out the same either way, in every table the
 //! projections write (the milestones' progress included).
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use domain::events::{PaymentCaptured, PaymentRequested, StockReserved};
 use domain::{streams, DomainEvent, OrderInput};
 use eventstore::EventStore;
-use projector::milestones::MilestoneRow;
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -44,42 +43,6 @@ fn captured(order_id: Uuid) -> PaymentCaptured {
         gateway_reference: "sim-test".to_owned(),
         unwanted: false,
     }
-}
-
-async fn milestone_rows(store: &EventStore) -> anyhow::Result<Vec<MilestoneRow>> {
-    Ok(sqlx::query_as(
-        "SELECT order_id, milestone, reached_at, global_position FROM order_milestones
-          ORDER BY order_id, milestone",
-    )
-    .fetch_all(store.pool())
-    .await?)
-}
-
-async fn progress_rows(store: &EventStore) -> anyhow::Result<Vec<(String, i64, String, String)>> {
-    Ok(sqlx::query_as(
-        "SELECT stream_name, version, status, lines FROM order_milestone_progress
-          ORDER BY stream_name",
-    )
-    .fetch_all(store.pool())
-    .await?)
-}
-
-type Rows = (
-    (
-        Vec<projector::order_status::OrderStatusRow>,
-        Vec<(String, i64, i64)>,
-        Vec<(Uuid, String, Uuid, DateTime<Utc>)>,
-    ),
-    Vec<MilestoneRow>,
-    Vec<(String, i64, String, String)>,
-);
-
-async fn every_row(store: &EventStore) -> anyhow::Result<Rows> {
-    Ok((
-        all_rows(store).await?,
-        milestone_rows(store).await?,
-        progress_rows(store).await?,
-    ))
 }
 
 #[tokio::test]
@@ -180,8 +143,7 @@ async fn orders_spanning_pages_give_the_same_rows_live_and_replayed() -> anyhow:
     assert!(!live.2.is_empty(), "progress is kept per order stream");
 
     let projections = projector::all_projections();
-    let all: Vec<&dyn projector::Projection> = projections.iter().map(|p| p.as_ref()).collect();
-    let applied = projector::replay_many(store, &all, |_| {}).await?;
+    let applied = projector::replay_many(store, &projections, |_| {}).await?;
     assert_eq!(i64::try_from(applied)?, store.count().await?);
     assert_eq!(every_row(store).await?, live);
     Ok(())
@@ -216,7 +178,12 @@ async fn a_timer_cancelled_and_scheduled_again_in_a_later_page_keeps_only_the_ne
     let newest = last_of(store, &payment, "PaymentRequested").await?;
     assert_eq!(second[0].0, newest.event_id);
 
-    projector::replay(store, &projector::timers::TimersProjection, |_| {}).await?;
+    projector::replay(
+        store,
+        std::sync::Arc::new(projector::timers::TimersProjection),
+        |_| {},
+    )
+    .await?;
     assert_eq!(timer_rows(store).await?, second);
     Ok(())
 }

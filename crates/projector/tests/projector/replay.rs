@@ -50,7 +50,7 @@ async fn replay_gives_the_rows_incremental_projection_gives() -> anyhow::Result<
     let total = store.count().await?;
     for projection in projector::all_projections() {
         let mut progress = Vec::new();
-        let applied = projector::replay(store, projection.as_ref(), |n| progress.push(n)).await?;
+        let applied = projector::replay(store, projection.clone(), |n| progress.push(n)).await?;
         assert_eq!(i64::try_from(applied)?, total, "{}", projection.name());
         assert_eq!(progress.last().copied(), Some(applied));
     }
@@ -116,7 +116,7 @@ async fn replay_of_an_empty_log_empties_the_read_models() -> anyhow::Result<()> 
         .await?;
     let applied = projector::replay(
         store,
-        &projector::stock_levels::StockLevelsProjection,
+        std::sync::Arc::new(projector::stock_levels::StockLevelsProjection),
         |_| {},
     )
     .await?;

@@ -406,9 +406,60 @@ pub async fn all_rows(
     ))
 }
 
+pub async fn milestone_rows(
+    store: &EventStore,
+) -> anyhow::Result<Vec<projector::milestones::MilestoneRow>> {
+    Ok(sqlx::query_as(
+        "SELECT order_id, milestone, reached_at, global_position FROM order_milestones
+          ORDER BY order_id, milestone",
+    )
+    .fetch_all(store.pool())
+    .await?)
+}
+
+pub async fn progress_rows(
+    store: &EventStore,
+) -> anyhow::Result<Vec<(String, i64, String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT stream_name, version, status, lines FROM order_milestone_progress
+          ORDER BY stream_name",
+    )
+    .fetch_all(store.pool())
+    .await?)
+}
+
+/// Every table the projections write (their state tables included).
+pub type Rows = (
+    (
+        Vec<projector::order_status::OrderStatusRow>,
+        Vec<(String, i64, i64)>,
+        Vec<(Uuid, String, Uuid, DateTime<Utc>)>,
+    ),
+    Vec<projector::milestones::MilestoneRow>,
+    Vec<(String, i64, String, String)>,
+);
+
+pub async fn every_row(store: &EventStore) -> anyhow::Result<Rows> {
+    Ok((
+        all_rows(store).await?,
+        milestone_rows(store).await?,
+        progress_rows(store).await?,
+    ))
+}
+
+/// Every projection's checkpoint, by name.
+pub async fn checkpoints(store: &EventStore) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT name, transaction_id, global_position FROM checkpoints
+          WHERE name LIKE 'projection:%' ORDER BY name",
+    )
+    .fetch_all(store.pool())
+    .await?)
+}
+
 pub async fn replay_all(store: &EventStore) -> anyhow::Result<()> {
     for projection in projector::all_projections() {
-        projector::replay(store, projection.as_ref(), |_| {}).await?;
+        projector::replay(store, projection, |_| {}).await?;
     }
     Ok(())
 }
