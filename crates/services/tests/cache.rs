@@ -1,7 +1,9 @@
 //! The stream cache (`services::exec::StreamCache`) against a real PostgreSQL
-//! (`TestDb`): it folds only the events after the version it holds, never serves a
-//! stale state (another writer's events are read before every decision), and queues the
-//! decisions on one hot stream in-process so they do not race into conflicts.
+//! (`TestDb`): it folds only the events after the version it holds, never lets a
+//! decision on a stale state through (it decides on the cached state without reading;
+//! another writer's events make the append a conflict, and the decision is made again
+//! on the stream), and queues the decisions on one hot stream in-process so they do not
+//! race into conflicts.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -64,7 +66,8 @@ async fn event_types(store: &EventStore, stream: &str) -> anyhow::Result<Vec<Str
 }
 
 #[tokio::test]
-async fn the_stream_cache_folds_only_new_events_and_is_never_stale() -> anyhow::Result<()> {
+async fn the_stream_cache_folds_only_new_events_and_never_decides_on_a_stale_state(
+) -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let store = &db.store;
     let stream = streams::stock(SKU);
@@ -104,8 +107,8 @@ async fn the_stream_cache_folds_only_new_events_and_is_never_stale() -> anyhow::
     );
     assert_eq!(
         asked.load(Ordering::SeqCst),
-        2,
-        "no conflict, no second ask"
+        3,
+        "asked on the cached state (a stale 7: refused on append), then on the stream"
     );
 
     let fresh = load::<StockState>(store, &stream).await?;
