@@ -7,7 +7,7 @@
 //! its own; other instances wait as hot standbys and take over when that connection
 //! goes away.
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bus::Bus;
 use eventstore::{EventStore, LogPosition, RecordedEvent};
@@ -61,11 +61,14 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     }
     info!("relay active");
     let mut wakeups = store.follow().await?;
-    // The active relay is the only writer of its checkpoint (it holds the lock), so it
-    // remembers where it is instead of reading the checkpoint for every page.
-    let mut known = None;
+    let mut cursor = Cursor::default();
     loop {
-        let published = relay_next(store, bus, &mut known).await?;
+        let published = relay_next(store, bus, &mut cursor).await?;
+        // Under load the checkpoint is written at most every CHECKPOINT_EVERY, not
+        // after every page: its commit was on every hop's path. Events published
+        // since the last save are published again after a crash, which consumers
+        // make harmless (derived event ids).
+        cursor.save(store, published == 0).await?;
         if published == 0 {
             wakeups.wait(FALLBACK_POLL).await;
             // Notice a lost lock connection (another relay may have taken over).
@@ -74,32 +77,76 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     }
 }
 
-/// Publishes the next page after the checkpoint; returns how many events it published.
-pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceError> {
-    relay_next(store, bus, &mut None).await
+/// How often a busy relay saves its checkpoint (an idle one saves at once).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Where the active relay is. It is the only writer of its checkpoint while it holds
+/// the lock, so it remembers the position instead of reading it for every page.
+#[derive(Default)]
+struct Cursor {
+    /// The last position published (`None`: read the checkpoint first).
+    published: Option<LogPosition>,
+    /// The last position saved, and when.
+    saved: Option<(LogPosition, Instant)>,
 }
 
-/// [`relay_page`] after `known`, the checkpoint last read or written (`None`: read
-/// it). An error forgets it.
+impl Cursor {
+    /// Saves the published position if it is newer than the saved one and the last
+    /// save is `CHECKPOINT_EVERY` old (or `now`).
+    async fn save(&mut self, store: &EventStore, now: bool) -> Result<(), ServiceError> {
+        let Some(published) = self.published else {
+            return Ok(());
+        };
+        let due = match self.saved {
+            None => true,
+            Some((saved, _)) if saved == published => false,
+            Some((_, at)) => now || at.elapsed() >= CHECKPOINT_EVERY,
+        };
+        if due {
+            let mut conn = store.pool().acquire().await?;
+            store
+                .save_checkpoint(&mut conn, CHECKPOINT, published)
+                .await?;
+            self.saved = Some((published, Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+/// Publishes the next page after the checkpoint and saves the checkpoint; returns how
+/// many events it published.
+pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceError> {
+    let mut cursor = Cursor::default();
+    let published = relay_next(store, bus, &mut cursor).await?;
+    if published > 0 {
+        cursor.save(store, true).await?;
+    }
+    Ok(published)
+}
+
+/// Publishes the page after the cursor's position (read from the checkpoint when it
+/// has none). An error forgets the position: the next page starts at the checkpoint.
 async fn relay_next(
     store: &EventStore,
     bus: &Bus,
-    known: &mut Option<LogPosition>,
+    cursor: &mut Cursor,
 ) -> Result<usize, ServiceError> {
-    let after = match known.take() {
+    let after = match cursor.published.take() {
         Some(after) => after,
-        None => store.load_checkpoint(CHECKPOINT).await?,
+        None => {
+            let saved = store.load_checkpoint(CHECKPOINT).await?;
+            cursor.saved = Some((saved, Instant::now()));
+            saved
+        }
     };
     let records = store.read_all(after, PAGE).await?;
     let Some(last) = records.last().map(RecordedEvent::log_position) else {
-        *known = Some(after);
+        cursor.published = Some(after);
         return Ok(0);
     };
     bus.publish_many(records.iter().map(event_message).collect())
         .await?;
-    let mut conn = store.pool().acquire().await?;
-    store.save_checkpoint(&mut conn, CHECKPOINT, last).await?;
-    *known = Some(last);
+    cursor.published = Some(last);
     metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(records.len() as u64);
     debug!(count = records.len(), "relayed events");
     Ok(records.len())

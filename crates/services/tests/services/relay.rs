@@ -129,3 +129,62 @@ async fn the_relay_publishes_each_committed_event_once_and_moves_its_checkpoint(
     assert_eq!(later[0].1, "stock.StockSet");
     Ok(())
 }
+
+/// The running relay saves its checkpoint at most every so often while busy, and at
+/// once when it has nothing left to publish: a caught-up relay's checkpoint is the end
+/// of the log, and every event was published (at least) once.
+#[tokio::test]
+async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let channel = tap(&bus).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(services::relay::run(
+        db.store.clone(),
+        bus.clone(),
+        db.url.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    const SETS: i64 = 300;
+    for quantity in 0..SETS {
+        append(
+            &db.store,
+            &streams::stock(&format!("S{}", quantity % 7)),
+            &[DomainEvent::StockSet(StockSet {
+                sku: format!("S{}", quantity % 7),
+                quantity,
+            })],
+        )
+        .await?;
+    }
+    let end = db
+        .store
+        .read_all(eventstore::LogPosition::START, SETS + 1)
+        .await?
+        .last()
+        .map(|r| r.log_position())
+        .unwrap_or_default();
+    testkit::wait_until("the relay to save the end of the log", DEADLINE, || async {
+        let saved = db
+            .store
+            .load_checkpoint(services::relay::CHECKPOINT)
+            .await?;
+        Ok((saved == end).then_some(()))
+    })
+    .await?;
+    let mut published = std::collections::BTreeSet::new();
+    for (id, _) in drain(&channel).await? {
+        published.insert(id);
+    }
+    assert_eq!(
+        published.len(),
+        usize::try_from(SETS)?,
+        "every event published"
+    );
+    let _ = stop.send(());
+    relay.await??;
+    Ok(())
+}
