@@ -553,8 +553,10 @@ fn where_the_time_goes(report: &Report) -> String {
          shipping → timers projection → scheduler → ShipmentDelivered); the note on \
          when each event is recorded shows each hop through the relay costs about 10 to \
          25 ms at half load: the relay reads a page, publishes it and waits for every \
-         confirm before it reads the next, so an event committed just after a read waits \
-         for the whole round.",
+         confirm before it reads the next (its checkpoint is saved at most every 100 ms, \
+         off that path), so an event committed just after a read waits for the whole \
+         round; inventory adds a queue of its own, every order reserving on one of four \
+         shared stock streams, decided one at a time per stream.",
         v(report, "e2e_orders"),
         v(report, "e2e_p99"),
         v(report, "e2e_events_per_order"),
