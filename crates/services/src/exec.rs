@@ -256,30 +256,23 @@ where
         if events.is_empty() {
             return Ok(Decided::Nothing { state });
         }
-        match store
-            .append(stream, expected(version), cause.new_events(&events, 0))
-            .await
-        {
-            Ok(appended) => {
-                crate::metrics::events_appended(events.len());
-                for e in &events {
-                    state.apply(e);
-                }
-                cache.put(stream, &state, Some(appended.next_expected_version));
+        match append_decision(store, stream, cause, version, state, events).await? {
+            Attempt::Appended {
+                events,
+                state,
+                version,
+            } => {
+                cache.put(stream, &state, Some(version));
                 return Ok(Decided::Appended { events, state });
             }
-            Err(StoreError::Duplicate { event_id }) => {
-                debug!(%event_id, stream, "already handled; nothing more to do");
+            Attempt::Duplicate => {
                 let Loaded { state, .. } = load_cached(store, cache, stream).await?;
                 return Ok(Decided::Nothing { state });
             }
-            Err(StoreError::Conflict { .. }) => {
+            Attempt::Conflict => {
                 must_read = true;
-                let pause = rand::random_range(0..=attempt.min(10) as u64 * 2);
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-                continue;
+                thin_out(attempt).await;
             }
-            Err(other) => return Err(other.into()),
         }
     }
     Err(ServiceError::Contended {
@@ -315,39 +308,78 @@ where
     Fut: std::future::Future<Output = Result<Loaded<S>, ServiceError>>,
 {
     for attempt in 0..MAX_CONFLICT_RETRIES {
-        let Loaded { mut state, version } = load_state().await?;
+        let Loaded { state, version } = load_state().await?;
         let events = decide(&state);
         if events.is_empty() {
             return Ok(Decided::Nothing { state });
         }
-        match store
-            .append(stream, expected(version), cause.new_events(&events, 0))
-            .await
-        {
-            Ok(_) => {
-                crate::metrics::events_appended(events.len());
-                for e in &events {
-                    state.apply(e);
-                }
-                return Ok(Decided::Appended { events, state });
+        match append_decision(store, stream, cause, version, state, events).await? {
+            Attempt::Appended { events, state, .. } => {
+                return Ok(Decided::Appended { events, state })
             }
-            Err(StoreError::Duplicate { event_id }) => {
-                debug!(%event_id, stream, "already handled; nothing more to do");
+            Attempt::Duplicate => {
                 let Loaded { state, .. } = load_state().await?;
                 return Ok(Decided::Nothing { state });
             }
-            Err(StoreError::Conflict { .. }) => {
-                // Another writer won; let the crowd thin out before reading again.
-                let pause = rand::random_range(0..=attempt.min(10) as u64 * 2);
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-                continue;
-            }
-            Err(other) => return Err(other.into()),
+            Attempt::Conflict => thin_out(attempt).await,
         }
     }
     Err(ServiceError::Contended {
         stream: stream.to_owned(),
     })
+}
+
+/// What became of one attempt to append a decision.
+enum Attempt<S> {
+    /// Appended; the state after the events and the stream's new version.
+    Appended {
+        events: Vec<DomainEvent>,
+        state: S,
+        version: i64,
+    },
+    /// The same message was handled before (its event ids are in the log).
+    Duplicate,
+    /// The stream is no longer at the version the decision was made on.
+    Conflict,
+}
+
+/// Appends `events`, decided on `state` at `version`.
+async fn append_decision<S: Evolve>(
+    store: &EventStore,
+    stream: &str,
+    cause: &Cause,
+    version: Option<i64>,
+    mut state: S,
+    events: Vec<DomainEvent>,
+) -> Result<Attempt<S>, ServiceError> {
+    match store
+        .append(stream, expected(version), cause.new_events(&events, 0))
+        .await
+    {
+        Ok(appended) => {
+            crate::metrics::events_appended(events.len());
+            for e in &events {
+                state.apply(e);
+            }
+            Ok(Attempt::Appended {
+                events,
+                state,
+                version: appended.next_expected_version,
+            })
+        }
+        Err(StoreError::Duplicate { event_id }) => {
+            debug!(%event_id, stream, "already handled; nothing more to do");
+            Ok(Attempt::Duplicate)
+        }
+        Err(StoreError::Conflict { .. }) => Ok(Attempt::Conflict),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// After a conflict: another writer won; let the crowd thin out before reading again.
+async fn thin_out(attempt: usize) {
+    let pause = rand::random_range(0..=attempt.min(10) as u64 * 2);
+    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
 }
 
 /// Appends to several streams atomically (each with its expected version).
