@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::decode::decode_page;
 use crate::{
@@ -188,53 +188,20 @@ pub async fn run_once(
     store: &EventStore,
     projection: &dyn Projection,
 ) -> Result<usize, ProjectorError> {
-    apply_next(store, projection, &mut None).await
-}
-
-/// [`run_once`] for a follower that remembers where it is: `known` is the checkpoint it
-/// last saw or wrote (`None`: read it). The page is read before any transaction, so a
-/// follower that is caught up costs one query per wake-up, not a transaction; the
-/// checkpoint row is locked only to apply a page, and if it has moved meanwhile (a
-/// replay, or the same projection in another process) the page is read again from
-/// where it now is: nothing is applied twice or skipped.
-async fn apply_next(
-    store: &EventStore,
-    projection: &dyn Projection,
-    known: &mut Option<LogPosition>,
-) -> Result<usize, ProjectorError> {
     let name = checkpoint_name(projection);
-    loop {
-        let after = match *known {
-            Some(position) => position,
-            None => store.load_checkpoint(&name).await?,
-        };
-        *known = Some(after);
-        let page = read_page(store, after, PAGE_SIZE).await?;
-        let Some(last) = page.last else {
-            return Ok(0);
-        };
-        let mut tx = eventstore::begin(store.pool()).await?;
-        let locked = store.lock_checkpoint(&mut tx, &name).await?;
-        if locked != after {
-            debug!(
-                projection = projection.name(),
-                "checkpoint moved by someone else; reading again from it"
-            );
-            *known = Some(locked);
-            continue;
-        }
-        projection.apply_page(&mut tx, &page.events).await?;
-        store.save_checkpoint(&mut tx, &name, last).await?;
-        // Unknown until the commit is confirmed: a lost answer may or may not have
-        // committed, so the next round reads the checkpoint again.
-        *known = None;
-        tx.commit().await?;
-        *known = Some(last);
-        // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
-        metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())
-            .increment(page.read as u64);
-        return Ok(page.read);
-    }
+    let mut tx = eventstore::begin(store.pool()).await?;
+    let after = store.lock_checkpoint(&mut tx, &name).await?;
+    let page = read_page(store, after, PAGE_SIZE).await?;
+    let Some(last) = page.last else {
+        return Ok(0);
+    };
+    projection.apply_page(&mut tx, &page.events).await?;
+    store.save_checkpoint(&mut tx, &name, last).await?;
+    tx.commit().await?;
+    // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
+    metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())
+        .increment(page.read as u64);
+    Ok(page.read)
 }
 
 /// Follows the log with every projection until `shutdown` resolves.

@@ -156,10 +156,6 @@ impl<S: Clone> StreamCache<S> {
 
     /// The cached state of `stream`, if any, and its version.
     pub fn cached(&self, stream: &str) -> Option<(S, Option<i64>)> {
-        self.get(stream)
-    }
-
-    fn get(&self, stream: &str) -> Option<(S, Option<i64>)> {
         self.lock().get(stream).cloned()
     }
 
@@ -189,7 +185,7 @@ pub async fn load_cached<S: Evolve + Clone>(
     cache: &StreamCache<S>,
     stream: &str,
 ) -> Result<Loaded<S>, ServiceError> {
-    let (state, version) = cache.get(stream).unwrap_or_default();
+    let (state, version) = cache.cached(stream).unwrap_or_default();
     let loaded = fold_from(store, stream, state, version).await?;
     cache.put(stream, &loaded.state, loaded.version);
     Ok(loaded)
@@ -238,7 +234,11 @@ where
     let _turn = cache.serialise(stream).await;
     let mut must_read = false;
     for attempt in 0..MAX_CONFLICT_RETRIES {
-        let cached = if must_read { None } else { cache.get(stream) };
+        let cached = if must_read {
+            None
+        } else {
+            cache.cached(stream)
+        };
         let read = cached.is_none();
         let (mut state, mut version) = match cached {
             Some(cached) => cached,

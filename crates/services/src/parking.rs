@@ -14,7 +14,7 @@
 //! (and the message is handled at once, after everything parked before it).
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus::{Bus, ConsumeOptions, Incoming, Outcome};
@@ -85,29 +85,25 @@ struct AnyParked {
     some: AtomicBool,
     /// Parkings by this process so far: a look that raced one must not clear `some`.
     parked_here: AtomicU64,
-    /// When `some` was last read from the database (ms since `epoch`); 0: never.
-    looked_at: AtomicU64,
-    epoch: OnceLock<Instant>,
+    /// When `some` was last read from the database; `None`: never, or forgotten.
+    looked_at: Mutex<Option<Instant>>,
 }
 
 impl AnyParked {
-    fn now_ms(&self) -> u64 {
-        let epoch = self.epoch.get_or_init(Instant::now);
-        u64::try_from(epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
-    }
-
     /// Whether it is time to look again; only one caller at a time gets `true`.
     fn due(&self) -> bool {
-        let now = self.now_ms();
-        let last = self.looked_at.load(Ordering::Acquire);
-        let valid = u64::try_from(PARKED_LOOK_VALID.as_millis()).unwrap_or(u64::MAX);
-        (last == 0 || now.saturating_sub(last) >= valid)
-            && self
-                .looked_at
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        let mut looked_at = self.looked_at();
+        let due = looked_at.is_none_or(|at| at.elapsed() >= PARKED_LOOK_VALID);
+        if due {
+            *looked_at = Some(Instant::now());
+        }
+        due
+    }
+
+    fn looked_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.looked_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Marks the queue as having a parked order, before the parking commits.
@@ -132,7 +128,7 @@ impl AnyParked {
 
     /// Forget the last look: the next message looks again.
     fn expire(&self) {
-        self.looked_at.store(0, Ordering::Release);
+        *self.looked_at() = None;
     }
 }
 
