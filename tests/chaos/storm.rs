@@ -378,13 +378,37 @@ async fn wait_quiescence(
                 );
             }
             bail!(
-                "{} of {} orders are not terminal after {deadline:?}:\n{detail}{}",
+                "{} of {} orders are not terminal after {deadline:?}:\n{detail}\
+                 queues (ready, unacknowledged, consumers):\n{}\
+                 partition locks:\n{}{}",
                 last.len(),
                 ids.len(),
+                system.queue_report().await,
+                partition_locks(system).await,
                 fleet.log_hint()
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The advisory locks of the database (partition ownership, ADR 0005), one line each.
+async fn partition_locks(system: &System) -> String {
+    let rows: Result<Vec<(i64, i64, i32, String)>, _> = sqlx::query_as(
+        "SELECT l.classid::bigint, l.objid::bigint, l.pid, coalesce(a.application_name, '')
+           FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.granted
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          ORDER BY 1, 2",
+    )
+    .fetch_all(system.pool())
+    .await;
+    match rows {
+        Ok(rows) => rows
+            .iter()
+            .map(|(class, object, pid, app)| format!("  ({class}, {object}) pid {pid} {app}\n"))
+            .collect(),
+        Err(error) => format!("  (locks not listed: {error:#})\n"),
     }
 }
 

@@ -408,10 +408,12 @@ impl System {
             Err(error) => {
                 let now = self.status(order_id).await.ok().flatten();
                 Err(error.context(format!(
-                    "order {order_id} is {now:?}; events: {:?}; {}",
+                    "order {order_id} is {now:?}; events: {:?}; queues (ready, \
+                     unacknowledged, consumers):\n{}{}",
                     self.event_types(&format!("order-{order_id}"))
                         .await
                         .unwrap_or_default(),
+                    self.queue_report().await,
                     self.log_hint()
                 )))
             }
@@ -527,6 +529,36 @@ impl System {
 
     /// `(queue, messages)` of every queue of the vhost, as the broker counts them.
     pub async fn queue_depths(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        self.list_queues(&["name", "messages"])
+            .await?
+            .iter()
+            .filter_map(|row| Some((row.first()?, row.get(1)?)))
+            .map(|(name, count)| Ok((name.clone(), count.parse::<u64>()?)))
+            .collect()
+    }
+
+    /// Every non-empty or consumer-less queue of the vhost, one line each with its
+    /// ready and unacknowledged messages and its consumers: what a test prints when
+    /// messages seem to go nowhere.
+    pub async fn queue_report(&self) -> String {
+        let columns = [
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ];
+        match self.list_queues(&columns).await {
+            Ok(rows) => rows
+                .iter()
+                .filter(|row| row.iter().skip(1).any(|n| n != "0"))
+                .map(|row| format!("  {}\n", row.join(" ")))
+                .collect::<String>(),
+            Err(error) => format!("  (queues not listed: {error:#})\n"),
+        }
+    }
+
+    /// `rabbitmqctl list_queues` of the vhost with the given columns, split in words.
+    async fn list_queues(&self, columns: &[&str]) -> anyhow::Result<Vec<Vec<String>>> {
         let line = std::env::var("ORDERFLOW_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
         let mut words = line.split_whitespace();
         let program = words.next().context("ORDERFLOW_RABBITMQCTL is empty")?;
@@ -539,7 +571,7 @@ impl System {
                 "-q",
                 "--no-table-headers",
             ])
-            .args(["name", "messages"])
+            .args(columns)
             .kill_on_drop(true)
             .output()
             .await
@@ -550,14 +582,10 @@ impl System {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .filter_map(|l| {
-                let mut words = l.split_whitespace();
-                Some((words.next()?, words.next()?))
-            })
-            .map(|(name, count)| Ok((name.to_owned(), count.parse::<u64>()?)))
-            .collect()
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .collect())
     }
 
     /// Waits until every command published so far has been handled and acknowledged:

@@ -128,6 +128,19 @@ impl Bus {
             .map_err(|e| BusError::amqp("opening a channel", e))
     }
 
+    /// Forgets the publishing channel if it is still `channel`: the next publish opens
+    /// a fresh one.
+    pub(crate) async fn discard_publish_channel(&self, channel: &Channel) {
+        let mut state = self.inner.state.lock().await;
+        if state
+            .publisher
+            .as_ref()
+            .is_some_and(|current| current.id() == channel.id())
+        {
+            state.publisher = None;
+        }
+    }
+
     /// The shared confirm-mode channel used for publishing.
     pub(crate) async fn publish_channel(&self) -> Result<Channel, BusError> {
         let mut state = self.inner.state.lock().await;
@@ -176,7 +189,7 @@ impl Bus {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.connect_once().await {
+            match self.connect_once_within(timeout).await {
                 Ok(connection) => {
                     info!(endpoint = %self.inner.endpoint, attempt, "connected to RabbitMQ");
                     return Ok(connection);
@@ -205,6 +218,20 @@ impl Bus {
         }
     }
 
+    /// One attempt, bounded: a handshake the broker closes half-way may otherwise never
+    /// answer, and this attempt holds the bus's connection state while it waits.
+    async fn connect_once_within(&self, timeout: Duration) -> Result<Connection, BusError> {
+        let limit = timeout.min(CONNECT_ATTEMPT_LIMIT);
+        tokio::time::timeout(limit, self.connect_once())
+            .await
+            .unwrap_or_else(|_| {
+                Err(BusError::NoAnswer {
+                    operation: format!("connecting to {}", self.inner.endpoint),
+                    waited: limit,
+                })
+            })
+    }
+
     async fn connect_once(&self) -> Result<Connection, BusError> {
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             self.inner.options.connection_name.as_bytes(),
@@ -222,6 +249,9 @@ impl Bus {
         Ok(connection)
     }
 }
+
+/// The longest one connection attempt (handshake, channel, topology) may take.
+const CONNECT_ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Exponential backoff with jitter: 100 ms doubling up to 5 s, for `max_elapsed` in all.
 pub(crate) fn reconnect_schedule(max_elapsed: Duration) -> ExponentialBackoff {

@@ -76,6 +76,11 @@ pub struct ConsumeOptions {
     /// transiently is retried later through the delay tiers (1 s, 5 s, 30 s, 30 s …)
     /// before it is dead-lettered. 0: dead-letter at once.
     pub delayed_retry_rounds: u32,
+    /// How long one attempt of the handler may run. One that runs longer is abandoned
+    /// (its task aborted, which releases whatever it held) and retried like a
+    /// transient failure: a handler stuck on something that never answers must not
+    /// hold its delivery, and every message queued behind it, for ever.
+    pub handler_timeout: Duration,
 }
 
 impl Default for ConsumeOptions {
@@ -89,6 +94,7 @@ impl Default for ConsumeOptions {
             retry_max_elapsed: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
             delayed_retry_rounds: 4,
+            handler_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -451,9 +457,10 @@ async fn run_handler(
         let task_handler = handler.clone();
         let msg = incoming.clone();
         // The handler runs in a task of its own so that a panic ends up here as a
-        // JoinError instead of unwinding through the consumer.
-        let joined = tokio::spawn(async move { task_handler.handle(msg).await }).await;
-        match joined {
+        // JoinError instead of unwinding through the consumer, and so that an attempt
+        // that overruns can be aborted.
+        let task = tokio::spawn(async move { task_handler.handle(msg).await });
+        match attempt_within(task, options.handler_timeout, attempts).await {
             Ok(Outcome::Ack) => return Verdict::Ack,
             Ok(Outcome::Forward { queue }) => return Verdict::Forward { queue },
             Ok(Outcome::DeadLetter { reason }) => return Verdict::DeadLetter { reason, attempts },
@@ -491,6 +498,23 @@ async fn run_handler(
                     attempts,
                 };
             }
+        }
+    }
+}
+
+/// Awaits one attempt for at most `limit`; an overrun aborts it and asks for a retry.
+async fn attempt_within(
+    mut task: tokio::task::JoinHandle<Outcome>,
+    limit: Duration,
+    attempts: u32,
+) -> Result<Outcome, tokio::task::JoinError> {
+    match tokio::time::timeout(limit, &mut task).await {
+        Ok(joined) => joined,
+        Err(_) => {
+            task.abort();
+            let reason = format!("the handler did not finish within {limit:?}");
+            warn!(reason = %reason, attempts, "handler attempt abandoned");
+            Ok(Outcome::Retry { reason })
         }
     }
 }

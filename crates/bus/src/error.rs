@@ -39,6 +39,9 @@ pub enum BusError {
     #[error("{field} is not valid as an AMQP short string (at most 255 bytes): {value_len} bytes")]
     FieldTooLong { field: String, value_len: usize },
 
+    #[error("RabbitMQ did not answer within {waited:?} while {operation}")]
+    NoAnswer { operation: String, waited: Duration },
+
     #[error("could not park the message: {reason}")]
     Park { reason: String },
 
@@ -59,7 +62,7 @@ impl BusError {
     /// by the broker (no such exchange, access refused), a nack or bad input are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            BusError::Connect { .. } | BusError::Park { .. } => true,
+            BusError::Connect { .. } | BusError::NoAnswer { .. } | BusError::Park { .. } => true,
             BusError::Amqp { source, .. } => !source.is_amqp_soft_error(),
             _ => false,
         }

@@ -174,8 +174,24 @@ impl Bus {
                 }
             }
         }
+        // A confirm that never comes (a channel the broker no longer serves but the
+        // client still thinks open) must not hold the publish for ever: past the
+        // deadline the channel is given up and what it left unconfirmed goes out again.
+        let limit = self.options().publish_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
         for (message, confirm) in sent {
-            if let Err(err) = message.confirmed(confirm).await {
+            let confirmed = tokio::time::timeout_at(deadline, message.confirmed(confirm))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BusError::NoAnswer {
+                        operation: format!("waiting for the confirm of {}", message.describe()),
+                        waited: limit,
+                    })
+                });
+            if let Err(err) = confirmed {
+                if matches!(err, BusError::NoAnswer { .. }) {
+                    self.discard_publish_channel(&channel).await;
+                }
                 unconfirmed.push(message);
                 // a nack or an unroutable message outranks a transient failure
                 let replace = match &first_error {

@@ -208,6 +208,60 @@ async fn a_retry_that_later_succeeds_is_acked_and_not_dead_lettered() -> anyhow:
 }
 
 #[tokio::test]
+async fn an_attempt_that_never_finishes_is_abandoned_and_the_message_retried() -> anyhow::Result<()>
+{
+    let (_vhost, bus) = connected().await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let consumer = Running::start(
+        &bus,
+        COMMAND_INTAKE_QUEUE,
+        bus::ConsumeOptions {
+            handler_timeout: std::time::Duration::from_millis(300),
+            ..options(3)
+        },
+        Arc::new(FnHandler(move |msg| {
+            let call = counter.fetch_add(1, Ordering::SeqCst);
+            let recorder = recorder.clone();
+            async move {
+                if call == 0 {
+                    // Stuck on something that never answers.
+                    std::future::pending::<()>().await;
+                }
+                recorder.push(msg);
+                Outcome::Ack
+            }
+        })),
+    );
+    let id = new_id();
+    bus.publish(
+        COMMANDS_EXCHANGE,
+        "order.place",
+        b"{}".to_vec(),
+        OutgoingProperties::new(id.clone()),
+    )
+    .await?;
+    seen.wait_for_id(&id).await?;
+    consumer.stop().await?;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one abandoned attempt, one that finished"
+    );
+    assert_eq!(seen.ids(), vec![id.clone()]);
+    for queue in [DEAD_LETTER_QUEUE, COMMAND_INTAKE_QUEUE] {
+        assert_eq!(
+            crate::support::ready_count(&bus, queue).await?,
+            0,
+            "{queue}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_panicking_handler_does_not_stop_the_consumer() -> anyhow::Result<()> {
     let (_vhost, bus) = connected().await?;
     let seen = Seen::default();
