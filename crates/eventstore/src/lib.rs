@@ -17,6 +17,7 @@ pub use error::StoreError;
 pub use store::{connect, connect_with, EventStore, MIGRATOR};
 pub use transaction::begin;
 pub use types::{
-    AppendResult, ExpectedVersion, LogPosition, Metadata, NewEvent, RecordedEvent, StreamAppend,
+    AppendResult, CommittedPage, ExpectedVersion, LogPosition, Metadata, NewEvent, RecordedEvent,
+    StreamAppend,
 };
 pub use wakeup::{Wake, Wakeups, CHANNEL as NOTIFY_CHANNEL};

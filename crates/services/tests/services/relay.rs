@@ -188,3 +188,113 @@ async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow:
     relay.await??;
     Ok(())
 }
+
+fn stock_set(sku: &str, quantity: i64) -> DomainEvent {
+    DomainEvent::StockSet(StockSet {
+        sku: sku.into(),
+        quantity,
+    })
+}
+
+/// An event committed while an older transaction is still open somewhere is published
+/// at once, not when that transaction ends (the gap-safe horizon waits for it). The
+/// older transaction's events follow when it commits, nothing is published twice, and
+/// the checkpoint passes the early event only once the horizon has.
+#[tokio::test]
+async fn the_relay_publishes_a_committed_event_before_an_older_open_transaction_ends(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let channel = tap(&bus).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(services::relay::run(
+        db.store.clone(),
+        bus.clone(),
+        db.url.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // An older transaction that holds a transaction id, and so the horizon.
+    let mut older = eventstore::begin(db.store.pool()).await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await?;
+    append(
+        &db.store,
+        &streams::stock("EARLY"),
+        &[stock_set("EARLY", 1)],
+    )
+    .await?;
+    let early = db
+        .store
+        .read_committed(eventstore::LogPosition::START, 10)
+        .await?;
+    let [early_event] = early.events.as_slice() else {
+        anyhow::bail!("expected one committed event, got {:?}", early.events);
+    };
+    assert_eq!(early.settled, 0, "the open transaction holds the horizon");
+    let mut got = testkit::wait_until("the early event to be published", DEADLINE, || async {
+        let got = drain(&channel).await?;
+        Ok((!got.is_empty()).then_some(got))
+    })
+    .await?;
+    assert!(
+        db.store
+            .load_checkpoint(services::relay::CHECKPOINT)
+            .await?
+            < early_event.log_position(),
+        "the checkpoint waits for the horizon"
+    );
+
+    db.store
+        .append_batch_in(
+            &mut older,
+            &[eventstore::StreamAppend {
+                stream_name: streams::stock("LATE"),
+                expected_version: eventstore::ExpectedVersion::NoStream,
+                events: testkit::fixtures::new_events(&[stock_set("LATE", 2)]),
+            }],
+        )
+        .await?;
+    older.commit().await?;
+    db.store.notify_appended();
+    let log = db
+        .store
+        .read_all(eventstore::LogPosition::START, 10)
+        .await?;
+    let end = log.last().map(|e| e.log_position()).unwrap_or_default();
+    assert_eq!(
+        log.iter()
+            .map(|e| e.stream_name.as_str())
+            .collect::<Vec<_>>(),
+        [streams::stock("LATE"), streams::stock("EARLY")],
+        "the older transaction's event sorts first in the log"
+    );
+    testkit::wait_until(
+        "the relay to checkpoint the end of the log",
+        DEADLINE,
+        || async {
+            let saved = db
+                .store
+                .load_checkpoint(services::relay::CHECKPOINT)
+                .await?;
+            Ok((saved == end).then_some(()))
+        },
+    )
+    .await?;
+    got.extend(drain(&channel).await?);
+    let published: Vec<String> = got.into_iter().map(|(id, _)| id).collect();
+    let expected: Vec<String> = [early_event.event_id, log[0].event_id]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        published, expected,
+        "the early event once, then the older one"
+    );
+    let _ = stop.send(());
+    relay.await??;
+    Ok(())
+}
