@@ -71,12 +71,12 @@ impl TryFrom<EventRow> for RecordedEvent {
     }
 }
 
-/// An [`EventRow`] and whether it lies below the gap-safe horizon.
+/// An [`EventRow`] and the gap-safe horizon of the snapshot it was read in.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct SettledEventRow {
     #[sqlx(flatten)]
     pub(crate) row: EventRow,
-    pub(crate) settled: bool,
+    pub(crate) horizon: i64,
 }
 
 pub(crate) fn into_events(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {
