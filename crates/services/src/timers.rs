@@ -1,9 +1,10 @@
 //! The timer scheduler: fires due timers from the `timers` table (kept from the log by
-//! the projector). Several processes may run it: each claims due rows with
-//! `FOR UPDATE SKIP LOCKED`. Firing asks the owning aggregate to decide again, so a
-//! timer that fires after the order moved on has no effect, and firing twice (after a
-//! crash before the row was deleted) appends nothing new: the event ids derive from the
-//! timer's id.
+//! the projector). Several processes may run it: each claims due rows with one short
+//! statement (`FOR UPDATE SKIP LOCKED`) that leases them, fires them outside any
+//! transaction, and deletes what fired. Firing asks the owning aggregate to decide
+//! again, so a timer that fires after the order moved on has no effect, and firing
+//! twice (after a crash before the row was deleted, once its lease ran out) appends
+//! nothing new: the event ids derive from the timer's id.
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,9 @@ const BATCH: i64 = 100;
 const RETRY_FAILED_TIMER_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest sleep between looks when no timer is due sooner.
 const MAX_IDLE: Duration = Duration::from_millis(100);
+/// How long a claimed timer is its claimer's: one still in the table after this (its
+/// scheduler died while firing it) is claimed again.
+const LEASE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DueTimer {
@@ -46,38 +50,45 @@ impl Scheduler {
 
     /// Fires every due timer once; returns how many fired.
     pub async fn fire_due(&self) -> Result<usize, ServiceError> {
-        let mut tx = eventstore::begin(self.store.pool()).await?;
+        let pool = self.store.pool();
         let due: Vec<DueTimer> = sqlx::query_as(
-            "SELECT timer_id, kind, order_id, due_at FROM timers
-              WHERE due_at <= now() ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "WITH due AS (
+                 SELECT timer_id FROM timers
+                  WHERE due_at <= now() AND (leased_until IS NULL OR leased_until <= now())
+                  ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE timers t SET leased_until = now() + $2
+               FROM due WHERE t.timer_id = due.timer_id
+             RETURNING t.timer_id, t.kind, t.order_id, t.due_at",
         )
         .bind(BATCH)
-        .fetch_all(&mut *tx)
+        .bind(LEASE)
+        .fetch_all(pool)
         .await?;
-        let mut fired = 0;
+        let mut fired = Vec::with_capacity(due.len());
         for timer in &due {
             match self.fire(timer).await {
-                Ok(()) => {
-                    sqlx::query("DELETE FROM timers WHERE timer_id = $1")
-                        .bind(timer.timer_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    fired += 1;
-                }
+                Ok(()) => fired.push(timer.timer_id),
                 // One timer that cannot fire (its stream cannot be read, say) must not
                 // hold back the others: it waits a while and is tried again.
                 Err(error) => {
                     warn!(kind = %timer.kind, order_id = %timer.order_id, %error, "timer could not fire; trying again later");
-                    sqlx::query("UPDATE timers SET due_at = now() + $2 WHERE timer_id = $1")
-                        .bind(timer.timer_id)
-                        .bind(RETRY_FAILED_TIMER_AFTER)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE timers SET due_at = now() + $2, leased_until = NULL
+                          WHERE timer_id = $1",
+                    )
+                    .bind(timer.timer_id)
+                    .bind(RETRY_FAILED_TIMER_AFTER)
+                    .execute(pool)
+                    .await?;
                 }
             }
         }
-        tx.commit().await?;
-        Ok(fired)
+        sqlx::query("DELETE FROM timers WHERE timer_id = ANY($1)")
+            .bind(&fired)
+            .execute(pool)
+            .await?;
+        Ok(fired.len())
     }
 
     async fn fire(&self, timer: &DueTimer) -> Result<(), ServiceError> {
@@ -126,14 +137,20 @@ impl Scheduler {
         Ok(())
     }
 
-    /// How long until the next timer is due (capped), for the idle sleep.
+    /// How long until the next timer can be claimed (capped), by the database's clock,
+    /// the one `fire_due` claims by.
     async fn next_wait(&self) -> Result<Duration, ServiceError> {
-        let next: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT min(due_at) FROM timers")
-            .fetch_one(self.store.pool())
-            .await?;
-        Ok(next
-            .map(|due| (due - Utc::now()).to_std().unwrap_or(Duration::ZERO))
-            .map_or(MAX_IDLE, |d| d.min(MAX_IDLE)))
+        let seconds: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM min(greatest(due_at, coalesce(leased_until, due_at))) - now())::float8
+               FROM timers",
+        )
+        .fetch_one(self.store.pool())
+        .await?;
+        Ok(seconds.map_or(MAX_IDLE, |s| {
+            Duration::try_from_secs_f64(s.max(0.0))
+                .unwrap_or(MAX_IDLE)
+                .min(MAX_IDLE)
+        }))
     }
 
     /// Fires timers until `shutdown` resolves.
@@ -144,17 +161,22 @@ impl Scheduler {
         tokio::pin!(shutdown);
         let mut wakeups = self.store.follow().await?;
         loop {
-            let pause = match self.fire_due().await {
-                Ok(n) if n > 0 => Duration::ZERO,
-                Ok(_) => self.next_wait().await.unwrap_or(MAX_IDLE),
+            // One cheap look per wake-up (every append wakes it); a claim only when
+            // something is due.
+            let pause = match self.next_wait().await {
+                Ok(wait) if wait.is_zero() => match self.fire_due().await {
+                    Ok(_) => continue,
+                    Err(error) => {
+                        warn!(%error, "firing timers failed; retrying");
+                        Duration::from_millis(500)
+                    }
+                },
+                Ok(wait) => wait,
                 Err(error) => {
-                    warn!(%error, "firing timers failed; retrying");
+                    warn!(%error, "looking for due timers failed; retrying");
                     Duration::from_millis(500)
                 }
             };
-            if pause.is_zero() {
-                continue;
-            }
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = wakeups.wait(pause) => {}

@@ -73,6 +73,39 @@ async fn a_due_payment_timer_fires_once_and_firing_it_again_appends_nothing() ->
     Ok(())
 }
 
+/// A claimed timer is leased, not locked in a transaction left open while it fires: a
+/// scheduler that died while firing leaves a lease, and the timer fires again only
+/// once the lease has run out.
+#[tokio::test]
+async fn a_timer_claimed_by_a_scheduler_that_died_fires_once_its_lease_runs_out(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let order_id = Uuid::new_v4();
+    let stream = streams::payment(order_id);
+    append(
+        &db.store,
+        &stream,
+        &[requested(order_id, -Duration::seconds(1))],
+    )
+    .await?;
+    catch_up(&db.store, &TimersProjection).await?;
+    // Another scheduler claimed it a moment ago, then died.
+    sqlx::query("UPDATE timers SET leased_until = now() + interval '1 hour'")
+        .execute(db.pool())
+        .await?;
+    let scheduler = Scheduler::new(db.store.clone());
+    assert_eq!(scheduler.fire_due().await?, 0, "leased elsewhere");
+    assert_eq!(count_of(&db, &stream, "PaymentTimedOut").await?, 0);
+
+    sqlx::query("UPDATE timers SET leased_until = now() - interval '1 second'")
+        .execute(db.pool())
+        .await?;
+    assert_eq!(scheduler.fire_due().await?, 1, "the lease ran out");
+    assert_eq!(count_of(&db, &stream, "PaymentTimedOut").await?, 1);
+    assert!(timers(&db.store).await?.is_empty(), "a fired timer is gone");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_timer_that_is_not_due_does_not_fire() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
