@@ -17,7 +17,6 @@ pub use error::StoreError;
 pub use store::{connect, connect_with, EventStore, MIGRATOR};
 pub use transaction::begin;
 pub use types::{
-    AppendResult, CommittedPage, ExpectedVersion, LogPosition, Metadata, NewEvent, RecordedEvent,
-    StreamAppend,
+    AppendResult, ExpectedVersion, LogPosition, Metadata, NewEvent, RecordedEvent, StreamAppend,
 };
 pub use wakeup::{Wake, Wakeups, CHANNEL as NOTIFY_CHANNEL};

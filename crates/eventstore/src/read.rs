@@ -71,14 +71,6 @@ impl TryFrom<EventRow> for RecordedEvent {
     }
 }
 
-/// An [`EventRow`] and whether it lies below the gap-safe horizon.
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct SettledEventRow {
-    #[sqlx(flatten)]
-    pub(crate) row: EventRow,
-    pub(crate) settled: bool,
-}
-
 pub(crate) fn into_events(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {
     rows.into_iter().map(RecordedEvent::try_from).collect()
 }

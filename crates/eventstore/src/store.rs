@@ -4,13 +4,10 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::append::{self, AttemptFailure};
 use crate::database::{open_pool, parse_options};
-use crate::read::{
-    into_events, EventRow, SettledEventRow, TextEventRow, EVENT_COLUMNS, EVENT_COLUMNS_TEXT,
-};
+use crate::read::{into_events, EventRow, TextEventRow, EVENT_COLUMNS, EVENT_COLUMNS_TEXT};
 use crate::wakeup::{Signals, Wakeups};
 use crate::{
-    AppendResult, CommittedPage, ExpectedVersion, LogPosition, NewEvent, RecordedEvent, StoreError,
-    StreamAppend,
+    AppendResult, ExpectedVersion, LogPosition, NewEvent, RecordedEvent, StoreError, StreamAppend,
 };
 
 /// The migrations in `migrations/` at the workspace root, applied at start-up.
@@ -282,39 +279,6 @@ impl EventStore {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(RecordedEvent::try_from).collect()
-    }
-
-    /// Every committed event after `after` in log order, at most `limit`: those
-    /// [`read_all`](Self::read_all) would return, then those committed above its
-    /// gap-safe horizon (a transaction that began before them is still open somewhere
-    /// on the server, and may yet commit events that sort before them).
-    ///
-    /// For a follower that may act on an event as soon as it is committed, without
-    /// waiting for the horizon, and that can remember what it took early: only
-    /// `settled` events may move a checkpoint. The events of one stream keep their
-    /// order (a stream's next event is appended only after the previous committed).
-    pub async fn read_committed(
-        &self,
-        after: LogPosition,
-        limit: i64,
-    ) -> Result<CommittedPage, StoreError> {
-        let rows: Vec<SettledEventRow> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS}, transaction_id < horizon.xmin AS settled \
-             FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) horizon, \
-                  events \
-             WHERE (transaction_id, global_position) > ($1, $2) \
-             ORDER BY transaction_id, global_position \
-             LIMIT $3"
-        ))
-        .bind(after.transaction_id)
-        .bind(after.global_position)
-        .bind(limit.max(0))
-        .fetch_all(&self.pool)
-        .await?;
-        // Ordered by transaction id, so the settled events come first.
-        let settled = rows.iter().take_while(|r| r.settled).count();
-        let events = into_events(rows.into_iter().map(|r| r.row).collect())?;
-        Ok(CommittedPage { events, settled })
     }
 
     /// The highest `global_position` in the log (0 when empty), committed or not yet

@@ -92,19 +92,3 @@ impl<P> RecordedEvent<P> {
         }
     }
 }
-
-/// A page of [`EventStore::read_committed`](crate::EventStore::read_committed): the
-/// first `settled` events lie below the gap-safe horizon (nothing can still commit
-/// before them), the rest are committed but above it.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct CommittedPage {
-    pub events: Vec<RecordedEvent>,
-    pub settled: usize,
-}
-
-impl CommittedPage {
-    /// The events below the horizon, then those above it.
-    pub fn split(&self) -> (&[RecordedEvent], &[RecordedEvent]) {
-        self.events.split_at(self.settled.min(self.events.len()))
-    }
-}

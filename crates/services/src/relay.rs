@@ -6,12 +6,11 @@
 //! One relay publishes at a time: it holds a session advisory lock on a connection of
 //! its own; other instances wait as hot standbys and take over when that connection
 //! goes away.
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bus::Bus;
-use eventstore::{CommittedPage, EventStore, LogPosition, RecordedEvent};
+use eventstore::{EventStore, LogPosition, RecordedEvent};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tracing::{debug, info, warn};
@@ -62,18 +61,15 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     }
     info!("relay active");
     let mut wakeups = store.follow().await?;
-    let mut cursor = Cursor {
-        ahead: true,
-        ..Cursor::default()
-    };
+    let mut cursor = Cursor::default();
     loop {
-        let progress = relay_next(store, bus, &mut cursor).await?;
+        let published = relay_next(store, bus, &mut cursor).await?;
         // Under load the checkpoint is written at most every CHECKPOINT_EVERY, not
         // after every page: its commit was on every hop's path. Events published
         // since the last save are published again after a crash, which consumers
         // make harmless (derived event ids).
-        cursor.save(store, progress == 0).await?;
-        if progress == 0 {
+        cursor.save(store, published == 0).await?;
+        if published == 0 {
             wakeups.wait(FALLBACK_POLL).await;
             // Notice a lost lock connection (another relay may have taken over).
             sqlx::query("SELECT 1").execute(&mut lock_conn).await?;
@@ -83,25 +79,15 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
 
 /// How often a busy relay saves its checkpoint (an idle one saves at once).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// At most this many events published ahead of the horizon are remembered; past it
-/// the relay waits for the horizon, as a gap-safe reader does.
-const EARLY_LIMIT: usize = 10_000;
 
 /// Where the active relay is. It is the only writer of its checkpoint while it holds
 /// the lock, so it remembers the position instead of reading it for every page.
 #[derive(Default)]
 struct Cursor {
-    /// Every event up to here is published (`None`: read the checkpoint first).
+    /// The last position published (`None`: read the checkpoint first).
     published: Option<LogPosition>,
-    /// Events after `published` that were published already, as soon as they were
-    /// committed, ahead of the gap-safe horizon (an older transaction was still open
-    /// somewhere on the server). Not published again when the horizon passes them.
-    early: BTreeSet<LogPosition>,
     /// The last position saved, and when.
     saved: Option<(LogPosition, Instant)>,
-    /// Whether to publish events above the horizon (only a relay that keeps its
-    /// cursor between pages can remember them).
-    ahead: bool,
 }
 
 impl Cursor {
@@ -125,61 +111,21 @@ impl Cursor {
         }
         Ok(())
     }
-
-    /// What of `page` to publish now: the settled events not published early, and
-    /// (while there is room to remember them) the committed ones above the horizon
-    /// not published yet, in log order.
-    fn due<'p>(&self, page: &'p CommittedPage) -> (Vec<&'p RecordedEvent>, Vec<LogPosition>) {
-        let (settled, above) = page.split();
-        let mut due: Vec<&RecordedEvent> = settled
-            .iter()
-            .filter(|e| !self.early.contains(&e.log_position()))
-            .collect();
-        let mut early = Vec::new();
-        if self.ahead && self.early.len() < EARLY_LIMIT {
-            for event in above {
-                let position = event.log_position();
-                if !self.early.contains(&position) {
-                    due.push(event);
-                    early.push(position);
-                }
-            }
-        }
-        (due, early)
-    }
-
-    /// After `page` was published: the position moves to its last settled event, and
-    /// what it passed is no longer remembered as early.
-    fn advance(&mut self, after: LogPosition, page: &CommittedPage, early: Vec<LogPosition>) {
-        let published = page
-            .split()
-            .0
-            .last()
-            .map_or(after, RecordedEvent::log_position);
-        self.early.extend(early);
-        self.early = self.early.split_off(&LogPosition {
-            global_position: published.global_position.saturating_add(1),
-            ..published
-        });
-        self.published = Some(published);
-    }
 }
 
 /// Publishes the next page after the checkpoint and saves the checkpoint; returns how
 /// many events it published.
 pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceError> {
     let mut cursor = Cursor::default();
-    let progress = relay_next(store, bus, &mut cursor).await?;
-    if progress > 0 {
+    let published = relay_next(store, bus, &mut cursor).await?;
+    if published > 0 {
         cursor.save(store, true).await?;
     }
-    Ok(progress)
+    Ok(published)
 }
 
-/// Publishes what is due after the cursor's position (read from the checkpoint when
-/// it has none); returns how many events it published or passed (0: nothing to do
-/// until something else commits). An error forgets the position: the next page starts
-/// at the checkpoint.
+/// Publishes the page after the cursor's position (read from the checkpoint when it
+/// has none). An error forgets the position: the next page starts at the checkpoint.
 async fn relay_next(
     store: &EventStore,
     bus: &Bus,
@@ -190,20 +136,18 @@ async fn relay_next(
         None => {
             let saved = store.load_checkpoint(CHECKPOINT).await?;
             cursor.saved = Some((saved, Instant::now()));
-            cursor.early.clear();
             saved
         }
     };
-    let page = store.read_committed(after, PAGE).await?;
-    let (due, early) = cursor.due(&page);
-    if !due.is_empty() {
-        bus.publish_many(due.iter().map(|e| event_message(e)).collect())
-            .await?;
-        metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(due.len() as u64);
-        debug!(count = due.len(), ahead = early.len(), "relayed events");
-    }
-    // Passed by the horizon (published now or before), or published ahead of it.
-    let progress = page.settled + early.len();
-    cursor.advance(after, &page, early);
-    Ok(progress)
+    let records = store.read_all(after, PAGE).await?;
+    let Some(last) = records.last().map(RecordedEvent::log_position) else {
+        cursor.published = Some(after);
+        return Ok(0);
+    };
+    bus.publish_many(records.iter().map(event_message).collect())
+        .await?;
+    cursor.published = Some(last);
+    metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(records.len() as u64);
+    debug!(count = records.len(), "relayed events");
+    Ok(records.len())
 }
