@@ -14,6 +14,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
+use crate::consume::answered;
 use crate::topology::declare_topology;
 use crate::BusError;
 
@@ -122,10 +123,14 @@ impl Bus {
     pub async fn open_channel(&self) -> Result<Channel, BusError> {
         let mut state = self.inner.state.lock().await;
         let connection = self.ensure_connected(&mut state).await?;
-        connection
-            .create_channel()
-            .await
-            .map_err(|e| BusError::amqp("opening a channel", e))
+        let opened = answered("opening a channel", connection.create_channel()).await;
+        match opened {
+            Ok(opened) => opened.map_err(|e| BusError::amqp("opening a channel", e)),
+            Err(unanswered) => {
+                forget_connection(&mut state);
+                Err(unanswered)
+            }
+        }
     }
 
     /// Forgets the publishing channel if it is still `channel`: the next publish opens
@@ -150,16 +155,29 @@ impl Bus {
             }
         }
         let connection = self.ensure_connected(&mut state).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| BusError::amqp("opening the publishing channel", e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| BusError::amqp("enabling publisher confirms", e))?;
-        state.publisher = Some(channel.clone());
-        Ok(channel)
+        let opened = answered("opening the publishing channel", async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| BusError::amqp("opening the publishing channel", e))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| BusError::amqp("enabling publisher confirms", e))?;
+            Ok::<_, BusError>(channel)
+        })
+        .await;
+        match opened {
+            Ok(opened) => {
+                let channel = opened?;
+                state.publisher = Some(channel.clone());
+                Ok(channel)
+            }
+            Err(unanswered) => {
+                forget_connection(&mut state);
+                Err(unanswered)
+            }
+        }
     }
 
     /// The live connection, re-opened with backoff (bounded by `connect_timeout`) and
@@ -248,6 +266,14 @@ impl Bus {
         self.inner.connects.fetch_add(1, Ordering::Relaxed);
         Ok(connection)
     }
+}
+
+/// Drops a connection that stopped answering (its I/O loop may be gone while its
+/// status still says connected): the next request connects again.
+fn forget_connection(state: &mut State) {
+    warn!("RabbitMQ connection stopped answering; reconnecting");
+    state.publisher = None;
+    state.connection = None;
 }
 
 /// The longest one connection attempt (handshake, channel, topology) may take.

@@ -154,7 +154,9 @@ pub async fn consume(
         let started = tokio::select! {
             biased;
             () = &mut shutdown => break,
-            started = start(bus, &queue_name, &options) => started,
+            started = answered("starting to consume", start(bus, &queue_name, &options)) => {
+                started.and_then(|started| started)
+            }
         };
         let (channel, mut consumer) = match started {
             Ok(started) => started,
@@ -239,14 +241,18 @@ pub async fn consume(
         };
         if stopped {
             let tag = consumer.tag();
-            if let Err(err) = channel
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await
-            {
-                debug!(queue, error = %err, "cancelling the consumer failed");
+            let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+            match answered("cancelling the consumer", cancel).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => debug!(queue, error = %err, "cancelling the consumer failed"),
+                Err(err) => debug!(queue, error = %err, "cancelling the consumer failed"),
             }
             drain(&semaphore, permits, options.shutdown_grace, queue).await;
-            let _ = channel.close(200, "shutting down".into()).await;
+            let _ = answered(
+                "closing the channel",
+                channel.close(200, "shutting down".into()),
+            )
+            .await;
             return Ok(());
         }
         drop(consumer);
@@ -414,8 +420,10 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
                 requeue: true,
                 ..BasicNackOptions::default()
             };
-            if let Err(err) = delivery.acker.nack(requeue).await {
-                warn!(error = %err, "nack failed (the broker will redeliver)");
+            match answered("nacking a delivery", delivery.acker.nack(requeue)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => warn!(error = %err, "nack failed (the broker will redeliver)"),
+                Err(err) => warn!(error = %err, "nack unanswered (the broker will redeliver)"),
             }
         }
     }
@@ -520,10 +528,37 @@ async fn attempt_within(
 }
 
 async fn ack(delivery: &Delivery) {
-    if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-        // the channel is gone: the broker will redeliver, the handler is idempotent
-        warn!(error = %err, "ack failed (the broker will redeliver)");
+    // Either way the channel is gone: the broker will redeliver, and the handler is
+    // idempotent.
+    match answered(
+        "acking a delivery",
+        delivery.acker.ack(BasicAckOptions::default()),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => warn!(error = %err, "ack failed (the broker will redeliver)"),
+        Err(err) => warn!(error = %err, "ack unanswered (the broker will redeliver)"),
     }
+}
+
+/// The longest wait for the client library to carry out one request to the broker.
+const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+
+/// Awaits a request to the broker for at most [`ANSWER_LIMIT`]. lapin resolves a
+/// request on a connection whose I/O loop already ended (the broker closed it) never,
+/// neither with an answer nor with an error: an ack awaited without a limit held its
+/// lane, and every message queued behind it, for ever.
+pub(crate) async fn answered<T>(
+    operation: &str,
+    request: impl Future<Output = T>,
+) -> Result<T, BusError> {
+    tokio::time::timeout(ANSWER_LIMIT, request)
+        .await
+        .map_err(|_| BusError::NoAnswer {
+            operation: operation.to_owned(),
+            waited: ANSWER_LIMIT,
+        })
 }
 
 /// Publishes the delivery to `orderflow.dead-letter` through the default exchange with
@@ -628,4 +663,20 @@ fn with_origin(
         put(name, value.clone());
     }
     delivery.properties.clone().with_headers(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_the_broker_never_answers_is_given_up() {
+        let answer = answered("acking a delivery", std::future::pending::<()>()).await;
+        assert!(
+            matches!(answer, Err(BusError::NoAnswer { waited, .. }) if waited == ANSWER_LIMIT),
+            "{answer:?}"
+        );
+        let answer = answered("acking a delivery", async { 7 }).await;
+        assert!(matches!(answer, Ok(7)), "{answer:?}");
+    }
 }

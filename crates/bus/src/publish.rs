@@ -74,7 +74,13 @@ impl<'a> Prepared<'a> {
             .as_ref()
             .map(ToString::to_string);
         match confirmation {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(None) => Ok(()),
+            // Every publishing channel is in confirm mode: a publish without a confirm
+            // is not known to have reached the broker, so it goes out again.
+            Confirmation::NotRequested => Err(BusError::NoAnswer {
+                operation: format!("{} (no confirm requested on the channel)", self.describe()),
+                waited: std::time::Duration::ZERO,
+            }),
             Confirmation::Ack(Some(_)) => Err(BusError::Unroutable {
                 exchange: self.exchange.to_string(),
                 routing_key: self.routing_key.to_string(),
@@ -158,6 +164,12 @@ impl Bus {
             Ok(channel) => channel,
             Err(err) => return (pending.to_vec(), Some(err)),
         };
+        // A send or a confirm that never comes (a channel the broker no longer serves
+        // but the client still thinks open) must not hold the publish for ever: past
+        // the deadline the channel is given up and what it left unconfirmed goes out
+        // again.
+        let limit = self.options().publish_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
         let mut first_error = None;
         let mut sent = Vec::with_capacity(pending.len());
         let mut unconfirmed = Vec::new();
@@ -166,7 +178,13 @@ impl Bus {
                 unconfirmed.push(*message);
                 continue;
             }
-            match message.send(&channel).await {
+            let send = tokio::time::timeout_at(deadline, message.send(&channel));
+            match send.await.unwrap_or_else(|_| {
+                Err(BusError::NoAnswer {
+                    operation: message.describe(),
+                    waited: limit,
+                })
+            }) {
                 Ok(confirm) => sent.push((*message, confirm)),
                 Err(err) => {
                     first_error = Some(err);
@@ -174,11 +192,6 @@ impl Bus {
                 }
             }
         }
-        // A confirm that never comes (a channel the broker no longer serves but the
-        // client still thinks open) must not hold the publish for ever: past the
-        // deadline the channel is given up and what it left unconfirmed goes out again.
-        let limit = self.options().publish_timeout;
-        let deadline = tokio::time::Instant::now() + limit;
         for (message, confirm) in sent {
             let confirmed = tokio::time::timeout_at(deadline, message.confirmed(confirm))
                 .await
@@ -189,9 +202,6 @@ impl Bus {
                     })
                 });
             if let Err(err) = confirmed {
-                if matches!(err, BusError::NoAnswer { .. }) {
-                    self.discard_publish_channel(&channel).await;
-                }
                 unconfirmed.push(message);
                 // a nack or an unroutable message outranks a transient failure
                 let replace = match &first_error {
@@ -202,6 +212,9 @@ impl Bus {
                     first_error = Some(err);
                 }
             }
+        }
+        if matches!(first_error, Some(BusError::NoAnswer { .. })) {
+            self.discard_publish_channel(&channel).await;
         }
         (unconfirmed, first_error)
     }
