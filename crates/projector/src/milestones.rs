@@ -81,7 +81,13 @@ pub fn reached(before: &OrderState, event: &DomainEvent) -> &'static [&'static s
         E::OrderApproved(_) => &[REVIEWED],
         E::OrderAccepted(_) => &[ACCEPTED],
         E::OrderLineReserved(_) if fulfilling => {
-            let mut after = before.clone();
+            // Only the lines matter (a state loaded from progress has nothing else):
+            // no copy of the placed order per reservation.
+            let mut after = OrderState {
+                status: before.status,
+                lines: before.lines.clone(),
+                ..OrderState::default()
+            };
             after.apply(event);
             if after.lines.iter().all(|l| *l == LineStatus::Reserved) {
                 &[RESERVED]
