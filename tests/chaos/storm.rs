@@ -377,6 +377,10 @@ async fn wait_quiescence(
                         .unwrap_or_default()
                 );
             }
+            let published = tapped(system).await;
+            for id in last.iter().take(10) {
+                detail.push_str(&relayed(system, *id, &published).await);
+            }
             bail!(
                 "{} of {} orders are not terminal after {deadline:?}:\n{detail}\
                  queues (ready, unacknowledged, consumers):\n{}\
@@ -390,6 +394,98 @@ async fn wait_quiescence(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A queue of the test's own that every event the relay publishes also reaches: on a
+/// failure it tells an event never published from one published and not handled.
+const TAP: &str = "chaos.tap.every-event";
+
+async fn open_tap(system: &System) -> anyhow::Result<()> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{FieldTable, ShortString};
+    let connection =
+        lapin::Connection::connect(&system.vhost.url, lapin::ConnectionProperties::default())
+            .await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            ShortString::from(TAP),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            ShortString::from(TAP),
+            ShortString::from(bus::EVENTS_EXCHANGE),
+            ShortString::from("#"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "tap open".into()).await;
+    Ok(())
+}
+
+/// The message ids (event ids) the tap received.
+async fn tapped(system: &System) -> BTreeSet<String> {
+    use lapin::options::BasicGetOptions;
+    use lapin::types::ShortString;
+    let mut ids = BTreeSet::new();
+    let Ok(connection) =
+        lapin::Connection::connect(&system.vhost.url, lapin::ConnectionProperties::default()).await
+    else {
+        return ids;
+    };
+    let Ok(channel) = connection.create_channel().await else {
+        return ids;
+    };
+    while let Ok(Some(message)) = channel
+        .basic_get(ShortString::from(TAP), BasicGetOptions { no_ack: true })
+        .await
+    {
+        if let Some(id) = message.delivery.properties.message_id() {
+            ids.insert(id.to_string());
+        }
+    }
+    let _ = connection.close(200, "tap read".into()).await;
+    ids
+}
+
+/// The events of an order (its streams and its stock moves), each marked with whether
+/// the relay published it.
+async fn relayed(system: &System, order_id: Uuid, published: &BTreeSet<String>) -> String {
+    let rows: Result<Vec<(String, String, Uuid)>, _> = sqlx::query_as(
+        "SELECT stream_name, event_type, event_id FROM events
+          WHERE stream_name IN ($1, $2, $3) OR payload->>'order_id' = $4
+          ORDER BY transaction_id, global_position",
+    )
+    .bind(format!("order-{order_id}"))
+    .bind(format!("payment-{order_id}"))
+    .bind(format!("shipment-{order_id}"))
+    .bind(order_id.to_string())
+    .fetch_all(system.pool())
+    .await;
+    let mut text = format!("  {order_id}, its events and whether they were published:\n");
+    match rows {
+        Ok(rows) => {
+            for (stream, event_type, event_id) in rows {
+                let seen = if published.contains(&event_id.to_string()) {
+                    "published"
+                } else {
+                    "NOT PUBLISHED"
+                };
+                let _ = writeln!(text, "    {stream} {event_type} {event_id}: {seen}");
+            }
+        }
+        Err(error) => {
+            let _ = writeln!(text, "    (events not listed: {error:#})");
+        }
+    }
+    text
 }
 
 /// The advisory locks of the database (partition ownership, ADR 0005), one line each.
@@ -661,6 +757,7 @@ pub async fn run(config: &Config) -> anyhow::Result<String> {
     for (sku, level) in &initial {
         system.set_stock(sku, *level).await?;
     }
+    open_tap(&system).await?;
     // `System::start` ran everything in one process; from here on, one per worker.
     let mut system = system;
     system.kill_worker().await?;
