@@ -137,12 +137,14 @@ impl Scheduler {
         Ok(())
     }
 
-    /// How long until the next timer can be claimed (capped), by the database's clock,
-    /// the one `fire_due` claims by.
+    /// How long until the next timer not leased elsewhere is due (capped), by the
+    /// database's clock, the one `fire_due` claims by. An index scan that stops at the
+    /// first such row (an expression over every row would scan the whole table on every
+    /// wake-up); a lease running out is seen within the cap.
     async fn next_wait(&self) -> Result<Duration, ServiceError> {
         let seconds: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM min(greatest(due_at, coalesce(leased_until, due_at))) - now())::float8
-               FROM timers",
+            "SELECT extract(epoch FROM min(due_at) - now())::float8 FROM timers
+              WHERE leased_until IS NULL OR leased_until <= now()",
         )
         .fetch_one(self.store.pool())
         .await?;
