@@ -123,14 +123,14 @@ impl Bus {
     pub async fn open_channel(&self) -> Result<Channel, BusError> {
         let mut state = self.inner.state.lock().await;
         let connection = self.ensure_connected(&mut state).await?;
-        let opened = answered("opening a channel", connection.create_channel()).await;
-        match opened {
-            Ok(opened) => opened.map_err(|e| BusError::amqp("opening a channel", e)),
-            Err(unanswered) => {
-                forget_connection(&mut state);
-                Err(unanswered)
-            }
-        }
+        let opening = async {
+            connection
+                .create_channel()
+                .await
+                .map_err(|e| BusError::amqp("opening a channel", e))
+        };
+        let answer = answered("opening a channel", opening).await;
+        forget_if_unanswered(&mut state, answer)
     }
 
     /// Forgets the publishing channel if it is still `channel`: the next publish opens
@@ -155,7 +155,7 @@ impl Bus {
             }
         }
         let connection = self.ensure_connected(&mut state).await?;
-        let opened = answered("opening the publishing channel", async {
+        let opening = async {
             let channel = connection
                 .create_channel()
                 .await
@@ -164,20 +164,12 @@ impl Bus {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(|e| BusError::amqp("enabling publisher confirms", e))?;
-            Ok::<_, BusError>(channel)
-        })
-        .await;
-        match opened {
-            Ok(opened) => {
-                let channel = opened?;
-                state.publisher = Some(channel.clone());
-                Ok(channel)
-            }
-            Err(unanswered) => {
-                forget_connection(&mut state);
-                Err(unanswered)
-            }
-        }
+            Ok(channel)
+        };
+        let answer = answered("opening the publishing channel", opening).await;
+        let channel = forget_if_unanswered(&mut state, answer)?;
+        state.publisher = Some(channel.clone());
+        Ok(channel)
     }
 
     /// The live connection, re-opened with backoff (bounded by `connect_timeout`) and
@@ -268,12 +260,19 @@ impl Bus {
     }
 }
 
-/// Drops a connection that stopped answering (its I/O loop may be gone while its
-/// status still says connected): the next request connects again.
-fn forget_connection(state: &mut State) {
-    warn!("RabbitMQ connection stopped answering; reconnecting");
-    state.publisher = None;
-    state.connection = None;
+/// A request to the live connection, as [`answered`] saw it. A connection that did not
+/// answer is dropped (its I/O loop may be gone while its status still says
+/// connected), so the next request connects again.
+fn forget_if_unanswered<T>(
+    state: &mut State,
+    answer: Result<Result<T, BusError>, BusError>,
+) -> Result<T, BusError> {
+    if answer.is_err() {
+        warn!("RabbitMQ connection stopped answering; reconnecting");
+        state.publisher = None;
+        state.connection = None;
+    }
+    answer?
 }
 
 /// The longest one connection attempt (handshake, channel, topology) may take.

@@ -27,9 +27,9 @@ async fn count_of(db: &TestDb, stream_name: &str, event_type: &str) -> anyhow::R
         .count())
 }
 
-#[tokio::test]
-async fn a_due_payment_timer_fires_once_and_firing_it_again_appends_nothing() -> anyhow::Result<()>
-{
+/// A database with one payment whose timeout was due a second ago, its timer
+/// projected; and the payment's stream.
+async fn due_payment_timer() -> anyhow::Result<(TestDb, String)> {
     let db = TestDb::new().await?;
     let order_id = Uuid::new_v4();
     let stream = streams::payment(order_id);
@@ -40,6 +40,13 @@ async fn a_due_payment_timer_fires_once_and_firing_it_again_appends_nothing() ->
     )
     .await?;
     catch_up(&db.store, &TimersProjection).await?;
+    Ok((db, stream))
+}
+
+#[tokio::test]
+async fn a_due_payment_timer_fires_once_and_firing_it_again_appends_nothing() -> anyhow::Result<()>
+{
+    let (db, stream) = due_payment_timer().await?;
     let scheduled = timers(&db.store).await?;
     assert_eq!(scheduled.len(), 1);
 
@@ -79,16 +86,7 @@ async fn a_due_payment_timer_fires_once_and_firing_it_again_appends_nothing() ->
 #[tokio::test]
 async fn a_timer_claimed_by_a_scheduler_that_died_fires_once_its_lease_runs_out(
 ) -> anyhow::Result<()> {
-    let db = TestDb::new().await?;
-    let order_id = Uuid::new_v4();
-    let stream = streams::payment(order_id);
-    append(
-        &db.store,
-        &stream,
-        &[requested(order_id, -Duration::seconds(1))],
-    )
-    .await?;
-    catch_up(&db.store, &TimersProjection).await?;
+    let (db, stream) = due_payment_timer().await?;
     // Another scheduler claimed it a moment ago, then died.
     sqlx::query("UPDATE timers SET leased_until = now() + interval '1 hour'")
         .execute(db.pool())
