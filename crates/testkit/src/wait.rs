@@ -25,3 +25,28 @@ where
         pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
+
+/// Waits until every event in the log is visible to followers (no transaction that
+/// began before the last append is still running anywhere on the server; other
+/// tests' transactions hold the gap-safe horizon back too), and returns the position
+/// of the last one. A test that compares a follower's checkpoint with "the end of the
+/// log" must take the end from here: a page read while the horizon is held back ends
+/// early, and a follower idling at that same early end would look caught up.
+pub async fn wait_readable(
+    store: &eventstore::EventStore,
+    deadline: Duration,
+) -> anyhow::Result<eventstore::LogPosition> {
+    let total = store.count().await?;
+    wait_until("the whole log to be readable", deadline, || async {
+        let visible = store
+            .read_all(eventstore::LogPosition::START, total)
+            .await?;
+        Ok((i64::try_from(visible.len())? == total).then(|| {
+            visible
+                .last()
+                .map(eventstore::RecordedEvent::log_position)
+                .unwrap_or_default()
+        }))
+    })
+    .await
+}

@@ -15,14 +15,7 @@ async fn a_second_instance_waits_for_the_first_and_does_not_apply_its_page_again
     order.place(vec![line("A", 7, 10)], true).await?;
     order.reserve_all().await?;
     let total = store.count().await?;
-    testkit::wait_until("the log to be readable", DEADLINE, || async {
-        let visible = store
-            .read_all(eventstore::LogPosition::START, total)
-            .await?
-            .len();
-        Ok((i64::try_from(visible)? == total).then_some(()))
-    })
-    .await?;
+    wait_readable(store).await?;
 
     let first = Arc::new(Interrupted::new(
         Arc::new(StockLevelsProjection),
