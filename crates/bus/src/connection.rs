@@ -55,12 +55,45 @@ struct Inner {
     state: Mutex<State>,
     /// Connections established so far (1 after `connect`, +1 per reconnect).
     connects: AtomicU64,
+    /// Taken around each `basic_publish` on a shared channel. lapin numbers a publish
+    /// (its delivery tag) and queues its frames in two steps; two tasks interleaving
+    /// them send their messages in the other order than they were numbered, and the
+    /// broker's confirm of one resolves the other's promise. A message could then pass
+    /// as confirmed while the broker had only confirmed its neighbour.
+    send_turn: Mutex<()>,
+    /// Held by a mandatory publish from its send to its confirm: lapin hands a returned
+    /// message to whichever pending confirm completes next (in a multiple ack, any of
+    /// them), so only one message that can be returned is in flight at a time, on a
+    /// channel of its own.
+    returning_turn: Mutex<()>,
+}
+
+/// Which publishing channel: the pipelined one, or the one for mandatory publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PublishLane {
+    Plain,
+    Returning,
 }
 
 #[derive(Default)]
 struct State {
     connection: Option<Connection>,
     publisher: Option<Channel>,
+    returning: Option<Channel>,
+}
+
+impl State {
+    fn publishing(&mut self, lane: PublishLane) -> &mut Option<Channel> {
+        match lane {
+            PublishLane::Plain => &mut self.publisher,
+            PublishLane::Returning => &mut self.returning,
+        }
+    }
+
+    fn forget_channels(&mut self) {
+        self.publisher = None;
+        self.returning = None;
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -95,6 +128,8 @@ impl Bus {
                 options,
                 state: Mutex::new(State::default()),
                 connects: AtomicU64::new(0),
+                send_turn: Mutex::new(()),
+                returning_turn: Mutex::new(()),
             }),
         };
         let mut state = bus.inner.state.lock().await;
@@ -135,21 +170,31 @@ impl Bus {
 
     /// Forgets the publishing channel if it is still `channel`: the next publish opens
     /// a fresh one.
-    pub(crate) async fn discard_publish_channel(&self, channel: &Channel) {
+    pub(crate) async fn discard_publish_channel(&self, lane: PublishLane, channel: &Channel) {
         let mut state = self.inner.state.lock().await;
-        if state
-            .publisher
+        let slot = state.publishing(lane);
+        if slot
             .as_ref()
             .is_some_and(|current| current.id() == channel.id())
         {
-            state.publisher = None;
+            *slot = None;
         }
     }
 
-    /// The shared confirm-mode channel used for publishing.
-    pub(crate) async fn publish_channel(&self) -> Result<Channel, BusError> {
+    /// Whose turn it is to hand a message to lapin (see `Inner::send_turn`).
+    pub(crate) async fn send_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.send_turn.lock().await
+    }
+
+    /// Whose turn it is to publish a mandatory message (see `Inner::returning_turn`).
+    pub(crate) async fn returning_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.returning_turn.lock().await
+    }
+
+    /// The lane's shared confirm-mode channel.
+    pub(crate) async fn publish_channel(&self, lane: PublishLane) -> Result<Channel, BusError> {
         let mut state = self.inner.state.lock().await;
-        if let Some(channel) = &state.publisher {
+        if let Some(channel) = state.publishing(lane) {
             if channel.status().connected() {
                 return Ok(channel.clone());
             }
@@ -168,7 +213,7 @@ impl Bus {
         };
         let answer = answered("opening the publishing channel", opening).await;
         let channel = forget_if_unanswered(&mut state, answer)?;
-        state.publisher = Some(channel.clone());
+        *state.publishing(lane) = Some(channel.clone());
         Ok(channel)
     }
 
@@ -183,7 +228,7 @@ impl Bus {
             if state.connection.is_some() {
                 warn!(endpoint = %self.inner.endpoint, "RabbitMQ connection lost; reconnecting");
             }
-            state.publisher = None;
+            state.forget_channels();
             state.connection = None;
             state.connection = Some(self.connect_with_backoff().await?);
         }
@@ -269,7 +314,7 @@ fn forget_if_unanswered<T>(
 ) -> Result<T, BusError> {
     if answer.is_err() {
         warn!("RabbitMQ connection stopped answering; reconnecting");
-        state.publisher = None;
+        state.forget_channels();
         state.connection = None;
     }
     answer?

@@ -9,7 +9,7 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 use tracing::warn;
 
-use crate::connection::reconnect_schedule;
+use crate::connection::{reconnect_schedule, PublishLane};
 use crate::message::short;
 use crate::{Bus, BusError, OutgoingMessage, OutgoingProperties};
 
@@ -160,7 +160,46 @@ impl Bus {
         &self,
         pending: &[&'m Prepared<'b>],
     ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
-        let channel = match self.publish_channel().await {
+        let lane = if pending.iter().any(|m| m.mandatory) {
+            PublishLane::Returning
+        } else {
+            PublishLane::Plain
+        };
+        // A mandatory round keeps its turn until its confirms are in (see
+        // `Inner::returning_turn`); its messages go one at a time.
+        let _returning = match lane {
+            PublishLane::Returning => Some(self.returning_turn().await),
+            PublishLane::Plain => None,
+        };
+        if lane == PublishLane::Returning && pending.len() > 1 {
+            return self.publish_one_by_one(lane, pending).await;
+        }
+        self.publish_on(lane, pending).await
+    }
+
+    /// A mandatory round of several messages: each confirmed before the next is sent,
+    /// so a returned message is never attributed to another.
+    async fn publish_one_by_one<'m, 'b>(
+        &self,
+        lane: PublishLane,
+        pending: &[&'m Prepared<'b>],
+    ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
+        for (i, message) in pending.iter().enumerate() {
+            let (_, error) = self.publish_on(lane, std::slice::from_ref(message)).await;
+            if let Some(error) = error {
+                return (pending[i..].to_vec(), Some(error));
+            }
+        }
+        (Vec::new(), None)
+    }
+
+    /// Publishes everything pending on the lane's channel, then awaits the confirms.
+    async fn publish_on<'m, 'b>(
+        &self,
+        lane: PublishLane,
+        pending: &[&'m Prepared<'b>],
+    ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
+        let channel = match self.publish_channel(lane).await {
             Ok(channel) => channel,
             Err(err) => return (pending.to_vec(), Some(err)),
         };
@@ -178,13 +217,18 @@ impl Bus {
                 unconfirmed.push(*message);
                 continue;
             }
-            let send = tokio::time::timeout_at(deadline, message.send(&channel));
-            match send.await.unwrap_or_else(|_| {
-                Err(BusError::NoAnswer {
-                    operation: message.describe(),
-                    waited: limit,
-                })
-            }) {
+            let send = async {
+                let _turn = self.send_turn().await;
+                message.send(&channel).await
+            };
+            match tokio::time::timeout_at(deadline, send)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BusError::NoAnswer {
+                        operation: message.describe(),
+                        waited: limit,
+                    })
+                }) {
                 Ok(confirm) => sent.push((*message, confirm)),
                 Err(err) => {
                     first_error = Some(err);
@@ -214,8 +258,114 @@ impl Bus {
             }
         }
         if matches!(first_error, Some(BusError::NoAnswer { .. })) {
-            self.discard_publish_channel(&channel).await;
+            self.discard_publish_channel(lane, &channel).await;
         }
         (unconfirmed, first_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    use super::*;
+    use crate::{OutgoingProperties, COMMAND_INTAKE_QUEUE};
+
+    // More threads than cores and many tasks: lapin's two steps of a publish must meet
+    // another task's often enough for a run to catch them.
+    const TASKS: usize = 32;
+    const EACH: usize = 100;
+
+    /// Every task publishes `EACH` messages at once with the others, alternating
+    /// between a queue that takes them and `refusing`; returns each publish whose
+    /// answer was not its own (a good message refused, or a refused one confirmed).
+    async fn misattributed(
+        bus: &Bus,
+        refusing: &'static str,
+        mandatory: bool,
+        refused: fn(&BusError) -> bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut tasks = Vec::new();
+        for task in 0..TASKS {
+            let bus = bus.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut wrong = Vec::new();
+                for i in 0..EACH {
+                    let good = (task + i) % 2 == 0;
+                    let queue = if good { COMMAND_INTAKE_QUEUE } else { refusing };
+                    let properties = OutgoingProperties::new(format!("{task}-{i}")).to_amqp()?;
+                    let message = Prepared::new("", queue, b"{}", properties, mandatory)?;
+                    let result = bus.publish_prepared(&message).await;
+                    let own = match &result {
+                        Ok(()) => good,
+                        Err(error) => !good && refused(error),
+                    };
+                    if !own {
+                        wrong.push(format!("{task}-{i} good={good}: {result:?}"));
+                    }
+                }
+                Ok::<_, anyhow::Error>(wrong)
+            }));
+        }
+        let mut wrong = Vec::new();
+        for task in tasks {
+            wrong.extend(task.await??);
+        }
+        Ok(wrong)
+    }
+
+    /// Many tasks publish on the one shared confirm channel at once, half of their
+    /// messages to a queue whose length limit makes the broker refuse them (a nack).
+    /// Each publisher must get the broker's answer for its own message: a confirm
+    /// handed to the wrong publisher lets a message pass as confirmed that the broker
+    /// only confirmed for its neighbour (the relay would move past an event that was
+    /// never stored).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn concurrent_publishers_each_get_the_confirm_of_their_own_message() -> anyhow::Result<()>
+    {
+        let vhost = testkit::TestVhost::new().await?;
+        let bus = Bus::connect(&vhost.url).await?;
+        let channel = bus.open_channel().await?;
+        let mut full = FieldTable::default();
+        full.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        full.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        channel
+            .queue_declare("always-full".into(), QueueDeclareOptions::default(), full)
+            .await?;
+        let wrong = misattributed(&bus, "always-full", false, |error| {
+            matches!(error, BusError::Nacked { .. })
+        })
+        .await?;
+        assert!(
+            wrong.is_empty(),
+            "{} misattributed: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+        Ok(())
+    }
+
+    /// The same with mandatory publishes, half of them to a queue that does not exist:
+    /// the broker returns those, and each return must reach its own publisher (lapin
+    /// hands a return to whichever confirm completes next).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_mandatory_publishers_each_get_their_own_return() -> anyhow::Result<()> {
+        let vhost = testkit::TestVhost::new().await?;
+        let bus = Bus::connect(&vhost.url).await?;
+        let wrong = misattributed(&bus, "no-such-queue", true, |error| {
+            matches!(error, BusError::Unroutable { .. })
+        })
+        .await?;
+        assert!(
+            wrong.is_empty(),
+            "{} misattributed: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+        Ok(())
     }
 }
