@@ -210,6 +210,9 @@ impl Bus {
         let limit = self.options().publish_timeout;
         let deadline = tokio::time::Instant::now() + limit;
         let mut first_error = None;
+        // lapin numbers a publish before it sends it: a send that failed leaves its
+        // numbering one ahead of the broker's, so the channel must not be used again.
+        let mut send_failed = false;
         let mut sent = Vec::with_capacity(pending.len());
         let mut unconfirmed = Vec::new();
         for message in pending {
@@ -232,6 +235,7 @@ impl Bus {
                 Ok(confirm) => sent.push((*message, confirm)),
                 Err(err) => {
                     first_error = Some(err);
+                    send_failed = true;
                     unconfirmed.push(*message);
                 }
             }
@@ -257,7 +261,7 @@ impl Bus {
                 }
             }
         }
-        if matches!(first_error, Some(BusError::NoAnswer { .. })) {
+        if send_failed || matches!(first_error, Some(BusError::NoAnswer { .. })) {
             self.discard_publish_channel(lane, &channel).await;
         }
         (unconfirmed, first_error)
