@@ -175,7 +175,9 @@ async fn drive(
     body_len: usize,
 ) -> anyhow::Result<()> {
     let connection = connect(&vhost.url).await?;
-    // orderflow declares its topology when it starts.
+    // Ready once the router consumes: orderflow declares every queue before it binds
+    // any, so a queue that merely exists may not be bound yet, and a command published
+    // then reaches no queue (the bench waited 60 s for stock that never came).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
@@ -192,11 +194,12 @@ async fn drive(
                 FieldTable::default(),
             )
             .await;
-        if declared.is_ok() {
+        let _ = probe.close(200, "checked".into()).await;
+        if matches!(declared, Ok(queue) if queue.consumer_count() > 0) {
             break;
         }
         if Instant::now() > deadline {
-            bail!("orderflow did not declare its queues within 60 s");
+            bail!("orderflow did not consume its commands within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
