@@ -11,7 +11,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::types::LongString;
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 use crate::consume::answered;
@@ -61,38 +61,31 @@ struct Inner {
     /// broker's confirm of one resolves the other's promise. A message could then pass
     /// as confirmed while the broker had only confirmed its neighbour.
     send_turn: Mutex<()>,
-    /// Held by a mandatory publish from its send to its confirm: lapin hands a returned
-    /// message to whichever pending confirm completes next (in a multiple ack, any of
-    /// them), so only one message that can be returned is in flight at a time, on a
-    /// channel of its own.
-    returning_turn: Mutex<()>,
+    /// Leases on the channels for mandatory publishes (see [`Bus::lease_returning_channel`]).
+    returning_slots: Arc<Semaphore>,
 }
 
-/// Which publishing channel: the pipelined one, or the one for mandatory publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PublishLane {
-    Plain,
-    Returning,
+/// How many mandatory publishes may be in flight at once, each on a channel of its own.
+const RETURNING_CHANNELS: usize = 32;
+
+/// A confirm channel lent to one mandatory publish at a time.
+pub(crate) struct Lease {
+    pub(crate) channel: Channel,
+    _slot: OwnedSemaphorePermit,
 }
 
 #[derive(Default)]
 struct State {
     connection: Option<Connection>,
     publisher: Option<Channel>,
-    returning: Option<Channel>,
+    /// Channels for mandatory publishes, idle between leases.
+    returning_idle: Vec<Channel>,
 }
 
 impl State {
-    fn publishing(&mut self, lane: PublishLane) -> &mut Option<Channel> {
-        match lane {
-            PublishLane::Plain => &mut self.publisher,
-            PublishLane::Returning => &mut self.returning,
-        }
-    }
-
     fn forget_channels(&mut self) {
         self.publisher = None;
-        self.returning = None;
+        self.returning_idle.clear();
     }
 }
 
@@ -129,7 +122,7 @@ impl Bus {
                 state: Mutex::new(State::default()),
                 connects: AtomicU64::new(0),
                 send_turn: Mutex::new(()),
-                returning_turn: Mutex::new(()),
+                returning_slots: Arc::new(Semaphore::new(RETURNING_CHANNELS)),
             }),
         };
         let mut state = bus.inner.state.lock().await;
@@ -170,51 +163,105 @@ impl Bus {
 
     /// Forgets the publishing channel if it is still `channel`: the next publish opens
     /// a fresh one.
-    pub(crate) async fn discard_publish_channel(&self, lane: PublishLane, channel: &Channel) {
+    pub(crate) async fn discard_publish_channel(&self, channel: &Channel) {
         let mut state = self.inner.state.lock().await;
-        let slot = state.publishing(lane);
-        if slot
+        if state
+            .publisher
             .as_ref()
             .is_some_and(|current| current.id() == channel.id())
         {
-            *slot = None;
+            state.publisher = None;
         }
     }
 
-    /// Whose turn it is to hand a message to lapin (see `Inner::send_turn`).
+    /// Whose turn it is to hand a message to lapin on the shared channel (see
+    /// `Inner::send_turn`).
     pub(crate) async fn send_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.inner.send_turn.lock().await
     }
 
-    /// Whose turn it is to publish a mandatory message (see `Inner::returning_turn`).
-    pub(crate) async fn returning_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.inner.returning_turn.lock().await
-    }
-
-    /// The lane's shared confirm-mode channel.
-    pub(crate) async fn publish_channel(&self, lane: PublishLane) -> Result<Channel, BusError> {
+    /// The shared confirm-mode channel used for publishing.
+    pub(crate) async fn publish_channel(&self) -> Result<Channel, BusError> {
         let mut state = self.inner.state.lock().await;
-        if let Some(channel) = state.publishing(lane) {
+        if let Some(channel) = &state.publisher {
             if channel.status().connected() {
                 return Ok(channel.clone());
             }
         }
-        let connection = self.ensure_connected(&mut state).await?;
+        let channel = self
+            .open_confirm_channel(&mut state, "opening the publishing channel")
+            .await?;
+        state.publisher = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// A confirm channel for one mandatory publish at a time. lapin hands a returned
+    /// message to whichever pending confirm completes next (in a multiple ack, any of
+    /// them), so a message that can be returned must be alone in flight on its channel
+    /// for its return to reach it; leases keep up to `RETURNING_CHANNELS` of them in
+    /// flight at once (the router forwards every command this way).
+    pub(crate) async fn lease_returning_channel(&self) -> Result<Lease, BusError> {
+        let slot = self
+            .inner
+            .returning_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BusError::NoAnswer {
+                operation: "leasing a channel for a mandatory publish (closed)".to_owned(),
+                waited: Duration::ZERO,
+            })?;
+        let mut state = self.inner.state.lock().await;
+        while let Some(channel) = state.returning_idle.pop() {
+            if channel.status().connected() {
+                return Ok(Lease {
+                    channel,
+                    _slot: slot,
+                });
+            }
+        }
+        let channel = self
+            .open_confirm_channel(&mut state, "opening a channel for mandatory publishes")
+            .await?;
+        Ok(Lease {
+            channel,
+            _slot: slot,
+        })
+    }
+
+    /// Returns a leased channel for the next mandatory publish (`retire`: it is not to
+    /// be used again).
+    pub(crate) async fn give_back(&self, lease: Lease, retire: bool) {
+        if !retire && lease.channel.status().connected() {
+            self.inner
+                .state
+                .lock()
+                .await
+                .returning_idle
+                .push(lease.channel);
+        }
+    }
+
+    /// A new channel in confirm mode on the live connection.
+    async fn open_confirm_channel(
+        &self,
+        state: &mut State,
+        what: &'static str,
+    ) -> Result<Channel, BusError> {
+        let connection = self.ensure_connected(state).await?;
         let opening = async {
             let channel = connection
                 .create_channel()
                 .await
-                .map_err(|e| BusError::amqp("opening the publishing channel", e))?;
+                .map_err(|e| BusError::amqp(what, e))?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(|e| BusError::amqp("enabling publisher confirms", e))?;
             Ok(channel)
         };
-        let answer = answered("opening the publishing channel", opening).await;
-        let channel = forget_if_unanswered(&mut state, answer)?;
-        *state.publishing(lane) = Some(channel.clone());
-        Ok(channel)
+        let answer = answered(what, opening).await;
+        forget_if_unanswered(state, answer)
     }
 
     /// The live connection, re-opened with backoff (bounded by `connect_timeout`) and

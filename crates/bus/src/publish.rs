@@ -9,7 +9,7 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 use tracing::warn;
 
-use crate::connection::{reconnect_schedule, PublishLane};
+use crate::connection::reconnect_schedule;
 use crate::message::short;
 use crate::{Bus, BusError, OutgoingMessage, OutgoingProperties};
 
@@ -154,55 +154,57 @@ impl Bus {
         Ok(())
     }
 
-    /// One pass: publish everything pending on the current channel, then await the
-    /// confirms. Returns what is still unconfirmed and the first error.
+    /// One pass: publish everything pending, then await the confirms. Returns what is
+    /// still unconfirmed and the first error.
     async fn publish_round<'m, 'b>(
         &self,
         pending: &[&'m Prepared<'b>],
     ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
-        let lane = if pending.iter().any(|m| m.mandatory) {
-            PublishLane::Returning
-        } else {
-            PublishLane::Plain
-        };
-        // A mandatory round keeps its turn until its confirms are in (see
-        // `Inner::returning_turn`); its messages go one at a time.
-        let _returning = match lane {
-            PublishLane::Returning => Some(self.returning_turn().await),
-            PublishLane::Plain => None,
-        };
-        if lane == PublishLane::Returning && pending.len() > 1 {
-            return self.publish_one_by_one(lane, pending).await;
+        if pending.iter().any(|m| m.mandatory) {
+            return self.publish_returnable(pending).await;
         }
-        self.publish_on(lane, pending).await
-    }
-
-    /// A mandatory round of several messages: each confirmed before the next is sent,
-    /// so a returned message is never attributed to another.
-    async fn publish_one_by_one<'m, 'b>(
-        &self,
-        lane: PublishLane,
-        pending: &[&'m Prepared<'b>],
-    ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
-        for (i, message) in pending.iter().enumerate() {
-            let (_, error) = self.publish_on(lane, std::slice::from_ref(message)).await;
-            if let Some(error) = error {
-                return (pending[i..].to_vec(), Some(error));
-            }
-        }
-        (Vec::new(), None)
-    }
-
-    /// Publishes everything pending on the lane's channel, then awaits the confirms.
-    async fn publish_on<'m, 'b>(
-        &self,
-        lane: PublishLane,
-        pending: &[&'m Prepared<'b>],
-    ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
-        let channel = match self.publish_channel(lane).await {
+        let channel = match self.publish_channel().await {
             Ok(channel) => channel,
             Err(err) => return (pending.to_vec(), Some(err)),
         };
+        let (unconfirmed, error, retire) = self.publish_on(&channel, true, pending).await;
+        if retire {
+            self.discard_publish_channel(&channel).await;
+        }
+        (unconfirmed, error)
+    }
+
+    /// Mandatory messages, on a leased channel, each confirmed before the next is sent,
+    /// so that a returned message is never attributed to another.
+    async fn publish_returnable<'m, 'b>(
+        &self,
+        pending: &[&'m Prepared<'b>],
+    ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
+        let lease = match self.lease_returning_channel().await {
+            Ok(lease) => lease,
+            Err(err) => return (pending.to_vec(), Some(err)),
+        };
+        for (i, message) in pending.iter().enumerate() {
+            let one = std::slice::from_ref(message);
+            let (_, error, retire) = self.publish_on(&lease.channel, false, one).await;
+            if let Some(error) = error {
+                self.give_back(lease, retire).await;
+                return (pending[i..].to_vec(), Some(error));
+            }
+        }
+        self.give_back(lease, false).await;
+        (Vec::new(), None)
+    }
+
+    /// Publishes everything pending on `channel` (`shared`: other tasks publish on it
+    /// too), then awaits the confirms. Returns what is still unconfirmed, the first
+    /// error, and whether the channel must not be used again.
+    async fn publish_on<'m, 'b>(
+        &self,
+        channel: &lapin::Channel,
+        shared: bool,
+        pending: &[&'m Prepared<'b>],
+    ) -> (Vec<&'m Prepared<'b>>, Option<BusError>, bool) {
         // A send or a confirm that never comes (a channel the broker no longer serves
         // but the client still thinks open) must not hold the publish for ever: past
         // the deadline the channel is given up and what it left unconfirmed goes out
@@ -221,8 +223,11 @@ impl Bus {
                 continue;
             }
             let send = async {
-                let _turn = self.send_turn().await;
-                message.send(&channel).await
+                let _turn = match shared {
+                    true => Some(self.send_turn().await),
+                    false => None,
+                };
+                message.send(channel).await
             };
             match tokio::time::timeout_at(deadline, send)
                 .await
@@ -261,10 +266,8 @@ impl Bus {
                 }
             }
         }
-        if send_failed || matches!(first_error, Some(BusError::NoAnswer { .. })) {
-            self.discard_publish_channel(lane, &channel).await;
-        }
-        (unconfirmed, first_error)
+        let retire = send_failed || matches!(first_error, Some(BusError::NoAnswer { .. }));
+        (unconfirmed, first_error, retire)
     }
 }
 
