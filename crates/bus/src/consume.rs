@@ -386,6 +386,13 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
         permit: _permit,
         span: _,
     } = job;
+    if delivery.acker.poisoned() {
+        // Its channel died while it waited in a lane: the broker has requeued it and
+        // delivers it again on the new channel. Handling it here would do the work
+        // twice, and its ack could not reach the broker anyway.
+        debug!("the delivery's channel is gone; left for redelivery");
+        return;
+    }
     let verdict = run_handler(&handler, &incoming, &options).await;
     let settled = match verdict {
         Verdict::Ack => Ok(()),
