@@ -532,3 +532,48 @@ async fn a_message_that_keeps_failing_transiently_is_retried_later_through_a_del
     assert!(left.is_empty(), "nothing was dead-lettered: {left:?}");
     Ok(())
 }
+
+/// Acks go in groups, but never past a message still being handled: with the first
+/// message held, the broker sees every other one acknowledged and that one not.
+#[tokio::test]
+async fn a_group_ack_never_covers_a_message_still_being_handled() -> anyhow::Result<()> {
+    let (vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let ids: Vec<String> = (0..8).map(|_| new_id()).collect();
+    let handler = crate::support::HoldingFirst {
+        seen: seen.clone(),
+        first: ids[0].clone(),
+        release: release.clone(),
+        one_lane: false,
+    };
+    let consumer = Running::start(&bus, COMMAND_INTAKE_QUEUE, options(0), Arc::new(handler));
+    for id in &ids {
+        bus.publish(
+            COMMANDS_EXCHANGE,
+            "stock.set",
+            b"{}".to_vec(),
+            OutgoingProperties::new(id.clone()),
+        )
+        .await?;
+    }
+    for id in &ids {
+        seen.wait_for_id(id).await?;
+    }
+    testkit::wait_until(
+        "all but the held message acknowledged",
+        crate::support::DEADLINE,
+        || async { Ok((vhost.queue_counts(COMMAND_INTAKE_QUEUE).await? == (0, 1)).then_some(())) },
+    )
+    .await?;
+    release.add_permits(1);
+    testkit::wait_until(
+        "the held message acknowledged too",
+        crate::support::DEADLINE,
+        || async { Ok((vhost.queue_counts(COMMAND_INTAKE_QUEUE).await? == (0, 0)).then_some(())) },
+    )
+    .await?;
+    consumer.stop().await?;
+    assert_eq!(seen.all().len(), ids.len(), "each message handled once");
+    Ok(())
+}
