@@ -11,7 +11,9 @@ use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
 use std::hash::{Hash, Hasher};
@@ -19,7 +21,6 @@ use std::hash::{Hash, Hasher};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::acks::Acks;
 use crate::message::{headers, short};
 use crate::publish::Prepared;
 use crate::topology::DEAD_LETTER_QUEUE;
@@ -172,7 +173,6 @@ pub async fn consume(
         };
         reconnect.reset();
         info!(queue, consumer_tag = %consumer.tag(), "consuming");
-        let (acks, acking) = Acks::start(channel.clone());
 
         let stopped = loop {
             let permit = tokio::select! {
@@ -208,9 +208,7 @@ pub async fn consume(
                         redelivered = delivery.redelivered,
                     );
                     let incoming = Incoming::from_delivery(&delivery);
-                    acks.delivered(delivery.delivery_tag);
                     let job = Job {
-                        acks: acks.clone(),
                         queue: queue_arc.clone(),
                         delivery,
                         incoming,
@@ -250,10 +248,6 @@ pub async fn consume(
                 Err(err) => debug!(queue, error = %err, "cancelling the consumer failed"),
             }
             drain(&semaphore, permits, options.shutdown_grace, queue).await;
-            // The handlers that finished have handed their acks over: send them before
-            // the channel closes (or the broker delivers those messages again).
-            drop(acks);
-            let _ = answered("sending the last acks", acking).await;
             let _ = answered(
                 "closing the channel",
                 channel.close(200, "shutting down".into()),
@@ -312,8 +306,6 @@ async fn drain(semaphore: &Semaphore, permits: u32, grace: Duration, queue: &str
 
 /// One delivery on its way to the handler, holding its concurrency permit.
 struct Job {
-    /// The acknowledging task of the channel the delivery came on.
-    acks: Acks,
     /// The queue it was consumed from (delayed retries return it there).
     queue: Arc<str>,
     delivery: Delivery,
@@ -388,20 +380,17 @@ enum Verdict {
 /// semaphore permit until the delivery is settled.
 async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: ConsumeOptions) {
     let Job {
-        acks,
         queue,
         delivery,
         incoming,
         permit: _permit,
         span: _,
     } = job;
-    let tag = delivery.delivery_tag;
     if delivery.acker.poisoned() {
         // Its channel died while it waited in a lane: the broker has requeued it and
         // delivers it again on the new channel. Handling it here would do the work
         // twice, and its ack could not reach the broker anyway.
         debug!("the delivery's channel is gone; left for redelivery");
-        acks.dropped(tag);
         return;
     }
     let verdict = run_handler(&handler, &incoming, &options).await;
@@ -431,18 +420,15 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
         }
     };
     match settled {
-        Ok(()) => acks.done(tag),
+        Ok(()) => ack(&delivery).await,
         Err(err) => {
             error!(error = %err, "could not move the message on; returning it to the queue");
             let requeue = BasicNackOptions {
                 requeue: true,
                 ..BasicNackOptions::default()
             };
-            // Only a nack known to be sent lets the group acks pass its tag: a
-            // `multiple` ack that overtook it would acknowledge the message instead.
             match answered("nacking a delivery", delivery.acker.nack(requeue)).await {
-                Ok(Ok(true)) => acks.dropped(tag),
-                Ok(Ok(false)) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(err)) => warn!(error = %err, "nack failed (the broker will redeliver)"),
                 Err(err) => warn!(error = %err, "nack unanswered (the broker will redeliver)"),
             }
@@ -545,6 +531,21 @@ async fn attempt_within(
             warn!(reason = %reason, attempts, "handler attempt abandoned");
             Ok(Outcome::Retry { reason })
         }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    // Either way the channel is gone: the broker will redeliver, and the handler is
+    // idempotent.
+    match answered(
+        "acking a delivery",
+        delivery.acker.ack(BasicAckOptions::default()),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => warn!(error = %err, "ack failed (the broker will redeliver)"),
+        Err(err) => warn!(error = %err, "ack unanswered (the broker will redeliver)"),
     }
 }
 

@@ -142,31 +142,3 @@ pub async fn ready_count(bus: &Bus, queue: &str) -> anyhow::Result<u32> {
         .await?;
     Ok(declared.message_count())
 }
-
-/// Holds the first delivery of the message `first` until released; records every
-/// message. With `one_lane`, every message shares one ordering key, so those behind
-/// the held one wait in its lane.
-pub struct HoldingFirst {
-    pub seen: Seen,
-    pub first: String,
-    pub release: Arc<tokio::sync::Semaphore>,
-    pub one_lane: bool,
-}
-
-impl Handler for HoldingFirst {
-    fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
-        let hold = msg.message_id.as_deref() == Some(self.first.as_str()) && !msg.redelivered;
-        self.seen.push(msg);
-        let release = self.release.clone();
-        Box::pin(async move {
-            if hold {
-                let _ = release.acquire().await;
-            }
-            Outcome::Ack
-        })
-    }
-
-    fn ordering_key(&self, _msg: &Incoming) -> Option<String> {
-        self.one_lane.then(|| "one lane".to_owned())
-    }
-}
