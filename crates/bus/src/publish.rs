@@ -223,9 +223,10 @@ impl Bus {
                 continue;
             }
             let send = async {
-                let _turn = match shared {
-                    true => Some(self.send_turn().await),
-                    false => None,
+                let _turn = if shared {
+                    Some(self.send_turn().await)
+                } else {
+                    None
                 };
                 message.send(channel).await
             };

@@ -5,10 +5,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bus::{Outcome, OutgoingProperties, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE};
+use bus::{Outcome, COMMAND_INTAKE_QUEUE};
 use tokio::sync::Semaphore;
 
-use crate::support::{connected, new_id, FnHandler, Running, DEADLINE};
+use crate::support::{connected, new_id, publish_command, FnHandler, Running, DEADLINE};
 
 const MESSAGES: u64 = 30;
 const BOUND: u64 = 5;
@@ -17,13 +17,7 @@ const BOUND: u64 = 5;
 async fn prefetch_and_concurrency_bound_the_messages_in_flight() -> anyhow::Result<()> {
     let (vhost, bus) = connected().await?;
     for _ in 0..MESSAGES {
-        bus.publish(
-            COMMANDS_EXCHANGE,
-            "order.place",
-            b"{}".to_vec(),
-            OutgoingProperties::new(new_id()),
-        )
-        .await?;
+        publish_command(&bus, "order.place", new_id()).await?;
     }
 
     // Handlers wait at the gate (no permits) until the test opens it.

@@ -7,7 +7,9 @@ use bus::{
 };
 use lapin::types::AMQPValue;
 
-use crate::support::{connected, new_id, options, take_one, FnHandler, Running, Seen};
+use crate::support::{
+    connected, new_id, options, publish_command, take_one, FnHandler, Running, Seen,
+};
 
 fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
     delivery
@@ -63,13 +65,7 @@ async fn a_dead_letter_outcome_moves_the_message_to_the_dead_letter_queue_and_la
     )
     .await?;
     let later_id = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.cancel",
-        b"{}".to_vec(),
-        OutgoingProperties::new(later_id.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.cancel", later_id.clone()).await?;
 
     seen.wait_for_id(&later_id).await?;
     let dead = take_one(&bus, DEAD_LETTER_QUEUE).await?;
@@ -130,13 +126,7 @@ async fn retries_that_never_succeed_end_in_the_dead_letter_queue_with_the_attemp
     );
     let id = new_id();
     let started = std::time::Instant::now();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.place",
-        b"{}".to_vec(),
-        OutgoingProperties::new(id.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.place", id.clone()).await?;
     let dead = take_one(&bus, DEAD_LETTER_QUEUE).await?;
     consumer.stop().await?;
 
@@ -186,13 +176,7 @@ async fn a_retry_that_later_succeeds_is_acked_and_not_dead_lettered() -> anyhow:
         })),
     );
     let id = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.place",
-        b"{}".to_vec(),
-        OutgoingProperties::new(id.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.place", id.clone()).await?;
     seen.wait_for_id(&id).await?;
     consumer.stop().await?;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -236,13 +220,7 @@ async fn an_attempt_that_never_finishes_is_abandoned_and_the_message_retried() -
         })),
     );
     let id = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.place",
-        b"{}".to_vec(),
-        OutgoingProperties::new(id.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.place", id.clone()).await?;
     seen.wait_for_id(&id).await?;
     consumer.stop().await?;
     assert_eq!(
@@ -282,21 +260,9 @@ async fn a_panicking_handler_does_not_stop_the_consumer() -> anyhow::Result<()> 
         })),
     );
     let bad = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.explode",
-        b"{}".to_vec(),
-        OutgoingProperties::new(bad.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.explode", bad.clone()).await?;
     let good = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.place",
-        b"{}".to_vec(),
-        OutgoingProperties::new(good.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.place", good.clone()).await?;
 
     seen.wait_for_id(&good).await?;
     let dead = take_one(&bus, DEAD_LETTER_QUEUE).await?;
@@ -338,13 +304,7 @@ async fn shutdown_lets_the_in_flight_handler_finish_and_ack() -> anyhow::Result<
             }
         })),
     );
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.place",
-        b"{}".to_vec(),
-        OutgoingProperties::new(new_id()),
-    )
-    .await?;
+    publish_command(&bus, "order.place", new_id()).await?;
     tokio::time::timeout(crate::support::DEADLINE, entered_rx).await??;
 
     let stopping = tokio::spawn(consumer.stop());
@@ -419,13 +379,7 @@ async fn messages_with_one_ordering_key_are_handled_one_at_a_time_in_delivery_or
             "stock.set"
         };
         let id = new_id();
-        bus.publish(
-            COMMANDS_EXCHANGE,
-            key,
-            b"{}".to_vec(),
-            OutgoingProperties::new(id.clone()),
-        )
-        .await?;
+        publish_command(&bus, key, id.clone()).await?;
         published.push((key.to_owned(), id));
     }
     for key in ["order.cancel", "stock.set"] {
@@ -495,13 +449,7 @@ async fn a_message_that_keeps_failing_transiently_is_retried_later_through_a_del
         })),
     );
     let id = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.cancel",
-        b"{}".to_vec(),
-        OutgoingProperties::new(id.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.cancel", id.clone()).await?;
     testkit::wait_until(
         "the message back from the delay queue",
         std::time::Duration::from_secs(15),

@@ -5,13 +5,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bus::{
-    Handler, Incoming, Outcome, OutgoingProperties, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE,
-    DEAD_LETTER_QUEUE,
-};
+use bus::{Handler, Incoming, Outcome, COMMAND_INTAKE_QUEUE, DEAD_LETTER_QUEUE};
 use futures::future::BoxFuture;
 
-use crate::support::{connected, new_id, options, ready_count, take_one, Running, DEADLINE};
+use crate::support::{
+    connected, new_id, options, publish_command, ready_count, take_one, Running, DEADLINE,
+};
 
 /// Always fails transiently; parks messages routed `order.*` (after `refusals` failed
 /// parkings), never `stock.*`.
@@ -59,13 +58,7 @@ impl Handler for Parker {
 }
 
 async fn publish(bus: &bus::Bus, routing_key: &str, id: &str) -> anyhow::Result<()> {
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        routing_key,
-        b"{}".to_vec(),
-        OutgoingProperties::new(id.to_owned()),
-    )
-    .await?;
+    publish_command(bus, routing_key, id.to_owned()).await?;
     Ok(())
 }
 

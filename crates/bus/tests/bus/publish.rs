@@ -2,7 +2,9 @@ use std::sync::Arc;
 
 use bus::{Outcome, OutgoingMessage, OutgoingProperties, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE};
 
-use crate::support::{connected, new_id, options, FnHandler, Running, Seen, DEADLINE};
+use crate::support::{
+    connected, new_id, options, publish_command, FnHandler, Running, Seen, DEADLINE,
+};
 
 #[tokio::test]
 async fn a_confirmed_publish_is_consumed_with_its_properties_intact() -> anyhow::Result<()> {
@@ -93,12 +95,6 @@ async fn publishing_to_a_missing_exchange_is_an_error_and_the_bus_keeps_working(
         )
         .await;
     assert!(result.is_err(), "{result:?}");
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "stock.set",
-        b"{}".to_vec(),
-        OutgoingProperties::new(new_id()),
-    )
-    .await?;
+    publish_command(&bus, "stock.set", new_id()).await?;
     Ok(())
 }

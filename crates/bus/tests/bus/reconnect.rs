@@ -1,8 +1,10 @@
 use std::sync::Arc;
 
-use bus::{Outcome, OutgoingProperties, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE};
+use bus::{Outcome, COMMAND_INTAKE_QUEUE};
 
-use crate::support::{connected, new_id, options, FnHandler, Running, Seen, DEADLINE};
+use crate::support::{
+    connected, new_id, options, publish_command, FnHandler, Running, Seen, DEADLINE,
+};
 
 #[tokio::test]
 async fn the_consumer_and_publisher_recover_after_the_broker_closes_their_connection(
@@ -20,25 +22,13 @@ async fn the_consumer_and_publisher_recover_after_the_broker_closes_their_connec
         })),
     );
     let before = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.place",
-        b"{}".to_vec(),
-        OutgoingProperties::new(before.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.place", before.clone()).await?;
     seen.wait_for_id(&before).await?;
 
     vhost.close_all_connections().await?;
 
     let after = new_id();
-    bus.publish(
-        COMMANDS_EXCHANGE,
-        "order.place",
-        b"{}".to_vec(),
-        OutgoingProperties::new(after.clone()),
-    )
-    .await?;
+    publish_command(&bus, "order.place", after.clone()).await?;
     seen.wait_for_id(&after).await?;
     consumer.stop().await?;
     testkit::wait_until("the bus to have reconnected", DEADLINE, || async {
@@ -90,13 +80,7 @@ async fn messages_queued_on_a_channel_that_died_are_left_for_redelivery() -> any
     };
     let consumer = Running::start(&bus, COMMAND_INTAKE_QUEUE, options(3), Arc::new(handler));
     for id in &ids {
-        bus.publish(
-            COMMANDS_EXCHANGE,
-            "order.place",
-            b"{}".to_vec(),
-            OutgoingProperties::new(id.clone()),
-        )
-        .await?;
+        publish_command(&bus, "order.place", id.clone()).await?;
     }
     seen.wait_for_id(&ids[0]).await?;
     testkit::wait_until("all four delivered to the consumer", DEADLINE, || async {

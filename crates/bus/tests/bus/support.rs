@@ -110,6 +110,17 @@ pub fn options(max_retries: u32) -> ConsumeOptions {
     }
 }
 
+/// Publishes an empty JSON command with message id `id` to the commands exchange.
+pub async fn publish_command(bus: &Bus, routing_key: &str, id: String) -> Result<(), BusError> {
+    bus.publish(
+        bus::COMMANDS_EXCHANGE,
+        routing_key,
+        b"{}".to_vec(),
+        bus::OutgoingProperties::new(id),
+    )
+    .await
+}
+
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
