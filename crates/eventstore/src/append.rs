@@ -150,7 +150,7 @@ fn plan(
 
 /// `{"correlation_id": …, "causation_id": …}`, built by hand because it cannot fail
 /// (the field names are those of `Metadata`'s serde form, which reading relies on).
-fn metadata_json(metadata: &crate::Metadata) -> serde_json::Value {
+pub(crate) fn metadata_json(metadata: &crate::Metadata) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     map.insert(
         "correlation_id".into(),
@@ -362,13 +362,6 @@ pub(crate) async fn single_statement(
     .bind(expected_last)
     .fetch_one(pool)
     .await;
-    let appends = || {
-        vec![StreamAppend {
-            stream_name: stream_name.to_owned(),
-            expected_version: expected,
-            events: events.to_vec(),
-        }]
-    };
     match row.map_err(classify) {
         Ok((inserted, Some(last_global_position), Some(version))) if inserted > 0 => {
             Ok(AppendResult {
@@ -376,31 +369,53 @@ pub(crate) async fn single_statement(
                 last_global_position,
             })
         }
-        // Nothing inserted: the stream is not at the expected version. An event id
-        // already in the log wins (the message was handled before).
         Ok(_) | Err(AttemptFailure::VersionTaken) => {
-            let mut conn = pool.acquire().await?;
-            if let Some(event_id) = first_existing_event_id(&mut conn, &appends()).await? {
-                return Err(StoreError::Duplicate { event_id });
-            }
-            let actual: Option<i64> =
-                sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_name = $1")
-                    .bind(stream_name)
-                    .fetch_one(&mut *conn)
-                    .await?;
-            Err(StoreError::Conflict {
-                stream: stream_name.to_owned(),
-                expected: expected_last,
-                actual,
-            })
+            Err(explain_refused(pool, stream_name, expected, events).await?)
         }
         Err(AttemptFailure::EventIdTaken) => {
             let mut conn = pool.acquire().await?;
-            Err(explain_duplicate(&mut conn, &appends()).await?)
+            Err(explain_duplicate(&mut conn, &one_append(stream_name, expected, events)).await?)
         }
         Err(AttemptFailure::Conflict(mismatch)) => Err(mismatch.into()),
         Err(AttemptFailure::Database(error)) => Err(error.into()),
     }
+}
+
+fn one_append(
+    stream_name: &str,
+    expected: ExpectedVersion,
+    events: &[crate::NewEvent],
+) -> Vec<StreamAppend> {
+    vec![StreamAppend {
+        stream_name: stream_name.to_owned(),
+        expected_version: expected,
+        events: events.to_vec(),
+    }]
+}
+
+/// Why a single-stream append inserted nothing: the stream is not at the expected
+/// version. An event id already in the log wins (the message was handled before).
+pub(crate) async fn explain_refused(
+    pool: &sqlx::PgPool,
+    stream_name: &str,
+    expected: ExpectedVersion,
+    events: &[crate::NewEvent],
+) -> Result<StoreError, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let appends = one_append(stream_name, expected, events);
+    if let Some(event_id) = first_existing_event_id(&mut conn, &appends).await? {
+        return Ok(StoreError::Duplicate { event_id });
+    }
+    let actual: Option<i64> =
+        sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_name = $1")
+            .bind(stream_name)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(StoreError::Conflict {
+        stream: stream_name.to_owned(),
+        expected: expected_as_option(expected),
+        actual,
+    })
 }
 
 #[cfg(test)]

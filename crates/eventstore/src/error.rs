@@ -21,6 +21,10 @@ pub enum StoreError {
         global_position: i64,
         reason: String,
     },
+    /// The task that groups appends is gone (its runtime shut down): the append may or
+    /// may not have been written.
+    #[error("the group-commit task has stopped; the append's outcome is unknown")]
+    GroupCommitStopped,
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]

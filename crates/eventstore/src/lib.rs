@@ -6,6 +6,7 @@
 mod append;
 mod database;
 mod error;
+mod group_commit;
 mod read;
 mod store;
 mod transaction;

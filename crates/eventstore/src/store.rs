@@ -4,6 +4,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::append::{self, AttemptFailure};
 use crate::database::{open_pool, parse_options};
+use crate::group_commit::GroupCommit;
 use crate::read::{into_events, EventRow, TextEventRow, EVENT_COLUMNS, EVENT_COLUMNS_TEXT};
 use crate::wakeup::{Signals, Wakeups};
 use crate::{
@@ -61,6 +62,7 @@ async fn migrations_applied(pool: &PgPool) -> bool {
 pub struct EventStore {
     pool: PgPool,
     signals: Arc<Signals>,
+    group_commit: Option<GroupCommit>,
 }
 
 impl EventStore {
@@ -69,7 +71,26 @@ impl EventStore {
         Self {
             pool,
             signals: Arc::new(Signals::new()),
+            group_commit: None,
         }
+    }
+
+    /// The same store, writing single-stream appends made at the same time together
+    /// (see `group_commit`): at most `in_flight` statements at once, each as many
+    /// appends as waited for a free one. Each append keeps its own outcome. Must be
+    /// called inside a tokio runtime, which runs the batching task.
+    pub fn with_group_commit(self, in_flight: usize) -> Self {
+        let group_commit =
+            GroupCommit::start(self.pool.clone(), Arc::clone(&self.signals), in_flight);
+        Self {
+            group_commit: Some(group_commit),
+            ..self
+        }
+    }
+
+    /// Appends waiting for a free group-commit slot (0 without group commit).
+    pub fn appends_waiting(&self) -> usize {
+        self.group_commit.as_ref().map_or(0, GroupCommit::waiting)
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -88,6 +109,11 @@ impl EventStore {
         if expected_version != ExpectedVersion::Any && !events.is_empty() {
             // The common case (a decision on one stream) in one statement and one round
             // trip, instead of BEGIN, a version query, the INSERT and COMMIT.
+            if let Some(group_commit) = &self.group_commit {
+                return group_commit
+                    .append(stream_name, expected_version, events)
+                    .await;
+            }
             let result =
                 append::single_statement(&self.pool, stream_name, expected_version, &events).await;
             if result.is_ok() {

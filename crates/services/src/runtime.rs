@@ -165,6 +165,10 @@ pub async fn run(
             url: redact_url(&settings.database_url),
             source,
         })?;
+    let store = match settings.append_slots {
+        0 => store,
+        slots => store.with_group_commit(slots),
+    };
     let bus = if workers.iter().any(|w| BUS_WORKERS.contains(w)) {
         Some(
             Bus::connect(&settings.amqp_url)

@@ -66,13 +66,17 @@ pub struct Settings {
     /// 4 + 4 per worker, at most 24), to keep the sum over all processes under
     /// PostgreSQL's `max_connections`.
     pub db_pool_size: Option<u32>,
+    /// Grouped appends in flight at once (`ORDERFLOW_APPEND_SLOTS`; 0 turns grouping
+    /// off): single-stream appends made while every slot is busy are written together,
+    /// one statement and one transaction (`EventStore::with_group_commit`).
+    pub append_slots: usize,
 }
 
 /// The variable naming the optional settings file.
 pub const CONFIG_FILE_VAR: &str = "ORDERFLOW_CONFIG";
 
 /// Every setting: its key in the settings file and its environment variable.
-pub const SETTINGS: [(&str, &str); 16] = [
+pub const SETTINGS: [(&str, &str); 17] = [
     ("database_url", "DATABASE_URL"),
     ("amqp_url", "AMQP_URL"),
     ("review_threshold_cents", "ORDERFLOW_REVIEW_THRESHOLD_CENTS"),
@@ -92,6 +96,7 @@ pub const SETTINGS: [(&str, &str); 16] = [
     ("http_addr", "ORDERFLOW_HTTP_ADDR"),
     ("heartbeat_interval", "ORDERFLOW_HEARTBEAT_INTERVAL"),
     ("db_pool_size", "ORDERFLOW_DB_POOL_SIZE"),
+    ("append_slots", "ORDERFLOW_APPEND_SLOTS"),
 ];
 
 /// The settings file, parsed: values by environment-variable name.
@@ -175,6 +180,7 @@ impl std::fmt::Debug for Settings {
             .field("http_addr", &self.http_addr)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("db_pool_size", &self.db_pool_size)
+            .field("append_slots", &self.append_slots)
             .finish()
     }
 }
@@ -206,6 +212,7 @@ impl Default for Settings {
             http_addr: HttpAddr::Default(SocketAddr::from(([127, 0, 0, 1], 9464))),
             heartbeat_interval: Duration::from_secs(5),
             db_pool_size: None,
+            append_slots: 4,
         }
     }
 }
@@ -275,6 +282,8 @@ impl Settings {
             db_pool_size: get("ORDERFLOW_DB_POOL_SIZE")
                 .map(parse_pool_size)
                 .transpose()?,
+            append_slots: get("ORDERFLOW_APPEND_SLOTS")
+                .map_or(Ok(defaults.append_slots), parse_append_slots)?,
         }
         .consistent()
     }
@@ -345,6 +354,17 @@ fn parse_pool_size((name, value): (&'static str, String)) -> Result<u32, Setting
             name,
             &value,
             "must be a whole number of connections, at least 2 (leave it unset for 4 + 4 per worker, at most 24)",
+        )),
+    }
+}
+
+fn parse_append_slots((name, value): (&'static str, String)) -> Result<usize, SettingsError> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n <= 64 => Ok(n),
+        _ => Err(invalid(
+            name,
+            &value,
+            "must be a whole number of slots from 0 (no grouping) to 64",
         )),
     }
 }
@@ -490,6 +510,22 @@ mod tests {
             with(&[("ORDERFLOW_CURRENCY", "euro")]).map_err(|e| e.name),
             Err("ORDERFLOW_CURRENCY")
         );
+    }
+
+    #[test]
+    fn append_slots_default_to_four_and_zero_turns_grouping_off() {
+        assert_eq!(with(&[]).map(|s| s.append_slots), Ok(4));
+        assert_eq!(
+            with(&[("ORDERFLOW_APPEND_SLOTS", "0")]).map(|s| s.append_slots),
+            Ok(0)
+        );
+        for bad in ["-1", "65", "some"] {
+            assert_eq!(
+                with(&[("ORDERFLOW_APPEND_SLOTS", bad)]).map_err(|e| e.name),
+                Err("ORDERFLOW_APPEND_SLOTS"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

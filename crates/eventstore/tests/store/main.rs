@@ -6,6 +6,7 @@ mod cancelled_begin;
 mod checkpoints;
 mod connect;
 mod gap_safety;
+mod group_commit;
 mod read;
 mod support;
 mod wakeups;
