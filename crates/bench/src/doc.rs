@@ -538,16 +538,28 @@ fn where_the_time_goes(report: &Report) -> String {
          quarter's rate is the steady state. \
          What the work per order is made of (counted with pg_stat_statements on 3 Dec): \
          about 36 statements per order reach PostgreSQL (from about 74, plus a ping \
-         before each of them, before that day): 7.5 appends (one per decision; each \
-         decision is its own transaction), 7.5 stream reads left where a decision is \
+         before each of them, before that day): 7.5 appends (one per decision), 7.5 \
+         stream reads left where a decision is \
          made without a cached state, 3.5 notification rows (now written in groups), \
          the gateway simulator's ledger (3), the followers' reads of the log (about 3), \
          checkpoints, timers and BEGIN/COMMIT. Every event is read by the relay and \
          published with a confirm and most are consumed by one or more services, so \
          each order is also ~{} confirmed publishes and more deliveries, each a few \
-         hundred microseconds of CPU somewhere. 500 orders/s on this machine would need \
-         about {} ms of CPU per order in total: deciding several messages in one \
-         transaction (appends of different streams together) is what is left to do. At \
+         hundred microseconds of CPU somewhere. Since 4 Dec the appends are grouped \
+         (group commit, `ORDERFLOW_APPEND_SLOTS`, default 4): decisions appended while \
+         every slot is busy share one statement and one transaction, which is why an \
+         order takes about 4 appending transactions instead of 8; measured A B B A at \
+         0.3 scale on 4 Dec, 195 and 207 orders/s without against 240 and 254 with, \
+         PostgreSQL's CPU per order 4.6 and 4.2 ms against 3.3 and 3.1, at a price in \
+         latency at half load (p50 about 80 ms without, 100 to 120 ms with, at the \
+         higher half-load rate). A profile of the burst (perf, all CPUs, 4 Dec) found \
+         no idle time: postgres 40% of the samples, orderflow 35%, RabbitMQ 21%; about \
+         40% of postgres's samples and half of orderflow's are in the kernel, mostly \
+         loopback TCP (each send wakes its receiver). What is left is the number of \
+         messages and round trips per order, not what any one of them computes. 500 \
+         orders/s on this machine would need about {} ms of CPU per order in total: \
+         fewer deliveries per order (the notification service alone takes about five) \
+         and fewer statements per decision are what is left to do. At \
          half load the latency is the sum of the hops (command → OrderPlaced/Accepted → \
          relay → inventory and payment → relay → saga → OrderConfirmed → relay → \
          shipping → timers projection → scheduler → ShipmentDelivered); the note on \
