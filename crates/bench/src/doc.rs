@@ -545,14 +545,14 @@ fn where_the_time_goes(report: &Report) -> String {
          checkpoints, timers and BEGIN/COMMIT. Every event is read by the relay and \
          published with a confirm and most are consumed by one or more services, so \
          each order is also ~{} confirmed publishes and more deliveries, each a few \
-         hundred microseconds of CPU somewhere. Since 4 Dec the appends are grouped \
-         (group commit, `ORDERFLOW_APPEND_SLOTS`, default 4): decisions appended while \
-         every slot is busy share one statement and one transaction, which is why an \
-         order takes about 4 appending transactions instead of 8; measured A B B A at \
-         0.3 scale on 4 Dec, 195 and 207 orders/s without against 240 and 254 with, \
-         PostgreSQL's CPU per order 4.6 and 4.2 ms against 3.3 and 3.1, at a price in \
-         latency at half load (p50 about 80 ms without, 100 to 120 ms with, at the \
-         higher half-load rate). A profile of the burst (perf, all CPUs, 4 Dec) found \
+         hundred microseconds of CPU somewhere. Group commit \
+         (`ORDERFLOW_APPEND_SLOTS`, off by default, so not in these figures) writes \
+         the decisions appended while every slot is busy in one statement and one \
+         transaction, about 4 appending transactions per order instead of 8; with 4 \
+         slots on 4 Dec, A B B A at 0.3 scale gave 195 and 207 orders/s without \
+         against 240 and 254 with, PostgreSQL's CPU per order 4.6 and 4.2 ms against \
+         3.3 and 3.1, and at full scale 184 against 194 orders/s, but p99 at half \
+         load 217 against 383 ms: appends queue for a slot. A profile of the burst (perf, all CPUs, 4 Dec) found \
          no idle time: postgres 40% of the samples, orderflow 35%, RabbitMQ 21%; about \
          40% of postgres's samples and half of orderflow's are in the kernel, mostly \
          loopback TCP (each send wakes its receiver). What is left is the number of \
@@ -568,7 +568,17 @@ fn where_the_time_goes(report: &Report) -> String {
          confirm before it reads the next (its checkpoint is saved at most every 100 ms, \
          off that path), so an event committed just after a read waits for the whole \
          round; inventory adds a queue of its own, every order reserving on one of four \
-         shared stock streams, decided one at a time per stream.",
+         shared stock streams, decided one at a time per stream. The relay's round is \
+         not what holds a hop up, though: letting it read and send up to four pages \
+         while earlier ones wait for their confirms (tried A B B A on 4 Dec) left the \
+         p50 where it was (93 and 91 ms without, 94 and 149 with). What every follower \
+         of the log waits for is the gap-safe horizon: a sample of pg_stat_activity \
+         every few milliseconds through 8 s of the paced run (4 Dec) found the oldest \
+         transaction holding a transaction id 15 ms old on average and up to 46 ms, \
+         most often a projector's page transaction (it locks its checkpoint row first, \
+         then makes several round trips on a busy CPU) and commits waiting for their \
+         flush. Each hop through the log pays that wait; shortening those transactions \
+         (one statement per page) is the next step towards issue 6's 50 ms.",
         v(report, "e2e_orders"),
         v(report, "e2e_p99"),
         v(report, "e2e_events_per_order"),

@@ -66,9 +66,11 @@ pub struct Settings {
     /// 4 + 4 per worker, at most 24), to keep the sum over all processes under
     /// PostgreSQL's `max_connections`.
     pub db_pool_size: Option<u32>,
-    /// Grouped appends in flight at once (`ORDERFLOW_APPEND_SLOTS`; 0 turns grouping
-    /// off): single-stream appends made while every slot is busy are written together,
-    /// one statement and one transaction (`EventStore::with_group_commit`).
+    /// Grouped appends in flight at once (`ORDERFLOW_APPEND_SLOTS`; 0, the default, turns
+    /// grouping off): single-stream appends made while every slot is busy are written
+    /// together, one statement and one transaction (`EventStore::with_group_commit`).
+    /// Off by default: it saves CPU under load but lengthens the tail latency (see
+    /// docs/OPERATIONS.md).
     pub append_slots: usize,
 }
 
@@ -212,7 +214,7 @@ impl Default for Settings {
             http_addr: HttpAddr::Default(SocketAddr::from(([127, 0, 0, 1], 9464))),
             heartbeat_interval: Duration::from_secs(5),
             db_pool_size: None,
-            append_slots: 4,
+            append_slots: 0,
         }
     }
 }
@@ -513,11 +515,11 @@ mod tests {
     }
 
     #[test]
-    fn append_slots_default_to_four_and_zero_turns_grouping_off() {
-        assert_eq!(with(&[]).map(|s| s.append_slots), Ok(4));
+    fn append_slots_are_off_by_default_and_can_be_set() {
+        assert_eq!(with(&[]).map(|s| s.append_slots), Ok(0));
         assert_eq!(
-            with(&[("ORDERFLOW_APPEND_SLOTS", "0")]).map(|s| s.append_slots),
-            Ok(0)
+            with(&[("ORDERFLOW_APPEND_SLOTS", "4")]).map(|s| s.append_slots),
+            Ok(4)
         );
         for bad in ["-1", "65", "some"] {
             assert_eq!(
