@@ -164,19 +164,26 @@ struct Slow {
     handled: Arc<Mutex<Vec<String>>>,
     running: Arc<std::sync::atomic::AtomicUsize>,
     most: Arc<std::sync::atomic::AtomicUsize>,
+    starts: testkit::Starts,
 }
 
 impl Handler for Slow {
     fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
-        let (handled, running, most) = (
+        let (handled, running, most, starts) = (
             self.handled.clone(),
             self.running.clone(),
             self.most.clone(),
+            self.starts.clone(),
         );
         Box::pin(async move {
+            let started = starts.start();
             let now = running.fetch_add(1, Ordering::SeqCst) + 1;
             most.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            // Busy until the next message starts: a second replay running at the same
+            // time would show in `most`.
+            starts
+                .next_after(started, std::time::Duration::from_millis(30))
+                .await;
             handled
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -199,6 +206,7 @@ async fn two_drainers_replay_an_order_once_in_order_and_a_message_arriving_meanw
         handled: handled.clone(),
         running: Arc::default(),
         most: most.clone(),
+        starts: testkit::Starts::default(),
     });
     let lot = ParkingLot::new(db.pool().clone(), QUEUE, "commands");
     let other_lot = ParkingLot::new(second.pool().clone(), QUEUE, "commands");

@@ -11,4 +11,4 @@ mod wait;
 pub use broker::*;
 pub use db::*;
 pub use url::with_path;
-pub use wait::{wait_readable, wait_until};
+pub use wait::{wait_readable, wait_until, Starts};

@@ -50,3 +50,29 @@ pub async fn wait_readable(
     })
     .await
 }
+
+/// Counts the starts of a test's stand-in for slow work (a handler, a consumer), so
+/// that each one can stay busy until the next has started, or a deadline has passed.
+/// An overlap the test must rule out then happens whenever the code under test allows
+/// it, rather than by the luck of how long a sleep lasted.
+#[derive(Clone, Debug, Default)]
+pub struct Starts(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Starts {
+    /// Counts a start and returns its number.
+    pub fn start(&self) -> u64 {
+        let mut number = 0;
+        self.0.send_modify(|count| {
+            *count += 1;
+            number = *count;
+        });
+        number
+    }
+
+    /// Waits until a start after start `mine`, or until `deadline` (the last one has no
+    /// successor).
+    pub async fn next_after(&self, mine: u64, deadline: Duration) {
+        let mut starts = self.0.subscribe();
+        let _ = tokio::time::timeout(deadline, starts.wait_for(|count| *count > mine)).await;
+    }
+}

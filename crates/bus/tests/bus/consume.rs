@@ -1,5 +1,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus::{
     header_names, Outcome, OutgoingProperties, COMMANDS_EXCHANGE, COMMAND_INTAKE_QUEUE,
@@ -326,6 +327,7 @@ struct KeyedHandler {
     seen: Seen,
     in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     overlaps: Arc<AtomicUsize>,
+    starts: testkit::Starts,
 }
 
 impl bus::Handler for KeyedHandler {
@@ -333,6 +335,8 @@ impl bus::Handler for KeyedHandler {
         let key = msg.routing_key.clone();
         let in_flight = self.in_flight.clone();
         let overlaps = self.overlaps.clone();
+        let starts = self.starts.clone();
+        let started = starts.start();
         {
             let mut map = in_flight.lock().unwrap_or_else(|e| e.into_inner());
             let n = map.entry(key.clone()).or_default();
@@ -343,9 +347,9 @@ impl bus::Handler for KeyedHandler {
         }
         self.seen.push(msg);
         Box::pin(async move {
-            // Some work, so that a second message of the key would overlap if allowed.
-            tokio::task::yield_now().await;
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            // Busy until the next message starts, so that a second message of the key
+            // would overlap this one if it were allowed to.
+            starts.next_after(started, Duration::from_millis(50)).await;
             let mut map = in_flight.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(n) = map.get_mut(&key) {
                 *n -= 1;
@@ -369,6 +373,7 @@ async fn messages_with_one_ordering_key_are_handled_one_at_a_time_in_delivery_or
         seen: seen.clone(),
         in_flight: Arc::default(),
         overlaps: overlaps.clone(),
+        starts: testkit::Starts::default(),
     };
     let consumer = Running::start(&bus, COMMAND_INTAKE_QUEUE, options(0), Arc::new(handler));
     let mut published: Vec<(String, String)> = Vec::new();

@@ -6,8 +6,6 @@
 //! stream waits on the unique key. Appends made meanwhile queue; when the test rolls
 //! back, the held append goes through and the queued ones form one batch.
 
-use std::time::Instant;
-
 use eventstore::{AppendResult, EventStore, ExpectedVersion, NewEvent, StoreError};
 use sqlx::{Connection, PgConnection};
 use testkit::TestDb;
@@ -37,14 +35,14 @@ impl Held {
         .execute(&mut blocker)
         .await?;
         let append = spawn_append(store, "held", ExpectedVersion::NoStream, events(1));
-        wait_for(|| async {
+        testkit::wait_until("the held append to wait on the lock", DEADLINE, || async {
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity \
                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
             )
             .fetch_one(db.pool())
             .await?;
-            Ok(waiting > 0)
+            Ok((waiting > 0).then_some(()))
         })
         .await?;
         Ok(Held { blocker, append })
@@ -70,23 +68,6 @@ fn spawn_append(
     tokio::spawn(async move { store.append(&stream, expected, events).await })
 }
 
-async fn wait_for<F, Fut>(mut condition: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let started = Instant::now();
-    while !condition().await? {
-        anyhow::ensure!(
-            started.elapsed() < DEADLINE,
-            "condition not met in {DEADLINE:?}"
-        );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    Ok(())
-}
-
 /// Queues `appends` behind the held slot, releases it, and returns their outcomes.
 async fn queued_behind_a_held_slot(
     db: &TestDb,
@@ -100,7 +81,10 @@ async fn queued_behind_a_held_slot(
         tasks.push(spawn_append(&store, stream, expected, events));
         // In order: each one queued before the next is made.
         let want = tasks.len();
-        wait_for(|| async { Ok(store.appends_waiting() == want) }).await?;
+        testkit::wait_until("the append to queue", DEADLINE, || async {
+            Ok((store.appends_waiting() == want).then_some(()))
+        })
+        .await?;
     }
     assert_eq!(store.appends_waiting(), count);
     held.release().await?;

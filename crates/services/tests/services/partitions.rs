@@ -18,6 +18,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 struct Consumers {
     now: Arc<Mutex<BTreeMap<&'static str, &'static str>>>,
     overlaps: Arc<Mutex<Vec<String>>>,
+    starts: testkit::Starts,
 }
 
 impl Consumers {
@@ -31,6 +32,7 @@ impl Consumers {
         Arc::new(move |queue, stop| {
             let consumers = consumers.clone();
             Box::pin(async move {
+                let started = consumers.starts.start();
                 {
                     let mut now = consumers.now.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(other) = now.insert(queue, process) {
@@ -42,8 +44,12 @@ impl Consumers {
                     }
                 }
                 stop.await;
-                // a consumer takes a moment to settle what it took
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A consumer takes a moment to settle what it took: it stays until the
+                // next consumer starts, so a successor that did not wait would overlap.
+                consumers
+                    .starts
+                    .next_after(started, Duration::from_millis(50))
+                    .await;
                 consumers
                     .now
                     .lock()
