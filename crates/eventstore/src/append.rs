@@ -72,17 +72,41 @@ impl From<VersionMismatch> for StoreError {
     }
 }
 
+/// The columns every event brings to an INSERT through `UNNEST`, one array each.
+#[derive(Debug, Default)]
+pub(crate) struct EventColumns {
+    pub(crate) event_ids: Vec<Uuid>,
+    pub(crate) event_types: Vec<String>,
+    pub(crate) schema_versions: Vec<i32>,
+    pub(crate) payloads: Vec<serde_json::Value>,
+    pub(crate) metadata: Vec<serde_json::Value>,
+}
+
+impl EventColumns {
+    pub(crate) fn of(events: &[crate::NewEvent]) -> EventColumns {
+        let mut columns = EventColumns::default();
+        for event in events {
+            columns.push(event);
+        }
+        columns
+    }
+
+    pub(crate) fn push(&mut self, event: &crate::NewEvent) {
+        self.event_ids.push(event.event_id);
+        self.event_types.push(event.event_type.clone());
+        self.schema_versions.push(event.schema_version);
+        self.payloads.push(event.payload.clone());
+        self.metadata.push(metadata_json(&event.metadata));
+    }
+}
+
 /// The rows of one append, as column arrays for `UNNEST` (one round trip for any number
 /// of events and streams).
 #[derive(Debug, Default)]
 struct Rows {
     stream_names: Vec<String>,
     versions: Vec<i64>,
-    event_ids: Vec<Uuid>,
-    event_types: Vec<String>,
-    schema_versions: Vec<i32>,
-    payloads: Vec<serde_json::Value>,
-    metadata: Vec<serde_json::Value>,
+    events: EventColumns,
 }
 
 /// The rows to insert and the version of the batch's last stream afterwards.
@@ -131,11 +155,7 @@ fn plan(
             version += 1;
             rows.stream_names.push(append.stream_name.clone());
             rows.versions.push(version);
-            rows.event_ids.push(event.event_id);
-            rows.event_types.push(event.event_type.clone());
-            rows.schema_versions.push(event.schema_version);
-            rows.payloads.push(event.payload.clone());
-            rows.metadata.push(metadata_json(&event.metadata));
+            rows.events.push(event);
         }
         if version >= 0 {
             current.insert(append.stream_name.clone(), version);
@@ -150,7 +170,7 @@ fn plan(
 
 /// `{"correlation_id": …, "causation_id": …}`, built by hand because it cannot fail
 /// (the field names are those of `Metadata`'s serde form, which reading relies on).
-pub(crate) fn metadata_json(metadata: &crate::Metadata) -> serde_json::Value {
+fn metadata_json(metadata: &crate::Metadata) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     map.insert(
         "correlation_id".into(),
@@ -227,7 +247,7 @@ pub(crate) async fn attempt(
             });
         }
     };
-    if plan.rows.event_ids.is_empty() {
+    if plan.rows.events.event_ids.is_empty() {
         return Ok(AppendResult {
             next_expected_version: plan.last_stream_version,
             last_global_position: 0,
@@ -257,11 +277,11 @@ async fn insert(conn: &mut PgConnection, rows: &Rows) -> Result<i64, sqlx::Error
     )
     .bind(&rows.stream_names)
     .bind(&rows.versions)
-    .bind(&rows.event_ids)
-    .bind(&rows.event_types)
-    .bind(&rows.schema_versions)
-    .bind(&rows.payloads)
-    .bind(&rows.metadata)
+    .bind(&rows.events.event_ids)
+    .bind(&rows.events.event_types)
+    .bind(&rows.events.schema_versions)
+    .bind(&rows.events.payloads)
+    .bind(&rows.events.metadata)
     .fetch_one(conn)
     .await?;
     Ok(last.unwrap_or(0))
@@ -338,6 +358,7 @@ pub(crate) async fn single_statement(
     events: &[crate::NewEvent],
 ) -> Result<AppendResult, StoreError> {
     let expected_last = expected_as_option(expected);
+    let columns = EventColumns::of(events);
     let row: Result<(i64, Option<i64>, Option<i64>), sqlx::Error> = sqlx::query_as(
         "WITH current AS ( \
            SELECT max(stream_version) AS v FROM events WHERE stream_name = $1), \
@@ -354,11 +375,11 @@ pub(crate) async fn single_statement(
          SELECT count(*), max(global_position), max(stream_version) FROM inserted",
     )
     .bind(stream_name)
-    .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.schema_version).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| metadata_json(&e.metadata)).collect::<Vec<_>>())
+    .bind(&columns.event_ids)
+    .bind(&columns.event_types)
+    .bind(&columns.schema_versions)
+    .bind(&columns.payloads)
+    .bind(&columns.metadata)
     .bind(expected_last)
     .fetch_one(pool)
     .await;

@@ -20,7 +20,7 @@ use futures::future::join_all;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::append::{expected_as_option, explain_refused, metadata_json, single_statement};
+use crate::append::{expected_as_option, explain_refused, single_statement, EventColumns};
 use crate::wakeup::Signals;
 use crate::{AppendResult, ExpectedVersion, NewEvent, StoreError};
 
@@ -212,20 +212,12 @@ async fn insert_ready(
 ) -> Result<HashMap<String, AppendResult>, sqlx::Error> {
     let mut streams = Vec::new();
     let mut expected = Vec::new();
-    let mut event_ids = Vec::new();
-    let mut event_types = Vec::new();
-    let mut schema_versions = Vec::new();
-    let mut payloads = Vec::new();
-    let mut metadata = Vec::new();
+    let mut columns = EventColumns::default();
     for pending in batch {
         for event in &pending.events {
             streams.push(pending.stream_name.clone());
             expected.push(expected_as_option(pending.expected));
-            event_ids.push(event.event_id);
-            event_types.push(event.event_type.clone());
-            schema_versions.push(event.schema_version);
-            payloads.push(event.payload.clone());
-            metadata.push(metadata_json(&event.metadata));
+            columns.push(event);
         }
     }
     let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
@@ -253,11 +245,11 @@ async fn insert_ready(
     )
     .bind(&streams)
     .bind(&expected)
-    .bind(&event_ids)
-    .bind(&event_types)
-    .bind(&schema_versions)
-    .bind(&payloads)
-    .bind(&metadata)
+    .bind(&columns.event_ids)
+    .bind(&columns.event_types)
+    .bind(&columns.schema_versions)
+    .bind(&columns.payloads)
+    .bind(&columns.metadata)
     .fetch_all(pool)
     .await?;
     Ok(rows
