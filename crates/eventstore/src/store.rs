@@ -351,90 +351,73 @@ impl EventStore {
         Ok(())
     }
 
-    /// Loads the follower's position inside the caller's transaction and locks its row
-    /// until that transaction ends, so two instances of one follower take turns instead
-    /// of applying the same events twice.
+    /// Loads the follower's position inside the caller's transaction and holds the
+    /// follower's lock until that transaction ends, so two instances of one follower
+    /// take turns instead of applying the same events twice.
+    ///
+    /// The lock is a transaction-scoped advisory lock, not a row lock on the
+    /// checkpoint: a row lock gives the transaction an xid at once, and every reader
+    /// of the log waits for the oldest xid (the gap-safe horizon of `read_all`). The
+    /// follower's transaction now takes one only at its first write, so each hop
+    /// through the log waits for a page's writes, not for its reads as well.
     pub async fn lock_checkpoint(
         &self,
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<LogPosition, StoreError> {
-        const LOCK: &str =
-            "SELECT transaction_id, global_position FROM checkpoints WHERE name = $1 FOR UPDATE";
-        let mut row: Option<(i64, i64)> = sqlx::query_as(LOCK)
-            .bind(name)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if row.is_none() {
-            // A follower's first turn: create its row (racing others doing the same),
-            // then lock it.
-            sqlx::query(
-                "INSERT INTO checkpoints (name, transaction_id, global_position) VALUES ($1, 0, 0) \
-                 ON CONFLICT (name) DO NOTHING",
-            )
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('checkpoint:' || $1, 0))")
             .bind(name)
             .execute(&mut *conn)
             .await?;
-            row = sqlx::query_as(LOCK)
-                .bind(name)
-                .fetch_optional(&mut *conn)
-                .await?;
-        }
-        let (transaction_id, global_position) = row.unwrap_or_default();
-        Ok(LogPosition {
-            transaction_id,
-            global_position,
-        })
+        // A statement of its own: its snapshot must be taken after the lock is
+        // granted, so that it sees what the previous holder committed.
+        load_checkpoint(&mut *conn, name).await
     }
 
     /// [`lock_checkpoint`](Self::lock_checkpoint) without waiting: `None` when
-    /// another transaction holds the row (a replay, or the same follower in another
+    /// another transaction holds the lock (a replay, or the same follower in another
     /// process), so a follower of several logs' readers can get on with the others.
     pub async fn try_lock_checkpoint(
         &self,
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<Option<LogPosition>, StoreError> {
-        const TRY_LOCK: &str = "SELECT transaction_id, global_position FROM checkpoints \
-             WHERE name = $1 FOR UPDATE SKIP LOCKED";
-        let row: Option<(i64, i64)> = sqlx::query_as(TRY_LOCK)
-            .bind(name)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some((transaction_id, global_position)) = row {
-            return Ok(Some(LogPosition {
-                transaction_id,
-                global_position,
-            }));
-        }
-        // No row we could lock: either someone holds it, or it does not exist yet.
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM checkpoints WHERE name = $1)")
-                .bind(name)
-                .fetch_one(&mut *conn)
-                .await?;
-        if exists {
+        let got: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('checkpoint:' || $1, 0))",
+        )
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !got {
             return Ok(None);
         }
-        self.lock_checkpoint(conn, name).await.map(Some)
+        load_checkpoint(&mut *conn, name).await.map(Some)
     }
 
     /// Forgets the follower's position: it starts again from `LogPosition::START`
     /// (replay).
+    /// Waits for the follower's current turn to end, so that turn cannot save its
+    /// position over the reset.
     pub async fn reset_checkpoint(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = crate::begin(&self.pool).await?;
+        self.lock_checkpoint(&mut tx, name).await?;
         sqlx::query("DELETE FROM checkpoints WHERE name = $1")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
 
-async fn load_checkpoint(pool: &PgPool, name: &str) -> Result<LogPosition, StoreError> {
+async fn load_checkpoint(
+    conn: impl sqlx::PgExecutor<'_>,
+    name: &str,
+) -> Result<LogPosition, StoreError> {
     let row: Option<(i64, i64)> =
         sqlx::query_as("SELECT transaction_id, global_position FROM checkpoints WHERE name = $1")
             .bind(name)
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await?;
     Ok(
         row.map_or(LogPosition::START, |(transaction_id, global_position)| {

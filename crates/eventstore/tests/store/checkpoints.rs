@@ -55,3 +55,49 @@ async fn a_rolled_back_transaction_leaves_the_checkpoint_as_it_was() -> anyhow::
     assert_eq!(db.store.load_checkpoint("relay").await?, saved);
     Ok(())
 }
+
+/// Followers take turns on a checkpoint, and holding one's turn gives the transaction
+/// no xid: readers of the log wait for the oldest xid, so a follower's reads must not
+/// hold them back.
+#[tokio::test]
+async fn followers_take_turns_on_a_checkpoint_without_holding_back_readers() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let mut first = eventstore::begin(db.pool()).await?;
+    assert_eq!(
+        db.store.lock_checkpoint(&mut first, "projector").await?,
+        LogPosition::START
+    );
+    let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")
+        .fetch_one(&mut *first)
+        .await?;
+    assert_eq!(xid, None, "holding a checkpoint must not take an xid");
+
+    let mut second = eventstore::begin(db.pool()).await?;
+    assert_eq!(
+        db.store
+            .try_lock_checkpoint(&mut second, "projector")
+            .await?,
+        None,
+        "the second follower must wait for its turn"
+    );
+    second.rollback().await?;
+
+    let saved = LogPosition {
+        transaction_id: 3,
+        global_position: 5,
+    };
+    db.store
+        .save_checkpoint(&mut first, "projector", saved)
+        .await?;
+    first.commit().await?;
+
+    let mut second = eventstore::begin(db.pool()).await?;
+    assert_eq!(
+        db.store
+            .try_lock_checkpoint(&mut second, "projector")
+            .await?,
+        Some(saved),
+        "the next turn starts where the previous one saved"
+    );
+    Ok(())
+}
