@@ -71,6 +71,10 @@ struct Args {
     /// Commands queued for the flood phase (default 100,000 × scale).
     #[arg(long)]
     flood: Option<u64>,
+    /// Offer the paced (latency) orders at this rate instead of half the burst's rate,
+    /// so that latency can be compared between builds or settings at one load.
+    #[arg(long)]
+    paced_rate: Option<f64>,
     /// Phases to run (storage, replay and e2e when omitted; flood only when named).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
@@ -102,6 +106,8 @@ pub struct Ctx {
     pub orders: u64,
     /// How long the paced end-to-end run publishes.
     pub paced_duration: Duration,
+    /// Orders/s for the paced phase; `None`: half the sustained rate.
+    pub paced_rate: Option<f64>,
     /// Messages of the raw RabbitMQ baseline.
     pub rabbit_messages: u64,
     /// Commands queued before the worker starts in the flood phase.
@@ -132,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(scaled(1_000_000.0, scale, 10_000.0) as u64),
         orders: args.orders.unwrap_or(scaled(10_000.0, scale, 300.0) as u64),
         paced_duration: Duration::from_secs_f64(scaled(30.0, scale, 5.0)),
+        paced_rate: args.paced_rate,
         rabbit_messages: scaled(50_000.0, scale, 2_000.0) as u64,
         flood: args
             .flood
