@@ -18,6 +18,10 @@ mod replay;
 mod report;
 mod storage;
 
+/// The allocator `orderflow` uses, so replay and storage figures are what it gets.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Phase {
     Storage,

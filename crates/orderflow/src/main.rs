@@ -17,6 +17,10 @@ use services::settings::{redact_url, Settings};
 
 use cli::{Cli, Command, DlqCommand, StockCommand};
 
+/// Every worker allocates per message and per row; see the workspace manifest.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Log lines would scribble over the dashboard's screen.
