@@ -517,7 +517,16 @@ fn where_the_time_goes(report: &Report) -> String {
          of one after another in one, and each commits only when all have applied the \
          whole log. The slowest projection sets the pace, and the four backends share \
          the machine's cores, so its rate lies between the harmonic sum of the single \
-         rates (one after another) and the slowest one's.",
+         rates (one after another) and the slowest one's. Where the CPU of `replay_many` \
+         goes (perf, all CPUs, 4 Dec): PostgreSQL's backends about 60%, the replaying \
+         process about 30%; glibc's malloc alone took a tenth of all samples, so the \
+         binaries now allocate with mimalloc (110-115k → 125-133k events/s for all four \
+         on the same log; the allocator's share fell to about 4%). Of the server's time, \
+         order_milestones' page statement (590,000 milestone rows and 91,000 progress \
+         rows per million events) is the largest part, then the reader's scan and \
+         order_status; dropping its `ON CONFLICT` (tried) changed nothing measurable, so \
+         it is the rows themselves. Both cores are busy throughout: only less work per \
+         event, not more overlap, raises this rate.",
         v(report, "replay_order_status"),
         v(report, "replay_stock_levels"),
         v(report, "replay_timers"),
@@ -575,10 +584,19 @@ fn where_the_time_goes(report: &Report) -> String {
          of the log waits for is the gap-safe horizon: a sample of pg_stat_activity \
          every few milliseconds through 8 s of the paced run (4 Dec) found the oldest \
          transaction holding a transaction id 15 ms old on average and up to 46 ms, \
-         most often a projector's page transaction (it locks its checkpoint row first, \
-         then makes several round trips on a busy CPU) and commits waiting for their \
-         flush. Each hop through the log pays that wait; shortening those transactions \
-         (one statement per page) is the next step towards issue 6's 50 ms.",
+         most often a projector's page transaction, which locked its checkpoint row \
+         first and so held a transaction id through all its round trips, and commits \
+         waiting for their flush. The checkpoint lock is now a transaction-scoped \
+         advisory lock, which takes no transaction id: the same sample at a fixed 100 \
+         orders/s (0.3 scale, 4 Dec) found the oldest 6.9 ms old on average (p50 4.2, \
+         p90 16.5 ms), most often an append or a COMMIT. The hops did not get visibly \
+         shorter, though: runs at a fixed 100 orders/s (`--paced-rate`) drifted more \
+         from one run to the next (p50 88 to 257 ms, either build) than between builds. \
+         The same path at 10 orders/s takes 27 ms (p50) from publish to final status, 3 \
+         to 9 ms a hop: at half load most of a hop is waiting for a core, with \
+         PostgreSQL, RabbitMQ, orderflow and the publisher busy on two. Fewer round \
+         trips and deliveries per order is what shortens both the hops and the CPU per \
+         order.",
         v(report, "e2e_orders"),
         v(report, "e2e_p99"),
         v(report, "e2e_events_per_order"),

@@ -263,7 +263,7 @@ struct Rebuilt {
     tx: Transaction<'static, Postgres>,
 }
 
-/// Begins `projection`'s rebuild in a transaction of its own: its checkpoint row locked
+/// Begins `projection`'s rebuild in a transaction of its own: its checkpoint lock held
 /// (the live projector waits instead of racing the rebuild), its tables emptied.
 /// Returns the transaction and its id.
 async fn begin_rebuild(
@@ -389,8 +389,8 @@ async fn first_failure(appliers: &mut JoinSet<Result<Rebuilt, ProjectorError>>) 
 /// Rebuilds several projections from the start of the log, reading it once, each
 /// projection in its own transaction on its own connection, concurrently.
 ///
-/// Every projection's transaction is begun first: it locks the projection's checkpoint
-/// row (the live projector waits on it instead of racing the rebuild) and empties its
+/// Every projection's transaction is begun first: it takes the projection's checkpoint
+/// lock (the live projector waits on it instead of racing the rebuild) and empties its
 /// tables and state tables. Then one reader reads the log in pages of
 /// [`REPLAY_PAGE_SIZE`], one page ahead, and hands each page (shared, not copied) to
 /// one task per projection through a channel of [`REPLAY_QUEUE`] pages, so the log's

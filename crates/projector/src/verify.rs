@@ -2,7 +2,7 @@
 //! show how they differ, and replace the live rows only when asked.
 //!
 //! Everything happens in one transaction:
-//! 1. lock each projection's checkpoint row (as `replay` does): the live projector
+//! 1. take each projection's checkpoint lock (as `replay` does): the live projector
 //!    waits, so the live tables stay at their checkpoint `C` meanwhile;
 //! 2. create the schema [`SHADOW_SCHEMA`] with an empty copy of each read-model table
 //!    (`LIKE public.t INCLUDING ALL`) and put it first on the transaction's

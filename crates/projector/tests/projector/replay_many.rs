@@ -218,7 +218,7 @@ async fn events_appended_during_a_replay_of_all_four_are_applied_once_by_the_liv
     let before_replay = store.count().await?;
 
     // a replay of all four, held in the middle of stock_levels' rebuild: every
-    // projection's transaction is open and holds its checkpoint row
+    // projection's transaction is open and holds its checkpoint lock
     let held = Arc::new(Interrupted::new(
         projector::by_name("stock_levels")?,
         1,
@@ -237,7 +237,7 @@ async fn events_appended_during_a_replay_of_all_four_are_applied_once_by_the_liv
         reserved += 2;
     }
     // The live projector cannot apply them yet: the replay's open transactions hold
-    // back what the log lets followers read, and they hold the checkpoint rows.
+    // back what the log lets followers read, and they hold the checkpoint locks.
     assert!(
         behind(store, &StockLevelsProjection).await? > 0,
         "nothing of the new orders is applied while the replay holds"
