@@ -12,7 +12,8 @@ pub(crate) const EVENT_COLUMNS: &str = "global_position, transaction_id, stream_
 /// [`EVENT_COLUMNS`] with the JSON columns as text, in `TextEventRow`'s field names.
 pub(crate) const EVENT_COLUMNS_TEXT: &str = "global_position, transaction_id, stream_name, \
     stream_version, event_id, event_type, schema_version, payload::text AS payload, \
-    metadata::text AS metadata, recorded_at";
+    metadata->>'correlation_id' AS correlation_id, metadata->>'causation_id' AS causation_id, \
+    recorded_at";
 
 /// The columns both row shapes read the same way.
 #[derive(Debug, sqlx::FromRow)]
@@ -80,16 +81,33 @@ pub(crate) struct TextEventRow {
     #[sqlx(flatten)]
     head: RowHead,
     payload: String,
-    metadata: String,
+    /// The two fields of the metadata, extracted by the server: writing the whole
+    /// metadata out as JSON text and parsing it again cost a replay about a third of
+    /// its reading (the metadata is about 40% of an event's JSON).
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
 }
 
 impl TryFrom<TextEventRow> for RecordedEvent<String> {
     type Error = StoreError;
 
-    /// Metadata is parsed from its text straight into `Metadata` (no intermediate
-    /// `serde_json::Value`).
     fn try_from(row: TextEventRow) -> Result<Self, StoreError> {
-        let metadata = serde_json::from_str(&row.metadata);
+        let metadata = metadata_field(row.correlation_id.as_deref(), "correlation_id").and_then(
+            |correlation_id| {
+                Ok(Metadata {
+                    correlation_id,
+                    causation_id: metadata_field(row.causation_id.as_deref(), "causation_id")?,
+                })
+            },
+        );
         row.head.into_event(row.payload, metadata)
     }
+}
+
+/// A metadata id read as text; missing or not a UUID is the error `Metadata`'s own
+/// deserialisation would give.
+fn metadata_field(text: Option<&str>, field: &'static str) -> Result<Uuid, serde_json::Error> {
+    use serde::de::Error;
+    let text = text.ok_or_else(|| serde_json::Error::missing_field(field))?;
+    Uuid::parse_str(text).map_err(|e| serde_json::Error::custom(format!("{field}: {e}")))
 }

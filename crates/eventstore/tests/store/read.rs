@@ -1,4 +1,4 @@
-use eventstore::{ExpectedVersion, LogPosition, StreamAppend};
+use eventstore::{ExpectedVersion, LogPosition, StoreError, StreamAppend};
 use testkit::TestDb;
 
 use crate::support::{event, events, follow_until};
@@ -129,5 +129,41 @@ async fn read_all_text_returns_the_same_events_with_the_payload_as_json_text() -
     let rest = db.store.read_all_text(texts[0].log_position(), 10).await?;
     assert_eq!(rest.len(), 2);
     assert_eq!(rest[0].event_id, texts[1].event_id);
+    Ok(())
+}
+
+/// A row whose metadata lacks an id or holds a bad one is reported with its position,
+/// by both readers alike.
+#[tokio::test]
+async fn malformed_metadata_is_reported_with_the_event_s_position() -> anyhow::Result<()> {
+    for metadata in [
+        r#"{"correlation_id": "00000000-0000-0000-0000-000000000000"}"#,
+        r#"{"correlation_id": "not a uuid", "causation_id": "00000000-0000-0000-0000-000000000000"}"#,
+    ] {
+        let db = TestDb::new().await?;
+        let position: i64 = sqlx::query_scalar(
+            "INSERT INTO events (stream_name, stream_version, event_id, event_type, \
+                                 schema_version, payload, metadata) \
+             VALUES ('odd', 0, gen_random_uuid(), 'Odd', 1, '{}', $1::jsonb) \
+             RETURNING global_position",
+        )
+        .bind(metadata)
+        .fetch_one(db.pool())
+        .await?;
+        for outcome in [
+            db.store
+                .read_all_text(LogPosition::START, 10)
+                .await
+                .map(|_| ()),
+            db.store.read_all(LogPosition::START, 10).await.map(|_| ()),
+        ] {
+            match outcome {
+                Err(StoreError::Malformed {
+                    global_position, ..
+                }) => assert_eq!(global_position, position, "{metadata}"),
+                other => panic!("expected Malformed for {metadata}, got {other:?}"),
+            }
+        }
+    }
     Ok(())
 }
