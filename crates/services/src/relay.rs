@@ -139,15 +139,16 @@ async fn relay_next(
             saved
         }
     };
-    let records = store.read_all(after, PAGE).await?;
+    let records = store.read_all_text(after, PAGE).await?;
     let Some(last) = records.last().map(RecordedEvent::log_position) else {
         cursor.published = Some(after);
         return Ok(0);
     };
-    bus.publish_many(records.iter().map(event_message).collect())
+    let count = records.len();
+    bus.publish_many(records.into_iter().map(event_message).collect())
         .await?;
     cursor.published = Some(last);
-    metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(records.len() as u64);
-    debug!(count = records.len(), "relayed events");
-    Ok(records.len())
+    metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(count as u64);
+    debug!(count, "relayed events");
+    Ok(count)
 }
