@@ -188,6 +188,34 @@ mod tests {
     }
 
     #[test]
+    fn the_order_an_event_is_about_is_the_one_its_full_decode_names() -> Result<(), String> {
+        let placed = DomainEvent::PaymentRequested(PaymentRequested {
+            order_id: Uuid::from_u128(9),
+            amount_cents: 1,
+            currency: "EUR".to_owned(),
+            payment_token: "tok_visa".to_owned(),
+            expires_at: Utc::now(),
+        });
+        let stock = DomainEvent::StockSet(domain::events::StockSet {
+            sku: "A".to_owned(),
+            quantity: 1,
+        });
+        for event in [placed, stock] {
+            let mut rec = recorded(event.to_payload().to_string());
+            rec.event_type = event.event_type().to_owned();
+            let msg = received(event_message(rec));
+            assert_eq!(
+                crate::worker::event_order(&msg),
+                decode_event(&msg)?.event.order_id()
+            );
+        }
+        let mut not_json = received(event_message(recorded(String::new())));
+        not_json.body = b"oops".to_vec();
+        assert_eq!(crate::worker::event_order(&not_json), None);
+        Ok(())
+    }
+
+    #[test]
     fn an_event_body_that_is_not_json_is_refused_with_a_reason() {
         for body in [b"{\"order_id\": oops".to_vec(), vec![0xff, 0xfe]] {
             let mut msg = received(event_message(recorded(String::new())));
