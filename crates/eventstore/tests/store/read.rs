@@ -1,7 +1,7 @@
 use eventstore::{ExpectedVersion, LogPosition, StoreError, StreamAppend};
 use testkit::TestDb;
 
-use crate::support::{event, events, follow_until};
+use crate::support::{event, events, follow_until, DEADLINE};
 
 #[tokio::test]
 async fn read_all_pages_return_every_event_exactly_once_in_order() -> anyhow::Result<()> {
@@ -150,13 +150,24 @@ async fn malformed_metadata_is_reported_with_the_event_s_position() -> anyhow::R
         .bind(metadata)
         .fetch_one(db.pool())
         .await?;
-        for outcome in [
-            db.store
-                .read_all_text(LogPosition::START, 10)
-                .await
-                .map(|_| ()),
-            db.store.read_all(LogPosition::START, 10).await.map(|_| ()),
-        ] {
+        // Both readers see the row only once no older transaction on the server (any
+        // test's) is still open: wait until neither reads nothing.
+        let outcomes = testkit::wait_until("the odd row to be readable", DEADLINE, || async {
+            let outcomes = [
+                db.store
+                    .read_all_text(LogPosition::START, 10)
+                    .await
+                    .map(|page| page.len()),
+                db.store
+                    .read_all(LogPosition::START, 10)
+                    .await
+                    .map(|page| page.len()),
+            ];
+            let read_nothing = outcomes.iter().any(|outcome| matches!(outcome, Ok(0)));
+            Ok((!read_nothing).then_some(outcomes))
+        })
+        .await?;
+        for outcome in outcomes {
             match outcome {
                 Err(StoreError::Malformed {
                     global_position, ..
