@@ -152,20 +152,33 @@ impl Simulator {
         reference: &str,
         amount_cents: i64,
     ) -> Result<(String, String), GatewayError> {
-        sqlx::query(
-            "INSERT INTO gateway_ledger (idempotency_key, kind, outcome, reference, amount_cents)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+        // One round trip in the usual cases: ours inserted, or the first one committed
+        // before this statement began. A first one committed while it ran is not in
+        // its snapshot: then it is read afterwards.
+        let first: Option<(String, String)> = sqlx::query_as(
+            "WITH ours AS (
+                 INSERT INTO gateway_ledger (idempotency_key, kind, outcome, reference, amount_cents)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING
+                 RETURNING outcome, reference)
+             SELECT outcome, reference FROM ours
+             UNION ALL
+             SELECT outcome, reference FROM gateway_ledger
+              WHERE idempotency_key = $1 AND NOT EXISTS (SELECT 1 FROM ours)",
         )
         .bind(key)
         .bind(kind)
         .bind(outcome)
         .bind(reference)
         .bind(amount_cents)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        self.recorded(key)
-            .await?
-            .ok_or_else(|| GatewayError::Transient(format!("ledger lost entry {key}")))
+        match first {
+            Some(first) => Ok(first),
+            None => self
+                .recorded(key)
+                .await?
+                .ok_or_else(|| GatewayError::Transient(format!("ledger lost entry {key}"))),
+        }
     }
 
     async fn capture_inner(&self, request: CaptureRequest) -> Result<CaptureOutcome, GatewayError> {
