@@ -545,13 +545,19 @@ fn where_the_time_goes(report: &Report) -> String {
          once, the intake places them all before many are final, so the first quarter \
          of the orders completes far slower than the last (see the row's note); the last \
          quarter's rate is the steady state. \
-         What the work per order is made of (counted with pg_stat_statements on 3 Dec): \
-         about 36 statements per order reach PostgreSQL (from about 74, plus a ping \
-         before each of them, before that day): 7.5 appends (one per decision), 7.5 \
-         stream reads left where a decision is \
-         made without a cached state, 3.5 notification rows (now written in groups), \
-         the gateway simulator's ledger (3), the followers' reads of the log (about 3), \
-         checkpoints, timers and BEGIN/COMMIT. Every event is read by the relay and \
+         What the work per order is made of (counted with pg_stat_statements on 4 Dec): \
+         about 30 statements per order reach PostgreSQL (36 on 3 Dec, about 74 plus a \
+         ping before each before that): 7.5 appends (one per decision; at 0.24 ms each \
+         on average they are more than half of the statements' time, waits on the \
+         four hot stock streams included), about 1.2 stream reads where a decision is \
+         made without a cached state, 2.5 reads of the log by its followers, 1.4 \
+         notification inserts, the gateway simulator's ledger (3, now 2: recording an \
+         outcome is one statement), about 5 for the projectors' checkpoints (take the \
+         lock, read, save), one customer-key lookup, and BEGIN/COMMIT (about 2 each). \
+         On the orderflow side, the relay now sends each payload as the JSON text \
+         PostgreSQL gives it and consumers deserialise it straight into the event, \
+         with the order a delivery belongs to read from its `order_id` alone (before, \
+         each delivery built a `serde_json::Value` and was decoded twice). Every event is read by the relay and \
          published with a confirm and most are consumed by one or more services, so \
          each order is also ~{} confirmed publishes and more deliveries, each a few \
          hundred microseconds of CPU somewhere. Group commit \
