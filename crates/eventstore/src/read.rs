@@ -92,14 +92,12 @@ impl TryFrom<TextEventRow> for RecordedEvent<String> {
     type Error = StoreError;
 
     fn try_from(row: TextEventRow) -> Result<Self, StoreError> {
-        let metadata = metadata_field(row.correlation_id.as_deref(), "correlation_id").and_then(
-            |correlation_id| {
-                Ok(Metadata {
-                    correlation_id,
-                    causation_id: metadata_field(row.causation_id.as_deref(), "causation_id")?,
-                })
-            },
-        );
+        let metadata = (|| {
+            Ok(Metadata {
+                correlation_id: metadata_field(row.correlation_id.as_deref(), "correlation_id")?,
+                causation_id: metadata_field(row.causation_id.as_deref(), "causation_id")?,
+            })
+        })();
         row.head.into_event(row.payload, metadata)
     }
 }

@@ -365,7 +365,7 @@ impl EventStore {
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<LogPosition, StoreError> {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('checkpoint:' || $1, 0))")
+        sqlx::query(&format!("SELECT pg_advisory_xact_lock({CHECKPOINT_LOCK})"))
             .bind(name)
             .execute(&mut *conn)
             .await?;
@@ -382,9 +382,9 @@ impl EventStore {
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<Option<LogPosition>, StoreError> {
-        let got: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended('checkpoint:' || $1, 0))",
-        )
+        let got: bool = sqlx::query_scalar(&format!(
+            "SELECT pg_try_advisory_xact_lock({CHECKPOINT_LOCK})"
+        ))
         .bind(name)
         .fetch_one(&mut *conn)
         .await?;
@@ -395,8 +395,7 @@ impl EventStore {
     }
 
     /// Forgets the follower's position: it starts again from `LogPosition::START`
-    /// (replay).
-    /// Waits for the follower's current turn to end, so that turn cannot save its
+    /// (replay). Waits for the follower's current turn to end, so that turn cannot save its
     /// position over the reset.
     pub async fn reset_checkpoint(&self, name: &str) -> Result<(), StoreError> {
         let mut tx = crate::begin(&self.pool).await?;
@@ -409,6 +408,10 @@ impl EventStore {
         Ok(())
     }
 }
+
+/// The advisory lock key of the follower named `$1`: one definition, so the waiting
+/// and the trying lock can never take different keys.
+const CHECKPOINT_LOCK: &str = "hashtextextended('checkpoint:' || $1, 0)";
 
 async fn load_checkpoint(
     conn: impl sqlx::PgExecutor<'_>,

@@ -154,9 +154,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_event_relayed_as_postgresql_writes_it_decodes_as_it_was_recorded() -> Result<(), String> {
-        let event = DomainEvent::PaymentRequested(PaymentRequested {
+    /// An event of an order (order 9).
+    fn payment_requested() -> DomainEvent {
+        DomainEvent::PaymentRequested(PaymentRequested {
             order_id: Uuid::from_u128(9),
             amount_cents: 1_250,
             currency: "EUR".to_owned(),
@@ -165,7 +165,12 @@ mod tests {
                 .with_ymd_and_hms(2026, 12, 4, 11, 5, 0)
                 .single()
                 .unwrap_or_default(),
-        });
+        })
+    }
+
+    #[test]
+    fn an_event_relayed_as_postgresql_writes_it_decodes_as_it_was_recorded() -> Result<(), String> {
+        let event = payment_requested();
         // jsonb's text: a space after every colon and comma, keys ordered its own way.
         let compact = serde_json::to_string(&event.to_payload()).map_err(|e| e.to_string())?;
         let spaced = compact.replace("\":", "\": ").replace(",\"", ", \"");
@@ -189,13 +194,7 @@ mod tests {
 
     #[test]
     fn the_order_an_event_is_about_is_the_one_its_full_decode_names() -> Result<(), String> {
-        let placed = DomainEvent::PaymentRequested(PaymentRequested {
-            order_id: Uuid::from_u128(9),
-            amount_cents: 1,
-            currency: "EUR".to_owned(),
-            payment_token: "tok_visa".to_owned(),
-            expires_at: Utc::now(),
-        });
+        let placed = payment_requested();
         let stock = DomainEvent::StockSet(domain::events::StockSet {
             sku: "A".to_owned(),
             quantity: 1,
