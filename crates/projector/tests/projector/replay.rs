@@ -150,3 +150,63 @@ async fn an_unknown_projection_name_is_an_error_naming_the_known_ones() -> anyho
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn readers_see_the_old_rows_while_a_rebuild_runs_and_the_new_ones_after() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    mixed_log(store).await?;
+    catch_up_all(store).await?;
+    let live = stock_rows(store).await?;
+    sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1000")
+        .execute(db.pool())
+        .await?;
+    let damaged = stock_rows(store).await?;
+    assert_ne!(damaged, live);
+
+    let held = std::sync::Arc::new(Interrupted::new(
+        projector::by_name("stock_levels")?,
+        1,
+        Stop::Hold,
+    ));
+    let replay = {
+        let (store, held) = (store.clone(), held.clone());
+        tokio::spawn(async move { projector::replay(&store, held, |_| {}).await })
+    };
+    tokio::time::timeout(DEADLINE, held.reached.notified()).await?;
+    // The rebuild has applied its page to its own copy; the live rows are as they were,
+    // and reading them does not wait for it.
+    let during = tokio::time::timeout(DEADLINE, stock_rows(store)).await??;
+    assert_eq!(during, damaged);
+
+    held.release.notify_one();
+    replay.await??;
+    assert_eq!(stock_rows(store).await?, live);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reader_holding_a_table_open_does_not_stall_the_rebuild_of_it() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    mixed_log(store).await?;
+    catch_up_all(store).await?;
+    let live = stock_rows(store).await?;
+    sqlx::query("UPDATE stock_levels SET reserved = 0")
+        .execute(db.pool())
+        .await?;
+
+    // A reader in a long transaction keeps the table's share lock until it ends, so the
+    // rebuild cannot truncate the table: it deletes the rows instead.
+    let mut reader = eventstore::begin(db.pool()).await?;
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM stock_levels")
+        .fetch_one(&mut *reader)
+        .await?;
+    assert_eq!(usize::try_from(seen)?, live.len());
+    let replay = projector::replay(store, projector::by_name("stock_levels")?, |_| {});
+    tokio::time::timeout(DEADLINE, replay).await??;
+    assert_eq!(stock_rows(store).await?, live);
+    reader.commit().await?;
+    Ok(())
+}

@@ -292,3 +292,26 @@ async fn a_pool_too_small_for_every_projection_and_the_reader_is_refused_before_
     assert_eq!(stock_rows(store).await?, vec![("A".to_owned(), 5, 0)]);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rebuild_on_a_connection_that_projected_live_before_writes_only_its_own_copy(
+) -> anyhow::Result<()> {
+    // Two connections: every rebuild and every live page reuses them, so statements
+    // the live projector prepared against the live tables are cached on the very
+    // connection a later rebuild shadows those tables on.
+    let db = TestDb::new().await?;
+    let small = eventstore::connect_with(db.url(), 2).await?;
+    let projection = projector::by_name("stock_levels")?;
+    let mut want = Vec::new();
+    for round in 0..4i64 {
+        let sku = format!("S{round}");
+        set_stock(&db.store, &sku, round + 1).await?;
+        want.push((sku, round + 1, 0));
+        wait_readable(&small).await?;
+        catch_up(&small, projection.as_ref()).await?;
+        assert_eq!(stock_rows(&small).await?, want, "live, round {round}");
+        projector::replay(&small, projection.clone(), |_| {}).await?;
+        assert_eq!(stock_rows(&small).await?, want, "rebuilt, round {round}");
+    }
+    Ok(())
+}
