@@ -374,24 +374,58 @@ impl EventStore {
         load_checkpoint(&mut *conn, name).await
     }
 
-    /// [`lock_checkpoint`](Self::lock_checkpoint) without waiting: `None` when
-    /// another transaction holds the lock (a replay, or the same follower in another
-    /// process), so a follower of several logs' readers can get on with the others.
+    /// The follower's lock, as [`lock_checkpoint`](Self::lock_checkpoint) takes it,
+    /// without waiting and without reading the checkpoint: `false` when another
+    /// transaction holds it (a replay, or the same follower in another process), so a
+    /// follower of several checkpoints can get on with the others. For a follower that
+    /// knows where its checkpoint was and confirms it when it moves it
+    /// ([`advance_checkpoint`](Self::advance_checkpoint)): one statement a turn fewer.
     pub async fn try_lock_checkpoint(
         &self,
         conn: &mut PgConnection,
         name: &str,
-    ) -> Result<Option<LogPosition>, StoreError> {
-        let got: bool = sqlx::query_scalar(&format!(
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(&format!(
             "SELECT pg_try_advisory_xact_lock({CHECKPOINT_LOCK})"
         ))
         .bind(name)
         .fetch_one(&mut *conn)
-        .await?;
-        if !got {
-            return Ok(None);
-        }
-        load_checkpoint(&mut *conn, name).await.map(Some)
+        .await?)
+    }
+
+    /// Moves the follower's position from `from` to `to` in the caller's transaction,
+    /// only if it is still at `from`. `false`: it is not (another instance of the
+    /// follower moved it, or it was reset, since `from` was read), nothing was saved,
+    /// and the caller rolls back what it derived from `from` and reads the checkpoint
+    /// again. The check sees the last committed position even when it was committed
+    /// after the transaction began (an UPDATE re-reads the row it would change).
+    pub async fn advance_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+        from: LogPosition,
+        to: LogPosition,
+    ) -> Result<bool, StoreError> {
+        // No row is the same as a row at the start: a follower that starts creates it.
+        let sql = if from == LogPosition::START {
+            "INSERT INTO checkpoints (name, transaction_id, global_position) \
+             VALUES ($1, $4, $5) \
+             ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
+               global_position = EXCLUDED.global_position, updated_at = now() \
+             WHERE (checkpoints.transaction_id, checkpoints.global_position) = ($2, $3)"
+        } else {
+            "UPDATE checkpoints SET transaction_id = $4, global_position = $5, updated_at = now() \
+             WHERE name = $1 AND (transaction_id, global_position) = ($2, $3)"
+        };
+        let moved = sqlx::query(sql)
+            .bind(name)
+            .bind(from.transaction_id)
+            .bind(from.global_position)
+            .bind(to.transaction_id)
+            .bind(to.global_position)
+            .execute(conn)
+            .await?;
+        Ok(moved.rows_affected() == 1)
     }
 
     /// Forgets the follower's position: it starts again from `LogPosition::START`

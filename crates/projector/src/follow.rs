@@ -148,23 +148,15 @@ async fn apply(
     }
     let name = follower.projection.name();
     let mut tx = eventstore::begin(store.pool()).await?;
-    let Some(locked) = store
+    if !store
         .try_lock_checkpoint(&mut tx, &follower.checkpoint)
         .await?
-    else {
+    {
         debug!(
             projection = name,
             "checkpoint held elsewhere; leaving the page to it"
         );
         follower.known = None;
-        return Ok(0);
-    };
-    if locked != after {
-        debug!(
-            projection = name,
-            "checkpoint moved elsewhere; reading again from it"
-        );
-        follower.known = Some(locked);
         return Ok(0);
     }
     // Unknown until the commit is confirmed: a lost answer may or may not have
@@ -172,9 +164,19 @@ async fn apply(
     follower.known = None;
     let events = page.after(after);
     follower.projection.apply_page(&mut tx, events).await?;
-    store
-        .save_checkpoint(&mut tx, &follower.checkpoint, page.last)
-        .await?;
+    // The checkpoint is not read under the lock: moving it checks that it is still
+    // where this follower left it (another process may have had a turn since).
+    if !store
+        .advance_checkpoint(&mut tx, &follower.checkpoint, after, page.last)
+        .await?
+    {
+        debug!(
+            projection = name,
+            "checkpoint moved elsewhere; undoing the page and reading it again"
+        );
+        tx.rollback().await?;
+        return Ok(0);
+    }
     tx.commit().await?;
     follower.known = Some(page.last);
     // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).

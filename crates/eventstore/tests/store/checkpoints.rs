@@ -73,11 +73,10 @@ async fn followers_take_turns_on_a_checkpoint_without_holding_back_readers() -> 
     assert_eq!(xid, None, "holding a checkpoint must not take an xid");
 
     let mut second = eventstore::begin(db.pool()).await?;
-    assert_eq!(
-        db.store
+    assert!(
+        !db.store
             .try_lock_checkpoint(&mut second, "projector")
             .await?,
-        None,
         "the second follower must wait for its turn"
     );
     second.rollback().await?;
@@ -92,12 +91,57 @@ async fn followers_take_turns_on_a_checkpoint_without_holding_back_readers() -> 
     first.commit().await?;
 
     let mut second = eventstore::begin(db.pool()).await?;
-    assert_eq!(
+    assert!(
         db.store
             .try_lock_checkpoint(&mut second, "projector")
             .await?,
-        Some(saved),
-        "the next turn starts where the previous one saved"
+        "the turn is free once the first follower committed"
     );
+    assert_eq!(db.store.load_checkpoint("projector").await?, saved);
+    Ok(())
+}
+
+/// A follower that did not read its checkpoint under the lock moves it only from
+/// where it left it: a turn taken by another instance, or a reset, in between makes
+/// the move refuse, and nothing is saved.
+#[tokio::test]
+async fn a_checkpoint_advances_only_from_where_the_follower_left_it() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let at = |n: i64| LogPosition {
+        transaction_id: n,
+        global_position: n,
+    };
+    let advance = |from: LogPosition, to: LogPosition| {
+        let store = db.store.clone();
+        async move {
+            let mut tx = eventstore::begin(store.pool()).await?;
+            let moved = store
+                .advance_checkpoint(&mut tx, "follower", from, to)
+                .await?;
+            tx.commit().await?;
+            anyhow::Ok(moved)
+        }
+    };
+
+    // from the start, with no row yet: the row is created
+    assert!(advance(LogPosition::START, at(2)).await?);
+    assert_eq!(db.store.load_checkpoint("follower").await?, at(2));
+    // a second instance that also believed it was at the start is refused
+    assert!(!advance(LogPosition::START, at(1)).await?);
+    // from where it is: moved
+    assert!(advance(at(2), at(4)).await?);
+    // from a stale position: refused, the checkpoint stays
+    assert!(!advance(at(2), at(9)).await?);
+    assert_eq!(db.store.load_checkpoint("follower").await?, at(4));
+
+    // after a reset (no row), only a follower starting from the start may move it
+    db.store.reset_checkpoint("follower").await?;
+    assert!(!advance(at(4), at(6)).await?);
+    assert_eq!(
+        db.store.load_checkpoint("follower").await?,
+        LogPosition::START
+    );
+    assert!(advance(LogPosition::START, at(1)).await?);
+    assert_eq!(db.store.load_checkpoint("follower").await?, at(1));
     Ok(())
 }
