@@ -14,9 +14,11 @@ mod fixtures;
 mod flood;
 mod infra;
 mod measure;
+mod plot;
 mod replay;
 mod report;
 mod storage;
+mod workers;
 
 /// The allocator `orderflow` uses, so replay and storage figures are what it gets.
 #[global_allocator]
@@ -220,6 +222,16 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.write_doc {
         std::fs::write(path, markdown).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+        if !report.curve.is_empty() {
+            let png = path.with_file_name(plot::FILE_NAME);
+            match plot::write_png(&png, &report.curve) {
+                Ok(()) => eprintln!("wrote {}", png.display()),
+                Err(error) => {
+                    eprintln!("could not draw {}: {error:#}", png.display());
+                    failed.push(Phase::E2e);
+                }
+            }
+        }
     }
     anyhow::ensure!(failed.is_empty(), "phases failed: {failed:?}");
     Ok(())

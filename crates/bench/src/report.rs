@@ -45,6 +45,8 @@ pub struct Report {
     pub row_phases: Vec<&'static str>,
     pub target_phases: Vec<&'static str>,
     pub note_phases: Vec<&'static str>,
+    /// Latency against offered load, from the end-to-end phase (plotted by `main`).
+    pub curve: Vec<crate::plot::LoadPoint>,
 }
 
 impl Report {
