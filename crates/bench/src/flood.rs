@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::infra::{BenchDb, BenchVhost};
 use crate::report::{fmt_ratio, fmt_value, Report, Row};
+use crate::workers::stop;
 use crate::Ctx;
 
 const COMMANDS_EXCHANGE: &str = "orderflow.commands";
@@ -488,22 +489,6 @@ fn spawn_worker(
         .kill_on_drop(true)
         .spawn()
         .context("starting orderflow run --only commands")
-}
-
-/// SIGINT, then SIGKILL if it has not exited within 15 s.
-async fn stop(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
-        let _ = tokio::process::Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status()
-            .await;
-    }
-    if tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
 }
 
 /// A field of /proc/<pid>/status in kB (`VmRSS`, `VmHWM`).

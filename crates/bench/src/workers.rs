@@ -11,18 +11,8 @@ use tokio::process::{Child, Command};
 
 use crate::Ctx;
 
-/// The workers of `orderflow run --only`, in the order the CLI lists them.
-pub const WORKERS: [&str; 9] = [
-    "commands",
-    "order",
-    "inventory",
-    "payment",
-    "shipping",
-    "notification",
-    "projector",
-    "relay",
-    "timers",
-];
+/// The workers of `orderflow run --only`.
+pub const WORKERS: [&str; 9] = services::runtime::ALL_WORKERS;
 
 /// One process: the workers it runs (empty: all of them).
 struct Process {
@@ -128,7 +118,8 @@ pub fn label(workers: &[&str]) -> String {
     }
 }
 
-async fn stop(child: &mut Child) {
+/// SIGINT, then a kill if the process has not exited within 15 s.
+pub async fn stop(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
