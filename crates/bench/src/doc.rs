@@ -537,12 +537,8 @@ fn where_the_time_goes(report: &Report) -> String {
          order per table (readers see the old rows until then). On the same 1M-event log \
          (4 Dec), all four together went from 141-160k to 179-194k events/s, and \
          order_milestones alone from 142-190k to 200-216k; the final copy takes about \
-         1.1 s of a 5.3 s replay. The rebuild runs on connections of its own, opened \
-         with `temp_buffers` at 128MB: with PostgreSQL's 8MB the copies spilled to \
-         temporary files through the kernel (about 5% of the CPU in a profile; 169-178k \
-         → 169-188k events/s on the same log). Both cores are busy throughout \
-         (PostgreSQL about 64% of the samples, the replaying process 26%, idle 9%): \
-         only less work per event, not more overlap, raises this rate further.",
+         1.1 s of a 5.3 s replay. Both cores are busy throughout: only less work per \
+         event, not more overlap, raises this rate further.",
         v(report, "replay_order_status"),
         v(report, "replay_stock_levels"),
         v(report, "replay_timers"),
