@@ -21,5 +21,5 @@ pub mod verify;
 pub use decode::{text_into_envelope, to_envelope};
 pub use runner::{
     all_projections, by_name, ensure_schema, replay, replay_many, run, run_once, Projection,
-    ProjectorError, PAGE_SIZE, REBUILD_APPLICATION, REPLAY_PAGE_SIZE,
+    ProjectorError, PAGE_SIZE, REPLAY_PAGE_SIZE,
 };

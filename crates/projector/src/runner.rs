@@ -50,6 +50,10 @@ pub enum ProjectorError {
     },
     #[error("a projection's replay task ended unexpectedly: {0}")]
     Applier(String),
+    #[error(
+        "a replay of these projections needs {needed} database connections at once, but the pool has {pool_size}"
+    )]
+    PoolTooSmall { needed: usize, pool_size: u32 },
 }
 
 /// A read model built from the log.
@@ -289,6 +293,10 @@ async fn begin_rebuild(
         .execute(&mut *tx)
         .await?;
     }
+    // A statement this pooled connection prepared before (live projection) keeps the
+    // live table it was planned against: a new table of the same name that shadows it
+    // does not invalidate the plan. Replanned, the statements find the copies.
+    sqlx::query("DISCARD PLANS").execute(&mut *tx).await?;
     Ok((tx, id))
 }
 
@@ -505,58 +513,27 @@ async fn first_failure(appliers: &mut JoinSet<Result<Rebuilt, ProjectorError>>) 
 /// of events every one of them has applied so far when that grew, and once more at the
 /// end (before the commits) with the total.
 ///
-/// Opens connections of its own, one per projection and one for the reader
-/// ([`rebuild_store`]), and closes them at the end; `store`'s pool is used only to
-/// create missing tables. No projections: nothing is read, 0.
+/// Needs one pooled connection per projection and one for the reader at the same time:
+/// a pool smaller than that is refused up front ([`ProjectorError::PoolTooSmall`]);
+/// `eventstore::connect` opens ten. No projections: nothing is read, 0.
 pub async fn replay_many(
-    store: &EventStore,
-    projections: &[Arc<dyn Projection>],
-    progress: impl FnMut(u64),
-) -> Result<u64, ProjectorError> {
-    if projections.is_empty() {
-        return Ok(0);
-    }
-    ensure_schema(store).await?;
-    let own = rebuild_store(store, projections.len() + 1);
-    let replayed = replay_on(&own, projections, progress).await;
-    own.pool().close().await;
-    replayed
-}
-
-/// Local buffers of a rebuild's connection, for its temporary copies: PostgreSQL's
-/// default (8MB) spills a large copy to temporary files through the kernel (about 5%
-/// of a million-event replay's CPU). Taken only as the copies grow, and given back when
-/// the connection closes at the end of the replay.
-const REBUILD_TEMP_BUFFERS: &str = "128MB";
-
-/// How a replay's connections name themselves in `pg_stat_activity`.
-pub const REBUILD_APPLICATION: &str = "orderflow replay";
-
-/// A store on new connections to `store`'s database, `connections` at most, each with
-/// [`REBUILD_TEMP_BUFFERS`]. New connections also mean no statement prepared earlier
-/// against a live table (a cached plan keeps the table it was planned for, and a
-/// temporary copy created later under the same name would not change it), and no
-/// competition with the workers for the pool: a live projector waiting on a checkpoint
-/// lock the replay holds cannot take a connection the replay needs.
-fn rebuild_store(store: &EventStore, connections: usize) -> EventStore {
-    let options = store
-        .pool()
-        .connect_options()
-        .as_ref()
-        .clone()
-        .options([("temp_buffers", REBUILD_TEMP_BUFFERS)])
-        .application_name(REBUILD_APPLICATION);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(u32::try_from(connections).unwrap_or(u32::MAX))
-        .connect_lazy_with(options);
-    EventStore::new(pool)
-}
-
-async fn replay_on(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ProjectorError> {
+    if projections.is_empty() {
+        return Ok(0);
+    }
+    let needed = projections.len() + 1;
+    let pool_size = store.pool().options().get_max_connections();
+    if usize::try_from(pool_size).is_ok_and(|size| size < needed) {
+        return Err(ProjectorError::PoolTooSmall { needed, pool_size });
+    }
+    ensure_schema(store).await?;
+    // Every transaction is begun before the reader takes its connection: whatever then
+    // waits on our checkpoint locks (a live projector on the same pool holds a
+    // connection while it waits) cannot hold the connections the replay still needs,
+    // beyond the reader's one.
     let begun = futures::future::try_join_all(
         projections
             .iter()
