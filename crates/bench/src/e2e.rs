@@ -213,11 +213,7 @@ async fn burst_with(
     let mut processes = Processes::start(ctx, &db.url, &vhost.url, layout)?;
     let outcome = async {
         let connection = connect(&vhost.url).await?;
-        wait_ready(&connection, &mut processes).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let channel = ready_channel(&connection, &mut processes).await?;
         let before = processes.cpu();
         let burst = burst(pool, &channel, customer, ctx.orders).await?;
         let after = processes.cpu();
@@ -236,10 +232,14 @@ async fn burst_with(
     outcome
 }
 
-/// Waits until orderflow consumes its commands: it declares every queue before it
-/// binds any, so a queue that merely exists may not be bound yet, and a command
-/// published then reaches no queue (the bench waited 60 s for stock that never came).
-async fn wait_ready(connection: &Connection, processes: &mut Processes) -> anyhow::Result<()> {
+/// A channel with publisher confirms, once orderflow consumes its commands: it
+/// declares every queue before it binds any, so a queue that merely exists may not be
+/// bound yet, and a command published then reaches no queue (the bench waited 60 s
+/// for stock that never came).
+async fn ready_channel(
+    connection: &Connection,
+    processes: &mut Processes,
+) -> anyhow::Result<Channel> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         processes.check_running()?;
@@ -256,7 +256,11 @@ async fn wait_ready(connection: &Connection, processes: &mut Processes) -> anyho
             .await;
         let _ = probe.close(200, "checked".into()).await;
         if matches!(declared, Ok(queue) if queue.consumer_count() > 0) {
-            return Ok(());
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            return Ok(channel);
         }
         if Instant::now() > deadline {
             bail!("orderflow did not consume its commands within 60 s");
@@ -353,11 +357,7 @@ async fn drive(
     body_len: usize,
 ) -> anyhow::Result<f64> {
     let connection = connect(&vhost.url).await?;
-    wait_ready(&connection, processes).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let channel = ready_channel(&connection, processes).await?;
 
     for sku in SKUS {
         let body = serde_json::json!({"sku": sku, "quantity": STOCK}).to_string();

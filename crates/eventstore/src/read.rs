@@ -88,16 +88,22 @@ pub(crate) struct TextEventRow {
     causation_id: Option<String>,
 }
 
+/// The metadata of a text row from its two ids, as the server extracted them.
+fn text_metadata(
+    correlation_id: Option<&str>,
+    causation_id: Option<&str>,
+) -> Result<Metadata, serde_json::Error> {
+    Ok(Metadata {
+        correlation_id: metadata_field(correlation_id, "correlation_id")?,
+        causation_id: metadata_field(causation_id, "causation_id")?,
+    })
+}
+
 impl TryFrom<TextEventRow> for RecordedEvent<String> {
     type Error = StoreError;
 
     fn try_from(row: TextEventRow) -> Result<Self, StoreError> {
-        let metadata = (|| {
-            Ok(Metadata {
-                correlation_id: metadata_field(row.correlation_id.as_deref(), "correlation_id")?,
-                causation_id: metadata_field(row.causation_id.as_deref(), "causation_id")?,
-            })
-        })();
+        let metadata = text_metadata(row.correlation_id.as_deref(), row.causation_id.as_deref());
         row.head.into_event(row.payload, metadata)
     }
 }

@@ -13,6 +13,7 @@ pub mod milestones;
 pub mod order_status;
 mod runner;
 pub mod stock_levels;
+mod tables;
 #[cfg(test)]
 mod test_events;
 pub mod timers;

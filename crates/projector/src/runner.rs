@@ -322,14 +322,15 @@ const TRUNCATE_LOCK_WAIT: &str = "200ms";
 /// the table longer than [`TRUNCATE_LOCK_WAIT`], `DELETE` does it (slower, and readers
 /// go on seeing the old rows until the commit).
 async fn install_rebuild(done: &mut Rebuilt) -> Result<(), ProjectorError> {
-    let projection = done.projection.clone();
-    for table in rebuilt_tables(projection.as_ref()) {
+    for table in rebuilt_tables(done.projection.as_ref()) {
         empty_live_table(&mut done.tx, table).await?;
         // In key order, the index grows at its right edge instead of at random pages.
-        let order = primary_key(&mut done.tx, table)
-            .await?
-            .map(|key| format!(" ORDER BY {key}"))
-            .unwrap_or_default();
+        let key = crate::tables::primary_key(&mut done.tx, table).await?;
+        let order = if key.is_empty() {
+            String::new()
+        } else {
+            format!(" ORDER BY {}", key.join(", "))
+        };
         sqlx::query(&format!(
             "INSERT INTO public.{table} SELECT * FROM pg_temp.{table}{order}"
         ))
@@ -337,23 +338,6 @@ async fn install_rebuild(done: &mut Rebuilt) -> Result<(), ProjectorError> {
         .await?;
     }
     Ok(())
-}
-
-/// The live table's primary key columns, quoted and comma-separated; `None` without one.
-async fn primary_key(
-    conn: &mut PgConnection,
-    table: &str,
-) -> Result<Option<String>, ProjectorError> {
-    Ok(sqlx::query_scalar(
-        "SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
-           FROM pg_index i
-          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-          WHERE i.indrelid = $1::regclass AND i.indisprimary",
-    )
-    .bind(format!("public.{table}"))
-    .fetch_one(conn)
-    .await?)
 }
 
 async fn empty_live_table(

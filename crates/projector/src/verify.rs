@@ -26,6 +26,7 @@ use sqlx::PgConnection;
 use tracing::{info, warn};
 
 use crate::runner::{checkpoint_name, ensure_schema};
+use crate::tables::{columns_of, ident};
 use crate::{Projection, ProjectorError, PAGE_SIZE};
 
 /// Where the rebuilt tables live while they are compared. Created and dropped inside
@@ -258,23 +259,6 @@ fn decode_with_positions(records: &[RecordedEvent]) -> (Vec<LogPosition>, Vec<Ev
         .unzip()
 }
 
-/// A table's columns in order, and which of them form its primary key.
-async fn columns_of(
-    conn: &mut PgConnection,
-    table: &str,
-) -> Result<Vec<(String, bool)>, ProjectorError> {
-    Ok(sqlx::query_as(
-        "SELECT a.attname::text, coalesce(a.attnum = ANY (i.indkey::int2[]), false)
-           FROM pg_attribute a
-           LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
-          WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
-          ORDER BY a.attnum",
-    )
-    .bind(format!("public.{}", ident(table)))
-    .fetch_all(conn)
-    .await?)
-}
-
 #[derive(sqlx::FromRow)]
 struct DiffRow {
     key: String,
@@ -397,11 +381,6 @@ async fn replace_live_rows(conn: &mut PgConnection, table: &str) -> Result<(), P
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// A quoted SQL identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A quoted SQL string literal.

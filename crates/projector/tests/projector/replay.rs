@@ -156,12 +156,9 @@ async fn readers_see_the_old_rows_while_a_rebuild_runs_and_the_new_ones_after() 
 {
     let db = TestDb::new().await?;
     let store = &db.store;
-    mixed_log(store).await?;
-    catch_up_all(store).await?;
-    let live = stock_rows(store).await?;
-    sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1000")
-        .execute(db.pool())
-        .await?;
+    let live =
+        stock_projected_then_damaged(&db, "UPDATE stock_levels SET on_hand = on_hand + 1000")
+            .await?;
     let damaged = stock_rows(store).await?;
     assert_ne!(damaged, live);
 
@@ -190,12 +187,7 @@ async fn readers_see_the_old_rows_while_a_rebuild_runs_and_the_new_ones_after() 
 async fn a_reader_holding_a_table_open_does_not_stall_the_rebuild_of_it() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let store = &db.store;
-    mixed_log(store).await?;
-    catch_up_all(store).await?;
-    let live = stock_rows(store).await?;
-    sqlx::query("UPDATE stock_levels SET reserved = 0")
-        .execute(db.pool())
-        .await?;
+    let live = stock_projected_then_damaged(&db, "UPDATE stock_levels SET reserved = 0").await?;
 
     // A reader in a long transaction keeps the table's share lock until it ends, so the
     // rebuild cannot truncate the table: it deletes the rows instead.
@@ -209,4 +201,17 @@ async fn a_reader_holding_a_table_open_does_not_stall_the_rebuild_of_it() -> any
     assert_eq!(stock_rows(store).await?, live);
     reader.commit().await?;
     Ok(())
+}
+
+/// The mixed log projected live; returns its stock rows, then damages them with
+/// `damage`, so that only a rebuild brings them back.
+async fn stock_projected_then_damaged(
+    db: &TestDb,
+    damage: &str,
+) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    mixed_log(&db.store).await?;
+    catch_up_all(&db.store).await?;
+    let live = stock_rows(&db.store).await?;
+    sqlx::query(damage).execute(db.pool()).await?;
+    Ok(live)
 }
