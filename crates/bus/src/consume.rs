@@ -11,9 +11,7 @@ use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
 use std::hash::{Hash, Hasher};
@@ -21,6 +19,7 @@ use std::hash::{Hash, Hasher};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::acks::Acks;
 use crate::message::{headers, short};
 use crate::publish::Prepared;
 use crate::topology::DEAD_LETTER_QUEUE;
@@ -173,6 +172,7 @@ pub async fn consume(
         };
         reconnect.reset();
         info!(queue, consumer_tag = %consumer.tag(), "consuming");
+        let acks = Acks::start();
 
         let stopped = loop {
             let permit = tokio::select! {
@@ -208,8 +208,10 @@ pub async fn consume(
                         redelivered = delivery.redelivered,
                     );
                     let incoming = Incoming::from_delivery(&delivery);
+                    acks.delivered(delivery.delivery_tag);
                     let job = Job {
                         queue: queue_arc.clone(),
+                        acks: acks.clone(),
                         delivery,
                         incoming,
                         permit,
@@ -248,6 +250,9 @@ pub async fn consume(
                 Err(err) => debug!(queue, error = %err, "cancelling the consumer failed"),
             }
             drain(&semaphore, permits, options.shutdown_grace, queue).await;
+            // The finished handlers' acks go out before the channel closes; closing
+            // first would return their messages to the queue.
+            let _ = answered("sending the last acks", acks.flush()).await;
             let _ = answered(
                 "closing the channel",
                 channel.close(200, "shutting down".into()),
@@ -308,6 +313,8 @@ async fn drain(semaphore: &Semaphore, permits: u32, grace: Duration, queue: &str
 struct Job {
     /// The queue it was consumed from (delayed retries return it there).
     queue: Arc<str>,
+    /// Its channel's acknowledger.
+    acks: Acks,
     delivery: Delivery,
     incoming: Incoming,
     permit: OwnedSemaphorePermit,
@@ -381,6 +388,7 @@ enum Verdict {
 async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: ConsumeOptions) {
     let Job {
         queue,
+        acks,
         delivery,
         incoming,
         permit: _permit,
@@ -391,6 +399,7 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
         // delivers it again on the new channel. Handling it here would do the work
         // twice, and its ack could not reach the broker anyway.
         debug!("the delivery's channel is gone; left for redelivery");
+        acks.settled(delivery.delivery_tag);
         return;
     }
     let verdict = run_handler(&handler, &incoming, &options).await;
@@ -420,7 +429,7 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
         }
     };
     match settled {
-        Ok(()) => ack(&delivery).await,
+        Ok(()) => acks.finished(delivery.delivery_tag, delivery.acker.clone()),
         Err(err) => {
             error!(error = %err, "could not move the message on; returning it to the queue");
             let requeue = BasicNackOptions {
@@ -432,6 +441,7 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
                 Ok(Err(err)) => warn!(error = %err, "nack failed (the broker will redeliver)"),
                 Err(err) => warn!(error = %err, "nack unanswered (the broker will redeliver)"),
             }
+            acks.settled(delivery.delivery_tag);
         }
     }
 }
@@ -531,21 +541,6 @@ async fn attempt_within(
             warn!(reason = %reason, attempts, "handler attempt abandoned");
             Ok(Outcome::Retry { reason })
         }
-    }
-}
-
-async fn ack(delivery: &Delivery) {
-    // Either way the channel is gone: the broker will redeliver, and the handler is
-    // idempotent.
-    match answered(
-        "acking a delivery",
-        delivery.acker.ack(BasicAckOptions::default()),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(err)) => warn!(error = %err, "ack failed (the broker will redeliver)"),
-        Err(err) => warn!(error = %err, "ack unanswered (the broker will redeliver)"),
     }
 }
 

@@ -9,6 +9,7 @@
 //! operation asks [`Bus`] for a live channel, and the bus re-opens the connection with
 //! an exponential backoff when it died, re-declaring the topology each time.
 
+mod acks;
 mod connection;
 mod consume;
 mod dlq;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bus::{Outcome, COMMAND_INTAKE_QUEUE};
 use tokio::sync::Semaphore;
 
-use crate::support::{connected, new_id, publish_command, FnHandler, Running, DEADLINE};
+use crate::support::{connected, new_id, publish_command, FnHandler, Running, Seen, DEADLINE};
 
 const MESSAGES: u64 = 30;
 const BOUND: u64 = 5;
@@ -106,5 +106,63 @@ async fn prefetch_and_concurrency_bound_the_messages_in_flight() -> anyhow::Resu
         "at most {BOUND} handlers at once, saw {}",
         most_running.load(Ordering::SeqCst)
     );
+    Ok(())
+}
+
+/// Acks are sent several at once where they can be, but a delivery that finished
+/// behind one still being handled is acknowledged at once: held back, it would keep
+/// its prefetch slot and, with a slow first message, stall the queue.
+#[tokio::test]
+async fn a_slow_message_does_not_hold_back_the_acks_of_those_after_it() -> anyhow::Result<()> {
+    let (vhost, bus) = connected().await?;
+    let (slow, quick, third) = (new_id(), new_id(), new_id());
+    for id in [&slow, &quick, &third] {
+        publish_command(&bus, "order.place", id.clone()).await?;
+    }
+    let seen = Seen::default();
+    let consumer = {
+        let (seen, slow, third) = (seen.clone(), slow.clone(), third.clone());
+        Running::start(
+            &bus,
+            COMMAND_INTAKE_QUEUE,
+            bus::ConsumeOptions {
+                // Room for two unacknowledged deliveries: the third arrives only once
+                // the quick one's ack has reached the broker.
+                prefetch: 2,
+                concurrency: 2,
+                max_retries: 0,
+                consumer_tag_prefix: "bus-test-ack-order".to_owned(),
+                delayed_retry_rounds: 0,
+                ..bus::ConsumeOptions::default()
+            },
+            Arc::new(FnHandler(move |msg: bus::Incoming| {
+                let (seen, slow, third) = (seen.clone(), slow.clone(), third.clone());
+                async move {
+                    if msg.message_id.as_deref() == Some(slow.as_str()) {
+                        let waited = seen.wait_for_id(&third).await;
+                        if waited.is_err() {
+                            return Outcome::Retry {
+                                reason: "the third message never came".to_owned(),
+                            };
+                        }
+                    }
+                    seen.push(msg);
+                    Outcome::Ack
+                }
+            })),
+        )
+    };
+    seen.wait_for_id(&slow).await?;
+    assert_eq!(
+        seen.ids(),
+        vec![quick, third, slow],
+        "the quick message's ack let the third in while the slow one was being handled"
+    );
+    testkit::wait_until("the queue to be empty", DEADLINE, || async {
+        let counts = vhost.queue_counts(COMMAND_INTAKE_QUEUE).await?;
+        Ok((counts == (0, 0)).then_some(()))
+    })
+    .await?;
+    consumer.stop().await?;
     Ok(())
 }
