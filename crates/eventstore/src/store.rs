@@ -365,10 +365,13 @@ impl EventStore {
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<LogPosition, StoreError> {
-        sqlx::query(&format!("SELECT pg_advisory_xact_lock({CHECKPOINT_LOCK})"))
-            .bind(name)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&format!(
+            "SELECT pg_advisory_xact_lock({})",
+            checkpoint_lock("$1")
+        ))
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
         // A statement of its own: its snapshot must be taken after the lock is
         // granted, so that it sees what the previous holder committed.
         load_checkpoint(&mut *conn, name).await
@@ -386,10 +389,28 @@ impl EventStore {
         name: &str,
     ) -> Result<bool, StoreError> {
         Ok(sqlx::query_scalar(&format!(
-            "SELECT pg_try_advisory_xact_lock({CHECKPOINT_LOCK})"
+            "SELECT pg_try_advisory_xact_lock({})",
+            checkpoint_lock("$1")
         ))
         .bind(name)
         .fetch_one(&mut *conn)
+        .await?)
+    }
+
+    /// [`try_lock_checkpoint`](Self::try_lock_checkpoint) for several followers in
+    /// one statement: whether this transaction now holds each of `names`, in order.
+    pub async fn try_lock_checkpoints(
+        &self,
+        conn: &mut PgConnection,
+        names: &[&str],
+    ) -> Result<Vec<bool>, StoreError> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT pg_try_advisory_xact_lock({}) \
+             FROM UNNEST($1::text[]) WITH ORDINALITY AS f(name, n) ORDER BY n",
+            checkpoint_lock("f.name")
+        ))
+        .bind(names)
+        .fetch_all(&mut *conn)
         .await?)
     }
 
@@ -428,6 +449,48 @@ impl EventStore {
         Ok(moved.rows_affected() == 1)
     }
 
+    /// [`advance_checkpoint`](Self::advance_checkpoint) for several followers, each
+    /// from where it was (`moves`) to the same `to`, in one statement (followers that
+    /// have no checkpoint yet take one each). `true` only if every one moved; on
+    /// `false` the caller rolls back, as for a single follower.
+    pub async fn advance_checkpoints(
+        &self,
+        conn: &mut PgConnection,
+        moves: &[(&str, LogPosition)],
+        to: LogPosition,
+    ) -> Result<bool, StoreError> {
+        let (first, known): (Vec<_>, Vec<_>) = moves
+            .iter()
+            .partition(|(_, from)| *from == LogPosition::START);
+        for (name, from) in first {
+            if !self.advance_checkpoint(conn, name, from, to).await? {
+                return Ok(false);
+            }
+        }
+        if known.is_empty() {
+            return Ok(true);
+        }
+        let names: Vec<&str> = known.iter().map(|(name, _)| *name).collect();
+        let transactions: Vec<i64> = known.iter().map(|(_, from)| from.transaction_id).collect();
+        let positions: Vec<i64> = known.iter().map(|(_, from)| from.global_position).collect();
+        let moved = sqlx::query(
+            "UPDATE checkpoints c \
+             SET transaction_id = $4, global_position = $5, updated_at = now() \
+             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
+               AS f(name, transaction_id, global_position) \
+             WHERE c.name = f.name \
+               AND (c.transaction_id, c.global_position) = (f.transaction_id, f.global_position)",
+        )
+        .bind(names)
+        .bind(transactions)
+        .bind(positions)
+        .bind(to.transaction_id)
+        .bind(to.global_position)
+        .execute(conn)
+        .await?;
+        Ok(moved.rows_affected() == known.len() as u64)
+    }
+
     /// Forgets the follower's position: it starts again from `LogPosition::START`
     /// (replay). Waits for the follower's current turn to end, so that turn cannot save its
     /// position over the reset.
@@ -443,9 +506,11 @@ impl EventStore {
     }
 }
 
-/// The advisory lock key of the follower named `$1`: one definition, so the waiting
-/// and the trying lock can never take different keys.
-const CHECKPOINT_LOCK: &str = "hashtextextended('checkpoint:' || $1, 0)";
+/// The advisory lock key of the follower whose name is the SQL expression `name`: one
+/// definition, so the waiting and the trying locks can never take different keys.
+fn checkpoint_lock(name: &str) -> String {
+    format!("hashtextextended('checkpoint:' || {name}, 0)")
+}
 
 async fn load_checkpoint(
     conn: impl sqlx::PgExecutor<'_>,

@@ -1,13 +1,17 @@
 //! Live projection: one reader follows the log for every projection of the process.
 //!
 //! Each page is read and decoded once and handed to every projection, which applies
-//! the part after its own checkpoint in its own transaction (rows and checkpoint
-//! together), all projections at once on their own connections. A projection stays
-//! independent of the others: its checkpoint is its own, a failure or a lock held by
-//! someone else (a replay, the same projection in another process) holds back only
-//! that projection, and the reader starts each page at the checkpoint of the one that
-//! is furthest behind. Reading once instead of once per projection saves three
-//! queries and three decodings of every event.
+//! the part after its own checkpoint, rows and checkpoint together. Normally all of
+//! them do so in one transaction: one BEGIN, one statement that takes every
+//! checkpoint's lock, one that moves every checkpoint, one commit, instead of one of
+//! each per projection. A projection stays independent of the others all the same:
+//! its checkpoint is its own, and when the shared transaction cannot be had (a lock
+//! held by someone else, a replay or the same projection in another process) or fails
+//! (one projection's write), the page is applied again with a transaction per
+//! projection, so that the trouble holds back only the projection it belongs to. The
+//! reader starts each page at the checkpoint of the one that is furthest behind.
+//! Reading once instead of once per projection saves three queries and three
+//! decodings of every event.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +97,13 @@ async fn round(store: &EventStore, followers: &mut [Follower]) -> Result<usize, 
     let Some(page) = read(store, from).await? else {
         return Ok(0);
     };
+    match apply_together(store, followers, &page).await {
+        Ok(Some(applied)) => return Ok(applied),
+        Ok(None) => {}
+        Err(error) => {
+            debug!(%error, "the page failed in the shared transaction; applying it projection by projection");
+        }
+    }
     let applied = futures::future::join_all(
         followers
             .iter_mut()
@@ -131,6 +142,69 @@ async fn read(
         positions,
         events,
     }))
+}
+
+/// Applies the page for every projection that is behind, all in one transaction.
+/// `None` when that is not for this page (fewer than two are behind, or a checkpoint
+/// is held or moved elsewhere): nothing was committed. Returns how many events the
+/// projections covered, counted as [`apply`] counts them.
+async fn apply_together(
+    store: &EventStore,
+    followers: &mut [Follower],
+    page: &SharedPage,
+) -> Result<Option<usize>, ProjectorError> {
+    let mut due: Vec<(&mut Follower, LogPosition)> = followers
+        .iter_mut()
+        .filter_map(|follower| match follower.known {
+            Some(after) if after < page.last => Some((follower, after)),
+            _ => None,
+        })
+        .collect();
+    if due.len() < 2 {
+        return Ok(None);
+    }
+    let names: Vec<&str> = due.iter().map(|(f, _)| f.checkpoint.as_str()).collect();
+    let mut tx = eventstore::begin(store.pool()).await?;
+    if !store
+        .try_lock_checkpoints(&mut tx, &names)
+        .await?
+        .into_iter()
+        .all(|held| held)
+    {
+        // Those that are free take their turns one by one.
+        return Ok(None);
+    }
+    for (follower, after) in &due {
+        follower
+            .projection
+            .apply_page(&mut tx, page.after(*after))
+            .await?;
+    }
+    let moves: Vec<(&str, LogPosition)> = due
+        .iter()
+        .map(|(f, after)| (f.checkpoint.as_str(), *after))
+        .collect();
+    if !store
+        .advance_checkpoints(&mut tx, &moves, page.last)
+        .await?
+    {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    // Unknown until the commit is confirmed (see `apply`).
+    for (follower, _) in &mut due {
+        follower.known = None;
+    }
+    tx.commit().await?;
+    let mut covered = 0;
+    for (follower, after) in due {
+        follower.known = Some(page.last);
+        let events = page.after(after).len();
+        metrics::counter!("orderflow_events_projected_total", "projection" => follower.projection.name())
+            .increment(events as u64);
+        covered += events.max(1);
+    }
+    Ok(Some(covered))
 }
 
 /// Applies the part of `page` after the follower's checkpoint, rows and checkpoint in

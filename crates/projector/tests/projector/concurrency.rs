@@ -249,3 +249,127 @@ async fn two_live_projectors_apply_every_event_exactly_once() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// Runs the live projector with `projections` until `caught_up` holds, then stops it.
+async fn project_live_until<F, Fut>(
+    store: &eventstore::EventStore,
+    projections: Vec<Arc<dyn projector::Projection>>,
+    what: &str,
+    caught_up: F,
+) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let live = tokio::spawn(projector::run(store.clone(), projections, async move {
+        let _ = stopped.await;
+    }));
+    let waited = testkit::wait_until(what, DEADLINE, || async {
+        Ok(caught_up().await?.then_some(()))
+    })
+    .await;
+    let _ = stop.send(());
+    live.await??;
+    waited
+}
+
+/// Projections behind by the same page apply it in one transaction (one lock
+/// statement, one checkpoint statement, one commit for all): the last writer of
+/// every checkpoint row is the same transaction.
+#[tokio::test]
+async fn projections_behind_by_the_same_page_apply_it_in_one_transaction() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    set_stock(store, "A", 100).await?;
+    let mut order = OrderScript::new(store);
+    order.place(vec![line("A", 7, 10)], true).await?;
+    order.reserve_all().await?;
+    wait_readable(store).await?;
+
+    let projections = projector::all_projections();
+    project_live_until(
+        store,
+        projections.clone(),
+        "every projection to catch up",
+        || async {
+            let mut caught_up = true;
+            for p in projector::all_projections() {
+                caught_up &= behind(store, p.as_ref()).await? == 0;
+            }
+            Ok(caught_up)
+        },
+    )
+    .await?;
+    let (rows, writers): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT xmin::text) FROM checkpoints
+          WHERE name LIKE 'projection:%'",
+    )
+    .fetch_one(store.pool())
+    .await?;
+    assert_eq!(rows, i64::try_from(projections.len())?);
+    assert_eq!(writers, 1, "one transaction moved every checkpoint");
+    assert_eq!(stock_rows(store).await?, vec![("A".to_owned(), 93, 7)]);
+    Ok(())
+}
+
+/// A projection that writes what `inner` writes and then fails, on every page.
+struct AlwaysFails(Arc<dyn projector::Projection>);
+
+impl projector::Projection for AlwaysFails {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        self.0.tables()
+    }
+
+    fn state_tables(&self) -> &'static [&'static str] {
+        self.0.state_tables()
+    }
+
+    fn apply_page<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        events: &'a [domain::EventEnvelope],
+    ) -> futures::future::BoxFuture<'a, Result<(), projector::ProjectorError>> {
+        Box::pin(async move {
+            self.0.apply_page(conn, events).await?;
+            Err(projector::ProjectorError::UnknownProjection(
+                "injected failure on every page".to_owned(),
+            ))
+        })
+    }
+}
+
+/// A projection that fails on a page fails the shared transaction; the page is then
+/// applied projection by projection, so the others move on and only the failing one
+/// stays behind, with none of its rows written.
+#[tokio::test]
+async fn a_projection_that_keeps_failing_does_not_hold_back_the_others() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    set_stock(store, "A", 100).await?;
+    let mut order = OrderScript::new(store);
+    order.place(vec![line("A", 7, 10)], true).await?;
+    order.reserve_all().await?;
+    wait_readable(store).await?;
+
+    let order_status = projector::by_name("order_status")?;
+    let failing: Arc<dyn projector::Projection> =
+        Arc::new(AlwaysFails(Arc::new(StockLevelsProjection)));
+    project_live_until(
+        store,
+        vec![failing, order_status.clone()],
+        "order_status to catch up",
+        || async { Ok(behind(store, order_status.as_ref()).await? == 0) },
+    )
+    .await?;
+    assert!(behind(store, &StockLevelsProjection).await? > 0);
+    assert!(
+        stock_rows(store).await?.is_empty(),
+        "the failing projection's rows were rolled back"
+    );
+    Ok(())
+}
