@@ -1,40 +1,74 @@
-//! Acknowledgements of one channel, coalesced: the deliveries whose handlers finished
-//! together are acknowledged with one `basic.ack` (`multiple`) when nothing delivered
-//! before them is still open, instead of one frame each. On a quorum queue every ack
-//! is also a command in the queue's replicated log, so a frame saved is work saved on
-//! the broker as well.
+//! Acknowledgements of one channel, coalesced: a finished delivery waits a few
+//! milliseconds ([`LINGER`]) for others to finish, and those that finished meanwhile
+//! are acknowledged with one `basic.ack` (`multiple`) instead of one frame each. On a
+//! quorum queue every ack is also a command in the queue's replicated log, so a frame
+//! saved is work saved on the broker as well.
 //!
-//! A `multiple` ack settles every delivery up to its tag, so it is sent only up to the
+//! A `multiple` ack settles every delivery up to its tag, so it never reaches past the
 //! first delivery that is still being handled (or was returned with a nack, which is
 //! sent before the ledger hears of it). A finished delivery behind one that is still
-//! open is acknowledged on its own at once: a slow handler never holds back the acks of
-//! the others, which would fill the prefetch window and stall the queue.
-use std::collections::{BTreeSet, HashMap};
+//! open waits no longer than the others: once its linger is up it is acknowledged on
+//! its own, so a slow handler never holds back the acks of the deliveries after it,
+//! which would keep their prefetch slots and could stall the queue.
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use futures::future::join_all;
 use lapin::options::BasicAckOptions;
 use lapin::Acker;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::consume::answered;
 
-/// Delivery tags of one channel that are neither acknowledged nor returned.
-#[derive(Debug, Default)]
-pub(crate) struct Ledger {
+/// How long a finished delivery may wait for others to finish, so that they share one
+/// frame. The broker sends nothing more for it meanwhile; it only keeps its prefetch
+/// slot that much longer, a few milliseconds beside the handler's own time.
+const LINGER: Duration = Duration::from_millis(5);
+
+/// Finished deliveries that go out at once, without waiting out [`LINGER`].
+const ENOUGH: usize = 64;
+
+/// The deliveries of one channel that are not acknowledged yet: those still being
+/// handled (`open`), and those finished and waiting to be acknowledged (with their
+/// acker `A` and when they finished).
+#[derive(Debug)]
+pub(crate) struct Ledger<A> {
     open: BTreeSet<u64>,
+    finished: BTreeMap<u64, (A, Instant)>,
 }
 
-/// The frames that acknowledge a set of finished deliveries.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct AckPlan {
-    /// One `multiple` ack up to and including this tag.
-    pub(crate) up_to: Option<u64>,
-    /// Tags acknowledged one by one (behind a delivery that is still open).
-    pub(crate) singles: Vec<u64>,
+/// The frames that acknowledge what is due.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct AckPlan<A> {
+    /// One `multiple` ack, with the acker of the highest tag it covers, and how many
+    /// deliveries it covers.
+    pub(crate) multiple: Option<(A, usize)>,
+    /// Acks of one delivery each.
+    pub(crate) singles: Vec<A>,
 }
 
-impl Ledger {
+impl<A> AckPlan<A> {
+    pub(crate) fn deliveries(&self) -> usize {
+        self.multiple.as_ref().map_or(0, |(_, n)| *n) + self.singles.len()
+    }
+
+    pub(crate) fn frames(&self) -> usize {
+        usize::from(self.multiple.is_some()) + self.singles.len()
+    }
+}
+
+impl<A> Default for Ledger<A> {
+    fn default() -> Self {
+        Ledger {
+            open: BTreeSet::new(),
+            finished: BTreeMap::new(),
+        }
+    }
+}
+
+impl<A> Ledger<A> {
     pub(crate) fn delivered(&mut self, tag: u64) {
         self.open.insert(tag);
     }
@@ -45,34 +79,54 @@ impl Ledger {
         self.open.remove(&tag);
     }
 
-    /// How to acknowledge `finished`, which leave the ledger.
-    pub(crate) fn plan(&mut self, mut finished: Vec<u64>) -> AckPlan {
-        for tag in &finished {
-            self.open.remove(tag);
-        }
-        finished.sort_unstable();
+    /// The delivery's handler finished at `now`: it is to be acknowledged.
+    pub(crate) fn finished(&mut self, tag: u64, acker: A, now: Instant) {
+        self.open.remove(&tag);
+        self.finished.insert(tag, (acker, now));
+    }
+
+    /// When the longest-waiting finished delivery must go out.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.finished.values().map(|(_, at)| *at + LINGER).min()
+    }
+
+    /// Whether the acks should go out now rather than at the deadline.
+    pub(crate) fn enough(&self) -> bool {
+        self.finished.len() >= ENOUGH
+    }
+
+    /// The acks to send now: every finished delivery before the first open one, in one
+    /// frame, and those behind an open one that have waited `linger` (all of them
+    /// with a zero `linger`). The rest keep waiting.
+    pub(crate) fn due(&mut self, now: Instant, linger: Duration) -> AckPlan<A> {
         let first_open = self.open.first().copied();
-        let covered = finished.partition_point(|tag| first_open.is_none_or(|open| *tag < open));
-        let singles = finished.split_off(covered);
-        match finished.as_slice() {
-            [] => AckPlan {
-                up_to: None,
-                singles,
-            },
-            // A lone tag goes out as an ordinary ack.
-            [only] => {
-                let mut singles = singles;
-                singles.insert(0, *only);
-                AckPlan {
-                    up_to: None,
-                    singles,
-                }
+        let behind = match first_open {
+            Some(open) => self.finished.split_off(&open),
+            None => BTreeMap::new(),
+        };
+        let covered = std::mem::replace(&mut self.finished, behind);
+        let count = covered.len();
+        let mut singles = Vec::new();
+        let multiple = match covered.into_values().next_back() {
+            Some((acker, _)) if count > 1 => Some((acker, count)),
+            Some((acker, _)) => {
+                singles.push(acker);
+                None
             }
-            [.., last] => AckPlan {
-                up_to: Some(*last),
-                singles,
-            },
+            None => None,
+        };
+        let waited: Vec<u64> = self
+            .finished
+            .iter()
+            .filter(|(_, (_, at))| *at + linger <= now)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in waited {
+            if let Some((acker, _)) = self.finished.remove(&tag) {
+                singles.push(acker);
+            }
         }
+        AckPlan { multiple, singles }
     }
 }
 
@@ -126,50 +180,73 @@ impl Acks {
     }
 }
 
-/// Runs until every [`Acks`] of the channel is dropped.
+/// Runs until every [`Acks`] of the channel is dropped, then sends what is left.
 async fn acknowledge(mut notes: mpsc::UnboundedReceiver<Note>) {
     let mut ledger = Ledger::default();
-    while let Some(first) = notes.recv().await {
-        let mut finished = HashMap::new();
-        let mut flushes = Vec::new();
+    let mut flushes = Vec::new();
+    loop {
+        let note = match ledger.deadline() {
+            Some(deadline) => match tokio::time::timeout_at(deadline, notes.recv()).await {
+                Ok(note) => note.map(Some),
+                Err(_) => Some(None),
+            },
+            None => notes.recv().await.map(Some),
+        };
+        let Some(note) = note else {
+            // Every sender is gone: nothing more will finish on this channel.
+            send(ledger.due(Instant::now(), Duration::ZERO)).await;
+            return;
+        };
+        let now = Instant::now();
         let mut take = |note| match note {
             Note::Delivered(tag) => ledger.delivered(tag),
-            Note::Finished(tag, acker) => {
-                finished.insert(tag, acker);
-            }
+            Note::Finished(tag, acker) => ledger.finished(tag, acker, now),
             Note::Settled(tag) => ledger.settled(tag),
             Note::Flush(done) => flushes.push(done),
         };
-        take(first);
-        // Whatever else finished meanwhile goes out in the same round.
+        if let Some(note) = note {
+            take(note);
+        }
         while let Ok(note) = notes.try_recv() {
             take(note);
         }
-        let plan = ledger.plan(finished.keys().copied().collect());
-        send(&plan, &finished).await;
-        for done in flushes {
+        let linger = if flushes.is_empty() {
+            LINGER
+        } else {
+            Duration::ZERO
+        };
+        if flushes.is_empty() && !ledger.enough() && ledger.deadline().is_none_or(|d| d > now) {
+            continue;
+        }
+        send(ledger.due(now, linger)).await;
+        for done in flushes.drain(..) {
             let _ = done.send(());
         }
     }
 }
 
-async fn send(plan: &AckPlan, ackers: &HashMap<u64, Acker>) {
+async fn send(plan: AckPlan<Acker>) {
+    if plan.frames() == 0 {
+        return;
+    }
+    debug!(
+        deliveries = plan.deliveries(),
+        frames = plan.frames(),
+        "acknowledged deliveries"
+    );
     let multiple = plan
-        .up_to
-        .and_then(|tag| ackers.get(&tag))
-        .map(|acker| acker.ack(BasicAckOptions { multiple: true }));
+        .multiple
+        .iter()
+        .map(|(acker, _)| acker.ack(BasicAckOptions { multiple: true }));
     let singles = plan
         .singles
         .iter()
-        .filter_map(|tag| ackers.get(tag))
         .map(|acker| acker.ack(BasicAckOptions::default()));
-    let frames = multiple.into_iter().chain(singles);
-    let answers = answered("acknowledging deliveries", join_all(frames)).await;
-    debug!(
-        up_to = plan.up_to,
-        singles = plan.singles.len(),
-        "acknowledged"
-    );
+    let answers = answered(
+        "acknowledging deliveries",
+        join_all(multiple.chain(singles)),
+    )
+    .await;
     // Either way the channel is gone: the broker will redeliver, and handlers are
     // idempotent.
     match answers {
@@ -188,7 +265,8 @@ async fn send(plan: &AckPlan, ackers: &HashMap<u64, Acker>) {
 mod tests {
     use super::*;
 
-    fn ledger(open: &[u64]) -> Ledger {
+    /// A ledger whose acker is the tag itself, with `open` delivered.
+    fn ledger(open: &[u64]) -> Ledger<u64> {
         let mut ledger = Ledger::default();
         for tag in open {
             ledger.delivered(*tag);
@@ -196,71 +274,113 @@ mod tests {
         ledger
     }
 
+    fn finish(ledger: &mut Ledger<u64>, tags: &[u64], at: Instant) {
+        for tag in tags {
+            ledger.finished(*tag, *tag, at);
+        }
+    }
+
     #[test]
-    fn deliveries_finished_together_in_order_take_one_multiple_ack() {
+    fn deliveries_finished_in_one_linger_take_one_multiple_ack() {
+        let start = Instant::now();
         let mut ledger = ledger(&[1, 2, 3, 4]);
+        finish(&mut ledger, &[3, 1, 2, 4], start);
+        assert_eq!(ledger.deadline(), Some(start + LINGER));
         assert_eq!(
-            ledger.plan(vec![3, 1, 2, 4]),
+            ledger.due(start + LINGER, LINGER),
             AckPlan {
-                up_to: Some(4),
+                multiple: Some((4, 4)),
+                singles: vec![]
+            }
+        );
+        assert_eq!(ledger.deadline(), None, "nothing left waiting");
+    }
+
+    #[test]
+    fn a_delivery_still_open_bounds_the_multiple_ack() {
+        let start = Instant::now();
+        let mut ledger = ledger(&[1, 2, 3, 4, 5]);
+        finish(&mut ledger, &[1, 2, 4, 5], start);
+        let plan = ledger.due(start + Duration::from_millis(1), LINGER);
+        assert_eq!(
+            plan,
+            AckPlan {
+                multiple: Some((2, 2)),
+                singles: vec![]
+            },
+            "4 and 5 wait for 3 while their linger lasts"
+        );
+        // 3 finishes: 4 and 5 are no longer behind an open delivery.
+        finish(&mut ledger, &[3], start + Duration::from_millis(2));
+        assert_eq!(
+            ledger.due(start + LINGER, LINGER),
+            AckPlan {
+                multiple: Some((5, 3)),
                 singles: vec![]
             }
         );
     }
 
     #[test]
-    fn a_delivery_still_open_bounds_the_multiple_ack_and_the_rest_go_alone() {
-        let mut ledger = ledger(&[1, 2, 3, 4, 5]);
+    fn a_delivery_behind_a_slow_one_goes_out_alone_once_its_linger_is_up() {
+        let start = Instant::now();
+        let mut ledger = ledger(&[1, 2, 3]);
+        finish(&mut ledger, &[2, 3], start);
         assert_eq!(
-            ledger.plan(vec![1, 2, 4, 5]),
+            ledger.due(start + LINGER, LINGER),
             AckPlan {
-                up_to: Some(2),
-                singles: vec![4, 5]
+                multiple: None,
+                singles: vec![2, 3]
             }
         );
-        // 3 finishes later: nothing before it is open any more.
-        assert_eq!(
-            ledger.plan(vec![3]),
-            AckPlan {
-                up_to: None,
-                singles: vec![3]
-            }
-        );
+        assert_eq!(ledger.deadline(), None);
     }
 
     #[test]
     fn a_returned_delivery_no_longer_holds_back_the_others() {
+        let start = Instant::now();
         let mut ledger = ledger(&[1, 2, 3]);
-        assert_eq!(
-            ledger.plan(vec![2, 3]),
-            AckPlan {
-                up_to: None,
-                singles: vec![2, 3]
-            }
-        );
+        finish(&mut ledger, &[2, 3], start);
         ledger.settled(1);
-        ledger.delivered(4);
-        ledger.delivered(5);
         assert_eq!(
-            ledger.plan(vec![4, 5]),
+            ledger.due(start, LINGER),
             AckPlan {
-                up_to: Some(5),
+                multiple: Some((3, 2)),
                 singles: vec![]
             }
         );
     }
 
     #[test]
-    fn a_multiple_ack_never_reaches_a_delivery_that_is_still_open() {
+    fn a_flush_sends_everything_finished_and_never_past_an_open_delivery() {
+        let start = Instant::now();
         let mut ledger = ledger(&[1, 2, 3, 4, 5, 6]);
-        let plan = ledger.plan(vec![1, 2, 5, 6]);
-        assert!(plan.up_to.is_some_and(|tag| tag < 3), "{plan:?}");
+        finish(&mut ledger, &[1, 2, 5, 6], start);
+        let plan = ledger.due(start, Duration::ZERO);
+        assert_eq!(plan.multiple, Some((2, 2)), "{plan:?}");
         assert_eq!(plan.singles, vec![5, 6]);
+        assert_eq!(plan.deliveries(), 4);
+        assert_eq!(plan.frames(), 3);
+    }
+
+    #[test]
+    fn a_lone_finished_delivery_is_an_ordinary_ack() {
+        let start = Instant::now();
+        let mut ledger = ledger(&[1, 2]);
+        finish(&mut ledger, &[1], start);
+        assert_eq!(
+            ledger.due(start + LINGER, LINGER),
+            AckPlan {
+                multiple: None,
+                singles: vec![1]
+            }
+        );
     }
 
     #[test]
     fn nothing_finished_sends_nothing() {
         let mut ledger = ledger(&[1]);
-        assert_eq!(ledger.plan(vec![]), AckPlan::default());
+        let plan = ledger.due(Instant::now(), Duration::ZERO);
+        assert_eq!(plan.frames(), 0);
     }
 }
