@@ -566,7 +566,10 @@ fn where_the_time_goes(report: &Report) -> String {
          notification inserts, the gateway simulator's ledger (3, now 2: recording an \
          outcome is one statement), about 5 for the projectors' checkpoints (take the \
          lock, read, save; since 4 Dec the read is gone: a follower moves its checkpoint \
-         only from where it left it, which checks in the save what the read checked), one customer-key lookup, and BEGIN/COMMIT (about 2 each). \
+         only from where it left it, which checks in the save what the read checked; \
+         and the projections behind by the same page now apply it in one transaction, \
+         with one lock statement and one checkpoint statement for all), one \
+         customer-key lookup, and BEGIN/COMMIT (about 2 each). \
          On the orderflow side, the relay now sends each payload as the JSON text \
          PostgreSQL gives it and consumers deserialise it straight into the event, \
          with the order a delivery belongs to read from its `order_id` alone (before, \
@@ -580,7 +583,17 @@ fn where_the_time_goes(report: &Report) -> String {
          slots on 4 Dec, A B B A at 0.3 scale gave 195 and 207 orders/s without \
          against 240 and 254 with, PostgreSQL's CPU per order 4.6 and 4.2 ms against \
          3.3 and 3.1, and at full scale 184 against 194 orders/s, but p99 at half \
-         load 217 against 383 ms: appends queue for a slot. A profile of the burst (perf, all CPUs, 4 Dec) found \
+         load 217 against 383 ms: appends queue for a slot. Two changes of 4 Dec \
+         cut frames and statements without a visible change in these figures (A B \
+         runs at 0.3 scale, three each, 216 to 246 orders/s either way): the \
+         projections apply a page in one shared transaction (under a burst the pages \
+         are long, so the commits counted per order stayed within a hundredth: 91,550 \
+         before and 91,464 after for the same 3,819 orders), and acks are coalesced \
+         per channel into `multiple` acks after a 5 ms wait (1.2 deliveries per ack \
+         frame: with fourteen consuming channels a channel sees a delivery every few \
+         milliseconds). PostgreSQL over its Unix socket instead of loopback TCP gave \
+         the same (236 orders/s, 3.62 ms of PostgreSQL CPU per order, 0.3 scale): the \
+         kernel's share is the wake-ups of each round trip, not TCP. A profile of the burst (perf, all CPUs, 4 Dec) found \
          no idle time: postgres 40% of the samples, orderflow 35%, RabbitMQ 21%; about \
          40% of postgres's samples and half of orderflow's are in the kernel, mostly \
          loopback TCP (each send wakes its receiver). What is left is the number of \

@@ -199,10 +199,7 @@ async fn apply_together(
     let mut covered = 0;
     for (follower, after) in due {
         follower.known = Some(page.last);
-        let events = page.after(after).len();
-        metrics::counter!("orderflow_events_projected_total", "projection" => follower.projection.name())
-            .increment(events as u64);
-        covered += events.max(1);
+        covered += projected(follower.projection.name(), page.after(after).len());
     }
     Ok(Some(covered))
 }
@@ -253,9 +250,14 @@ async fn apply(
     }
     tx.commit().await?;
     follower.known = Some(page.last);
+    Ok(projected(name, events.len()))
+}
+
+/// Counts a projection's committed events; returns the progress they make.
+fn projected(projection: &'static str, events: usize) -> usize {
     // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
-    metrics::counter!("orderflow_events_projected_total", "projection" => name)
-        .increment(events.len() as u64);
+    metrics::counter!("orderflow_events_projected_total", "projection" => projection)
+        .increment(events as u64);
     // Progress even when every event of its part was undecodable (skipped).
-    Ok(events.len().max(1))
+    events.max(1)
 }

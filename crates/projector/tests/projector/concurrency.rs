@@ -10,10 +10,7 @@ async fn a_second_instance_waits_for_the_first_and_does_not_apply_its_page_again
 ) -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let store = &db.store;
-    set_stock(store, "A", 100).await?;
-    let mut order = OrderScript::new(store);
-    order.place(vec![line("A", 7, 10)], true).await?;
-    order.reserve_all().await?;
+    seven_of_a_hundred_reserved(store).await?;
     let total = store.count().await?;
     wait_readable(store).await?;
 
@@ -173,10 +170,7 @@ async fn an_event_this_version_cannot_decode_is_skipped_not_fatal() -> anyhow::R
 async fn a_projection_held_elsewhere_does_not_hold_back_the_others() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let store = &db.store;
-    set_stock(store, "A", 100).await?;
-    let mut order = OrderScript::new(store);
-    order.place(vec![line("A", 7, 10)], true).await?;
-    order.reserve_all().await?;
+    seven_of_a_hundred_reserved(store).await?;
 
     let holder = db.second_store().await?;
     let mut held = eventstore::begin(holder.pool()).await?;
@@ -282,15 +276,10 @@ where
 async fn projections_behind_by_the_same_page_apply_it_in_one_transaction() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let store = &db.store;
-    set_stock(store, "A", 100).await?;
-    let mut order = OrderScript::new(store);
-    order.place(vec![line("A", 7, 10)], true).await?;
-    order.reserve_all().await?;
+    seven_of_a_hundred_reserved(store).await?;
     for expected in [93, 90] {
         if expected == 90 {
-            let mut second = OrderScript::new(store);
-            second.place(vec![line("A", 3, 10)], true).await?;
-            second.reserve_all().await?;
+            order_reserving(store, 3).await?;
         }
         wait_readable(store).await?;
         project_live_until(
@@ -322,36 +311,6 @@ async fn projections_behind_by_the_same_page_apply_it_in_one_transaction() -> an
     Ok(())
 }
 
-/// A projection that writes what `inner` writes and then fails, on every page.
-struct AlwaysFails(Arc<dyn projector::Projection>);
-
-impl projector::Projection for AlwaysFails {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        self.0.tables()
-    }
-
-    fn state_tables(&self) -> &'static [&'static str] {
-        self.0.state_tables()
-    }
-
-    fn apply_page<'a>(
-        &'a self,
-        conn: &'a mut sqlx::PgConnection,
-        events: &'a [domain::EventEnvelope],
-    ) -> futures::future::BoxFuture<'a, Result<(), projector::ProjectorError>> {
-        Box::pin(async move {
-            self.0.apply_page(conn, events).await?;
-            Err(projector::ProjectorError::UnknownProjection(
-                "injected failure on every page".to_owned(),
-            ))
-        })
-    }
-}
-
 /// A projection that fails on a page fails the shared transaction; the page is then
 /// applied projection by projection, so the others move on and only the failing one
 /// stays behind, with none of its rows written.
@@ -359,15 +318,15 @@ impl projector::Projection for AlwaysFails {
 async fn a_projection_that_keeps_failing_does_not_hold_back_the_others() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let store = &db.store;
-    set_stock(store, "A", 100).await?;
-    let mut order = OrderScript::new(store);
-    order.place(vec![line("A", 7, 10)], true).await?;
-    order.reserve_all().await?;
+    seven_of_a_hundred_reserved(store).await?;
     wait_readable(store).await?;
 
     let order_status = projector::by_name("order_status")?;
-    let failing: Arc<dyn projector::Projection> =
-        Arc::new(AlwaysFails(Arc::new(StockLevelsProjection)));
+    let failing: Arc<dyn projector::Projection> = Arc::new(Interrupted::new(
+        Arc::new(StockLevelsProjection),
+        1,
+        Stop::FailEvery,
+    ));
     project_live_until(
         store,
         vec![failing, order_status.clone()],
@@ -381,4 +340,17 @@ async fn a_projection_that_keeps_failing_does_not_hold_back_the_others() -> anyh
         "the failing projection's rows were rolled back"
     );
     Ok(())
+}
+
+/// Stock of A set to 100, and one order that reserved 7 of it.
+async fn seven_of_a_hundred_reserved(store: &eventstore::EventStore) -> anyhow::Result<()> {
+    set_stock(store, "A", 100).await?;
+    order_reserving(store, 7).await
+}
+
+/// An order for `quantity` of A, placed and reserved.
+async fn order_reserving(store: &eventstore::EventStore, quantity: i64) -> anyhow::Result<()> {
+    let mut order = OrderScript::new(store);
+    order.place(vec![line("A", quantity, 10)], true).await?;
+    order.reserve_all().await
 }

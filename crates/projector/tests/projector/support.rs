@@ -283,8 +283,9 @@ pub async fn last_of(
 }
 
 /// A projection that does what `inner` does, but on page `at` (1-based) applies the
-/// page and then stops in the middle of its transaction: it fails (`Stop::Fail`) or
-/// signals `reached` and waits for `release` (`Stop::Hold`; never released = a crash).
+/// page and then stops in the middle of its transaction: it fails (`Stop::Fail`; on
+/// that page and every later one with `Stop::FailEvery`) or signals `reached` and
+/// waits for `release` (`Stop::Hold`; never released = a crash).
 pub struct Interrupted {
     pub inner: std::sync::Arc<dyn Projection>,
     pub at: usize,
@@ -297,6 +298,7 @@ pub struct Interrupted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     Fail,
+    FailEvery,
     Hold,
 }
 
@@ -334,9 +336,10 @@ impl Projection for Interrupted {
         Box::pin(async move {
             let page = self.pages.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             self.inner.apply_page(conn, events).await?;
-            if page == self.at {
+            let failing_from_here = self.stop == Stop::FailEvery && page > self.at;
+            if page == self.at || failing_from_here {
                 match self.stop {
-                    Stop::Fail => {
+                    Stop::Fail | Stop::FailEvery => {
                         return Err(projector::ProjectorError::UnknownProjection(
                             "injected failure".to_owned(),
                         ))
