@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::decode::decode_page;
 use crate::{
@@ -284,6 +284,7 @@ async fn begin_rebuild(
     let id: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
         .fetch_one(&mut *tx)
         .await?;
+    more_temp_buffers(&mut tx).await?;
     for table in rebuilt_tables(projection) {
         // `pg_temp` comes first on every search path: the projection's own statements,
         // which name their tables unqualified, write the copy.
@@ -298,6 +299,35 @@ async fn begin_rebuild(
     // does not invalidate the plan. Replanned, the statements find the copies.
     sqlx::query("DISCARD PLANS").execute(&mut *tx).await?;
     Ok((tx, id))
+}
+
+/// Local buffers for the copies. A session fixes its `temp_buffers` (8 MB unless
+/// configured) when it first uses a temporary table, and the copy of a big read model
+/// spills to temporary files beyond that. The buffers are taken as the copies grow,
+/// and kept by the connection until it closes.
+const REBUILD_TEMP_BUFFERS: &str = "128MB";
+
+/// Asks for [`REBUILD_TEMP_BUFFERS`] in a savepoint: a session (a pooled connection)
+/// that has used temporary tables with another size refuses the change, and the
+/// rebuild then goes on with what it has.
+async fn more_temp_buffers(tx: &mut Transaction<'static, Postgres>) -> Result<(), ProjectorError> {
+    sqlx::query("SAVEPOINT temp_buffers")
+        .execute(&mut **tx)
+        .await?;
+    let set = sqlx::query(&format!(
+        "SET LOCAL temp_buffers = '{REBUILD_TEMP_BUFFERS}'"
+    ))
+    .execute(&mut **tx)
+    .await;
+    let end = match set {
+        Ok(_) => "RELEASE SAVEPOINT temp_buffers",
+        Err(error) => {
+            debug!(%error, "the rebuild keeps the session's temp_buffers");
+            "ROLLBACK TO SAVEPOINT temp_buffers"
+        }
+    };
+    sqlx::query(end).execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// The tables a rebuild replaces: the read model's and the projection's own state.
