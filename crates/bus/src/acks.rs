@@ -180,22 +180,39 @@ impl Acks {
     }
 }
 
+/// What woke the acknowledger.
+enum Wake {
+    Note(Note),
+    /// The longest-waiting finished delivery's linger is up.
+    Deadline,
+    /// Every [`Acks`] of the channel is gone.
+    Closed,
+}
+
+async fn next(notes: &mut mpsc::UnboundedReceiver<Note>, deadline: Option<Instant>) -> Wake {
+    let received = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline, notes.recv()).await {
+            Ok(received) => received,
+            Err(_) => return Wake::Deadline,
+        },
+        None => notes.recv().await,
+    };
+    received.map_or(Wake::Closed, Wake::Note)
+}
+
 /// Runs until every [`Acks`] of the channel is dropped, then sends what is left.
 async fn acknowledge(mut notes: mpsc::UnboundedReceiver<Note>) {
     let mut ledger = Ledger::default();
     let mut flushes = Vec::new();
     loop {
-        let note = match ledger.deadline() {
-            Some(deadline) => match tokio::time::timeout_at(deadline, notes.recv()).await {
-                Ok(note) => note.map(Some),
-                Err(_) => Some(None),
-            },
-            None => notes.recv().await.map(Some),
-        };
-        let Some(note) = note else {
-            // Every sender is gone: nothing more will finish on this channel.
-            send(ledger.due(Instant::now(), Duration::ZERO)).await;
-            return;
+        let first = match next(&mut notes, ledger.deadline()).await {
+            Wake::Note(note) => Some(note),
+            Wake::Deadline => None,
+            Wake::Closed => {
+                // Nothing more will finish on this channel.
+                send(ledger.due(Instant::now(), Duration::ZERO)).await;
+                return;
+            }
         };
         let now = Instant::now();
         let mut take = |note| match note {
@@ -204,20 +221,20 @@ async fn acknowledge(mut notes: mpsc::UnboundedReceiver<Note>) {
             Note::Settled(tag) => ledger.settled(tag),
             Note::Flush(done) => flushes.push(done),
         };
-        if let Some(note) = note {
+        if let Some(note) = first {
             take(note);
         }
         while let Ok(note) = notes.try_recv() {
             take(note);
         }
         let linger = if flushes.is_empty() {
+            if !ledger.enough() && ledger.deadline().is_none_or(|d| d > now) {
+                continue;
+            }
             LINGER
         } else {
             Duration::ZERO
         };
-        if flushes.is_empty() && !ledger.enough() && ledger.deadline().is_none_or(|d| d > now) {
-            continue;
-        }
         send(ledger.due(now, linger)).await;
         for done in flushes.drain(..) {
             let _ = done.send(());

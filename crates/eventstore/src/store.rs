@@ -388,13 +388,8 @@ impl EventStore {
         conn: &mut PgConnection,
         name: &str,
     ) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT pg_try_advisory_xact_lock({})",
-            checkpoint_lock("$1")
-        ))
-        .bind(name)
-        .fetch_one(&mut *conn)
-        .await?)
+        let held = self.try_lock_checkpoints(conn, &[name]).await?;
+        Ok(held.first().copied().unwrap_or(false))
     }
 
     /// [`try_lock_checkpoint`](Self::try_lock_checkpoint) for several followers in

@@ -311,22 +311,19 @@ const REBUILD_TEMP_BUFFERS: &str = "128MB";
 /// that has used temporary tables with another size refuses the change, and the
 /// rebuild then goes on with what it has.
 async fn more_temp_buffers(tx: &mut Transaction<'static, Postgres>) -> Result<(), ProjectorError> {
-    sqlx::query("SAVEPOINT temp_buffers")
-        .execute(&mut **tx)
-        .await?;
-    let set = sqlx::query(&format!(
+    let mut attempt = sqlx::Acquire::begin(&mut **tx).await?;
+    match sqlx::query(&format!(
         "SET LOCAL temp_buffers = '{REBUILD_TEMP_BUFFERS}'"
     ))
-    .execute(&mut **tx)
-    .await;
-    let end = match set {
-        Ok(_) => "RELEASE SAVEPOINT temp_buffers",
+    .execute(&mut *attempt)
+    .await
+    {
+        Ok(_) => attempt.commit().await?,
         Err(error) => {
             debug!(%error, "the rebuild keeps the session's temp_buffers");
-            "ROLLBACK TO SAVEPOINT temp_buffers"
+            attempt.rollback().await?;
         }
-    };
-    sqlx::query(end).execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
