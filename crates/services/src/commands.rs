@@ -14,7 +14,7 @@ use eventstore::EventStore;
 use futures::future::BoxFuture;
 use tracing::{info, warn, Instrument};
 
-use crate::exec::{decide_on, decide_on_cached, Cause, Decided, StreamCache};
+use crate::exec::{decide_on, decide_on_cached, Cause, Decided, SharedCaches, StreamCache};
 use crate::message::{correlation_uuid, message_uuid};
 use crate::vault::{SealedPlacement, Vault};
 use crate::worker::outcome;
@@ -31,10 +31,11 @@ pub struct CommandService {
     known_skus: RwLock<BTreeSet<String>>,
     /// Folded stock streams for `stock.set` (a SKU set often has a long stream).
     stock: StreamCache<StockState>,
-    /// Order streams being placed: an `order.place` is decided on the empty stream
+    /// Order streams, shared with the process's other workers (the saga goes on from
+    /// the state a placement leaves): an `order.place` is decided on the empty stream
     /// without reading it ([`StreamCache::assume_new`]); a re-placed order's stream is
     /// then refused on append and read.
-    placing: StreamCache<OrderState>,
+    placing: Arc<StreamCache<OrderState>>,
     /// Which orders exist: placed ones (forever), and ids found unplaced (for a while),
     /// so a flood of commands about orders that do not exist stops at this cache.
     orders: OrderCache,
@@ -47,9 +48,6 @@ pub struct CommandService {
 
 /// Stock streams whose folded state the intake keeps.
 const CACHED_STOCK_STREAMS: usize = 10_000;
-/// Order streams remembered by the placing path (only needed until the placement is
-/// decided; bounded like every cache here).
-const PLACING_STREAMS: usize = 1_024;
 
 /// How long an order id found unplaced is answered from the cache.
 const UNPLACED_TTL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -99,14 +97,21 @@ impl OrderCache {
 }
 
 impl CommandService {
+    /// An intake with caches of its own.
     pub fn new(store: EventStore, rules: Rules) -> CommandService {
+        CommandService::sharing(store, rules, &SharedCaches::default())
+    }
+
+    /// An intake whose placements leave their order states to the process's other
+    /// workers.
+    pub fn sharing(store: EventStore, rules: Rules, caches: &SharedCaches) -> CommandService {
         CommandService {
             vault: Vault::new(store.pool().clone()),
             store,
             rules,
             known_skus: RwLock::new(BTreeSet::new()),
             stock: StreamCache::new(CACHED_STOCK_STREAMS),
-            placing: StreamCache::new(PLACING_STREAMS),
+            placing: Arc::clone(&caches.orders),
             orders: OrderCache::default(),
             placement_lookups: std::sync::atomic::AtomicU64::new(0),
         }

@@ -1,9 +1,10 @@
 //! The imperative shell around a pure decision: read the stream, fold, decide, append
 //! with the expected version; on a concurrency conflict, read again and decide again.
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use domain::{derive_event_id, DomainEvent, Evolve};
+use domain::{derive_event_id, DomainEvent, Evolve, OrderState, ShipmentState};
 use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, StreamAppend};
 use tracing::debug;
 use uuid::Uuid;
@@ -110,10 +111,41 @@ pub struct StreamCache<S> {
     entries: Mutex<HashMap<String, (S, Option<i64>)>>,
     capacity: usize,
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// How many times a stream was read from the log through this cache.
+    reads: AtomicU64,
 }
 
-/// Lock stripes per cache: streams hash onto them.
-const STRIPES: usize = 64;
+/// Lock stripes per cache: streams hash onto them. Unrelated streams that share a
+/// stripe wait for each other, so there are several times more stripes than decisions
+/// in flight at once (the order cache serves the intake, the saga and shipping).
+const STRIPES: usize = 256;
+
+/// Order streams kept folded at once (a few KiB each).
+const CACHED_ORDERS: usize = 10_000;
+
+/// Shipment streams kept folded at once (a few hundred bytes each).
+const CACHED_SHIPMENTS: usize = 10_000;
+
+/// The folded streams that several workers of one process decide on, shared between
+/// them: the saga decides on the order state the intake left, shipping on the saga's,
+/// the delivery timer on the shipment shipping started. Each would otherwise read the
+/// stream from the log at its first message about an order, because the one before it
+/// ran in another worker. Workers in other processes still meet each other's appends
+/// as conflicts, as they always did.
+#[derive(Clone)]
+pub struct SharedCaches {
+    pub orders: Arc<StreamCache<OrderState>>,
+    pub shipments: Arc<StreamCache<ShipmentState>>,
+}
+
+impl Default for SharedCaches {
+    fn default() -> SharedCaches {
+        SharedCaches {
+            orders: Arc::new(StreamCache::new(CACHED_ORDERS)),
+            shipments: Arc::new(StreamCache::new(CACHED_SHIPMENTS)),
+        }
+    }
+}
 
 impl<S: Clone> StreamCache<S> {
     pub fn new(capacity: usize) -> StreamCache<S> {
@@ -121,11 +153,18 @@ impl<S: Clone> StreamCache<S> {
             entries: Mutex::new(HashMap::new()),
             capacity,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            reads: AtomicU64::new(0),
         }
     }
 
+    /// How many times a stream was read from the log through this cache (a decision
+    /// on a cached state reads nothing).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
     /// Holds the stream's stripe: one decision at a time per stream in this process.
-    async fn serialise(&self, stream: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    pub(crate) async fn serialise(&self, stream: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         stream.hash(&mut hasher);
@@ -159,7 +198,7 @@ impl<S: Clone> StreamCache<S> {
         self.lock().get(stream).cloned()
     }
 
-    fn put(&self, stream: &str, state: &S, version: Option<i64>) {
+    pub(crate) fn put(&self, stream: &str, state: &S, version: Option<i64>) {
         let mut entries = self.lock();
         if entries.len() >= self.capacity && !entries.contains_key(stream) {
             entries.clear();
@@ -186,6 +225,7 @@ pub async fn load_cached<S: Evolve + Clone>(
     stream: &str,
 ) -> Result<Loaded<S>, ServiceError> {
     let (state, version) = cache.cached(stream).unwrap_or_default();
+    cache.reads.fetch_add(1, Ordering::Relaxed);
     let loaded = fold_from(store, stream, state, version).await?;
     cache.put(stream, &loaded.state, loaded.version);
     Ok(loaded)
@@ -234,19 +274,8 @@ where
     let _turn = cache.serialise(stream).await;
     let mut must_read = false;
     for attempt in 0..MAX_CONFLICT_RETRIES {
-        let cached = if must_read {
-            None
-        } else {
-            cache.cached(stream)
-        };
-        let read = cached.is_none();
-        let (mut state, mut version) = match cached {
-            Some(cached) => cached,
-            None => {
-                let loaded = load_cached(store, cache, stream).await?;
-                (loaded.state, loaded.version)
-            }
-        };
+        let (mut state, mut version, read) =
+            cached_or_read(store, cache, stream, must_read).await?;
         let mut events = decide(&state);
         if events.is_empty() && !read {
             let loaded = load_cached(store, cache, stream).await?;
@@ -278,6 +307,23 @@ where
     Err(ServiceError::Contended {
         stream: stream.to_owned(),
     })
+}
+
+/// The cached state of `stream` and its version, or (with `must_read`, or when nothing
+/// is cached) the stream read from the log; and whether it was read.
+pub(crate) async fn cached_or_read<S: Evolve + Clone>(
+    store: &EventStore,
+    cache: &StreamCache<S>,
+    stream: &str,
+    must_read: bool,
+) -> Result<(S, Option<i64>, bool), ServiceError> {
+    if !must_read {
+        if let Some((state, version)) = cache.cached(stream) {
+            return Ok((state, version, false));
+        }
+    }
+    let loaded = load_cached(store, cache, stream).await?;
+    Ok((loaded.state, loaded.version, true))
 }
 
 /// Folds `stream`, asks `decide`, appends what it decided; retries on conflicts.

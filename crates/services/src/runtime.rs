@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::commands::{CommandHandler, CommandService};
+use crate::exec::SharedCaches;
 use crate::gateway::Simulator;
 use crate::health::Probes;
 use crate::inventory::Inventory;
@@ -228,6 +229,7 @@ pub async fn run(
     ));
 
     let mut tasks = JoinSet::new();
+    let caches = SharedCaches::default();
     for worker in workers {
         let worker = (*worker).to_owned();
         let fut = start(
@@ -235,6 +237,7 @@ pub async fn run(
             &settings,
             &store,
             bus.as_ref(),
+            &caches,
             stopped(stop_rx.clone()),
         );
         tasks.spawn(async move { (worker, fut.await) });
@@ -320,9 +323,11 @@ fn start(
     settings: &Settings,
     store: &EventStore,
     bus: Option<&Bus>,
+    caches: &SharedCaches,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> futures::future::BoxFuture<'static, Result<(), ServiceError>> {
     let store = store.clone();
+    let caches = caches.clone();
     let bus = bus.cloned();
     let settings = settings.clone();
     let worker = worker.to_owned();
@@ -339,15 +344,17 @@ fn start(
                 )
                 .await
             }
-            "timers" => Scheduler::new(store).run(shutdown).await,
-            "commands" => consume_commands(bus_or_err()?, store, &settings, shutdown).await,
+            "timers" => Scheduler::sharing(store, &caches).run(shutdown).await,
+            "commands" => {
+                consume_commands(bus_or_err()?, store, &settings, &caches, shutdown).await
+            }
             "order" => {
                 let pool = store.pool().clone();
                 consume_events(
                     bus_or_err()?,
                     pool,
                     ORDER_QUEUE,
-                    OrderSaga::new(store),
+                    OrderSaga::sharing(store, &caches),
                     shutdown,
                 )
                 .await
@@ -385,7 +392,7 @@ fn start(
                     bus_or_err()?,
                     pool,
                     SHIPPING_QUEUE,
-                    Shipping::new(store),
+                    Shipping::sharing(store, &caches),
                     shutdown,
                 )
                 .await
@@ -436,6 +443,7 @@ async fn consume_commands(
     bus: Bus,
     store: EventStore,
     settings: &Settings,
+    caches: &SharedCaches,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     use futures::FutureExt;
@@ -446,9 +454,10 @@ async fn consume_commands(
         LEGACY_COMMAND_INTAKE_QUEUE,
         "commands",
     );
-    let inner: Arc<dyn bus::Handler> = Arc::new(CommandHandler(Arc::new(CommandService::new(
+    let inner: Arc<dyn bus::Handler> = Arc::new(CommandHandler(Arc::new(CommandService::sharing(
         store,
         rules(settings),
+        caches,
     ))));
     let handler = crate::parking::parked_handler(&lot, inner.clone(), crate::commands::order_of);
     let mut drainer = tokio::spawn(crate::parking::drain(

@@ -6,25 +6,31 @@ use eventstore::EventStore;
 use futures::future::BoxFuture;
 use tracing::info;
 
-use crate::exec::{decide_on_cached, Cause, StreamCache};
+use std::sync::Arc;
+
+use crate::exec::{decide_on_cached, Cause, SharedCaches, StreamCache};
 use crate::worker::EventService;
 use crate::ServiceError;
 
 pub struct OrderSaga {
     store: EventStore,
-    /// Folded order streams: most of an order's events reach the same process one
-    /// after another, which then decides without reading the stream again.
-    orders: StreamCache<OrderState>,
+    /// Folded order streams, shared with the process's other workers: most of an
+    /// order's events reach the same process one after another, which then decides
+    /// without reading the stream again.
+    orders: Arc<StreamCache<OrderState>>,
 }
 
-/// Order streams kept folded at once (a few KiB each).
-const CACHED_ORDERS: usize = 10_000;
-
 impl OrderSaga {
+    /// A saga with caches of its own.
     pub fn new(store: EventStore) -> OrderSaga {
+        OrderSaga::sharing(store, &SharedCaches::default())
+    }
+
+    /// A saga that decides on the order states the process's other workers left.
+    pub fn sharing(store: EventStore, caches: &SharedCaches) -> OrderSaga {
         OrderSaga {
             store,
-            orders: StreamCache::new(CACHED_ORDERS),
+            orders: Arc::clone(&caches.orders),
         }
     }
 

@@ -19,7 +19,7 @@ use projector::timers::{DELIVERY, PAYMENT_TIMEOUT, REVIEW_EXPIRY};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::exec::{decide_on, Cause};
+use crate::exec::{decide_on, decide_on_cached, Cause, SharedCaches};
 use crate::ServiceError;
 
 const BATCH: i64 = 100;
@@ -41,11 +41,23 @@ pub struct DueTimer {
 
 pub struct Scheduler {
     store: EventStore,
+    /// The process's folded order and shipment streams: a delivery is decided on the
+    /// shipment that shipping left, a review expiry on the order the saga left.
+    caches: SharedCaches,
 }
 
 impl Scheduler {
+    /// A scheduler with caches of its own.
     pub fn new(store: EventStore) -> Arc<Scheduler> {
-        Arc::new(Scheduler { store })
+        Scheduler::sharing(store, &SharedCaches::default())
+    }
+
+    /// A scheduler that decides on the streams the process's other workers left.
+    pub fn sharing(store: EventStore, caches: &SharedCaches) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            store,
+            caches: caches.clone(),
+        })
     }
 
     /// Fires every due timer once; returns how many fired.
@@ -103,9 +115,13 @@ impl Scheduler {
                 // The row's time is the event's rounded to microseconds; step past it
                 // so the domain sees the expiry reached.
                 let now = Utc::now().max(timer.due_at + chrono::Duration::milliseconds(1));
-                decide_on::<OrderState, _>(&self.store, &streams::order(order_id), &cause, |s| {
-                    order::decide(s, OrderInput::ReviewExpired { now })
-                })
+                decide_on_cached(
+                    &self.store,
+                    &self.caches.orders,
+                    &streams::order(order_id),
+                    &cause,
+                    |s: &OrderState| order::decide(s, OrderInput::ReviewExpired { now }),
+                )
                 .await?
                 .events()
                 .len()
@@ -119,11 +135,12 @@ impl Scheduler {
             .await?
             .events()
             .len(),
-            DELIVERY => decide_on::<ShipmentState, _>(
+            DELIVERY => decide_on_cached(
                 &self.store,
+                &self.caches.shipments,
                 &streams::shipment(order_id),
                 &cause,
-                |s| shipment::decide(s, ShipmentInput::Deliver),
+                |s: &ShipmentState| shipment::decide(s, ShipmentInput::Deliver),
             )
             .await?
             .events()

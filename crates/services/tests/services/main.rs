@@ -8,5 +8,6 @@ mod notification;
 mod partitions;
 mod payment;
 mod relay;
+mod shared_caches;
 mod support;
 mod timers;

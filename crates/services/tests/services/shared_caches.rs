@@ -1,0 +1,203 @@
+//! The folded streams one process's workers share (`services::exec::SharedCaches`): each
+//! worker goes on from the state the one before it left, without reading the stream,
+//! and a state that another writer made stale is still refused and read.
+use std::sync::Arc;
+
+use domain::commands::{CancelOrder, Command, PlaceOrder, SetStock, Shipping, ShippingMethod};
+use domain::{streams, EventEnvelope, Rules};
+use projector::timers::TimersProjection;
+use services::commands::CommandService;
+use services::exec::{Cause, SharedCaches};
+use services::gateway::{PaymentGateway, Simulator};
+use services::inventory::Inventory;
+use services::payment::Payments;
+use services::saga::OrderSaga;
+use services::shipping::Shipping as ShippingService;
+use services::timers::Scheduler;
+use testkit::TestDb;
+use uuid::Uuid;
+
+use crate::support::*;
+
+fn cause() -> Cause {
+    let id = Uuid::new_v4();
+    Cause::new(id, id, "commands")
+}
+
+/// The version `cache` holds for `stream` and the stream's last version in the log.
+fn cached_version<S: Clone>(cache: &services::exec::StreamCache<S>, stream: &str) -> Option<i64> {
+    cache.cached(stream).and_then(|(_, version)| version)
+}
+
+async fn last_version(db: &TestDb, stream: &str) -> anyhow::Result<Option<i64>> {
+    Ok(db
+        .store
+        .read_stream(stream, 0)
+        .await?
+        .last()
+        .map(|rec| rec.stream_version))
+}
+
+/// The events of `event_type` on `stream`, as the bus would deliver them.
+async fn delivered(
+    db: &TestDb,
+    stream: &str,
+    event_type: &str,
+) -> anyhow::Result<Vec<EventEnvelope>> {
+    let mut found = Vec::new();
+    for rec in db.store.read_stream(stream, 0).await? {
+        if rec.event_type == event_type {
+            found.push(projector::to_envelope(&rec)?);
+        }
+    }
+    Ok(found)
+}
+
+/// The workers of one process, sharing `caches`, and an order of one line of stock
+/// `A` with standard shipping, placed and confirmed through them (reservation,
+/// payment, the saga's join). Deliveries are due at once.
+struct Process {
+    commands: CommandService,
+    shipping: ShippingService,
+    scheduler: Arc<Scheduler>,
+    order_id: Uuid,
+}
+
+async fn confirmed_order(db: &TestDb, caches: &SharedCaches) -> anyhow::Result<Process> {
+    let store = &db.store;
+    let rules = Rules {
+        delivery_delay: std::time::Duration::ZERO,
+        ..Rules::default()
+    };
+    let commands = CommandService::sharing(store.clone(), rules, caches);
+    let gateway: Arc<dyn PaymentGateway> = Arc::new(Simulator::new(
+        db.pool().clone(),
+        std::time::Duration::ZERO,
+        0.0,
+    ));
+    let (inventory, payments) = (
+        Inventory::new(store.clone()),
+        Payments::new(store.clone(), gateway),
+    );
+    let saga = OrderSaga::sharing(store.clone(), caches);
+    let set = SetStock {
+        sku: "A".to_owned(),
+        quantity: 5,
+    };
+    commands.handle(Command::SetStock(set), &cause()).await?;
+    let order_id = Uuid::new_v4();
+    let place = PlaceOrder {
+        order_id,
+        customer_id: "c-1".to_owned(),
+        currency: "EUR".to_owned(),
+        items: vec![line("A", 1, 750)],
+        payment_token: "tok_ok".to_owned(),
+        shipping: Some(Shipping {
+            method: ShippingMethod::Standard,
+            address: "1 Main St".to_owned(),
+        }),
+    };
+    commands
+        .handle(Command::PlaceOrder(place), &cause())
+        .await?;
+    let order = streams::order(order_id);
+    for accepted in delivered(db, &order, "OrderAccepted").await? {
+        inventory.react(&accepted).await?;
+        payments.react(&accepted).await?;
+    }
+    for reserved in delivered(db, &streams::stock("A"), "StockReserved").await? {
+        saga.react(&reserved).await?;
+    }
+    for captured in delivered(db, &streams::payment(order_id), "PaymentCaptured").await? {
+        saga.react(&captured).await?;
+    }
+    anyhow::ensure!(
+        types(store, &order)
+            .await?
+            .contains(&"OrderConfirmed".to_owned()),
+        "the order was not confirmed"
+    );
+    Ok(Process {
+        commands,
+        shipping: ShippingService::sharing(store.clone(), caches),
+        scheduler: Scheduler::sharing(store.clone(), caches),
+        order_id,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workers_of_one_process_decide_an_order_from_placement_to_delivery_without_reading_its_streams(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let caches = SharedCaches::default();
+    let process = confirmed_order(&db, &caches).await?;
+    let order = streams::order(process.order_id);
+    for confirmed in delivered(&db, &order, "OrderConfirmed").await? {
+        process.shipping.react(&confirmed).await?;
+    }
+    catch_up(&db.store, &TimersProjection).await?;
+    assert_eq!(process.scheduler.fire_due().await?, 1);
+
+    assert_eq!(
+        types(&db.store, &streams::shipment(process.order_id)).await?,
+        ["ShipmentShipped", "ShipmentDelivered"]
+    );
+    assert!(types(&db.store, &order)
+        .await?
+        .contains(&"OrderShipped".to_owned()));
+    // Every decision went through the shared caches (they hold each stream's last
+    // version), and none of them read a stream.
+    let shipment = streams::shipment(process.order_id);
+    assert_eq!(
+        cached_version(&caches.orders, &order),
+        last_version(&db, &order).await?
+    );
+    assert_eq!(
+        cached_version(&caches.shipments, &shipment),
+        last_version(&db, &shipment).await?
+    );
+    assert_eq!(
+        (caches.orders.reads(), caches.shipments.reads()),
+        (0, 0),
+        "the saga, shipping and the delivery timer each decided on the state the worker before them left"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shipping_on_a_cached_order_that_was_cancelled_since_reads_it_and_ships_nothing(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let caches = SharedCaches::default();
+    let process = confirmed_order(&db, &caches).await?;
+    let order = streams::order(process.order_id);
+    // The cancel is decided on the stream read from the log, so the shared cache still
+    // holds the order as confirmed.
+    let cancel = CancelOrder {
+        order_id: process.order_id,
+        reason: "changed my mind".to_owned(),
+    };
+    process
+        .commands
+        .handle(Command::CancelOrder(cancel), &cause())
+        .await?;
+    let reads_before = caches.orders.reads();
+    for confirmed in delivered(&db, &order, "OrderConfirmed").await? {
+        process.shipping.react(&confirmed).await?;
+    }
+
+    assert!(
+        types(&db.store, &streams::shipment(process.order_id))
+            .await?
+            .is_empty(),
+        "nothing shipped"
+    );
+    let order_types = types(&db.store, &order).await?;
+    assert!(order_types.contains(&"OrderCancelled".to_owned()));
+    assert!(!order_types.contains(&"OrderShipped".to_owned()));
+    assert!(
+        caches.orders.reads() > reads_before,
+        "the stale state was refused and the order read"
+    );
+    Ok(())
+}
