@@ -402,6 +402,81 @@ pub(crate) async fn single_statement(
     }
 }
 
+/// Whether [`batch_statement`] can append `appends`: every stream's last version is
+/// known (no `Any`, whose writers take turns on a lock), each stream is named once, and
+/// each brings events.
+pub(crate) fn one_statement_will_do(appends: &[StreamAppend]) -> bool {
+    let mut names: Vec<&str> = appends.iter().map(|a| a.stream_name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.len() == appends.len()
+        && appends
+            .iter()
+            .all(|a| a.expected_version != ExpectedVersion::Any && !a.events.is_empty())
+}
+
+/// Appends to several streams whose expected versions are known, all or nothing, in
+/// one autocommitted statement: it inserts every row only if every stream's last
+/// version is the expected one, and the unique keys catch a writer that got there in
+/// between. `None` when it wrote nothing for either reason: the caller then goes the
+/// transactional way, which tells a conflict from a duplicate (or retries).
+pub(crate) async fn batch_statement(
+    pool: &sqlx::PgPool,
+    appends: &[StreamAppend],
+) -> Result<Option<AppendResult>, StoreError> {
+    let expected: HashMap<String, i64> = appends
+        .iter()
+        .filter_map(|a| expected_as_option(a.expected_version).map(|v| (a.stream_name.clone(), v)))
+        .collect();
+    // Numbered as if the expectations hold; nothing is written if one does not.
+    let Ok(plan) = plan(appends, expected) else {
+        return Ok(None);
+    };
+    let names: Vec<&str> = appends.iter().map(|a| a.stream_name.as_str()).collect();
+    let wanted: Vec<Option<i64>> = appends
+        .iter()
+        .map(|a| expected_as_option(a.expected_version))
+        .collect();
+    let rows = &plan.rows;
+    let row: Result<(i64, Option<i64>), sqlx::Error> = sqlx::query_as(
+        "WITH expected AS ( \
+           SELECT e.name, e.wanted, \
+                  (SELECT max(stream_version) FROM events WHERE stream_name = e.name) AS v \
+           FROM unnest($8::text[], $9::bigint[]) AS e(name, wanted)), \
+         inserted AS ( \
+           INSERT INTO events \
+             (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
+           SELECT stream_name, stream_version, event_id, event_type, schema_version, payload, metadata \
+           FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::jsonb[], $7::jsonb[]) \
+             WITH ORDINALITY AS t(stream_name, stream_version, event_id, event_type, \
+                                  schema_version, payload, metadata, ord) \
+           WHERE NOT EXISTS (SELECT 1 FROM expected WHERE v IS DISTINCT FROM wanted) \
+           ORDER BY ord \
+           RETURNING global_position) \
+         SELECT count(*), max(global_position) FROM inserted",
+    )
+    .bind(&rows.stream_names)
+    .bind(&rows.versions)
+    .bind(&rows.events.event_ids)
+    .bind(&rows.events.event_types)
+    .bind(&rows.events.schema_versions)
+    .bind(&rows.events.payloads)
+    .bind(&rows.events.metadata)
+    .bind(&names)
+    .bind(&wanted)
+    .fetch_one(pool)
+    .await;
+    match row.map_err(classify) {
+        Ok((inserted, Some(last_global_position))) if inserted > 0 => Ok(Some(AppendResult {
+            next_expected_version: plan.last_stream_version,
+            last_global_position,
+        })),
+        Ok(_) | Err(AttemptFailure::VersionTaken | AttemptFailure::EventIdTaken) => Ok(None),
+        Err(AttemptFailure::Conflict(mismatch)) => Err(mismatch.into()),
+        Err(AttemptFailure::Database(error)) => Err(error.into()),
+    }
+}
+
 fn one_append(
     stream_name: &str,
     expected: ExpectedVersion,

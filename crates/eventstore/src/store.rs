@@ -139,6 +139,14 @@ impl EventStore {
         &self,
         appends: Vec<StreamAppend>,
     ) -> Result<AppendResult, StoreError> {
+        if append::one_statement_will_do(&appends) {
+            // The common case (a decision on known versions of a few streams) in one
+            // statement, instead of BEGIN, a version query, the INSERT and COMMIT.
+            if let Some(result) = append::batch_statement(&self.pool, &appends).await? {
+                self.notify_appended();
+                return Ok(result);
+            }
+        }
         let mut attempt = 1;
         loop {
             let mut tx = crate::begin(&self.pool).await?;

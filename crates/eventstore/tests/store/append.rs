@@ -237,3 +237,44 @@ async fn a_batch_appends_to_every_stream_in_one_go() -> anyhow::Result<()> {
     assert_eq!(ids.len(), 2);
     Ok(())
 }
+
+/// Known versions go in one statement (no `Any` lock); the outcome is the same as the
+/// transactional way's, and a repeat of the same events is a duplicate.
+#[tokio::test]
+async fn a_batch_on_known_versions_appends_in_one_go_and_its_repeat_is_a_duplicate(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    db.store
+        .append("order-1", ExpectedVersion::NoStream, events(2))
+        .await?;
+    let batch = vec![
+        StreamAppend {
+            stream_name: "order-1".into(),
+            expected_version: ExpectedVersion::Exact(1),
+            events: events(2),
+        },
+        StreamAppend {
+            stream_name: "shipment-1".into(),
+            expected_version: ExpectedVersion::NoStream,
+            events: events(1),
+        },
+    ];
+    let result = db.store.append_batch(batch.clone()).await?;
+    assert_eq!(result.next_expected_version, 0, "the last stream's version");
+    let order = db.store.read_stream("order-1", 0).await?;
+    let shipment = db.store.read_stream("shipment-1", 0).await?;
+    let versions: Vec<i64> = order.iter().map(|e| e.stream_version).collect();
+    assert_eq!(versions, [0, 1, 2, 3]);
+    assert_eq!(shipment.len(), 1);
+    assert_eq!(order[2].transaction_id, shipment[0].transaction_id);
+    assert!(order[3].global_position < shipment[0].global_position);
+    assert_eq!(shipment[0].global_position, result.last_global_position);
+
+    let repeat = db.store.append_batch(batch).await;
+    assert!(
+        matches!(&repeat, Err(StoreError::Duplicate { event_id }) if *event_id == order[2].event_id),
+        "{repeat:?}"
+    );
+    assert_eq!(db.store.count().await?, 5);
+    Ok(())
+}
