@@ -64,11 +64,14 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     let mut cursor = Cursor::default();
     loop {
         let published = relay_next(store, bus, &mut cursor).await?;
-        // Under load the checkpoint is written at most every CHECKPOINT_EVERY, not
-        // after every page: its commit was on every hop's path. Events published
-        // since the last save are published again after a crash, which consumers
-        // make harmless (derived event ids).
-        cursor.save(store, published == 0).await?;
+        // The checkpoint is written at most every CHECKPOINT_EVERY, not after every
+        // page: its commit was on every hop's path. Nor at once when caught up: at a
+        // moderate rate the relay is caught up after almost every page, and saving
+        // then delayed the next event by a commit. A relay that stays idle saves on
+        // its next look (within FALLBACK_POLL). Events published since the last save
+        // are published again after a crash, which consumers make harmless (derived
+        // event ids).
+        cursor.save(store, false).await?;
         if published == 0 {
             wakeups.wait(FALLBACK_POLL).await;
             // Notice a lost lock connection (another relay may have taken over).
@@ -77,7 +80,8 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     }
 }
 
-/// How often a busy relay saves its checkpoint (an idle one saves at once).
+/// How often the relay saves its checkpoint while it publishes (an idle one saves on
+/// its next look, within `FALLBACK_POLL`).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Where the active relay is. It is the only writer of its checkpoint while it holds

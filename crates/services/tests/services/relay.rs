@@ -130,9 +130,9 @@ async fn the_relay_publishes_each_committed_event_once_and_moves_its_checkpoint(
     Ok(())
 }
 
-/// The running relay saves its checkpoint at most every so often while busy, and at
-/// once when it has nothing left to publish: a caught-up relay's checkpoint is the end
-/// of the log, and every event was published (at least) once.
+/// The running relay saves its checkpoint at most every so often, and soon after it
+/// has nothing left to publish: a caught-up relay's checkpoint is the end of the log,
+/// and every event was published (at least) once.
 #[tokio::test]
 async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
