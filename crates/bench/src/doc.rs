@@ -552,83 +552,56 @@ fn where_the_time_goes(report: &Report) -> String {
         "- **End to end** ({} orders/s sustained, p99 {} ms at half load). Each order \
          costs {} events in {} transactions and about {} ms of CPU in orderflow, {} ms in \
          PostgreSQL and {} ms in RabbitMQ: {} ms of CPU per order caps this machine's cores \
-         near {} orders/s before anything else runs on it, so the burst is CPU-bound. \
-         The burst's rate includes filling the pipeline: every order is published at \
-         once, the intake places them all before many are final, so the first quarter \
-         of the orders completes far slower than the last (see the row's note); the last \
-         quarter's rate is the steady state. \
-         What the work per order is made of (counted with pg_stat_statements on 4 Dec): \
-         about 30 statements per order reach PostgreSQL (36 on 3 Dec, about 74 plus a \
-         ping before each before that): 7.5 appends (one per decision; at 0.24 ms each \
-         on average they are more than half of the statements' time, waits on the \
-         four hot stock streams included), about 1.2 stream reads where a decision is \
-         made without a cached state, 2.5 reads of the log by its followers, 1.4 \
-         notification inserts, the gateway simulator's ledger (3, now 2: recording an \
-         outcome is one statement), about 5 for the projectors' checkpoints (take the \
-         lock, read, save; since 4 Dec the read is gone: a follower moves its checkpoint \
-         only from where it left it, which checks in the save what the read checked; \
-         and the projections behind by the same page now apply it in one transaction, \
-         with one lock statement and one checkpoint statement for all), one \
-         customer-key lookup, and BEGIN/COMMIT (about 2 each). \
-         On the orderflow side, the relay now sends each payload as the JSON text \
-         PostgreSQL gives it and consumers deserialise it straight into the event, \
-         with the order a delivery belongs to read from its `order_id` alone (before, \
-         each delivery built a `serde_json::Value` and was decoded twice). Every event is read by the relay and \
-         published with a confirm and most are consumed by one or more services, so \
-         each order is also ~{} confirmed publishes and more deliveries, each a few \
-         hundred microseconds of CPU somewhere. Group commit \
-         (`ORDERFLOW_APPEND_SLOTS`, off by default, so not in these figures) writes \
-         the decisions appended while every slot is busy in one statement and one \
-         transaction, about 4 appending transactions per order instead of 8; with 4 \
-         slots on 4 Dec, A B B A at 0.3 scale gave 195 and 207 orders/s without \
-         against 240 and 254 with, PostgreSQL's CPU per order 4.6 and 4.2 ms against \
-         3.3 and 3.1, and at full scale 184 against 194 orders/s, but p99 at half \
-         load 217 against 383 ms: appends queue for a slot. Two changes of 4 Dec \
-         cut frames and statements without a visible change in these figures (A B \
-         runs at 0.3 scale, three each, 216 to 246 orders/s either way): the \
-         projections apply a page in one shared transaction (under a burst the pages \
-         are long, so the commits counted per order stayed within a hundredth: 91,550 \
-         before and 91,464 after for the same 3,819 orders), and acks are coalesced \
-         per channel into `multiple` acks after a 5 ms wait (1.2 deliveries per ack \
-         frame: with fourteen consuming channels a channel sees a delivery every few \
-         milliseconds). PostgreSQL over its Unix socket instead of loopback TCP gave \
-         the same (236 orders/s, 3.62 ms of PostgreSQL CPU per order, 0.3 scale): the \
-         kernel's share is the wake-ups of each round trip, not TCP. A profile of the burst (perf, all CPUs, 4 Dec) found \
-         no idle time: postgres 40% of the samples, orderflow 35%, RabbitMQ 21%; about \
-         40% of postgres's samples and half of orderflow's are in the kernel, mostly \
-         loopback TCP (each send wakes its receiver). What is left is the number of \
-         messages and round trips per order, not what any one of them computes. 500 \
-         orders/s on this machine would need about {} ms of CPU per order in total: \
-         fewer deliveries per order (the notification service alone takes about five) \
-         and fewer statements per decision are what is left to do. At \
-         half load the latency is the sum of the hops (command → OrderPlaced/Accepted → \
-         relay → inventory and payment → relay → saga → OrderConfirmed → relay → \
-         shipping → timers projection → scheduler → ShipmentDelivered); the note on \
-         when each event is recorded shows each hop through the relay costs about 10 to \
-         25 ms at half load: the relay reads a page, publishes it and waits for every \
-         confirm before it reads the next (its checkpoint is saved at most every 100 ms, \
-         off that path), so an event committed just after a read waits for the whole \
-         round; inventory adds a queue of its own, every order reserving on one of four \
-         shared stock streams, decided one at a time per stream. The relay's round is \
-         not what holds a hop up, though: letting it read and send up to four pages \
-         while earlier ones wait for their confirms (tried A B B A on 4 Dec) left the \
-         p50 where it was (93 and 91 ms without, 94 and 149 with). What every follower \
-         of the log waits for is the gap-safe horizon: a sample of pg_stat_activity \
-         every few milliseconds through 8 s of the paced run (4 Dec) found the oldest \
-         transaction holding a transaction id 15 ms old on average and up to 46 ms, \
-         most often a projector's page transaction, which locked its checkpoint row \
-         first and so held a transaction id through all its round trips, and commits \
-         waiting for their flush. The checkpoint lock is now a transaction-scoped \
-         advisory lock, which takes no transaction id: the same sample at a fixed 100 \
-         orders/s (0.3 scale, 4 Dec) found the oldest 6.9 ms old on average (p50 4.2, \
-         p90 16.5 ms), most often an append or a COMMIT. The hops did not get visibly \
-         shorter, though: runs at a fixed 100 orders/s (`--paced-rate`) drifted more \
-         from one run to the next (p50 88 to 257 ms, either build) than between builds. \
-         The same path at 10 orders/s takes 27 ms (p50) from publish to final status, 3 \
-         to 9 ms a hop: at half load most of a hop is waiting for a core, with \
-         PostgreSQL, RabbitMQ, orderflow and the publisher busy on two. Fewer round \
-         trips and deliveries per order is what shortens both the hops and the CPU per \
-         order.",
+         near {} orders/s before anything else runs on it, so the burst is CPU-bound (a \
+         profile of the burst, perf on all CPUs, 4 Dec: 4% idle; postgres 43% of the \
+         samples, orderflow 28%, RabbitMQ 16%, and about 40% of postgres's and a third \
+         of orderflow's in the kernel, mostly the wake-ups of loopback round trips). \
+         **What \"sustained\" counts** (since 4 Dec): the burst is done when every \
+         order is final *and* the work that follows is done too (every reservation \
+         committed, every notification written); the row's note also gives the rate to \
+         the last final status. Before, the burst stopped at the last final status \
+         while the notification and inventory queues still held about 13,000 and 2,800 \
+         messages (0.5 scale): the notification service, with 16 of the process's \
+         roughly 300 handlers, gets a small share of the cores while everything is \
+         busy, and alone at the end it is bound by its one batch insert at a time \
+         (about 3,500 notifications/s). That figure was not a rate the system can keep \
+         up, and the paced run that followed started on that backlog: its p99 was \
+         mostly the backlog (at 0.3 scale, with the same build, p99 900 ms before the \
+         change and 61 to 149 ms after). Same run, same bench, the build before this \
+         session's changes against after: 208 against 266 orders/s drained (256 and \
+         343 to the last final status). The burst's rate includes filling the \
+         pipeline: every order is published at once and the intake places them all \
+         before many are final (first and last quarter in the note). \
+         **The work per order** (pg_stat_statements, 4 Dec, 0.5 scale): about 12 \
+         statements reach PostgreSQL per order: 7.1 single-statement appends (one per \
+         decision; about 0.17 ms each, the WAL flush of their commit included), 0.5 \
+         two-stream appends (shipping; one statement since 4 Dec instead of BEGIN, a \
+         version query, the INSERT and COMMIT), one gateway-ledger statement (two \
+         before 4 Dec), one customer-key lookup, 0.5 notification inserts (several \
+         rows each), 0.5 NOTIFY, and about one for the followers (pages read, \
+         projection writes, checkpoints). Stream reads went from 2.5 per order to none \
+         on 4 Dec: the workers of a process share their folded order and shipment \
+         streams, so the saga, shipping and the delivery timer decide on the state the \
+         worker before them left (A B A B at 0.5 scale: 333 and 299 against 360 and \
+         351 orders/s to the last final status; PostgreSQL CPU per order 2.6 and 2.8 \
+         against 2.3 and 2.4 ms). Each order is also ~{} confirmed publishes by the \
+         relay and about 12 deliveries (router, partition, order 2, inventory 2, \
+         payment, shipping, notification 3.5). Group commit (`ORDERFLOW_APPEND_SLOTS`, \
+         off by default, so not in these figures) writes the decisions appended while \
+         every slot is busy in one statement: with 4 slots (4 Dec, 0.3 scale, the \
+         drained burst) PostgreSQL's CPU per order fell from 2.95 to 2.35 ms and the \
+         half-load rate rose from 132 to 151 orders/s, but p99 at half load was 91 and \
+         244 ms against 68 and 61 ms without: appends queue for a slot. 500 orders/s \
+         on this machine would need about {} ms of CPU per order in total; what is \
+         left is the number of messages and round trips per order, not what any one of \
+         them computes. At half load the latency is the sum of the hops (command → \
+         OrderPlaced/Accepted → relay → inventory and payment → relay → saga → \
+         OrderConfirmed → relay → shipping → timers projection → scheduler → \
+         ShipmentDelivered); the note on when each event is recorded shows the hops. \
+         Every follower of the log waits for the gap-safe horizon (the oldest \
+         transaction in flight), and at half load most of a hop is waiting for a core. \
+         The delivery timer's hop is the longest (about 25 ms at p50): its row comes \
+         from the timers projection, and the scheduler looks when an append wakes it.",
         v(report, "e2e_orders"),
         v(report, "e2e_p99"),
         v(report, "e2e_events_per_order"),
