@@ -23,8 +23,9 @@ pub struct Notifications {
     customers: Mutex<HashMap<Uuid, String>>,
     /// Notifications waiting to be written with the next batch ([`Notifications::write`]).
     queue: Mutex<Vec<Queued>>,
-    /// One batch is written at a time.
-    writing: tokio::sync::Mutex<()>,
+    /// Batches written at once: while one waits for its commit, the rows queued
+    /// meanwhile go out in another instead of waiting for it.
+    writing: tokio::sync::Semaphore,
 }
 
 /// A notification row.
@@ -38,6 +39,9 @@ struct Notification {
 
 /// A queued notification and where to say whether it was written.
 type Queued = (Notification, oneshot::Sender<Result<(), String>>);
+
+/// Notification batches written at the same time.
+const WRITERS: usize = 4;
 
 /// Orders whose customer is remembered at once.
 const REMEMBERED_CUSTOMERS: usize = 10_000;
@@ -117,7 +121,7 @@ impl Notifications {
             store,
             customers: Mutex::new(HashMap::new()),
             queue: Mutex::new(Vec::new()),
-            writing: tokio::sync::Mutex::new(()),
+            writing: tokio::sync::Semaphore::new(WRITERS),
         }
     }
 
@@ -150,9 +154,12 @@ impl Notifications {
         let (done, written) = oneshot::channel();
         self.queued().push((notification, done));
         {
-            // Whoever holds the turn writes everything queued so far, its own row and
-            // those of the handlers waiting behind it.
-            let _turn = self.writing.lock().await;
+            // Whoever gets a turn writes everything queued so far, its own row and
+            // those of the handlers waiting behind it (or nothing, if another writer
+            // took them already).
+            let _turn = self.writing.acquire().await.map_err(|_| {
+                ServiceError::BatchedWrite("the notification writers were closed".to_owned())
+            })?;
             let batch = std::mem::take(&mut *self.queued());
             if !batch.is_empty() {
                 let result = self
