@@ -113,6 +113,19 @@ pub struct StreamCache<S> {
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// How many times a stream was read from the log through this cache.
     reads: AtomicU64,
+    /// Decisions waiting for their stream's turn ([`decide_together_on_cached`]).
+    waiting: Mutex<HashMap<String, Vec<Waiting<S>>>>,
+}
+
+/// A decision's rule, boxed so that whoever holds the stream's turn can decide it.
+type Rule<S> = Box<dyn Fn(&S) -> Vec<DomainEvent> + Send>;
+
+/// A decision waiting for its stream's turn, and where its outcome goes: what was
+/// decided, or its rule back when it is to be decided alone.
+struct Waiting<S> {
+    cause: Cause,
+    rule: Rule<S>,
+    done: tokio::sync::oneshot::Sender<Result<Decided<S>, Rule<S>>>,
 }
 
 /// Lock stripes per cache: streams hash onto them. Unrelated streams that share a
@@ -154,7 +167,14 @@ impl<S: Clone> StreamCache<S> {
             capacity,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             reads: AtomicU64::new(0),
+            waiting: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Waiting<S>>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// How many times a stream was read from the log through this cache (a decision
@@ -307,6 +327,103 @@ where
     Err(ServiceError::Contended {
         stream: stream.to_owned(),
     })
+}
+
+/// Like [`decide_on_cached`], for a hot stream: the decisions that queue for the
+/// stream's turn while another holds it are decided together by the next holder, in
+/// the order they queued, each on the state the ones before it leave, and appended in
+/// one append (each with the event ids of its own cause, as alone). A stream takes
+/// one commit per turn instead of one per decision, which is what bounds a stream
+/// many orders reserve on. Whatever is not plainly appended together (a decision of
+/// nothing, which must be confirmed on a read; a conflict; a duplicate; an error) is
+/// handed back and decided alone, exactly as [`decide_on_cached`] decides it.
+pub async fn decide_together_on_cached<S, F>(
+    store: &EventStore,
+    cache: &StreamCache<S>,
+    stream: &str,
+    cause: &Cause,
+    rule: F,
+) -> Result<Decided<S>, ServiceError>
+where
+    S: Evolve + Clone + Send + 'static,
+    F: Fn(&S) -> Vec<DomainEvent> + Send + 'static,
+{
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    cache
+        .waiting()
+        .entry(stream.to_owned())
+        .or_default()
+        .push(Waiting {
+            cause: cause.clone(),
+            rule: Box::new(rule),
+            done,
+        });
+    {
+        let _turn = cache.serialise(stream).await;
+        let queued = cache.waiting().remove(stream).unwrap_or_default();
+        decide_queued(store, cache, stream, queued).await;
+    }
+    match outcome.await {
+        Ok(Ok(decided)) => Ok(decided),
+        Ok(Err(rule)) => decide_on_cached(store, cache, stream, cause, rule).await,
+        Err(_) => Err(ServiceError::BatchedWrite(
+            "the holder of the stream's turn stopped before it decided".to_owned(),
+        )),
+    }
+}
+
+/// Decides the queued decisions on the cached state and appends them together; hands
+/// back those it does not append (see [`decide_together_on_cached`]). The caller
+/// holds the stream's turn.
+async fn decide_queued<S: Evolve + Clone>(
+    store: &EventStore,
+    cache: &StreamCache<S>,
+    stream: &str,
+    queued: Vec<Waiting<S>>,
+) {
+    let hand_back = |waiting: Waiting<S>| {
+        let _ = waiting.done.send(Err(waiting.rule));
+    };
+    let cached = match cache.cached(stream) {
+        Some(cached) if queued.len() > 1 => cached,
+        // One decision, or no cached state: deciding alone costs the same.
+        _ => return queued.into_iter().for_each(hand_back),
+    };
+    let (mut state, version) = cached;
+    let mut together = Vec::new();
+    let mut alone = Vec::new();
+    let mut new_events = Vec::new();
+    for waiting in queued {
+        let events = (waiting.rule)(&state);
+        if events.is_empty() {
+            alone.push(waiting);
+            continue;
+        }
+        new_events.extend(waiting.cause.new_events(&events, 0));
+        for event in &events {
+            state.apply(event);
+        }
+        together.push((waiting, events, state.clone()));
+    }
+    if !together.is_empty() {
+        let count = new_events.len();
+        match store.append(stream, expected(version), new_events).await {
+            Ok(appended) => {
+                crate::metrics::events_appended(count);
+                cache.put(stream, &state, Some(appended.next_expected_version));
+                for (waiting, events, state) in together {
+                    let _ = waiting.done.send(Ok(Decided::Appended { events, state }));
+                }
+            }
+            Err(error) => {
+                debug!(%error, stream, "decisions appended together were refused; each is decided alone");
+                together
+                    .into_iter()
+                    .for_each(|(waiting, _, _)| hand_back(waiting));
+            }
+        }
+    }
+    alone.into_iter().for_each(hand_back);
 }
 
 /// The cached state of `stream` and its version, or (with `must_read`, or when nothing

@@ -8,7 +8,7 @@ use futures::future::{try_join_all, BoxFuture};
 use tracing::info;
 use uuid::Uuid;
 
-use crate::exec::{decide_on_cached, Cause, StreamCache};
+use crate::exec::{decide_together_on_cached, Cause, StreamCache};
 use crate::worker::EventService;
 use crate::ServiceError;
 
@@ -35,11 +35,16 @@ impl Inventory {
         sku: &str,
         input: StockInput,
     ) -> Result<(), ServiceError> {
-        let decided =
-            decide_on_cached(&self.store, &self.cache, &streams::stock(sku), cause, |s| {
-                stock::decide(s, input.clone())
-            })
-            .await?;
+        // Every order reserves and commits on the streams of its SKUs: a popular SKU's
+        // stream is hot, so the decisions queued for it are appended together.
+        let decided = decide_together_on_cached(
+            &self.store,
+            &self.cache,
+            &streams::stock(sku),
+            cause,
+            move |s| stock::decide(s, input.clone()),
+        )
+        .await?;
         for e in decided.events() {
             info!(sku, event = e.event_type(), "stock moved");
         }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use domain::events::{StockReserved, StockSet};
 use domain::{stock, streams, DomainEvent, StockInput, StockState};
 use eventstore::EventStore;
-use services::exec::{decide_on_cached, load, load_cached, Cause, Decided, StreamCache};
+use services::exec::{
+    decide_on_cached, decide_together_on_cached, load, load_cached, Cause, Decided, StreamCache,
+};
 use testkit::fixtures::append;
 use testkit::TestDb;
 use uuid::Uuid;
@@ -163,6 +165,83 @@ async fn a_hot_stream_is_decided_one_at_a_time_in_process_without_conflicts() ->
         asked.load(Ordering::SeqCst),
         30,
         "one decision per reservation: none lost a race and decided again"
+    );
+    Ok(())
+}
+
+/// Decisions that queue for a hot stream's turn are appended together by the next
+/// holder: fewer commits than decisions, each decision with the event ids of its own
+/// cause, and the stock never oversold. A redelivered decision is decided alone (its
+/// decision on the state that holds it is nothing, confirmed on a read) and appends
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decisions_queued_for_a_hot_stream_are_appended_together_and_never_oversell(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock(SKU);
+    append(&db.store, &stream, &[set(30)]).await?;
+    let cache = Arc::new(StreamCache::<StockState>::new(16));
+    // A first reservation caches the stream's state.
+    let asked = AtomicUsize::new(0);
+    reserve_cached(&db.store, &cache, Uuid::new_v4(), 1, &asked).await?;
+
+    let causes: Vec<(Cause, Uuid)> = (0..40).map(|_| (cause(), Uuid::new_v4())).collect();
+    let tasks: Vec<_> = causes
+        .iter()
+        .cloned()
+        .map(|(cause, order_id)| {
+            let (store, cache) = (db.store.clone(), cache.clone());
+            tokio::spawn(async move {
+                let input = reserve(order_id, 1);
+                decide_together_on_cached(&store, &cache, &streams::stock(SKU), &cause, move |s| {
+                    stock::decide(s, input.clone())
+                })
+                .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let decided = task.await??;
+        assert_eq!(decided.events().len(), 1, "{decided:?}");
+    }
+
+    let recorded = db.store.read_stream(&stream, 0).await?;
+    let types: Vec<&str> = recorded.iter().map(|r| r.event_type.as_str()).collect();
+    let count = |t: &str| types.iter().filter(|x| **x == t).count();
+    assert_eq!(count("StockReserved"), 30, "{types:?}");
+    assert_eq!(count("StockReservationFailed"), 11, "{types:?}");
+    let fresh = load::<StockState>(&db.store, &stream).await?;
+    assert_eq!(
+        (fresh.state.on_hand, fresh.state.reserved),
+        (0, 30),
+        "no oversell"
+    );
+    let transactions: std::collections::BTreeSet<i64> =
+        recorded.iter().skip(2).map(|r| r.transaction_id).collect();
+    assert!(
+        transactions.len() <= 20,
+        "40 decisions queued on one stream took {} commits",
+        transactions.len()
+    );
+    for (cause, _) in &causes {
+        let id = domain::derive_event_id(cause.causation_id, &cause.handler, 0);
+        assert!(
+            recorded.iter().any(|r| r.event_id == id),
+            "each decision keeps the event id of its own cause"
+        );
+    }
+
+    // The same decision again (a redelivery) appends nothing.
+    let (cause, order_id) = &causes[0];
+    let input = reserve(*order_id, 1);
+    let again = decide_together_on_cached(&db.store, &cache, &stream, cause, move |s| {
+        stock::decide(s, input.clone())
+    })
+    .await?;
+    assert!(matches!(again, Decided::Nothing { .. }), "{again:?}");
+    assert_eq!(
+        db.store.read_stream(&stream, 0).await?.len(),
+        recorded.len()
     );
     Ok(())
 }
