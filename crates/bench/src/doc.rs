@@ -563,8 +563,12 @@ fn where_the_time_goes(report: &Report) -> String {
          while the notification and inventory queues still held about 13,000 and 2,800 \
          messages (0.5 scale): the notification service, with 16 of the process's \
          roughly 300 handlers, gets a small share of the cores while everything is \
-         busy, and alone at the end it is bound by its one batch insert at a time \
-         (about 3,500 notifications/s). That figure was not a rate the system can keep \
+         busy, and alone at the end it was bound by its one batch insert at a time \
+         (about 3,500 notifications/s; now four batches go at once), as inventory was by \
+         one commit at a time per stock stream (about 1,200 decisions/s over the four \
+         SKUs; now the decisions queued for a stream are appended together, one commit \
+         per turn: G H G H at 0.5 scale, 315 and 304 against 371 and 338 orders/s). \
+         That figure was not a rate the system can keep \
          up, and the paced run that followed started on that backlog: its p99 was \
          mostly the backlog (at 0.3 scale, with the same build, p99 900 ms before the \
          change and 61 to 149 ms after). Same run, same bench, the build before this \
