@@ -263,17 +263,38 @@ pub(crate) async fn attempt(
 /// Inserts the rows in their order (so `global_position` follows it) and returns the
 /// highest position written. `transaction_id` and `recorded_at` come from the defaults.
 async fn insert(conn: &mut PgConnection, rows: &Rows) -> Result<i64, sqlx::Error> {
-    let (last,): (Option<i64>,) = sqlx::query_as(
-        "WITH inserted AS ( \
+    let (_, last) = insert_if_at(conn, rows, &[], &[]).await?;
+    Ok(last.unwrap_or(0))
+}
+
+/// Inserts the rows in their order only if each of the named streams' last version is
+/// the one wanted (`None`: no events), all in one statement; returns how many rows it
+/// inserted and the highest position written.
+async fn insert_if_at<'c, E>(
+    executor: E,
+    rows: &Rows,
+    names: &[&str],
+    wanted: &[Option<i64>],
+) -> Result<(i64, Option<i64>), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    sqlx::query_as(
+        "WITH expected AS ( \
+           SELECT e.name, e.wanted, \
+                  (SELECT max(stream_version) FROM events WHERE stream_name = e.name) AS v \
+           FROM unnest($8::text[], $9::bigint[]) AS e(name, wanted)), \
+         inserted AS ( \
            INSERT INTO events \
              (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
            SELECT stream_name, stream_version, event_id, event_type, schema_version, payload, metadata \
            FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::jsonb[], $7::jsonb[]) \
              WITH ORDINALITY AS t(stream_name, stream_version, event_id, event_type, \
                                   schema_version, payload, metadata, ord) \
+           WHERE NOT EXISTS (SELECT 1 FROM expected WHERE v IS DISTINCT FROM wanted) \
            ORDER BY ord \
            RETURNING global_position) \
-         SELECT max(global_position) FROM inserted",
+         SELECT count(*), max(global_position) FROM inserted",
     )
     .bind(&rows.stream_names)
     .bind(&rows.versions)
@@ -282,9 +303,10 @@ async fn insert(conn: &mut PgConnection, rows: &Rows) -> Result<i64, sqlx::Error
     .bind(&rows.events.schema_versions)
     .bind(&rows.events.payloads)
     .bind(&rows.events.metadata)
-    .fetch_one(conn)
-    .await?;
-    Ok(last.unwrap_or(0))
+    .bind(names)
+    .bind(wanted)
+    .fetch_one(executor)
+    .await
 }
 
 /// The first of the batch's event ids that is already in the log, if any.
@@ -437,35 +459,7 @@ pub(crate) async fn batch_statement(
         .iter()
         .map(|a| expected_as_option(a.expected_version))
         .collect();
-    let rows = &plan.rows;
-    let row: Result<(i64, Option<i64>), sqlx::Error> = sqlx::query_as(
-        "WITH expected AS ( \
-           SELECT e.name, e.wanted, \
-                  (SELECT max(stream_version) FROM events WHERE stream_name = e.name) AS v \
-           FROM unnest($8::text[], $9::bigint[]) AS e(name, wanted)), \
-         inserted AS ( \
-           INSERT INTO events \
-             (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
-           SELECT stream_name, stream_version, event_id, event_type, schema_version, payload, metadata \
-           FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::jsonb[], $7::jsonb[]) \
-             WITH ORDINALITY AS t(stream_name, stream_version, event_id, event_type, \
-                                  schema_version, payload, metadata, ord) \
-           WHERE NOT EXISTS (SELECT 1 FROM expected WHERE v IS DISTINCT FROM wanted) \
-           ORDER BY ord \
-           RETURNING global_position) \
-         SELECT count(*), max(global_position) FROM inserted",
-    )
-    .bind(&rows.stream_names)
-    .bind(&rows.versions)
-    .bind(&rows.events.event_ids)
-    .bind(&rows.events.event_types)
-    .bind(&rows.events.schema_versions)
-    .bind(&rows.events.payloads)
-    .bind(&rows.events.metadata)
-    .bind(&names)
-    .bind(&wanted)
-    .fetch_one(pool)
-    .await;
+    let row = insert_if_at(pool, &plan.rows, &names, &wanted).await;
     match row.map_err(classify) {
         Ok((inserted, Some(last_global_position))) if inserted > 0 => Ok(Some(AppendResult {
             next_expected_version: plan.last_stream_version,
