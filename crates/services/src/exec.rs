@@ -292,6 +292,21 @@ where
     F: Fn(&S) -> Vec<DomainEvent>,
 {
     let _turn = cache.serialise(stream).await;
+    decide_in_turn(store, cache, stream, cause, decide).await
+}
+
+/// [`decide_on_cached`] for a caller that holds the stream's turn.
+async fn decide_in_turn<S, F>(
+    store: &EventStore,
+    cache: &StreamCache<S>,
+    stream: &str,
+    cause: &Cause,
+    decide: F,
+) -> Result<Decided<S>, ServiceError>
+where
+    S: Evolve + Clone,
+    F: Fn(&S) -> Vec<DomainEvent>,
+{
     let mut must_read = false;
     for attempt in 0..MAX_CONFLICT_RETRIES {
         let (mut state, mut version, read) =
@@ -348,7 +363,7 @@ where
     S: Evolve + Clone + Send + 'static,
     F: Fn(&S) -> Vec<DomainEvent> + Send + 'static,
 {
-    let (done, outcome) = tokio::sync::oneshot::channel();
+    let (done, mut outcome) = tokio::sync::oneshot::channel();
     cache
         .waiting()
         .entry(stream.to_owned())
@@ -358,14 +373,15 @@ where
             rule: Box::new(rule),
             done,
         });
-    {
-        let _turn = cache.serialise(stream).await;
-        let queued = cache.waiting().remove(stream).unwrap_or_default();
-        decide_queued(store, cache, stream, queued).await;
-    }
-    match outcome.await {
+    let _turn = cache.serialise(stream).await;
+    let queued = cache.waiting().remove(stream).unwrap_or_default();
+    decide_queued(store, cache, stream, queued).await;
+    // Whoever took this decision from the queue (this task just now, or the holder
+    // before it) answered it before giving up the turn. One handed back is decided
+    // in this same turn.
+    match outcome.try_recv() {
         Ok(Ok(decided)) => Ok(decided),
-        Ok(Err(rule)) => decide_on_cached(store, cache, stream, cause, rule).await,
+        Ok(Err(rule)) => decide_in_turn(store, cache, stream, cause, rule).await,
         Err(_) => Err(ServiceError::BatchedWrite(
             "the holder of the stream's turn stopped before it decided".to_owned(),
         )),
