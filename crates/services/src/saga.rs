@@ -8,7 +8,7 @@ use tracing::info;
 
 use std::sync::Arc;
 
-use crate::exec::{decide_on_cached, Cause, SharedCaches, StreamCache};
+use crate::exec::{decide_together_on_cached, Cause, SharedCaches, StreamCache};
 use crate::worker::EventService;
 use crate::ServiceError;
 
@@ -51,12 +51,15 @@ impl OrderSaga {
             return Ok(());
         };
         let cause = Cause::new(env.event_id, env.correlation_id, "order");
-        let decided = decide_on_cached(
+        // A burst brings an order's outcomes (each line's reservation, the capture)
+        // within milliseconds of each other: those queued for the order's turn are
+        // decided in order and appended together.
+        let decided = decide_together_on_cached(
             &self.store,
             &self.orders,
             &streams::order(order_id),
             &cause,
-            |s: &OrderState| order::decide(s, input.clone()),
+            move |s: &OrderState| order::decide(s, input.clone()),
         )
         .await?;
         let types: Vec<&str> = decided.events().iter().map(|e| e.event_type()).collect();

@@ -201,3 +201,114 @@ async fn shipping_on_a_cached_order_that_was_cancelled_since_reads_it_and_ships_
     );
     Ok(())
 }
+
+/// A burst delivers an order's outcomes to the saga within milliseconds of each other.
+/// Those queued for the order's turn are decided in order and appended together: each
+/// outcome recorded once, under its own cause's event id, the join confirming once,
+/// in fewer commits than outcomes; a redelivery of them all appends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outcomes_queued_for_an_order_are_joined_in_fewer_commits_than_outcomes(
+) -> anyhow::Result<()> {
+    const LINES: usize = 30;
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let caches = SharedCaches::default();
+    let commands = CommandService::sharing(store.clone(), Rules::default(), &caches);
+    let gateway: Arc<dyn PaymentGateway> = Arc::new(Simulator::new(
+        db.pool().clone(),
+        std::time::Duration::ZERO,
+        0.0,
+    ));
+    let (inventory, payments) = (
+        Inventory::new(store.clone()),
+        Payments::new(store.clone(), gateway),
+    );
+    let skus: Vec<String> = (0..LINES).map(|i| format!("SKU-{i}")).collect();
+    for sku in &skus {
+        let set = SetStock {
+            sku: sku.clone(),
+            quantity: 5,
+        };
+        commands.handle(Command::SetStock(set), &cause()).await?;
+    }
+    let order_id = Uuid::new_v4();
+    let place = PlaceOrder {
+        order_id,
+        customer_id: "c-many".to_owned(),
+        currency: "EUR".to_owned(),
+        items: skus.iter().map(|sku| line(sku, 1, 100)).collect(),
+        payment_token: "tok_ok".to_owned(),
+        shipping: None,
+    };
+    commands
+        .handle(Command::PlaceOrder(place), &cause())
+        .await?;
+    let order = streams::order(order_id);
+    for accepted in delivered(&db, &order, "OrderAccepted").await? {
+        inventory.react(&accepted).await?;
+        payments.react(&accepted).await?;
+    }
+    let mut outcomes = delivered(&db, &streams::payment(order_id), "PaymentCaptured").await?;
+    for sku in &skus {
+        outcomes.extend(delivered(&db, &streams::stock(sku), "StockReserved").await?);
+    }
+    assert_eq!(outcomes.len(), LINES + 1);
+    let before = last_version(&db, &order).await?.unwrap_or(-1);
+
+    let saga = Arc::new(OrderSaga::sharing(store.clone(), &caches));
+    let react_to_all = |outcomes: Vec<EventEnvelope>| {
+        let tasks: Vec<_> = outcomes
+            .into_iter()
+            .map(|env| {
+                let saga = Arc::clone(&saga);
+                tokio::spawn(async move { saga.react(&env).await })
+            })
+            .collect();
+        async move {
+            for task in tasks {
+                task.await??;
+            }
+            anyhow::Ok(())
+        }
+    };
+    react_to_all(outcomes.clone()).await?;
+
+    let recorded: Vec<_> = store
+        .read_stream(&order, 0)
+        .await?
+        .into_iter()
+        .filter(|r| r.stream_version > before)
+        .collect();
+    let count = |t: &str| recorded.iter().filter(|r| r.event_type == t).count();
+    assert_eq!(count("OrderLineReserved"), LINES);
+    assert_eq!(count("OrderPaymentCaptured"), 1);
+    assert_eq!(count("OrderConfirmed"), 1);
+    assert_eq!(
+        count("OrderCompleted"),
+        1,
+        "a digital order completes on confirmation"
+    );
+    let transactions: std::collections::BTreeSet<i64> =
+        recorded.iter().map(|r| r.transaction_id).collect();
+    assert!(
+        transactions.len() <= 20,
+        "{} outcomes queued on one order took {} commits",
+        LINES + 1,
+        transactions.len()
+    );
+    for env in &outcomes {
+        let id = domain::derive_event_id(env.event_id, "order", 0);
+        assert!(
+            recorded.iter().any(|r| r.event_id == id),
+            "each outcome is recorded under its own cause's event id"
+        );
+    }
+
+    react_to_all(outcomes).await?;
+    assert_eq!(
+        last_version(&db, &order).await?,
+        recorded.last().map(|r| r.stream_version),
+        "a redelivery of every outcome appends nothing"
+    );
+    Ok(())
+}
