@@ -172,7 +172,7 @@ pub async fn consume(
         };
         reconnect.reset();
         info!(queue, consumer_tag = %consumer.tag(), "consuming");
-        let acks = Acks::start();
+        let acks = Acks::start(options.prefetch);
 
         let stopped = loop {
             let permit = tokio::select! {
