@@ -40,6 +40,9 @@ struct Replayed {
     elapsed: Duration,
     rss_before_kb: u64,
     peak_kb: u64,
+    /// The highest RSS sampled after each page while the first half of the log was
+    /// applied, and while the second half was.
+    halves_kb: (u64, u64),
 }
 
 impl Replayed {
@@ -148,12 +151,6 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
             fmt_value(rate),
             ratio * 100.0
         ));
-        memory.push(format!(
-            "{name} {:.0} MiB at N/10 → {:.0} MiB at N (+{:.0} MiB over its RSS before)",
-            mib(little.peak_kb),
-            mib(big.peak_kb),
-            mib(big.peak_kb.saturating_sub(big.rss_before_kb))
-        ));
         let what = if name == ALL_FOUR {
             format!(
                 "`projector::replay_many` of all four projections in one pass, {} events",
@@ -199,25 +196,32 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
         old_floor,
         details,
     );
-    // Flat: the process's peak over the runs at N is within 25% (+8 MiB for allocator
-    // noise) of its peak over the runs at N/10. Compared over all runs, not run by run:
-    // the allocator keeps what a run freed, so each run starts from the peak of the
-    // runs before it (the N/10 `replay_many`, with four projections' pages, is the
-    // highest), and a run's own peak says more about its place in the order than
-    // about the log's length.
+    // Flat in the log's length: in every replay at N, the memory sampled after each
+    // page while the second half of the log was applied stays within 10% (+8 MiB for
+    // allocator noise) of the first half's. Growth with the log (state kept per
+    // stream, a buffer of everything read) shows there. Comparing peaks at N/10 and
+    // N instead compared unlike pipelines: the replay holds up to four pages of
+    // 10,000 events in flight, and a log of a few pages never fills that pipeline (4
+    // Dec, 0.5 scale: order_status peaked 54 MiB above its RSS before at N, while its
+    // first and second halves peaked alike). Those peaks stay in the note.
+    let mut flat = true;
+    for (name, big) in &full_runs {
+        let (first, second) = big.halves_kb;
+        flat &= first > 0 && second as f64 <= first as f64 * 1.10 + 8.0 * 1024.0;
+        memory.push(format!(
+            "{name} {:.0} → {:.0} MiB (first → second half)",
+            mib(first),
+            mib(second)
+        ));
+    }
     let peak = |runs: &[(String, Replayed)]| runs.iter().map(|(_, r)| r.peak_kb).max().unwrap_or(0);
-    let (small_peak, full_peak) = (peak(&small_runs), peak(&full_runs));
-    let flat = full_peak as f64 <= small_peak as f64 * 1.25 + 8.0 * 1024.0;
-    memory.insert(
-        0,
-        format!(
-            "process peak over the runs {:.0} MiB at N/10 → {:.0} MiB at N",
-            mib(small_peak),
-            mib(full_peak)
-        ),
-    );
+    memory.push(format!(
+        "the process's peak over the runs {:.0} MiB at N/10, {:.0} MiB at N",
+        mib(peak(&small_runs)),
+        mib(peak(&full_runs))
+    ));
     report.target(
-        "replay memory flat (the process's peak RSS over the replays at N ≤ 1.25 × over those at N/10 + 8 MiB)",
+        "replay memory flat in the log's length (in each replay at N, the RSS after each page of the second half ≤ 1.10 × the first half's + 8 MiB)",
         flat,
         memory.join("; "),
     );
@@ -351,8 +355,21 @@ async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)
         let reset = reset_peak_rss();
         let rss_before_kb = proc_status_kb("VmRSS").unwrap_or(0);
         let started = Instant::now();
-        let events = projector::replay_many(store, &run, |_| {}).await?;
+        let mut samples = Vec::new();
+        let events = projector::replay_many(store, &run, |applied| {
+            samples.push((applied, proc_status_kb("VmRSS").unwrap_or(0)));
+        })
+        .await?;
         let elapsed = started.elapsed();
+        let half_peak = |second: bool| {
+            samples
+                .iter()
+                .filter(|(applied, _)| (*applied > events / 2) == second)
+                .map(|(_, kb)| *kb)
+                .max()
+                .unwrap_or(0)
+        };
+        let halves_kb = (half_peak(false), half_peak(true));
         let peak_kb = if reset {
             proc_status_kb("VmHWM").unwrap_or(0)
         } else {
@@ -375,6 +392,7 @@ async fn replay_all(store: &EventStore) -> anyhow::Result<Vec<(String, Replayed)
                 elapsed,
                 rss_before_kb,
                 peak_kb,
+                halves_kb,
             },
         ));
     }
