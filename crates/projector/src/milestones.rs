@@ -274,13 +274,23 @@ impl Projection for MilestonesProjection {
     ) -> BoxFuture<'a, Result<(), ProjectorError>> {
         Box::pin(async move {
             let stored = load_progress(conn, events).await?;
-            let versions = stored
+            let versions: HashMap<String, i64> = stored
                 .iter()
                 .map(|(stream, p)| (stream.clone(), p.version))
                 .collect();
             let history = load_streams(conn, &streams_to_load(events, &versions)).await?;
-            let (rows, progress) = fold_page(events, stored, &history);
-            write(conn, &rows, &progress).await
+            let (rows, mut progress) = fold_page(events, stored, &history);
+            // An order that ended (or shipped) keeps no progress: most orders begin
+            // and end within a replay's page and never need a row, and the rare
+            // event on an ended order's stream (a refused command, a late
+            // compensation) is folded from the log, as for any stream without a row.
+            let forget: Vec<String> = progress
+                .iter()
+                .filter(|(stream, p)| ended(p) && versions.contains_key(*stream))
+                .map(|(stream, _)| stream.clone())
+                .collect();
+            progress.retain(|_, p| !ended(p));
+            write(conn, &rows, &progress, &forget).await
         })
     }
 }
@@ -402,14 +412,31 @@ async fn load_streams(
     Ok(loaded)
 }
 
+/// Whether the order is past every event that looks at its state (a reservation or a
+/// capture, before confirmation, see [`needs_order_state`]) and few events of its
+/// stream are still to come: it ended, or shipped (its delivery is on the shipment
+/// stream). A later event is folded from the log all the same, so this decides only
+/// what is cheaper, never what is right.
+fn ended(progress: &Progress) -> bool {
+    matches!(
+        progress.state.status,
+        OrderStatus::Rejected
+            | OrderStatus::Completed
+            | OrderStatus::Cancelled
+            | OrderStatus::Shipped
+    )
+}
+
 /// Writes a page's milestone rows and its streams' progress in one statement (the
-/// progress upsert as a data-modifying CTE: the two touch different tables).
+/// progress upsert, and the removal of the rows of orders that ended, as
+/// data-modifying CTEs: they touch different rows).
 async fn write(
     conn: &mut PgConnection,
     rows: &[MilestoneRow],
     progress: &HashMap<String, Progress>,
+    forget: &[String],
 ) -> Result<(), ProjectorError> {
-    if rows.is_empty() && progress.is_empty() {
+    if rows.is_empty() && progress.is_empty() && forget.is_empty() {
         return Ok(());
     }
     let mut streams = Vec::with_capacity(progress.len());
@@ -434,6 +461,8 @@ async fn write(
              SELECT * FROM UNNEST($5::text[], $6::bigint[], $7::text[], $8::text[])
              ON CONFLICT (stream_name) DO UPDATE SET
                  version = EXCLUDED.version, status = EXCLUDED.status, lines = EXCLUDED.lines
+         ), ended AS (
+             DELETE FROM order_milestone_progress WHERE stream_name = ANY($9::text[])
          )
          INSERT INTO order_milestones (order_id, milestone, reached_at, global_position)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[])
@@ -451,6 +480,7 @@ async fn write(
     .bind(&versions)
     .bind(&statuses)
     .bind(&lines)
+    .bind(forget)
     .execute(conn)
     .await?;
     Ok(())

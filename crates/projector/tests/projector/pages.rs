@@ -187,3 +187,66 @@ async fn a_timer_cancelled_and_scheduled_again_in_a_later_page_keeps_only_the_ne
     assert_eq!(timer_rows(store).await?, second);
     Ok(())
 }
+
+/// An order that ended keeps no progress row: placed in one page (a row), cancelled in
+/// the next (the row goes), then a reservation that arrives after the cancellation,
+/// on a stream with no row, is folded from the log. The milestones are those a replay
+/// gives, which never writes the row at all.
+#[tokio::test]
+async fn an_order_that_ended_keeps_no_progress_and_a_later_event_is_folded_from_the_log(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let mut order = OrderScript::new(store);
+    order.place(vec![line("A", 1, 300)], true).await?;
+    wait_readable(store).await?;
+    catch_up_all(store).await?;
+    assert_eq!(
+        progress_rows(store).await?.len(),
+        1,
+        "an order under way keeps its progress"
+    );
+
+    order
+        .order(OrderInput::Cancel(domain::commands::CancelOrder {
+            order_id: order.order_id,
+            reason: "changed my mind".to_owned(),
+        }))
+        .await?;
+    wait_readable(store).await?;
+    catch_up_all(store).await?;
+    assert_eq!(
+        progress_rows(store).await?,
+        vec![],
+        "the ended order's row is gone"
+    );
+
+    let late = StockReserved {
+        sku: "A".to_owned(),
+        order_id: order.order_id,
+        line: 0,
+        quantity: 1,
+    };
+    append(
+        store,
+        &streams::stock("A"),
+        &[DomainEvent::StockReserved(late.clone())],
+    )
+    .await?;
+    let compensated = order.order(OrderInput::LineReserved(late)).await?;
+    wait_readable(store).await?;
+    catch_up_all(store).await?;
+    let live = every_row(store).await?;
+    assert_eq!(
+        live.2,
+        vec![],
+        "no row for the ended order: {compensated:?}"
+    );
+    let mut reached: Vec<&str> = live.1.iter().map(|r| r.milestone.as_str()).collect();
+    reached.sort_unstable();
+    assert_eq!(reached, ["accepted", "cancelled", "placed"]);
+
+    projector::replay_many(store, &projector::all_projections(), |_| {}).await?;
+    assert_eq!(every_row(store).await?, live);
+    Ok(())
+}
