@@ -26,6 +26,9 @@ pub const MESSAGES_RETRIED: &str = "orderflow_messages_retried_total";
 pub const MESSAGES_DEAD_LETTERED: &str = "orderflow_messages_dead_lettered_total";
 /// Time one handler attempt took, per worker.
 pub const HANDLER_SECONDS: &str = "orderflow_handler_duration_seconds";
+/// Time from an event's transaction beginning to the broker confirming its publish by
+/// the relay: the relay's share of every hop between two services.
+pub const RELAY_DELAY_SECONDS: &str = "orderflow_relay_delay_seconds";
 /// Events this process appended to the log.
 pub const EVENTS_APPENDED: &str = "orderflow_events_appended_total";
 /// Events this process applied to a read model, per projection.
@@ -56,8 +59,9 @@ pub const PARKED_ORDERS: &str = "orderflow_parked_orders";
 
 /// Handler latency buckets, in seconds: a few milliseconds (one append) up to a hung
 /// gateway call.
-const HANDLER_BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+const HANDLER_BUCKETS: [f64; 19] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
 ];
 
 /// Every status `order_status` knows: each is reported, 0 included, so a status that
@@ -73,10 +77,15 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = match PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(HANDLER_SECONDS.to_owned()), &HANDLER_BUCKETS)
-            {
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(RELAY_DELAY_SECONDS.to_owned()),
+                        &HANDLER_BUCKETS,
+                    )
+                }) {
                 Ok(with_buckets) => with_buckets,
                 Err(error) => {
-                    warn!(%error, "handler latency buckets refused; reporting a summary");
+                    warn!(%error, "latency buckets refused; reporting summaries");
                     PrometheusBuilder::new()
                 }
             };

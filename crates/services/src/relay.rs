@@ -149,10 +149,16 @@ async fn relay_next(
         return Ok(0);
     };
     let count = records.len();
+    let recorded: Vec<_> = records.iter().map(|r| r.recorded_at).collect();
     bus.publish_many(records.into_iter().map(event_message).collect())
         .await?;
     cursor.published = Some(last);
     metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(count as u64);
+    let confirmed = chrono::Utc::now();
+    let delay = metrics::histogram!(crate::metrics::RELAY_DELAY_SECONDS);
+    for at in recorded {
+        delay.record((confirmed - at).to_std().map_or(0.0, |d| d.as_secs_f64()));
+    }
     debug!(count, "relayed events");
     Ok(count)
 }
