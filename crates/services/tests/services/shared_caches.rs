@@ -63,12 +63,19 @@ struct Process {
     order_id: Uuid,
 }
 
-async fn confirmed_order(db: &TestDb, caches: &SharedCaches) -> anyhow::Result<Process> {
+/// Five units of each of `skus` in stock, an order of one unit of each placed
+/// through the intake of a process sharing `caches`, and inventory and payment
+/// reacting to its acceptance (the gateway answers at once). Returns the intake and
+/// the order's id.
+async fn accepted_order(
+    db: &TestDb,
+    caches: &SharedCaches,
+    rules: Rules,
+    skus: &[String],
+    unit_price_cents: i64,
+    shipping: Option<Shipping>,
+) -> anyhow::Result<(CommandService, Uuid)> {
     let store = &db.store;
-    let rules = Rules {
-        delivery_delay: std::time::Duration::ZERO,
-        ..Rules::default()
-    };
     let commands = CommandService::sharing(store.clone(), rules, caches);
     let gateway: Arc<dyn PaymentGateway> = Arc::new(Simulator::new(
         db.pool().clone(),
@@ -79,32 +86,49 @@ async fn confirmed_order(db: &TestDb, caches: &SharedCaches) -> anyhow::Result<P
         Inventory::new(store.clone()),
         Payments::new(store.clone(), gateway),
     );
-    let saga = OrderSaga::sharing(store.clone(), caches);
-    let set = SetStock {
-        sku: "A".to_owned(),
-        quantity: 5,
-    };
-    commands.handle(Command::SetStock(set), &cause()).await?;
+    for sku in skus {
+        let set = SetStock {
+            sku: sku.clone(),
+            quantity: 5,
+        };
+        commands.handle(Command::SetStock(set), &cause()).await?;
+    }
     let order_id = Uuid::new_v4();
     let place = PlaceOrder {
         order_id,
         customer_id: "c-1".to_owned(),
         currency: "EUR".to_owned(),
-        items: vec![line("A", 1, 750)],
+        items: skus
+            .iter()
+            .map(|sku| line(sku, 1, unit_price_cents))
+            .collect(),
         payment_token: "tok_ok".to_owned(),
-        shipping: Some(Shipping {
-            method: ShippingMethod::Standard,
-            address: "1 Main St".to_owned(),
-        }),
+        shipping,
     };
     commands
         .handle(Command::PlaceOrder(place), &cause())
         .await?;
-    let order = streams::order(order_id);
-    for accepted in delivered(db, &order, "OrderAccepted").await? {
+    for accepted in delivered(db, &streams::order(order_id), "OrderAccepted").await? {
         inventory.react(&accepted).await?;
         payments.react(&accepted).await?;
     }
+    Ok((commands, order_id))
+}
+
+async fn confirmed_order(db: &TestDb, caches: &SharedCaches) -> anyhow::Result<Process> {
+    let store = &db.store;
+    let rules = Rules {
+        delivery_delay: std::time::Duration::ZERO,
+        ..Rules::default()
+    };
+    let shipping = Shipping {
+        method: ShippingMethod::Standard,
+        address: "1 Main St".to_owned(),
+    };
+    let (commands, order_id) =
+        accepted_order(db, caches, rules, &["A".to_owned()], 750, Some(shipping)).await?;
+    let saga = OrderSaga::sharing(store.clone(), caches);
+    let order = streams::order(order_id);
     for reserved in delivered(db, &streams::stock("A"), "StockReserved").await? {
         saga.react(&reserved).await?;
     }
@@ -213,41 +237,9 @@ async fn outcomes_queued_for_an_order_are_joined_in_fewer_commits_than_outcomes(
     let db = TestDb::new().await?;
     let store = &db.store;
     let caches = SharedCaches::default();
-    let commands = CommandService::sharing(store.clone(), Rules::default(), &caches);
-    let gateway: Arc<dyn PaymentGateway> = Arc::new(Simulator::new(
-        db.pool().clone(),
-        std::time::Duration::ZERO,
-        0.0,
-    ));
-    let (inventory, payments) = (
-        Inventory::new(store.clone()),
-        Payments::new(store.clone(), gateway),
-    );
     let skus: Vec<String> = (0..LINES).map(|i| format!("SKU-{i}")).collect();
-    for sku in &skus {
-        let set = SetStock {
-            sku: sku.clone(),
-            quantity: 5,
-        };
-        commands.handle(Command::SetStock(set), &cause()).await?;
-    }
-    let order_id = Uuid::new_v4();
-    let place = PlaceOrder {
-        order_id,
-        customer_id: "c-many".to_owned(),
-        currency: "EUR".to_owned(),
-        items: skus.iter().map(|sku| line(sku, 1, 100)).collect(),
-        payment_token: "tok_ok".to_owned(),
-        shipping: None,
-    };
-    commands
-        .handle(Command::PlaceOrder(place), &cause())
-        .await?;
+    let (_, order_id) = accepted_order(&db, &caches, Rules::default(), &skus, 100, None).await?;
     let order = streams::order(order_id);
-    for accepted in delivered(&db, &order, "OrderAccepted").await? {
-        inventory.react(&accepted).await?;
-        payments.react(&accepted).await?;
-    }
     let mut outcomes = delivered(&db, &streams::payment(order_id), "PaymentCaptured").await?;
     for sku in &skus {
         outcomes.extend(delivered(&db, &streams::stock(sku), "StockReserved").await?);
