@@ -7,6 +7,7 @@ use backoff::backoff::Backoff;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::connection::reconnect_schedule;
@@ -114,6 +115,18 @@ impl Bus {
     /// confirmed because the connection failed are published again after reconnecting.
     /// Returns the first nack as an error.
     pub async fn publish_many(&self, messages: Vec<OutgoingMessage>) -> Result<(), BusError> {
+        self.publish_many_telling(messages, None).await
+    }
+
+    /// [`Bus::publish_many`] that also tells `sent` once its first pass has handed
+    /// every message to the channel (or given up on the pass), before the confirms
+    /// come: a caller that publishes the next batch only then keeps the broker's order
+    /// of the two batches while their confirms overlap.
+    pub async fn publish_many_telling(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        sent: Option<oneshot::Sender<()>>,
+    ) -> Result<(), BusError> {
         let prepared = messages
             .iter()
             .map(|m| {
@@ -126,18 +139,22 @@ impl Bus {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.publish_all(&prepared).await
+        self.publish_all(&prepared, sent).await
     }
 
     pub(crate) async fn publish_prepared(&self, message: &Prepared<'_>) -> Result<(), BusError> {
-        self.publish_all(std::slice::from_ref(message)).await
+        self.publish_all(std::slice::from_ref(message), None).await
     }
 
-    async fn publish_all(&self, messages: &[Prepared<'_>]) -> Result<(), BusError> {
+    async fn publish_all(
+        &self,
+        messages: &[Prepared<'_>],
+        mut sent: Option<oneshot::Sender<()>>,
+    ) -> Result<(), BusError> {
         let mut pending: Vec<&Prepared<'_>> = messages.iter().collect();
         let mut schedule = reconnect_schedule(self.options().publish_timeout);
         while !pending.is_empty() {
-            let (unconfirmed, error) = self.publish_round(&pending).await;
+            let (unconfirmed, error) = self.publish_round(&pending, &mut sent).await;
             match error {
                 None => pending = unconfirmed,
                 Some(err) if err.is_transient() => match schedule.next_backoff() {
@@ -159,15 +176,21 @@ impl Bus {
     async fn publish_round<'m, 'b>(
         &self,
         pending: &[&'m Prepared<'b>],
+        sent: &mut Option<oneshot::Sender<()>>,
     ) -> (Vec<&'m Prepared<'b>>, Option<BusError>) {
         if pending.iter().any(|m| m.mandatory) {
-            return self.publish_returnable(pending).await;
+            let answer = self.publish_returnable(pending).await;
+            tell(sent);
+            return answer;
         }
         let channel = match self.publish_channel().await {
             Ok(channel) => channel,
-            Err(err) => return (pending.to_vec(), Some(err)),
+            Err(err) => {
+                tell(sent);
+                return (pending.to_vec(), Some(err));
+            }
         };
-        let (unconfirmed, error, retire) = self.publish_on(&channel, true, pending).await;
+        let (unconfirmed, error, retire) = self.publish_on(&channel, true, pending, sent).await;
         if retire {
             self.discard_publish_channel(&channel).await;
         }
@@ -186,7 +209,7 @@ impl Bus {
         };
         for (i, message) in pending.iter().enumerate() {
             let one = std::slice::from_ref(message);
-            let (_, error, retire) = self.publish_on(&lease.channel, false, one).await;
+            let (_, error, retire) = self.publish_on(&lease.channel, false, one, &mut None).await;
             if let Some(error) = error {
                 self.give_back(lease, retire).await;
                 return (pending[i..].to_vec(), Some(error));
@@ -204,6 +227,7 @@ impl Bus {
         channel: &lapin::Channel,
         shared: bool,
         pending: &[&'m Prepared<'b>],
+        sent: &mut Option<oneshot::Sender<()>>,
     ) -> (Vec<&'m Prepared<'b>>, Option<BusError>, bool) {
         // A send or a confirm that never comes (a channel the broker no longer serves
         // but the client still thinks open) must not hold the publish for ever: past
@@ -215,7 +239,7 @@ impl Bus {
         // lapin numbers a publish before it sends it: a send that failed leaves its
         // numbering one ahead of the broker's, so the channel must not be used again.
         let mut send_failed = false;
-        let mut sent = Vec::with_capacity(pending.len());
+        let mut sent_ones = Vec::with_capacity(pending.len());
         let mut unconfirmed = Vec::new();
         for message in pending {
             if first_error.is_some() {
@@ -238,7 +262,7 @@ impl Bus {
                         waited: limit,
                     })
                 }) {
-                Ok(confirm) => sent.push((*message, confirm)),
+                Ok(confirm) => sent_ones.push((*message, confirm)),
                 Err(err) => {
                     first_error = Some(err);
                     send_failed = true;
@@ -246,7 +270,8 @@ impl Bus {
                 }
             }
         }
-        for (message, confirm) in sent {
+        tell(sent);
+        for (message, confirm) in sent_ones {
             let confirmed = tokio::time::timeout_at(deadline, message.confirmed(confirm))
                 .await
                 .unwrap_or_else(|_| {
@@ -269,6 +294,13 @@ impl Bus {
         }
         let retire = send_failed || matches!(first_error, Some(BusError::NoAnswer { .. }));
         (unconfirmed, first_error, retire)
+    }
+}
+
+/// Tells whoever waits for the first pass's sends, once.
+fn tell(sent: &mut Option<oneshot::Sender<()>>) {
+    if let Some(sent) = sent.take() {
+        let _ = sent.send(());
     }
 }
 

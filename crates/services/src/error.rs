@@ -24,6 +24,10 @@ pub enum ServiceError {
     /// failed; it is retried like the database error it stands for.
     #[error("the batched write failed: {0}")]
     BatchedWrite(String),
+    /// The relay's publish of a page ended without an answer (its task panicked or
+    /// was stopped).
+    #[error("relay: {0}")]
+    Relay(String),
 }
 
 impl ServiceError {

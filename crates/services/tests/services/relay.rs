@@ -185,3 +185,62 @@ async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow:
     relay.await??;
     Ok(())
 }
+
+/// A log of several pages: the running relay sends the next page while the broker
+/// still confirms the ones before it, and the events still reach the broker once
+/// each and in log order, and the checkpoint the end of the log.
+#[tokio::test]
+async fn pages_sent_before_the_last_is_confirmed_arrive_once_and_in_log_order() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let channel = tap(&bus).await?;
+    for sku in 0..9 {
+        let sets: Vec<DomainEvent> = (0..500)
+            .map(|quantity| {
+                DomainEvent::StockSet(StockSet {
+                    sku: format!("P{sku}"),
+                    quantity,
+                })
+            })
+            .collect();
+        append(&db.store, &streams::stock(&format!("P{sku}")), &sets).await?;
+    }
+    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(services::relay::run(
+        db.store.clone(),
+        bus.clone(),
+        db.url.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    testkit::wait_until("the relay to save the end of the log", DEADLINE, || async {
+        let saved = db
+            .store
+            .load_checkpoint(services::relay::CHECKPOINT)
+            .await?;
+        Ok((saved == end).then_some(()))
+    })
+    .await?;
+    let expected: Vec<String> = db
+        .store
+        .read_all(eventstore::LogPosition::START, 10_000)
+        .await?
+        .iter()
+        .map(|r| r.event_id.to_string())
+        .collect();
+    assert_eq!(expected.len(), 4_500);
+    let got: Vec<String> = drain(&channel)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(got.len(), expected.len(), "each event once");
+    assert!(got == expected, "in log order");
+    let _ = stop.send(());
+    relay.await??;
+    Ok(())
+}
