@@ -196,6 +196,11 @@ async fn apply_together(
         follower.known = None;
     }
     tx.commit().await?;
+    if due.iter().any(|(follower, after)| {
+        follower.projection.wakes_followers() && !page.after(*after).is_empty()
+    }) {
+        store.notify_appended();
+    }
     let mut covered = 0;
     for (follower, after) in due {
         follower.known = Some(page.last);
@@ -250,6 +255,9 @@ async fn apply(
     }
     tx.commit().await?;
     follower.known = Some(page.last);
+    if follower.projection.wakes_followers() && !events.is_empty() {
+        store.notify_appended();
+    }
     Ok(projected(name, events.len()))
 }
 

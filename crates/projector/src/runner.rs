@@ -67,6 +67,13 @@ pub trait Projection: Send + Sync + 'static {
     fn state_tables(&self) -> &'static [&'static str] {
         &[]
     }
+    /// Whether followers of the log wait on what it writes, so that committing a page
+    /// of it should wake them as an append would (the timer scheduler waits on
+    /// `timers`; without the wake it would look only at the next append, or after
+    /// its idle cap).
+    fn wakes_followers(&self) -> bool {
+        false
+    }
     /// Applies a page of events, in log order, inside the caller's transaction.
     fn apply_page<'a>(
         &'a self,
@@ -198,6 +205,9 @@ pub async fn run_once(
     projection.apply_page(&mut tx, &page.events).await?;
     store.save_checkpoint(&mut tx, &name, last).await?;
     tx.commit().await?;
+    if projection.wakes_followers() {
+        store.notify_appended();
+    }
     // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
     metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())
         .increment(page.read as u64);

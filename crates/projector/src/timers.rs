@@ -140,6 +140,10 @@ impl Projection for TimersProjection {
         &["timers"]
     }
 
+    fn wakes_followers(&self) -> bool {
+        true
+    }
+
     fn apply_page<'a>(
         &'a self,
         conn: &'a mut PgConnection,

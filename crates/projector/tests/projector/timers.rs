@@ -139,3 +139,45 @@ async fn shipping_schedules_a_delivery_timer_and_delivery_removes_it() -> anyhow
     assert!(timer_rows(store).await?.is_empty());
     Ok(())
 }
+
+/// The timer scheduler waits on the store's wake-ups, and a timer row is written by
+/// the projector after the append that asked for it woke everyone: the live projector
+/// wakes the followers again when it commits a page of the timers projection, so the
+/// scheduler sees a timer due now at once instead of at the next append or its idle
+/// cap.
+#[tokio::test]
+async fn committing_a_page_of_timers_wakes_the_followers_of_the_log() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    let mut wakeups = store.follow().await?;
+    let order_id = Uuid::new_v4();
+    append(
+        store,
+        &streams::payment(order_id),
+        &[requested(order_id, Utc::now())],
+    )
+    .await?;
+    wait_readable(store).await?;
+    // The append's own wake-ups (in process, then its NOTIFY) are taken first.
+    while wakeups.wait(std::time::Duration::from_millis(300)).await == eventstore::Wake::Signalled {
+    }
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let projector = tokio::spawn(projector::run(
+        store.clone(),
+        vec![std::sync::Arc::new(TimersProjection)],
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    assert_eq!(
+        wakeups.wait(DEADLINE).await,
+        eventstore::Wake::Signalled,
+        "the page of timers woke the followers"
+    );
+    let rows = timer_rows(store).await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let _ = stop.send(());
+    projector.await??;
+    Ok(())
+}
