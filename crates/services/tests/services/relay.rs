@@ -51,6 +51,39 @@ async fn drain(channel: &Channel) -> anyhow::Result<Vec<(String, String)>> {
     Ok(got)
 }
 
+/// The running relay, and what stops it.
+fn start_relay(
+    db: &TestDb,
+    bus: &Bus,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), services::ServiceError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(services::relay::run(
+        db.store.clone(),
+        bus.clone(),
+        db.url.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, relay)
+}
+
+/// Waits until the relay has saved `end` as its checkpoint.
+async fn checkpoint_reaches(db: &TestDb, end: eventstore::LogPosition) -> anyhow::Result<()> {
+    testkit::wait_until("the relay to save the end of the log", DEADLINE, || async {
+        let saved = db
+            .store
+            .load_checkpoint(services::relay::CHECKPOINT)
+            .await?;
+        Ok((saved == end).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_relay_publishes_each_committed_event_once_and_moves_its_checkpoint(
 ) -> anyhow::Result<()> {
@@ -139,15 +172,7 @@ async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow:
     let vhost = TestVhost::new().await?;
     let bus = Bus::connect(&vhost.url).await?;
     let channel = tap(&bus).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(services::relay::run(
-        db.store.clone(),
-        bus.clone(),
-        db.url.clone(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, relay) = start_relay(&db, &bus);
     const SETS: i64 = 300;
     for quantity in 0..SETS {
         append(
@@ -164,14 +189,7 @@ async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow:
     // hold the gap-safe horizon back, and a relay idling at an early horizon would
     // otherwise already be "at the end".
     let end = testkit::wait_readable(&db.store, DEADLINE).await?;
-    testkit::wait_until("the relay to save the end of the log", DEADLINE, || async {
-        let saved = db
-            .store
-            .load_checkpoint(services::relay::CHECKPOINT)
-            .await?;
-        Ok((saved == end).then_some(()))
-    })
-    .await?;
+    checkpoint_reaches(&db, end).await?;
     let mut published = std::collections::BTreeSet::new();
     for (id, _) in drain(&channel).await? {
         published.insert(id);
@@ -208,23 +226,8 @@ async fn pages_sent_before_the_last_is_confirmed_arrive_once_and_in_log_order() 
         append(&db.store, &streams::stock(&format!("P{sku}")), &sets).await?;
     }
     let end = testkit::wait_readable(&db.store, DEADLINE).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(services::relay::run(
-        db.store.clone(),
-        bus.clone(),
-        db.url.clone(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    testkit::wait_until("the relay to save the end of the log", DEADLINE, || async {
-        let saved = db
-            .store
-            .load_checkpoint(services::relay::CHECKPOINT)
-            .await?;
-        Ok((saved == end).then_some(()))
-    })
-    .await?;
+    let (stop, relay) = start_relay(&db, &bus);
+    checkpoint_reaches(&db, end).await?;
     let expected: Vec<String> = db
         .store
         .read_all(eventstore::LogPosition::START, 10_000)
