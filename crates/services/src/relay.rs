@@ -96,8 +96,6 @@ struct Flight {
         LogPosition,
         tokio::task::JoinHandle<Result<(), bus::BusError>>,
     )>,
-    /// The last position read and sent (`None`: the cursor's published position).
-    sent: Option<LogPosition>,
 }
 
 impl Flight {
@@ -117,7 +115,8 @@ impl Flight {
         if self.pages.len() >= PAGES_IN_FLIGHT {
             return Ok(0);
         }
-        let after = match self.sent.or(cursor.published) {
+        let last_sent = self.pages.back().map(|(last, _)| *last);
+        let after = match last_sent.or(cursor.published) {
             Some(after) => after,
             None => {
                 let saved = store.load_checkpoint(CHECKPOINT).await?;
@@ -144,7 +143,6 @@ impl Flight {
         // of this page is still to be handed to the channel.
         let _ = handed.await;
         self.pages.push_back((last, confirmed));
-        self.sent = Some(last);
         Ok(count)
     }
 
@@ -181,13 +179,14 @@ impl Flight {
     /// published again by the next leader, which consumers make harmless.
     fn abandon(&mut self, error: ServiceError) -> ServiceError {
         self.pages.clear();
-        self.sent = None;
         error
     }
 }
 
-/// The relay's share of a hop, per event: from its transaction's start to the confirm.
+/// A page is confirmed: counts it, and records the relay's share of a hop per event
+/// (from its transaction's start to the confirm).
 fn record_delays(count: usize, recorded: Vec<chrono::DateTime<chrono::Utc>>) {
+    debug!(count, "relayed events");
     metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(count as u64);
     let confirmed = chrono::Utc::now();
     let delay = metrics::histogram!(crate::metrics::RELAY_DELAY_SECONDS);
@@ -233,43 +232,14 @@ impl Cursor {
     }
 }
 
-/// Publishes the next page after the checkpoint and saves the checkpoint; returns how
-/// many events it published.
+/// Publishes the next page after the checkpoint, waits for its confirms and saves the
+/// checkpoint; returns how many events it published.
 pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceError> {
-    let mut cursor = Cursor::default();
-    let published = relay_next(store, bus, &mut cursor).await?;
+    let (mut cursor, mut flight) = (Cursor::default(), Flight::default());
+    let published = flight.send_next(store, bus, &mut cursor).await?;
+    flight.settle(&mut cursor, true).await?;
     if published > 0 {
         cursor.save(store, true).await?;
     }
     Ok(published)
-}
-
-/// Publishes the page after the cursor's position (read from the checkpoint when it
-/// has none). An error forgets the position: the next page starts at the checkpoint.
-async fn relay_next(
-    store: &EventStore,
-    bus: &Bus,
-    cursor: &mut Cursor,
-) -> Result<usize, ServiceError> {
-    let after = match cursor.published.take() {
-        Some(after) => after,
-        None => {
-            let saved = store.load_checkpoint(CHECKPOINT).await?;
-            cursor.saved = Some((saved, Instant::now()));
-            saved
-        }
-    };
-    let records = store.read_all_text(after, PAGE).await?;
-    let Some(last) = records.last().map(RecordedEvent::log_position) else {
-        cursor.published = Some(after);
-        return Ok(0);
-    };
-    let count = records.len();
-    let recorded: Vec<_> = records.iter().map(|r| r.recorded_at).collect();
-    bus.publish_many(records.into_iter().map(event_message).collect())
-        .await?;
-    cursor.published = Some(last);
-    record_delays(count, recorded);
-    debug!(count, "relayed events");
-    Ok(count)
 }
