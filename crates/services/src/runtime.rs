@@ -105,6 +105,9 @@ fn consume_options(worker: &str) -> ConsumeOptions {
         // A hung gateway holds a handler until the call times out: allow many at once.
         "payment" => (256, 128),
         "commands" | "order" | "inventory" => (128, 32),
+        // Notification handlers mostly wait for the batch their row is in (its linger
+        // and its commit): the more of them, the longer the batches.
+        "notification" => (256, 128),
         _ => (64, 16),
     };
     ConsumeOptions {

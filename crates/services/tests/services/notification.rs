@@ -7,9 +7,23 @@ use domain::events::OrderConfirmed;
 use domain::{DomainEvent, EventEnvelope};
 use services::notification::Notifications;
 use testkit::TestDb;
+
+use crate::support::{line, placement, DEADLINE};
 use uuid::Uuid;
 
 fn confirmed(order_id: Uuid) -> EventEnvelope {
+    envelope(
+        order_id,
+        DomainEvent::OrderConfirmed(OrderConfirmed {
+            order_id,
+            items: Vec::new(),
+            shipping: None,
+            delivery_delay_ms: 0,
+        }),
+    )
+}
+
+fn envelope(order_id: Uuid, event: DomainEvent) -> EventEnvelope {
     EventEnvelope {
         event_id: Uuid::new_v4(),
         stream_name: domain::streams::order(order_id),
@@ -18,13 +32,20 @@ fn confirmed(order_id: Uuid) -> EventEnvelope {
         recorded_at: Utc::now(),
         correlation_id: order_id,
         causation_id: order_id,
-        event: DomainEvent::OrderConfirmed(OrderConfirmed {
-            order_id,
-            items: Vec::new(),
-            shipping: None,
-            delivery_delay_ms: 0,
-        }),
+        event,
     }
+}
+
+/// A new order's `OrderPlaced`: it names its customer, so its notification needs no
+/// lookup and is queued at once.
+fn placed() -> anyhow::Result<EventEnvelope> {
+    let order_id = Uuid::new_v4();
+    let expires = Utc::now() + chrono::Duration::hours(24);
+    let placed = placement(order_id, "tok_ok", &[line("SKU-N", 1, 100)], true, expires)?
+        .into_iter()
+        .find(|e| matches!(e, DomainEvent::OrderPlaced(_)))
+        .ok_or_else(|| anyhow::anyhow!("the placement has no OrderPlaced"))?;
+    Ok(envelope(order_id, placed))
 }
 
 #[tokio::test]
@@ -52,5 +73,64 @@ async fn concurrent_notifications_are_each_written_once_even_when_delivered_twic
         .collect();
     want.sort();
     assert_eq!(rows, want);
+    Ok(())
+}
+
+/// Transactions that wrote the notifications: rows inserted together share their `xmin`.
+async fn insert_transactions(db: &TestDb) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM notifications")
+            .fetch_one(db.pool())
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn notifications_handled_within_the_linger_share_one_insert() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let service = Arc::new(Notifications::new(db.store.clone()));
+    let mut handlers = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (service, env) = (service.clone(), placed()?);
+        handlers.spawn(async move { service.react(&env).await });
+    }
+    while let Some(handled) = handlers.join_next().await {
+        handled??;
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(rows, 40);
+    // Without the linger, the first four handlers each write their row alone (a free
+    // writer takes what is queued at once) and the rest follow: five inserts at least.
+    let transactions = insert_transactions(&db).await?;
+    assert_eq!(
+        transactions, 1,
+        "40 notifications took {transactions} inserts"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handler_cancelled_while_its_row_waits_leaves_the_row_to_the_next_batch(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let service = Notifications::new(db.store.clone());
+    let (cancelled, next) = (placed()?, placed()?);
+    // Cancelled long before the linger is up: its row is queued and nobody wrote it.
+    let outcome = tokio::time::timeout(
+        std::time::Duration::from_millis(1),
+        service.react(&cancelled),
+    )
+    .await;
+    assert!(outcome.is_err(), "the first handler finished within 1 ms");
+    tokio::time::timeout(DEADLINE, service.react(&next)).await??;
+    let mut written: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM notifications")
+        .fetch_all(db.pool())
+        .await?;
+    let mut want = vec![cancelled.event_id, next.event_id];
+    want.sort();
+    written.sort();
+    assert_eq!(written, want);
     Ok(())
 }
