@@ -24,7 +24,8 @@ async fn hung_payments_do_not_starve_other_orders() -> anyhow::Result<()> {
             .await?;
         hung.push(id);
     }
-    // Each has asked for its payment: its handler is now waiting on the gateway.
+    // Each has asked for its payment: its first call timed out, so its request is
+    // recorded, and its handler is waiting on the gateway again.
     for id in &hung {
         system
             .wait_event(&payment_stream(*id), "PaymentRequested", 1)

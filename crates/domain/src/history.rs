@@ -262,9 +262,9 @@ fn payment_refusal(state: &PaymentState, event: &DomainEvent) -> Option<String> 
     use DomainEvent as E;
     let requested = state.requested.is_some();
     match event {
-        E::PaymentRequested(_) => {
-            (requested || state.voided).then(|| "the payment was requested or voided before".into())
-        }
+        // After a void up front, a request is recorded only with the capture the
+        // gateway reported for it (`payment::first_call`), which is then refunded.
+        E::PaymentRequested(_) => requested.then(|| "the payment was requested before".into()),
         E::PaymentCaptured(_) if !requested => Some("no payment was requested".into()),
         E::PaymentCaptured(_) => state
             .captured_cents

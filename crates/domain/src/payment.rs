@@ -110,6 +110,22 @@ pub enum PaymentInput {
     Refunded { gateway_reference: String },
     /// The gateway voided the capture key: nothing was or will be captured.
     CaptureVoided,
+    /// The order's fulfilment started and the gateway already answered the call
+    /// [`first_call`] asked for: the request and its answer are recorded together.
+    Answered {
+        accepted: OrderAccepted,
+        now: DateTime<Utc>,
+        outcome: ChargeOutcome,
+    },
+}
+
+/// What the gateway answered about an order's capture key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    /// The money was captured (by this call, or by an earlier one with the same key).
+    Captured { gateway_reference: String },
+    /// Nothing was captured, and nothing will be with this key.
+    Declined { reason: String },
 }
 
 /// What the payment does about one input: the events to append to `payment-<id>`.
@@ -122,6 +138,63 @@ pub fn decide(state: &PaymentState, input: PaymentInput) -> Vec<DomainEvent> {
         PaymentInput::OrderCancelled { order_id } => void(state, order_id),
         PaymentInput::Refunded { gateway_reference } => refunded(state, gateway_reference),
         PaymentInput::CaptureVoided => capture_voided(state),
+        PaymentInput::Answered {
+            accepted,
+            now,
+            outcome,
+        } => answered(state, accepted, now, outcome),
+    }
+}
+
+/// The gateway call to make for an accepted order before anything is recorded, so that
+/// the request and the gateway's answer take one append instead of two:
+/// - nothing requested yet: capture;
+/// - the order was cancelled before its payment was requested (voided up front): void
+///   the capture key, because an earlier handling of the same `OrderAccepted` may have
+///   captured and died before recording it (or may still be capturing);
+/// - requested already: nothing here (`next_action` goes on from the stream).
+pub fn first_call(state: &PaymentState, accepted: &OrderAccepted) -> Option<GatewayAction> {
+    if state.requested.is_some() {
+        return None;
+    }
+    let capture_key = capture_key(accepted.order_id);
+    if state.voided {
+        return Some(GatewayAction::VoidCapture { capture_key });
+    }
+    Some(GatewayAction::Capture {
+        amount_cents: accepted.total_cents,
+        token: accepted.payment_token.clone(),
+        idempotency_key: capture_key,
+    })
+}
+
+/// The request with the gateway's answer to [`first_call`]. A capture is recorded with
+/// its request even when the order was cancelled meanwhile (the money moved, so it is
+/// recorded as unwanted and refunded); a decline then needs no record at all. When the
+/// request was recorded elsewhere meanwhile, the answer (the same key's) settles it.
+fn answered(
+    state: &PaymentState,
+    accepted: OrderAccepted,
+    now: DateTime<Utc>,
+    outcome: ChargeOutcome,
+) -> Vec<DomainEvent> {
+    if state.requested.is_some() {
+        return outcome_of_request(state, outcome);
+    }
+    if state.voided && matches!(outcome, ChargeOutcome::Declined { .. }) {
+        return vec![];
+    }
+    let requested = requested(accepted, now);
+    let after = evolve(state.clone(), &requested);
+    let mut events = vec![requested];
+    events.extend(outcome_of_request(&after, outcome));
+    events
+}
+
+fn outcome_of_request(state: &PaymentState, outcome: ChargeOutcome) -> Vec<DomainEvent> {
+    match outcome {
+        ChargeOutcome::Captured { gateway_reference } => captured(state, gateway_reference),
+        ChargeOutcome::Declined { reason } => declined(state, reason),
     }
 }
 
@@ -131,13 +204,17 @@ fn request(state: &PaymentState, accepted: OrderAccepted, now: DateTime<Utc>) ->
     if state.requested.is_some() || state.voided {
         return vec![];
     }
-    vec![DomainEvent::PaymentRequested(PaymentRequested {
+    vec![requested(accepted, now)]
+}
+
+fn requested(accepted: OrderAccepted, now: DateTime<Utc>) -> DomainEvent {
+    DomainEvent::PaymentRequested(PaymentRequested {
         order_id: accepted.order_id,
         amount_cents: accepted.total_cents,
         currency: accepted.currency,
         payment_token: accepted.payment_token,
         expires_at: rules::after(now, accepted.payment_timeout_ms),
-    })]
+    })
 }
 
 /// Recorded once, even after a void or timeout: money moved (and is then refunded).
@@ -344,6 +421,11 @@ mod tests {
             decided
         }
 
+        /// What `input` would decide now, without recording it.
+        fn clone_when(&self, input: PaymentInput) -> Vec<DomainEvent> {
+            decide(&self.state(), input)
+        }
+
         fn types_of(&mut self, input: PaymentInput) -> Vec<&'static str> {
             self.when(input)
                 .iter()
@@ -526,6 +608,88 @@ mod tests {
         let state = evolve(payment.state(), &order_cancelled());
         assert_eq!(state.version, payment.state().version);
         assert_eq!(next_action(&state), refund_of(2_000));
+    }
+
+    fn answered(outcome: ChargeOutcome) -> PaymentInput {
+        PaymentInput::Answered {
+            accepted: accepted(),
+            now: now(),
+            outcome,
+        }
+    }
+
+    fn capture_answered() -> PaymentInput {
+        answered(ChargeOutcome::Captured {
+            gateway_reference: "gw-capture".into(),
+        })
+    }
+
+    fn decline_answered() -> PaymentInput {
+        answered(ChargeOutcome::Declined {
+            reason: "no".into(),
+        })
+    }
+
+    #[test]
+    fn a_new_payment_captures_first_and_records_the_request_with_the_answer() {
+        assert_eq!(
+            first_call(&PaymentState::default(), &accepted()),
+            next_action(&Payment::requested().state())
+        );
+        let mut payment = Payment(vec![]);
+        assert_eq!(
+            payment.types_of(capture_answered()),
+            ["PaymentRequested", "PaymentCaptured"]
+        );
+        assert_eq!(payment.0, {
+            let mut apart = Payment::requested();
+            apart.when(captured());
+            apart.0
+        });
+        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(first_call(&payment.state(), &accepted()), None);
+        assert_eq!(payment.when(capture_answered()), vec![]);
+
+        let mut declined = Payment(vec![]);
+        assert_eq!(
+            declined.types_of(decline_answered()),
+            ["PaymentRequested", "PaymentDeclined"]
+        );
+        assert_eq!(next_action(&declined.state()), None);
+    }
+
+    #[test]
+    fn an_answer_for_a_request_recorded_elsewhere_settles_that_request() {
+        let mut payment = Payment::requested();
+        assert_eq!(payment.types_of(capture_answered()), ["PaymentCaptured"]);
+        let mut payment = Payment::requested();
+        assert_eq!(payment.types_of(decline_answered()), ["PaymentDeclined"]);
+    }
+
+    #[test]
+    fn after_a_void_up_front_an_accepted_order_voids_the_capture_key_and_refunds_a_capture_it_reports(
+    ) {
+        let mut payment = Payment(vec![]);
+        payment.when(cancelled());
+        assert_eq!(
+            first_call(&payment.state(), &accepted()),
+            Some(GatewayAction::VoidCapture {
+                capture_key: format!("capture-{ORDER_ID}"),
+            })
+        );
+        // Nothing was captured: nothing to record.
+        assert_eq!(payment.clone_when(decline_answered()), vec![]);
+        // A capture that was made (by a handler that died, or raced the cancel) is
+        // recorded with its request, as unwanted, and refunded.
+        let events = payment.when(capture_answered());
+        assert!(
+            matches!(&events[..], [DomainEvent::PaymentRequested(_), DomainEvent::PaymentCaptured(c)] if c.unwanted),
+            "{events:?}"
+        );
+        assert_eq!(next_action(&payment.state()), refund_of(2_000));
+        assert_eq!(payment.types_of(refunded()), ["PaymentRefunded"]);
+        assert_eq!(next_action(&payment.state()), None);
+        assert_eq!(payment.when(capture_answered()), vec![]);
     }
 
     #[test]

@@ -123,7 +123,7 @@ proptest! {
 
     #[test]
     fn payment_never_refunds_more_than_it_captured(
-        inputs in prop::collection::vec(0u8..6, 0..30),
+        inputs in prop::collection::vec(0u8..8, 0..30),
     ) {
         let order_id = Uuid::from_u128(9);
         let accepted = domain::events::OrderAccepted {
@@ -143,6 +143,16 @@ proptest! {
                 2 => PaymentInput::Declined { reason: "no".into() },
                 3 => PaymentInput::TimedOut,
                 4 => PaymentInput::OrderCancelled { order_id },
+                5 => PaymentInput::Answered {
+                    accepted: accepted.clone(),
+                    now: now(),
+                    outcome: domain::payment::ChargeOutcome::Captured { gateway_reference: "g".into() },
+                },
+                6 => PaymentInput::Answered {
+                    accepted: accepted.clone(),
+                    now: now(),
+                    outcome: domain::payment::ChargeOutcome::Declined { reason: "no".into() },
+                },
                 _ => PaymentInput::Refunded { gateway_reference: "r".into() },
             };
             for event in payment::decide(&state, input) {

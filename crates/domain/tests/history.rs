@@ -138,7 +138,7 @@ proptest! {
 
     #[test]
     fn every_payment_history_decide_writes_passes_the_check(
-        inputs in prop::collection::vec(0u8..7, 0..30),
+        inputs in prop::collection::vec(0u8..9, 0..30),
     ) {
         let order_id = Uuid::from_u128(9);
         let accepted = OrderAccepted {
@@ -160,6 +160,16 @@ proptest! {
                 3 => PaymentInput::TimedOut,
                 4 => PaymentInput::OrderCancelled { order_id },
                 5 => PaymentInput::CaptureVoided,
+                6 => PaymentInput::Answered {
+                    accepted: accepted.clone(),
+                    now: now(),
+                    outcome: domain::payment::ChargeOutcome::Captured { gateway_reference: "g".into() },
+                },
+                7 => PaymentInput::Answered {
+                    accepted: accepted.clone(),
+                    now: now(),
+                    outcome: domain::payment::ChargeOutcome::Declined { reason: "no".into() },
+                },
                 _ => PaymentInput::Refunded { gateway_reference: "r".into() },
             };
             for event in payment::decide(&state, input) {

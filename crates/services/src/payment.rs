@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use backoff::backoff::Backoff;
 use chrono::Utc;
-use domain::payment::{self, GatewayAction};
+use domain::events::OrderAccepted;
+use domain::payment::{self, ChargeOutcome, GatewayAction};
 use domain::{streams, DomainEvent, EventEnvelope, PaymentInput, PaymentState};
 use eventstore::EventStore;
 use futures::future::BoxFuture;
@@ -117,9 +118,7 @@ impl Payments {
         let cause = Cause::new(env.event_id, env.correlation_id, "payment");
         match &env.event {
             DomainEvent::OrderAccepted(e) => {
-                let input = PaymentInput::Request(e.clone(), Utc::now());
-                self.decide(e.order_id, &cause.for_handler("payment.request"), input)
-                    .await?;
+                self.request(e, &cause).await?;
                 self.settle(e.order_id, &cause).await
             }
             DomainEvent::OrderCancelled(e) => {
@@ -134,6 +133,83 @@ impl Payments {
                 self.settle(e.order_id, &cause).await
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Records the payment's request, with the gateway's answer when it comes at once:
+    /// the call [`payment::first_call`] asks for is made before anything is recorded,
+    /// and the request and its answer take one append (one commit less per order than
+    /// recording the request first). A crash between the call and the append is
+    /// covered by the capture key: the redelivered `OrderAccepted` asks again and gets
+    /// the same answer, or, if the order was cancelled meanwhile, voids the key, which
+    /// reports a capture made under it (then recorded and refunded). A transient
+    /// failure records the request alone (its payment timer starts) and leaves the
+    /// retries to [`Payments::settle`].
+    async fn request(&self, accepted: &OrderAccepted, cause: &Cause) -> Result<(), ServiceError> {
+        let order_id = accepted.order_id;
+        self.payments.assume_new(&streams::payment(order_id));
+        let state = self.current(order_id).await?;
+        let outcome = match payment::first_call(&state, accepted) {
+            // Requested already: `settle` goes on from the stream. (A refund is never a
+            // first call.)
+            None | Some(GatewayAction::Refund { .. }) => return Ok(()),
+            Some(GatewayAction::Capture {
+                amount_cents,
+                token,
+                idempotency_key,
+            }) => {
+                let request = CaptureRequest {
+                    idempotency_key,
+                    token,
+                    amount_cents,
+                    currency: accepted.currency.clone(),
+                };
+                self.call(self.gateway.capture(request))
+                    .await
+                    .map(|outcome| self.captured_or_crash(order_id, outcome))
+            }
+            Some(GatewayAction::VoidCapture { capture_key }) => self
+                .call(self.gateway.void(VoidRequest { capture_key }))
+                .await
+                .map(|outcome| match outcome {
+                    VoidOutcome::AlreadyCaptured { reference } => ChargeOutcome::Captured {
+                        gateway_reference: reference,
+                    },
+                    VoidOutcome::Voided => ChargeOutcome::Declined {
+                        reason: "the order was cancelled before its payment".into(),
+                    },
+                }),
+        };
+        let now = Utc::now();
+        let input = match outcome {
+            Ok(outcome) => PaymentInput::Answered {
+                accepted: accepted.clone(),
+                now,
+                outcome,
+            },
+            Err(ServiceError::Gateway(GatewayError::Transient(reason))) => {
+                warn!(%order_id, %reason, "gateway call failed transiently; recording the request and retrying");
+                PaymentInput::Request(accepted.clone(), now)
+            }
+            Err(other) => return Err(other),
+        };
+        self.decide(order_id, &cause.for_handler("payment.request"), input)
+            .await
+            .map(|_| ())
+    }
+
+    /// The capture's answer as the domain takes it, after the test-only failpoint.
+    fn captured_or_crash(&self, order_id: Uuid, outcome: CaptureOutcome) -> ChargeOutcome {
+        match outcome {
+            CaptureOutcome::Captured { reference } => {
+                if self.crash_after_capture {
+                    crash_after_capture(order_id);
+                }
+                ChargeOutcome::Captured {
+                    gateway_reference: reference,
+                }
+            }
+            CaptureOutcome::Declined { reason } => ChargeOutcome::Declined { reason },
         }
     }
 
@@ -218,22 +294,11 @@ impl Payments {
             currency,
         };
         let outcome = self.call(self.gateway.capture(request)).await?;
-        if self.crash_after_capture && matches!(outcome, CaptureOutcome::Captured { .. }) {
-            // Test-only failpoint: die between the gateway's capture and its event, as a
-            // `kill -9` at the worst moment would. On restart the capture is repeated with
-            // the same idempotency key and the gateway returns the first result.
-            tracing::error!(
-                %order_id,
-                failpoint = FAULT_CRASH_AFTER_CAPTURE,
-                "aborting after the capture"
-            );
-            std::process::abort();
-        }
-        let input = match outcome {
-            CaptureOutcome::Captured { reference } => PaymentInput::Captured {
-                gateway_reference: reference,
-            },
-            CaptureOutcome::Declined { reason } => PaymentInput::Declined { reason },
+        let input = match self.captured_or_crash(order_id, outcome) {
+            ChargeOutcome::Captured { gateway_reference } => {
+                PaymentInput::Captured { gateway_reference }
+            }
+            ChargeOutcome::Declined { reason } => PaymentInput::Declined { reason },
         };
         self.decide(order_id, &cause.for_handler("payment.capture"), input)
             .await
@@ -308,6 +373,18 @@ impl Payments {
         }
         Ok(result?)
     }
+}
+
+/// Test-only failpoint: dies between the gateway's capture and its event, as a
+/// `kill -9` at the worst moment would. On restart the capture is repeated with the
+/// same idempotency key and the gateway returns the first result.
+fn crash_after_capture(order_id: Uuid) -> ! {
+    tracing::error!(
+        %order_id,
+        failpoint = FAULT_CRASH_AFTER_CAPTURE,
+        "aborting after the capture"
+    );
+    std::process::abort();
 }
 
 fn past_expiry(state: &PaymentState) -> bool {

@@ -241,3 +241,96 @@ async fn after_the_void_a_late_capture_at_the_gateway_is_refused() -> anyhow::Re
     assert_eq!(net_ledger(&db, order_id).await?, 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_payment_is_requested_and_captured_in_one_append() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, _) = place(&db.store, "tok_ok", vec![line("A", 1, 700)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+    payments(&db).react(&accepted).await?;
+    let payment = stream(&db.store, &streams::payment(order_id)).await?;
+    let kinds: Vec<&str> = payment.iter().map(|r| r.event_type.as_str()).collect();
+    assert_eq!(kinds, ["PaymentRequested", "PaymentCaptured"]);
+    assert_eq!(
+        payment[0].transaction_id, payment[1].transaction_id,
+        "the request and its capture were appended apart"
+    );
+    Ok(())
+}
+
+/// The gateway captured for the order and the worker died before recording anything.
+async fn captured_before_a_crash(db: &TestDb, order_id: uuid::Uuid) -> anyhow::Result<()> {
+    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
+    let outcome = gateway
+        .capture(CaptureRequest {
+            idempotency_key: capture_key(order_id),
+            token: "tok_ok".to_owned(),
+            amount_cents: 2_500,
+            currency: "EUR".to_owned(),
+        })
+        .await?;
+    anyhow::ensure!(
+        matches!(outcome, CaptureOutcome::Captured { .. }),
+        "not captured: {outcome:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_capture_made_before_a_crash_is_refunded_when_the_order_was_cancelled_before_its_request(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+    captured_before_a_crash(&db, order_id).await?;
+    // The customer cancelled before anything of the payment was recorded: voided up
+    // front. Then the OrderAccepted is redelivered to a restarted worker.
+    let cancelled = cancel(&db, order_id, order).await?;
+    payments(&db).react(&cancelled).await?;
+    let service = payments(&db);
+    service.react(&accepted).await?;
+    service.react(&accepted).await?;
+
+    let kinds = types(&db.store, &streams::payment(order_id)).await?;
+    assert_eq!(
+        kinds,
+        [
+            "PaymentVoided",
+            "PaymentRequested",
+            "PaymentCaptured",
+            "PaymentRefunded"
+        ]
+    );
+    let payment = stream(&db.store, &streams::payment(order_id)).await?;
+    assert_eq!(payment[2].payload["unwanted"], true);
+    assert_eq!(net_ledger(&db, order_id).await?, 0, "the money went back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_order_cancelled_before_its_payment_requests_nothing_and_refuses_a_late_capture(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+    let cancelled = cancel(&db, order_id, order).await?;
+    let service = payments(&db);
+    service.react(&cancelled).await?;
+    service.react(&accepted).await?;
+    assert_eq!(
+        types(&db.store, &streams::payment(order_id)).await?,
+        ["PaymentVoided"]
+    );
+    // A capture still in flight from an earlier handling reaches the gateway only now.
+    let late = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0)
+        .capture(CaptureRequest {
+            idempotency_key: capture_key(order_id),
+            token: "tok_ok".to_owned(),
+            amount_cents: 2_500,
+            currency: "EUR".to_owned(),
+        })
+        .await?;
+    assert!(matches!(late, CaptureOutcome::Declined { .. }), "{late:?}");
+    assert_eq!(net_ledger(&db, order_id).await?, 0);
+    Ok(())
+}
