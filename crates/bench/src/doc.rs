@@ -577,28 +577,26 @@ fn where_the_time_goes(report: &Report) -> String {
          343 to the last final status). The burst's rate includes filling the \
          pipeline: every order is published at once and the intake places them all \
          before many are final (first and last quarter in the note). \
-         **The work per order** (pg_stat_statements, 4 Dec, 0.5 scale): about 12 \
-         statements reach PostgreSQL per order: 7.1 single-statement appends (one per \
-         decision; about 0.17 ms each, the WAL flush of their commit included), 0.5 \
-         two-stream appends (shipping; one statement since 4 Dec instead of BEGIN, a \
-         version query, the INSERT and COMMIT), one gateway-ledger statement (two \
-         before 4 Dec), one customer-key lookup, 0.5 notification inserts (several \
-         rows each), 0.5 NOTIFY, and about one for the followers (pages read, \
-         projection writes, checkpoints). Stream reads went from 2.5 per order to none \
-         on 4 Dec: the workers of a process share their folded order and shipment \
-         streams, so the saga, shipping and the delivery timer decide on the state the \
-         worker before them left (A B A B at 0.5 scale: 333 and 299 against 360 and \
-         351 orders/s to the last final status; PostgreSQL CPU per order 2.6 and 2.8 \
-         against 2.3 and 2.4 ms). Each order is also ~{} confirmed publishes by the \
-         relay and about 12 deliveries (router, partition, order 2, inventory 2, \
-         payment, shipping, notification 3.5). Group commit (`ORDERFLOW_APPEND_SLOTS`, \
-         off by default, so not in these figures) writes the decisions appended while \
-         every slot is busy in one statement: with 4 slots (4 Dec, 0.3 scale, the \
-         drained burst) PostgreSQL's CPU per order fell from 2.95 to 2.35 ms and the \
-         half-load rate rose from 132 to 151 orders/s, but p99 at half load was 91 and \
-         244 ms against 68 and 61 ms without: appends queue for a slot. 500 orders/s \
-         on this machine would need about {} ms of CPU per order in total; what is \
-         left is the number of messages and round trips per order, not what any one of \
+         **The work per order** (pg_stat_statements, 4 Dec, 0.5 scale, after this \
+         session's changes): about 6.4 commits and 9 statements reach PostgreSQL per \
+         order: 1.95 appends alone and 0.43 grouped appends (about 8 decisions each; \
+         group commit, `ORDERFLOW_APPEND_SLOTS`, 8 slots by default since 4 Dec: the \
+         decisions appended while every slot is busy go in one statement), 0.5 \
+         two-stream appends (shipping), one gateway-ledger statement, one customer-key \
+         lookup, 0.09 notification inserts (rows of 20 ms share one since 4 Dec: 2.1 \
+         inserts per order before), 0.4 NOTIFY, and about one for the followers (pages \
+         read, projection writes, checkpoints). Three changes of 4 Dec cut the commits \
+         per order from 12.0–12.6 to 6.2–6.4 (A B A B at 0.5 scale each): notifications \
+         grouped over 20 ms (306–308 → 350–372 orders/s), a payment's request appended \
+         with the gateway's answer instead of before the call (one append less), and \
+         group commit on by default (292–324 → 330–375 orders/s). Stream reads went \
+         from 2.5 per order to none: the workers of a process share their folded order \
+         and shipment streams, so the saga, shipping and the delivery timer decide on \
+         the state the worker before them left. Each order is also ~{} confirmed \
+         publishes by the relay and about 12 deliveries (router, partition, order 2, \
+         inventory 2, payment, shipping, notification 3.5). 500 orders/s on this \
+         machine would need about {} ms of CPU per order in total; what is left is the \
+         number of messages and round trips per order, not what any one of \
          them computes. At half load the latency is the sum of the hops (command → \
          OrderPlaced/Accepted → relay → inventory and payment → relay → saga → \
          OrderConfirmed → relay → shipping → timers projection → scheduler → \
