@@ -15,6 +15,7 @@ use domain::{
     ShipmentInput, ShipmentState,
 };
 use eventstore::EventStore;
+use futures::stream::{self, StreamExt};
 use projector::timers::{DELIVERY, PAYMENT_TIMEOUT, REVIEW_EXPIRY};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -23,6 +24,8 @@ use crate::exec::{decide_on, decide_on_cached, Cause, SharedCaches};
 use crate::ServiceError;
 
 const BATCH: i64 = 100;
+/// Claimed timers fired at once.
+const FIRING_AT_ONCE: usize = 16;
 /// A timer that failed to fire is tried again this much later.
 const RETRY_FAILED_TIMER_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest sleep between looks when no timer is due sooner.
@@ -77,9 +80,20 @@ impl Scheduler {
         .bind(LEASE)
         .fetch_all(pool)
         .await?;
-        let mut fired = Vec::with_capacity(due.len());
-        for timer in &due {
-            match self.fire(timer).await {
+        // Concurrently: each firing is a decision and an append on its own stream, and
+        // one after another the last of a full batch waited for all the others' commits
+        // (with group commit, firings in flight together also share commits).
+        let outcomes: Vec<(DueTimer, Result<(), ServiceError>)> = stream::iter(due)
+            .map(|timer| async move {
+                let outcome = self.fire(&timer).await;
+                (timer, outcome)
+            })
+            .buffer_unordered(FIRING_AT_ONCE)
+            .collect()
+            .await;
+        let mut fired = Vec::with_capacity(outcomes.len());
+        for (timer, outcome) in outcomes {
+            match outcome {
                 Ok(()) => fired.push(timer.timer_id),
                 // One timer that cannot fire (its stream cannot be read, say) must not
                 // hold back the others: it waits a while and is tried again.

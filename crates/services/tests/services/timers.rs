@@ -288,3 +288,43 @@ async fn a_timer_that_cannot_fire_does_not_hold_back_the_others() -> anyhow::Res
     assert!(left[0].3 > Utc::now(), "and is not due at once");
     Ok(())
 }
+
+#[tokio::test]
+async fn timers_due_together_fire_together_and_share_commits() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    const TIMERS: usize = 20;
+    let mut streams_due = Vec::with_capacity(TIMERS);
+    for _ in 0..TIMERS {
+        let order_id = Uuid::new_v4();
+        let stream = streams::payment(order_id);
+        append(
+            &db.store,
+            &stream,
+            &[requested(order_id, -Duration::seconds(1))],
+        )
+        .await?;
+        streams_due.push(stream);
+    }
+    catch_up(&db.store, &TimersProjection).await?;
+    // One grouped append in flight at a time: appends made meanwhile wait and go
+    // together, which only firings in flight at the same moment can do.
+    let scheduler = Scheduler::new(db.store.clone().with_group_commit(1));
+    assert_eq!(scheduler.fire_due().await?, TIMERS);
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT transaction_id) FROM events WHERE event_type = 'PaymentTimedOut'",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    for stream in &streams_due {
+        assert_eq!(
+            count_of(&db, stream, "PaymentTimedOut").await?,
+            1,
+            "{stream}"
+        );
+    }
+    assert!(
+        transactions < (TIMERS / 2) as i64,
+        "{TIMERS} timers fired in {transactions} transactions"
+    );
+    Ok(())
+}
