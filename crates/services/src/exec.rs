@@ -9,6 +9,7 @@ use eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent, StoreError, St
 use tracing::debug;
 use uuid::Uuid;
 
+use crate::generations::Generations;
 use crate::ServiceError;
 
 /// Conflicts are retried at once, this many times, before the message is retried later.
@@ -102,14 +103,14 @@ pub fn expected(version: Option<i64>) -> ExpectedVersion {
 /// Folded stream states kept between messages, so that a long stream (a popular SKU)
 /// is not read from its start for every message. Never stale: every use reads the
 /// events after the cached version first (one indexed query), so the cache only saves
-/// the fold of what was seen before. Bounded: when full it is emptied.
+/// the fold of what was seen before. Bounded: when full it forgets the streams used
+/// longest ago, about half of them at a time ([`Generations`]).
 ///
 /// It also serialises decisions on one stream within this process (striped locks), so
 /// that concurrent messages for a hot stream queue up here instead of racing each other
 /// into optimistic-concurrency conflicts; other processes still meet them as conflicts.
 pub struct StreamCache<S> {
-    entries: Mutex<HashMap<String, (S, Option<i64>)>>,
-    capacity: usize,
+    entries: Mutex<Generations<(S, Option<i64>)>>,
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// How many times a stream was read from the log through this cache.
     reads: AtomicU64,
@@ -163,8 +164,7 @@ impl Default for SharedCaches {
 impl<S: Clone> StreamCache<S> {
     pub fn new(capacity: usize) -> StreamCache<S> {
         StreamCache {
-            entries: Mutex::new(HashMap::new()),
-            capacity,
+            entries: Mutex::new(Generations::new(capacity)),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             reads: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
@@ -207,9 +207,6 @@ impl<S: Clone> StreamCache<S> {
         if entries.contains_key(stream) {
             return;
         }
-        if entries.len() >= self.capacity {
-            entries.clear();
-        }
         entries.insert(stream.to_owned(), (S::default(), None));
     }
 
@@ -219,14 +216,11 @@ impl<S: Clone> StreamCache<S> {
     }
 
     pub(crate) fn put(&self, stream: &str, state: &S, version: Option<i64>) {
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity && !entries.contains_key(stream) {
-            entries.clear();
-        }
-        entries.insert(stream.to_owned(), (state.clone(), version));
+        self.lock()
+            .insert(stream.to_owned(), (state.clone(), version));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (S, Option<i64>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Generations<(S, Option<i64>)>> {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -7,6 +7,7 @@ pub mod commands;
 mod error;
 pub mod exec;
 pub mod gateway;
+mod generations;
 pub mod health;
 pub mod inventory;
 pub mod message;
