@@ -15,6 +15,32 @@ fn payments(db: &TestDb) -> Payments {
     Payments::new(db.store.clone(), gateway)
 }
 
+/// A capture under the order's capture key, straight at the gateway: one made by a
+/// worker that died before recording it, or one still in flight.
+async fn capture_at_gateway(
+    db: &TestDb,
+    order_id: uuid::Uuid,
+    amount_cents: i64,
+) -> anyhow::Result<CaptureOutcome> {
+    Ok(Simulator::new(db.pool().clone(), Duration::ZERO, 0.0)
+        .capture(CaptureRequest {
+            idempotency_key: capture_key(order_id),
+            token: "tok_ok".to_owned(),
+            amount_cents,
+            currency: "EUR".to_owned(),
+        })
+        .await?)
+}
+
+/// A capture still in flight reaches the gateway only after the payment was voided: it
+/// is refused, and no money moved.
+async fn assert_a_late_capture_is_refused(db: &TestDb, order_id: uuid::Uuid) -> anyhow::Result<()> {
+    let late = capture_at_gateway(db, order_id, 2_500).await?;
+    assert!(matches!(late, CaptureOutcome::Declined { .. }), "{late:?}");
+    assert_eq!(net_ledger(db, order_id).await?, 0);
+    Ok(())
+}
+
 async fn net_ledger(db: &TestDb, order_id: uuid::Uuid) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT coalesce(sum(amount_cents), 0)::bigint FROM gateway_ledger WHERE idempotency_key LIKE '%' || $1",
@@ -32,15 +58,7 @@ async fn a_capture_made_before_a_crash_is_recorded_once_and_not_charged_again() 
     let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
 
     // the crash window: the gateway captured, the worker died before PaymentCaptured
-    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
-    let before = gateway
-        .capture(CaptureRequest {
-            idempotency_key: capture_key(order_id),
-            token: "tok_ok".to_owned(),
-            amount_cents: 3_000,
-            currency: "EUR".to_owned(),
-        })
-        .await?;
+    let before = capture_at_gateway(&db, order_id, 3_000).await?;
     let CaptureOutcome::Captured { reference } = before else {
         anyhow::bail!("not captured: {before:?}");
     };
@@ -184,15 +202,7 @@ async fn a_capture_no_event_recorded_is_found_by_the_void_of_a_cancelled_order_a
     let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
     request_only(&db, order_id, 2_500).await?;
     // A worker captured at the gateway and died before recording it …
-    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
-    gateway
-        .capture(CaptureRequest {
-            idempotency_key: capture_key(order_id),
-            token: "tok_ok".to_owned(),
-            amount_cents: 2_500,
-            currency: "EUR".to_owned(),
-        })
-        .await?;
+    capture_at_gateway(&db, order_id, 2_500).await?;
     // … and the customer cancelled meanwhile.
     let cancelled = cancel(&db, order_id, order).await?;
     payments(&db).react(&cancelled).await?;
@@ -227,18 +237,7 @@ async fn after_the_void_a_late_capture_at_the_gateway_is_refused() -> anyhow::Re
         types(&db.store, &streams::payment(order_id)).await?,
         ["PaymentRequested", "PaymentVoided", "PaymentCaptureVoided"]
     );
-    // A capture still in flight reaches the gateway only now.
-    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
-    let late = gateway
-        .capture(CaptureRequest {
-            idempotency_key: capture_key(order_id),
-            token: "tok_ok".to_owned(),
-            amount_cents: 2_500,
-            currency: "EUR".to_owned(),
-        })
-        .await?;
-    assert!(matches!(late, CaptureOutcome::Declined { .. }), "{late:?}");
-    assert_eq!(net_ledger(&db, order_id).await?, 0);
+    assert_a_late_capture_is_refused(&db, order_id).await?;
     Ok(())
 }
 
@@ -260,15 +259,7 @@ async fn a_payment_is_requested_and_captured_in_one_append() -> anyhow::Result<(
 
 /// The gateway captured for the order and the worker died before recording anything.
 async fn captured_before_a_crash(db: &TestDb, order_id: uuid::Uuid) -> anyhow::Result<()> {
-    let gateway = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0);
-    let outcome = gateway
-        .capture(CaptureRequest {
-            idempotency_key: capture_key(order_id),
-            token: "tok_ok".to_owned(),
-            amount_cents: 2_500,
-            currency: "EUR".to_owned(),
-        })
-        .await?;
+    let outcome = capture_at_gateway(db, order_id, 2_500).await?;
     anyhow::ensure!(
         matches!(outcome, CaptureOutcome::Captured { .. }),
         "not captured: {outcome:?}"
@@ -321,16 +312,6 @@ async fn an_order_cancelled_before_its_payment_requests_nothing_and_refuses_a_la
         types(&db.store, &streams::payment(order_id)).await?,
         ["PaymentVoided"]
     );
-    // A capture still in flight from an earlier handling reaches the gateway only now.
-    let late = Simulator::new(db.pool().clone(), Duration::ZERO, 0.0)
-        .capture(CaptureRequest {
-            idempotency_key: capture_key(order_id),
-            token: "tok_ok".to_owned(),
-            amount_cents: 2_500,
-            currency: "EUR".to_owned(),
-        })
-        .await?;
-    assert!(matches!(late, CaptureOutcome::Declined { .. }), "{late:?}");
-    assert_eq!(net_ledger(&db, order_id).await?, 0);
+    assert_a_late_capture_is_refused(&db, order_id).await?;
     Ok(())
 }

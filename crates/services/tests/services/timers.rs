@@ -27,10 +27,8 @@ async fn count_of(db: &TestDb, stream_name: &str, event_type: &str) -> anyhow::R
         .count())
 }
 
-/// A database with one payment whose timeout was due a second ago, its timer
-/// projected; and the payment's stream.
-async fn due_payment_timer() -> anyhow::Result<(TestDb, String)> {
-    let db = TestDb::new().await?;
+/// A new order's payment stream, requested with a timeout that was due a second ago.
+async fn overdue_payment(db: &TestDb) -> anyhow::Result<String> {
     let order_id = Uuid::new_v4();
     let stream = streams::payment(order_id);
     append(
@@ -39,6 +37,14 @@ async fn due_payment_timer() -> anyhow::Result<(TestDb, String)> {
         &[requested(order_id, -Duration::seconds(1))],
     )
     .await?;
+    Ok(stream)
+}
+
+/// A database with one payment whose timeout was due a second ago, its timer
+/// projected; and the payment's stream.
+async fn due_payment_timer() -> anyhow::Result<(TestDb, String)> {
+    let db = TestDb::new().await?;
+    let stream = overdue_payment(&db).await?;
     catch_up(&db.store, &TimersProjection).await?;
     Ok((db, stream))
 }
@@ -295,15 +301,7 @@ async fn timers_due_together_fire_together_and_share_commits() -> anyhow::Result
     const TIMERS: usize = 20;
     let mut streams_due = Vec::with_capacity(TIMERS);
     for _ in 0..TIMERS {
-        let order_id = Uuid::new_v4();
-        let stream = streams::payment(order_id);
-        append(
-            &db.store,
-            &stream,
-            &[requested(order_id, -Duration::seconds(1))],
-        )
-        .await?;
-        streams_due.push(stream);
+        streams_due.push(overdue_payment(&db).await?);
     }
     catch_up(&db.store, &TimersProjection).await?;
     // One grouped append in flight at a time: appends made meanwhile wait and go
