@@ -59,6 +59,7 @@ async fn metrics_move_when_orders_flow() -> anyhow::Result<()> {
         "orderflow_events_projected_total{projection=\"order_status\"}",
         "orderflow_events_relayed_total",
         "orderflow_relay_delay_seconds_count",
+        "orderflow_relay_read_delay_seconds_count",
         "orderflow_log_head_position",
         "orderflow_orders{status=\"completed\"}",
     ];

@@ -29,6 +29,10 @@ pub const HANDLER_SECONDS: &str = "orderflow_handler_duration_seconds";
 /// Time from an event's transaction beginning to the broker confirming its publish by
 /// the relay: the relay's share of every hop between two services.
 pub const RELAY_DELAY_SECONDS: &str = "orderflow_relay_delay_seconds";
+/// Time from an event's transaction beginning to the relay reading it: the part of
+/// [`RELAY_DELAY_SECONDS`] before the publish (the append's commit, the log's gap-safe
+/// horizon, the relay's turn).
+pub const RELAY_READ_DELAY_SECONDS: &str = "orderflow_relay_read_delay_seconds";
 /// Events this process appended to the log.
 pub const EVENTS_APPENDED: &str = "orderflow_events_appended_total";
 /// Events this process applied to a read model, per projection.
@@ -80,6 +84,12 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(RELAY_DELAY_SECONDS.to_owned()),
+                        &HANDLER_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(RELAY_READ_DELAY_SECONDS.to_owned()),
                         &HANDLER_BUCKETS,
                     )
                 }) {

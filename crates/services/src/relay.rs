@@ -168,6 +168,7 @@ impl Flight {
         };
         let count = records.len();
         let recorded: Vec<_> = records.iter().map(|r| r.recorded_at).collect();
+        record_since(crate::metrics::RELAY_READ_DELAY_SECONDS, &recorded);
         let messages = records.into_iter().map(event_message).collect();
         let (sent, handed) = tokio::sync::oneshot::channel();
         let publisher = bus.clone();
@@ -177,7 +178,7 @@ impl Flight {
             // A permit is kept when nobody waits yet: the relay's next wait ends at once.
             done.notify_one();
             published?;
-            record_delays(count, recorded);
+            record_delays(count, &recorded);
             Ok(())
         });
         // Told once sent, or dropped when the publish ended first: either way nothing
@@ -226,13 +227,18 @@ impl Flight {
 
 /// A page is confirmed: counts it, and records the relay's share of a hop per event
 /// (from its transaction's start to the confirm).
-fn record_delays(count: usize, recorded: Vec<chrono::DateTime<chrono::Utc>>) {
+fn record_delays(count: usize, recorded: &[chrono::DateTime<chrono::Utc>]) {
     debug!(count, "relayed events");
     metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(count as u64);
-    let confirmed = chrono::Utc::now();
-    let delay = metrics::histogram!(crate::metrics::RELAY_DELAY_SECONDS);
+    record_since(crate::metrics::RELAY_DELAY_SECONDS, recorded);
+}
+
+/// Records, per event, the time from its transaction's start until now.
+fn record_since(histogram: &'static str, recorded: &[chrono::DateTime<chrono::Utc>]) {
+    let now = chrono::Utc::now();
+    let delay = metrics::histogram!(histogram);
     for at in recorded {
-        delay.record((confirmed - at).to_std().map_or(0.0, |d| d.as_secs_f64()));
+        delay.record((now - *at).to_std().map_or(0.0, |d| d.as_secs_f64()));
     }
 }
 
