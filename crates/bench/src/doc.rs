@@ -650,7 +650,8 @@ fn scale_out(report: &Report) -> String {
     format!(
         "- **Scale out** (each of the nine workers in a process of its own: {} orders/s, \
          {} of all workers in one process; with a second process of {busiest}, the one \
-         that used the most CPU: {} orders/s, {} of one process each). Every process runs \
+         that used the most CPU of those that scale out (a second relay only stands by: \
+         one relay publishes at a time): {} orders/s, {} of one process each). Every process runs \
          on the same two cores as PostgreSQL and RabbitMQ, and the one-process burst \
          already keeps both busy (CPU per order × rate, above): a second process of the \
          busiest worker adds a consumer, its connections and its caches, not a core, so \
