@@ -180,22 +180,31 @@ impl Payments {
                     },
                 }),
         };
+        let cause = cause.for_handler("payment.request");
         let now = Utc::now();
-        let input = match outcome {
-            Ok(outcome) => PaymentInput::Answered {
-                accepted: accepted.clone(),
-                now,
-                outcome,
-            },
-            Err(ServiceError::Gateway(GatewayError::Transient(reason))) => {
-                warn!(%order_id, %reason, "gateway call failed transiently; recording the request and retrying");
-                PaymentInput::Request(accepted.clone(), now)
+        match outcome {
+            Ok(outcome) => {
+                let input = PaymentInput::Answered {
+                    accepted: accepted.clone(),
+                    now,
+                    outcome,
+                };
+                self.decide(order_id, &cause, input).await.map(|_| ())
             }
-            Err(other) => return Err(other),
-        };
-        self.decide(order_id, &cause.for_handler("payment.request"), input)
-            .await
-            .map(|_| ())
+            Err(ServiceError::Gateway(GatewayError::Transient(reason))) => {
+                let input = PaymentInput::Request(accepted.clone(), now);
+                let state = self.decide(order_id, &cause, input).await?;
+                if state.requested.is_none() {
+                    // Cancelled before the request (voided up front): a capture this
+                    // call may have made is known only by voiding its key, which the
+                    // message's next handling does (`first_call`).
+                    return Err(GatewayError::Transient(reason).into());
+                }
+                warn!(%order_id, %reason, "gateway call failed transiently; the request is recorded and the call is retried");
+                Ok(())
+            }
+            Err(other) => Err(other),
+        }
     }
 
     /// The capture's answer as the domain takes it, after the test-only failpoint.

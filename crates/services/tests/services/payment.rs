@@ -315,3 +315,31 @@ async fn an_order_cancelled_before_its_payment_requests_nothing_and_refuses_a_la
     assert_a_late_capture_is_refused(&db, order_id).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_order_cancelled_before_its_payment_is_retried_until_the_gateway_voids_the_key(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+    captured_before_a_crash(&db, order_id).await?;
+    let cancelled = cancel(&db, order_id, order).await?;
+    payments(&db).react(&cancelled).await?;
+    // The gateway is down when the OrderAccepted comes again: the capture it holds
+    // cannot be known yet, so the message must fail (and be retried), not be done.
+    let down: Arc<dyn PaymentGateway> =
+        Arc::new(Simulator::new(db.pool().clone(), Duration::ZERO, 1.0));
+    let outcome = Payments::new(db.store.clone(), down).react(&accepted).await;
+    assert!(
+        matches!(outcome, Err(services::ServiceError::Gateway(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        types(&db.store, &streams::payment(order_id)).await?,
+        ["PaymentVoided"]
+    );
+    // Its retry, with the gateway back, finds the capture and refunds it.
+    payments(&db).react(&accepted).await?;
+    assert_eq!(net_ledger(&db, order_id).await?, 0, "the money went back");
+    Ok(())
+}
