@@ -642,10 +642,22 @@ fn scale_out(report: &Report) -> String {
         " Two inventory processes also decide on the same four hot stock streams (every \
          order of the bench reserves on one of four SKUs): a reservation decided on one \
          process's cached state of a stream the other has just appended to conflicts \
-         and is read and decided again, so the second process adds work rather than \
-         throughput here; a shop's orders spread over many SKUs would not meet this."
+         and is read and decided again: work that a shop's orders, spread over many \
+         SKUs, would rarely cause."
     } else {
         ""
+    };
+    let gain = scaled.value / split.value.max(f64::MIN_POSITIVE);
+    let verdict = if gain >= 1.05 {
+        " In this run the second process raised the split run's rate: with each worker \
+         alone in a process, the busiest one held the others back, and a second one gets \
+         it a second share of the cores; all workers in one process still did more on \
+         the same cores."
+    } else if gain <= 0.95 {
+        " In this run the second process lowered the rate: what it adds (connections, \
+         channels, caches, conflicts) cost more than the share of the cores it got."
+    } else {
+        " In this run the second process changed the rate by less than 5%."
     };
     format!(
         "- **Scale out** (each of the nine workers in a process of its own: {} orders/s, \
@@ -660,7 +672,7 @@ fn scale_out(report: &Report) -> String {
          by its partitions). Splitting the workers apart costs CPU of its own: each \
          process opens its own connections and publishing channels and keeps its own \
          caches (the inventory's folded stock streams, the commands worker's known \
-         SKUs). The split row's note gives each worker's CPU per order.{hot_streams}\n",
+         SKUs). The split row's note gives each worker's CPU per order.{verdict}{hot_streams}\n",
         fmt_value(split.value),
         ratio(report, "e2e_orders_split"),
         fmt_value(scaled.value),
