@@ -147,7 +147,10 @@ impl Payments {
     /// retries to [`Payments::settle`].
     async fn request(&self, accepted: &OrderAccepted, cause: &Cause) -> Result<(), ServiceError> {
         let order_id = accepted.order_id;
-        self.payments.assume_new(&streams::payment(order_id));
+        // Read, not assumed new: a payment voided up front by another process (or
+        // before a restart) must be known before the gateway is asked to capture, or
+        // the customer who cancelled would be charged and refunded. A read costs less
+        // than the append it saves.
         let state = self.current(order_id).await?;
         let outcome = match payment::first_call(&state, accepted) {
             // Requested already: `settle` goes on from the stream. (A refund is never a

@@ -267,17 +267,29 @@ async fn captured_before_a_crash(db: &TestDb, order_id: uuid::Uuid) -> anyhow::R
     Ok(())
 }
 
+/// An accepted order the customer cancelled before anything of its payment was
+/// recorded (its payment voided up front), after a capture at the gateway when
+/// `captured` (a handler that died before recording it); and its `OrderAccepted`.
+async fn voided_up_front(
+    db: &TestDb,
+    captured: bool,
+) -> anyhow::Result<(uuid::Uuid, domain::EventEnvelope)> {
+    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
+    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
+    if captured {
+        captured_before_a_crash(db, order_id).await?;
+    }
+    let cancelled = cancel(db, order_id, order).await?;
+    payments(db).react(&cancelled).await?;
+    Ok((order_id, accepted))
+}
+
 #[tokio::test]
 async fn a_capture_made_before_a_crash_is_refunded_when_the_order_was_cancelled_before_its_request(
 ) -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
-    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
-    captured_before_a_crash(&db, order_id).await?;
-    // The customer cancelled before anything of the payment was recorded: voided up
-    // front. Then the OrderAccepted is redelivered to a restarted worker.
-    let cancelled = cancel(&db, order_id, order).await?;
-    payments(&db).react(&cancelled).await?;
+    // Then the OrderAccepted is redelivered to a restarted worker.
+    let (order_id, accepted) = voided_up_front(&db, true).await?;
     let service = payments(&db);
     service.react(&accepted).await?;
     service.react(&accepted).await?;
@@ -302,12 +314,8 @@ async fn a_capture_made_before_a_crash_is_refunded_when_the_order_was_cancelled_
 async fn an_order_cancelled_before_its_payment_requests_nothing_and_refuses_a_late_capture(
 ) -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
-    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
-    let cancelled = cancel(&db, order_id, order).await?;
-    let service = payments(&db);
-    service.react(&cancelled).await?;
-    service.react(&accepted).await?;
+    let (order_id, accepted) = voided_up_front(&db, false).await?;
+    payments(&db).react(&accepted).await?;
     assert_eq!(
         types(&db.store, &streams::payment(order_id)).await?,
         ["PaymentVoided"]
@@ -320,11 +328,7 @@ async fn an_order_cancelled_before_its_payment_requests_nothing_and_refuses_a_la
 async fn an_order_cancelled_before_its_payment_is_retried_until_the_gateway_voids_the_key(
 ) -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let (order_id, order) = place(&db.store, "tok_ok", vec![line("A", 1, 2_500)]).await?;
-    let accepted = envelope(&db.store, &streams::order(order_id), "OrderAccepted").await?;
-    captured_before_a_crash(&db, order_id).await?;
-    let cancelled = cancel(&db, order_id, order).await?;
-    payments(&db).react(&cancelled).await?;
+    let (order_id, accepted) = voided_up_front(&db, true).await?;
     // The gateway is down when the OrderAccepted comes again: the capture it holds
     // cannot be known yet, so the message must fail (and be retried), not be done.
     let down: Arc<dyn PaymentGateway> =
