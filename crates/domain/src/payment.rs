@@ -146,6 +146,18 @@ pub fn decide(state: &PaymentState, input: PaymentInput) -> Vec<DomainEvent> {
     }
 }
 
+/// An answer to a capture of a request already recorded.
+impl From<ChargeOutcome> for PaymentInput {
+    fn from(outcome: ChargeOutcome) -> PaymentInput {
+        match outcome {
+            ChargeOutcome::Captured { gateway_reference } => {
+                PaymentInput::Captured { gateway_reference }
+            }
+            ChargeOutcome::Declined { reason } => PaymentInput::Declined { reason },
+        }
+    }
+}
+
 /// The gateway call to make for an accepted order before anything is recorded, so that
 /// the request and the gateway's answer take one append instead of two:
 /// - nothing requested yet: capture;
@@ -179,7 +191,7 @@ fn answered(
     outcome: ChargeOutcome,
 ) -> Vec<DomainEvent> {
     if state.requested.is_some() {
-        return outcome_of_request(state, outcome);
+        return decide(state, outcome.into());
     }
     if state.voided && matches!(outcome, ChargeOutcome::Declined { .. }) {
         return vec![];
@@ -187,15 +199,8 @@ fn answered(
     let requested = requested(accepted, now);
     let after = evolve(state.clone(), &requested);
     let mut events = vec![requested];
-    events.extend(outcome_of_request(&after, outcome));
+    events.extend(decide(&after, outcome.into()));
     events
-}
-
-fn outcome_of_request(state: &PaymentState, outcome: ChargeOutcome) -> Vec<DomainEvent> {
-    match outcome {
-        ChargeOutcome::Captured { gateway_reference } => captured(state, gateway_reference),
-        ChargeOutcome::Declined { reason } => declined(state, reason),
-    }
 }
 
 /// Once; never after the order was cancelled (a cancellation handled before the

@@ -97,9 +97,6 @@ impl Payments {
         input: PaymentInput,
     ) -> Result<PaymentState, ServiceError> {
         let stream = streams::payment(order_id);
-        if matches!(input, PaymentInput::Request(..)) {
-            self.payments.assume_new(&stream);
-        }
         let decided = decide_on_cached(
             &self.store,
             &self.payments,
@@ -167,9 +164,7 @@ impl Payments {
                     amount_cents,
                     currency: accepted.currency.clone(),
                 };
-                self.call(self.gateway.capture(request))
-                    .await
-                    .map(|outcome| self.captured_or_crash(order_id, outcome))
+                self.charge(order_id, request).await
             }
             Some(GatewayAction::VoidCapture { capture_key }) => self
                 .call(self.gateway.void(VoidRequest { capture_key }))
@@ -210,9 +205,14 @@ impl Payments {
         }
     }
 
-    /// The capture's answer as the domain takes it, after the test-only failpoint.
-    fn captured_or_crash(&self, order_id: Uuid, outcome: CaptureOutcome) -> ChargeOutcome {
-        match outcome {
+    /// Asks the gateway to capture; its answer as the domain takes it, after the
+    /// test-only failpoint.
+    async fn charge(
+        &self,
+        order_id: Uuid,
+        request: CaptureRequest,
+    ) -> Result<ChargeOutcome, ServiceError> {
+        Ok(match self.call(self.gateway.capture(request)).await? {
             CaptureOutcome::Captured { reference } => {
                 if self.crash_after_capture {
                     crash_after_capture(order_id);
@@ -222,7 +222,7 @@ impl Payments {
                 }
             }
             CaptureOutcome::Declined { reason } => ChargeOutcome::Declined { reason },
-        }
+        })
     }
 
     /// Makes the gateway calls the payment's state asks for until none is left.
@@ -305,13 +305,7 @@ impl Payments {
             amount_cents,
             currency,
         };
-        let outcome = self.call(self.gateway.capture(request)).await?;
-        let input = match self.captured_or_crash(order_id, outcome) {
-            ChargeOutcome::Captured { gateway_reference } => {
-                PaymentInput::Captured { gateway_reference }
-            }
-            ChargeOutcome::Declined { reason } => PaymentInput::Declined { reason },
-        };
+        let input = self.charge(order_id, request).await?.into();
         self.decide(order_id, &cause.for_handler("payment.capture"), input)
             .await
             .map(|_| ())

@@ -189,7 +189,7 @@ impl Flight {
     }
 
     /// Moves the cursor past every page confirmed so far, in order; waits for the
-    /// oldest one when `wait` (nothing new to read) or when the flight is full. A page
+    /// oldest one when `wait` or when the flight is full. A page
     /// that failed fails the relay: the pages after it are abandoned and the next
     /// leader starts again at the checkpoint.
     async fn settle(&mut self, cursor: &mut Cursor, wait: bool) -> Result<(), ServiceError> {
