@@ -214,7 +214,12 @@ impl EventStore {
     /// A wake-up source for a follower of the log (see `Wakeups`). Uses one connection
     /// of its own for `LISTEN`.
     pub async fn follow(&self) -> Result<Wakeups, StoreError> {
-        Wakeups::start(&self.pool, self.signals.subscribe()).await
+        Wakeups::start(
+            &self.pool,
+            self.signals.subscribe(),
+            self.signals.notifier(),
+        )
+        .await
     }
 
     /// The stream's events from `from_version` on, oldest first.

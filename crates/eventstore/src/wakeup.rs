@@ -7,8 +7,11 @@
 //! processes learn of the burst. A follower (`Wakeups`) wakes on an in-process append, on
 //! a notification received with `LISTEN`, or when its fallback interval runs out; the
 //! fallback covers lost notifications and transactions outside orderflow that hold the
-//! log's visible horizon back.
+//! log's visible horizon back. A follower ignores the notifications its own store sent:
+//! it was woken in process by the appends they announce, and reading again on their
+//! echo doubled the reads of every follower of a process.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +35,9 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 pub(crate) struct Signals {
     appended: watch::Sender<u64>,
     coalescer: Mutex<Option<JoinHandle<()>>>,
+    /// The backend pid of the coalescer's connection (0 before it connects): the
+    /// sender of this store's own notifications.
+    notifier: Arc<AtomicU32>,
 }
 
 impl Signals {
@@ -39,6 +45,7 @@ impl Signals {
         Self {
             appended: watch::Sender::new(0),
             coalescer: Mutex::new(None),
+            notifier: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -51,6 +58,11 @@ impl Signals {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
+    }
+
+    /// Who sends this store's notifications (see [`Wakeups::start`]).
+    pub(crate) fn notifier(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.notifier)
     }
 
     /// Starts the coalescer on first use (the store may be built outside a runtime) and
@@ -70,7 +82,8 @@ impl Signals {
         // The append that starts us must be announced too.
         appended.mark_changed();
         let options = (*pool.connect_options()).clone();
-        *slot = Some(runtime.spawn(coalesce_notifications(appended, options)));
+        let notifier = Arc::clone(&self.notifier);
+        *slot = Some(runtime.spawn(coalesce_notifications(appended, options, notifier)));
     }
 }
 
@@ -86,14 +99,20 @@ impl Drop for Signals {
 }
 
 /// Sends one NOTIFY per burst of appends until the store is dropped.
-async fn coalesce_notifications(mut appended: watch::Receiver<u64>, options: PgConnectOptions) {
+async fn coalesce_notifications(
+    mut appended: watch::Receiver<u64>,
+    options: PgConnectOptions,
+    notifier: Arc<AtomicU32>,
+) {
     let mut conn: Option<PgConnection> = None;
     while appended.changed().await.is_ok() {
         appended.borrow_and_update();
-        if let Err(error) = notify_once(&mut conn, &options).await {
+        if let Err(error) = notify_once(&mut conn, &options, &notifier).await {
             // Followers elsewhere fall back to polling; the next burst reconnects.
             tracing::warn!(%error, "could not send NOTIFY {CHANNEL}");
             conn = None;
+            // The pid may go to another process's backend meanwhile.
+            notifier.store(0, Ordering::Relaxed);
         }
         tokio::time::sleep(COALESCE_WINDOW).await;
     }
@@ -102,10 +121,18 @@ async fn coalesce_notifications(mut appended: watch::Receiver<u64>, options: PgC
 async fn notify_once(
     conn: &mut Option<PgConnection>,
     options: &PgConnectOptions,
+    notifier: &AtomicU32,
 ) -> Result<(), sqlx::Error> {
     let conn = match conn {
         Some(conn) => conn,
-        None => conn.insert(options.connect().await?),
+        None => {
+            let mut fresh = options.connect().await?;
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut fresh)
+                .await?;
+            notifier.store(u32::try_from(pid).unwrap_or(0), Ordering::Relaxed);
+            conn.insert(fresh)
+        }
     };
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(CHANNEL)
@@ -137,9 +164,12 @@ pub struct Wakeups {
 impl Wakeups {
     /// Listens before returning, so every append committed after this call wakes it.
     /// The listener has a connection of its own, outside the store's pool.
+    /// `own` is the backend pid its store notifies from: those notifications are echoes
+    /// of appends `local` already announced.
     pub(crate) async fn start(
         pool: &PgPool,
         local: watch::Receiver<u64>,
+        own: Arc<AtomicU32>,
     ) -> Result<Self, StoreError> {
         let own_pool = PgPoolOptions::new()
             .max_connections(1)
@@ -147,7 +177,7 @@ impl Wakeups {
         let mut listener = PgListener::connect_with(&own_pool).await?;
         listener.listen(CHANNEL).await?;
         let remote = Arc::new(Notify::new());
-        let listener = tokio::spawn(forward_notifications(listener, remote.clone()));
+        let listener = tokio::spawn(forward_notifications(listener, remote.clone(), own));
         Ok(Self {
             local,
             local_open: true,
@@ -179,11 +209,16 @@ impl Drop for Wakeups {
 }
 
 /// Turns notifications into wake-ups. `notify_one` keeps a permit, so a notification
-/// that arrives while the follower reads is not lost.
-async fn forward_notifications(mut listener: PgListener, wake: Arc<Notify>) {
+/// that arrives while the follower reads is not lost. The store's own notifications
+/// are skipped (see the module's note).
+async fn forward_notifications(mut listener: PgListener, wake: Arc<Notify>, own: Arc<AtomicU32>) {
     loop {
         match listener.try_recv().await {
-            Ok(Some(_)) => wake.notify_one(),
+            Ok(Some(notification)) => {
+                if notification.process_id() != own.load(Ordering::Relaxed) {
+                    wake.notify_one();
+                }
+            }
             // The connection dropped and was re-established: notifications may have been
             // missed meanwhile, so let the follower look.
             Ok(None) => wake.notify_one(),

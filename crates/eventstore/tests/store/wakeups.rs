@@ -45,3 +45,41 @@ async fn without_appends_the_follower_wakes_after_the_fallback_interval() -> any
     assert_eq!(wake, Wake::TimedOut);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_follower_is_not_woken_again_by_its_own_stores_notification() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let mut ours = db.store.follow().await?;
+    // Another process's follower: woken by the notification alone, so once it wakes,
+    // the notification has been sent and ours has had it too.
+    let other = db.second_store().await?;
+    let mut theirs = other.follow().await?;
+    let remote = tokio::spawn(async move { theirs.wait(FALLBACK).await });
+    db.store
+        .append("order-1", ExpectedVersion::NoStream, events(1))
+        .await?;
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, ours.wait(FALLBACK)).await?,
+        Wake::Signalled,
+        "woken in process by the append"
+    );
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, remote).await??,
+        Wake::Signalled
+    );
+    // The echo of that append would wake ours a second time for nothing.
+    assert_eq!(
+        ours.wait(Duration::from_millis(300)).await,
+        Wake::TimedOut,
+        "woken again by its own store's notification"
+    );
+    // Another store's appends still wake it.
+    other
+        .append("order-2", ExpectedVersion::NoStream, events(1))
+        .await?;
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, ours.wait(FALLBACK)).await?,
+        Wake::Signalled
+    );
+    Ok(())
+}
