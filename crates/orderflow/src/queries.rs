@@ -302,7 +302,7 @@ pub async fn wait_and_print(
     wait: crate::cli::WaitArgs,
 ) -> anyhow::Result<ExitCode> {
     let deadline = std::time::Instant::now() + wait.timeout;
-    wait_applied(store, message_id, deadline)
+    wait_applied(store, message_id, order_id, deadline)
         .await
         .with_context(|| format!("--wait gave up after {:?}", wait.timeout))?;
     let row = if wait.wait_final {
@@ -344,21 +344,24 @@ async fn order_row(store: &EventStore, order_id: Uuid) -> anyhow::Result<Option<
     .context("cannot read order_status")
 }
 
-/// The token: the events whose metadata names `message_id` as their cause; waits until
-/// one is in the log, then until the `order_status` checkpoint has passed the last of
-/// them in the followers' order (transaction id, then global position).
+/// The token: the events of the order's stream whose metadata names `message_id` as
+/// their cause (an order command writes only there); waits until one is in the log,
+/// then until the `order_status` checkpoint has passed the last of them in the
+/// followers' order (transaction id, then global position).
 async fn wait_applied(
     store: &EventStore,
     message_id: Uuid,
+    order_id: Uuid,
     deadline: std::time::Instant,
 ) -> anyhow::Result<eventstore::LogPosition> {
     let (transaction_id, global_position): (i64, i64) = poll(deadline, || async {
         sqlx::query_as(
             "SELECT transaction_id, global_position FROM events
-              WHERE metadata->>'causation_id' = $1
+              WHERE stream_name = $2 AND metadata->>'causation_id' = $1
               ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
         )
         .bind(message_id.to_string())
+        .bind(domain::streams::order(order_id))
         .fetch_optional(store.pool())
         .await
         .context("cannot read the log")
