@@ -66,13 +66,19 @@ impl Cause {
     }
 }
 
-/// What became of a decision.
+/// What became of a decision. The state is shared: decisions appended together (see
+/// [`decide_together_on_cached`]) share the state after their append instead of each
+/// cloning the state after its own events, which for a hot stock stream (every open
+/// reservation of the SKU) was a copy per decision.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decided<S> {
-    /// The events were appended; the state after them.
-    Appended { events: Vec<DomainEvent>, state: S },
+    /// The events were appended; the state after the append that carried them.
+    Appended {
+        events: Vec<DomainEvent>,
+        state: Arc<S>,
+    },
     /// The decision had no effect (no events), or the same message was handled before.
-    Nothing { state: S },
+    Nothing { state: Arc<S> },
 }
 
 impl<S> Decided<S> {
@@ -312,7 +318,9 @@ where
             events = decide(&state);
         }
         if events.is_empty() {
-            return Ok(Decided::Nothing { state });
+            return Ok(Decided::Nothing {
+                state: Arc::new(state),
+            });
         }
         match append_decision(store, stream, cause, version, state, events).await? {
             Attempt::Appended {
@@ -321,11 +329,16 @@ where
                 version,
             } => {
                 cache.put(stream, &state, Some(version));
-                return Ok(Decided::Appended { events, state });
+                return Ok(Decided::Appended {
+                    events,
+                    state: Arc::new(state),
+                });
             }
             Attempt::Duplicate => {
                 let Loaded { state, .. } = load_cached(store, cache, stream).await?;
-                return Ok(Decided::Nothing { state });
+                return Ok(Decided::Nothing {
+                    state: Arc::new(state),
+                });
             }
             Attempt::Conflict => {
                 must_read = true;
@@ -413,7 +426,7 @@ async fn decide_queued<S: Evolve + Clone>(
         for event in &events {
             state.apply(event);
         }
-        together.push((waiting, events, state.clone()));
+        together.push((waiting, events));
     }
     if !together.is_empty() {
         let count = new_events.len();
@@ -421,7 +434,9 @@ async fn decide_queued<S: Evolve + Clone>(
             Ok(appended) => {
                 crate::metrics::events_appended(count);
                 cache.put(stream, &state, Some(appended.next_expected_version));
-                for (waiting, events, state) in together {
+                let state = Arc::new(state);
+                for (waiting, events) in together {
+                    let state = Arc::clone(&state);
                     let _ = waiting.done.send(Ok(Decided::Appended { events, state }));
                 }
             }
@@ -429,7 +444,7 @@ async fn decide_queued<S: Evolve + Clone>(
                 debug!(%error, stream, "decisions appended together were refused; each is decided alone");
                 together
                     .into_iter()
-                    .for_each(|(waiting, _, _)| hand_back(waiting));
+                    .for_each(|(waiting, _)| hand_back(waiting));
             }
         }
     }
@@ -484,15 +499,22 @@ where
         let Loaded { state, version } = load_state().await?;
         let events = decide(&state);
         if events.is_empty() {
-            return Ok(Decided::Nothing { state });
+            return Ok(Decided::Nothing {
+                state: Arc::new(state),
+            });
         }
         match append_decision(store, stream, cause, version, state, events).await? {
             Attempt::Appended { events, state, .. } => {
-                return Ok(Decided::Appended { events, state })
+                return Ok(Decided::Appended {
+                    events,
+                    state: Arc::new(state),
+                })
             }
             Attempt::Duplicate => {
                 let Loaded { state, .. } = load_state().await?;
-                return Ok(Decided::Nothing { state });
+                return Ok(Decided::Nothing {
+                    state: Arc::new(state),
+                });
             }
             Attempt::Conflict => thin_out(attempt).await,
         }
