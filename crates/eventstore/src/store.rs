@@ -211,6 +211,26 @@ impl EventStore {
         self.signals.appended(&self.pool);
     }
 
+    /// Wakes the followers of projections (and every follower of the log, as an append
+    /// does) after a projection page they wait on committed.
+    pub fn notify_projected(&self) {
+        self.signals.projected(&self.pool);
+    }
+
+    /// A wake-up source for a follower of a projection rather than of the log (the timer
+    /// scheduler follows the `timers` table): in this process only
+    /// [`notify_projected`](Self::notify_projected) wakes it, not every append; from
+    /// other processes every notification does. Uses one connection of its own for
+    /// `LISTEN`.
+    pub async fn follow_projections(&self) -> Result<Wakeups, StoreError> {
+        Wakeups::start(
+            &self.pool,
+            self.signals.subscribe_projected(),
+            self.signals.notifier(),
+        )
+        .await
+    }
+
     /// A wake-up source for a follower of the log (see `Wakeups`). Uses one connection
     /// of its own for `LISTEN`.
     pub async fn follow(&self) -> Result<Wakeups, StoreError> {

@@ -34,6 +34,9 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Signals {
     appended: watch::Sender<u64>,
+    /// Bumped when a projection that others wait on committed a page (the timers
+    /// table): its followers need not look on every append.
+    projected: watch::Sender<u64>,
     coalescer: Mutex<Option<JoinHandle<()>>>,
     /// The backend pid of the coalescer's connection (0 before it connects): the
     /// sender of this store's own notifications.
@@ -44,6 +47,7 @@ impl Signals {
     pub(crate) fn new() -> Self {
         Self {
             appended: watch::Sender::new(0),
+            projected: watch::Sender::new(0),
             coalescer: Mutex::new(None),
             notifier: Arc::new(AtomicU32::new(0)),
         }
@@ -58,6 +62,18 @@ impl Signals {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
+    }
+
+    /// Called after a projection page others wait on committed: wakes the followers of
+    /// projections in this process, and everyone as an append does (other processes
+    /// learn of it only by the notification, which cannot say what it announces).
+    pub(crate) fn projected(&self, pool: &PgPool) {
+        self.projected.send_modify(|n| *n = n.wrapping_add(1));
+        self.appended(pool);
+    }
+
+    pub(crate) fn subscribe_projected(&self) -> watch::Receiver<u64> {
+        self.projected.subscribe()
     }
 
     /// Who sends this store's notifications (see [`Wakeups::start`]).

@@ -199,7 +199,7 @@ async fn apply_together(
     if due.iter().any(|(follower, after)| {
         follower.projection.wakes_followers() && !page.after(*after).is_empty()
     }) {
-        store.notify_appended();
+        store.notify_projected();
     }
     let mut covered = 0;
     for (follower, after) in due {
@@ -256,7 +256,7 @@ async fn apply(
     tx.commit().await?;
     follower.known = Some(page.last);
     if follower.projection.wakes_followers() && !events.is_empty() {
-        store.notify_appended();
+        store.notify_projected();
     }
     Ok(projected(name, events.len()))
 }

@@ -67,10 +67,10 @@ pub trait Projection: Send + Sync + 'static {
     fn state_tables(&self) -> &'static [&'static str] {
         &[]
     }
-    /// Whether followers of the log wait on what it writes, so that committing a page
-    /// of it should wake them as an append would (the timer scheduler waits on
-    /// `timers`; without the wake it would look only at the next append, or after
-    /// its idle cap).
+    /// Whether others wait on what it writes, so that committing a page of it should
+    /// wake them (`EventStore::notify_projected`): the timer scheduler follows
+    /// `timers`, and looks only when this wakes it, another process notifies, or its
+    /// idle cap runs out.
     fn wakes_followers(&self) -> bool {
         false
     }
@@ -206,7 +206,7 @@ pub async fn run_once(
     store.save_checkpoint(&mut tx, &name, last).await?;
     tx.commit().await?;
     if projection.wakes_followers() {
-        store.notify_appended();
+        store.notify_projected();
     }
     // services::metrics::EVENTS_PROJECTED (this crate does not depend on services).
     metrics::counter!("orderflow_events_projected_total", "projection" => projection.name())

@@ -83,3 +83,34 @@ async fn a_follower_is_not_woken_again_by_its_own_stores_notification() -> anyho
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_follower_of_projections_wakes_on_a_projected_page_not_on_an_append() -> anyhow::Result<()>
+{
+    let db = TestDb::new().await?;
+    let mut projections = db.store.follow_projections().await?;
+    let mut log = db.store.follow().await?;
+    db.store
+        .append("order-1", ExpectedVersion::NoStream, events(1))
+        .await?;
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, log.wait(FALLBACK)).await?,
+        Wake::Signalled
+    );
+    assert_eq!(
+        projections.wait(Duration::from_millis(300)).await,
+        Wake::TimedOut,
+        "woken by an append"
+    );
+    db.store.notify_projected();
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, projections.wait(FALLBACK)).await?,
+        Wake::Signalled
+    );
+    // Followers of the log are woken by it too.
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, log.wait(FALLBACK)).await?,
+        Wake::Signalled
+    );
+    Ok(())
+}
