@@ -8,8 +8,8 @@
 //! a notification received with `LISTEN`, or when its fallback interval runs out; the
 //! fallback covers lost notifications and transactions outside orderflow that hold the
 //! log's visible horizon back. A follower ignores the notifications its own store sent:
-//! it was woken in process by the appends they announce, and reading again on their
-//! echo doubled the reads of every follower of a process.
+//! it was woken in process by the appends they announce, and their echo would wake
+//! every follower of the process once more, to read nothing new.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
