@@ -70,7 +70,6 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     let mut lock_checked = tokio::time::Instant::now();
     loop {
         let read = flight.send_next(store, bus, &mut cursor).await?;
-        flight.settle(&mut cursor, false).await?;
         // The checkpoint is written at most every CHECKPOINT_EVERY, not after every
         // page: its commit was on every hop's path. Nor at once when caught up: at a
         // moderate rate the relay is caught up after almost every page, and saving
@@ -78,48 +77,68 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
         // its next look (within FALLBACK_POLL). Events published since the last save
         // are published again after a crash, which consumers make harmless (derived
         // event ids).
+        flight.settle(&mut cursor, false).await?;
         cursor.save(store, false).await?;
-        match idle_wait(read, flight.is_empty()) {
-            IdleWait::None => {}
-            IdleWait::AppendOrConfirm => {
-                tokio::select! {
-                    () = flight.confirmed.notified() => {}
-                    _ = wakeups.wait(FALLBACK_POLL) => {}
-                }
-            }
-            IdleWait::Append => {
-                wakeups.wait(FALLBACK_POLL).await;
-                // Notice a lost lock connection (another relay may have taken over).
-                if lock_checked.elapsed() >= LOCK_CHECK_EVERY {
-                    sqlx::query("SELECT 1").execute(&mut lock_conn).await?;
-                    lock_checked = tokio::time::Instant::now();
-                }
-            }
+        let limit = match next_read(read) {
+            NextRead::AtOnce => continue,
+            NextRead::OnAppendOrAfter(limit) => limit,
+        };
+        wait_for_the_log(&mut wakeups, &mut flight, &mut cursor, store, limit).await?;
+        if limit == FALLBACK_POLL && lock_checked.elapsed() >= LOCK_CHECK_EVERY {
+            // Notice a lost lock connection (another relay may have taken over).
+            sqlx::query("SELECT 1").execute(&mut lock_conn).await?;
+            lock_checked = tokio::time::Instant::now();
         }
     }
 }
 
-/// What the relay waits for before it reads again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IdleWait {
-    /// It just sent a page, or made room for one: read on at once.
-    None,
-    /// Nothing new to read, pages still unconfirmed: the next append or the next
-    /// confirm, whichever comes first. Waiting for the confirm alone held every event
-    /// committed meanwhile back by a quorum queue's fsync (at 170 orders/s, 4 Dec, the
-    /// relay's share of a hop had p50 ≤ 20 ms with handlers at 3–5 ms).
-    AppendOrConfirm,
-    /// Nothing new and nothing in flight: the next append (or the fallback poll).
-    Append,
+/// Waits for an append (or `limit`), settling the pages in flight as their confirms
+/// come: a confirm moves the checkpoint but brings nothing new to read. Reading on
+/// every confirm (as until 5 Dec) found nothing most of the time.
+async fn wait_for_the_log(
+    wakeups: &mut eventstore::Wakeups,
+    flight: &mut Flight,
+    cursor: &mut Cursor,
+    store: &EventStore,
+    limit: Duration,
+) -> Result<(), ServiceError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let confirmed = std::sync::Arc::clone(&flight.confirmed);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::select! {
+            () = confirmed.notified(), if !flight.is_empty() => {
+                flight.settle(cursor, false).await?;
+                cursor.save(store, false).await?;
+            }
+            _ = wakeups.wait(left) => return Ok(()),
+        }
+    }
 }
+
+/// When the relay reads next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NextRead {
+    /// The page was full, or the flight was (and `settle` has made room): read on.
+    AtOnce,
+    /// On the next append, or after this long. After a page that was not full the
+    /// log is read to its end, so reading again at once found nothing most of the
+    /// time; a short limit still catches events held back behind a transaction whose
+    /// end wakes nobody (the log's horizon). After an empty read, the fallback poll.
+    OnAppendOrAfter(Duration),
+}
+
+/// After a page that was not full, the next read waits this long at most for an append.
+const SHORT_PAGE_RECHECK: Duration = Duration::from_millis(5);
 
 /// `read`: what the last `send_next` sent (`None`: the flight was full, and `settle`
 /// has since waited for a free place).
-fn idle_wait(read: Option<usize>, flight_is_empty: bool) -> IdleWait {
-    match (read, flight_is_empty) {
-        (Some(0), true) => IdleWait::Append,
-        (Some(0), false) => IdleWait::AppendOrConfirm,
-        _ => IdleWait::None,
+fn next_read(read: Option<usize>) -> NextRead {
+    match read {
+        None => NextRead::AtOnce,
+        Some(0) => NextRead::OnAppendOrAfter(FALLBACK_POLL),
+        Some(count) if i64::try_from(count).is_ok_and(|count| count >= PAGE) => NextRead::AtOnce,
+        Some(_) => NextRead::OnAppendOrAfter(SHORT_PAGE_RECHECK),
     }
 }
 
@@ -305,13 +324,17 @@ pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceE
 
 #[cfg(test)]
 mod tests {
-    use super::{idle_wait, IdleWait};
+    use super::{next_read, NextRead, FALLBACK_POLL, PAGE, SHORT_PAGE_RECHECK};
 
     #[test]
-    fn an_idle_relay_with_pages_in_flight_waits_for_an_append_or_a_confirm() {
-        assert_eq!(idle_wait(Some(0), false), IdleWait::AppendOrConfirm);
-        assert_eq!(idle_wait(Some(0), true), IdleWait::Append);
-        assert_eq!(idle_wait(Some(12), false), IdleWait::None);
-        assert_eq!(idle_wait(None, false), IdleWait::None);
+    fn the_relay_reads_on_at_once_only_after_a_full_page_or_a_full_flight() {
+        let full = usize::try_from(PAGE).unwrap_or(usize::MAX);
+        assert_eq!(next_read(Some(full)), NextRead::AtOnce);
+        assert_eq!(next_read(None), NextRead::AtOnce);
+        assert_eq!(
+            next_read(Some(12)),
+            NextRead::OnAppendOrAfter(SHORT_PAGE_RECHECK)
+        );
+        assert_eq!(next_read(Some(0)), NextRead::OnAppendOrAfter(FALLBACK_POLL));
     }
 }
