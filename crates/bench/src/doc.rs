@@ -608,8 +608,10 @@ fn where_the_time_goes(report: &Report) -> String {
          orders/s, about 7 ms per order, against 3.5–4.2 ms in the burst; PostgreSQL \
          3 against 1.5, RabbitMQ 1.9 against 0.9, orderflow 1.9 against 1.2), because \
          nothing queues long enough to be batched (group commit, multiple acks, pages \
-         of the log) and every follower reads on almost every append: about 28 \
-         statements per order at 200 orders/s against 9 in the burst. Half of the \
+         of the log) and the followers of the log read on almost every append: about \
+         36 statements per order at 200 orders/s at the start of 5 Dec, 17 after that \
+         day's changes (timer looks, empty re-reads, projector pages at most every \
+         10 ms), against 9 in the burst. Half of the \
          burst's rate is therefore close to what the machine can keep up without \
          queues, and the tail is queueing for the cores. The delivery timer's hop \
          comes from the timers projection: the projector's page of timers wakes the \
