@@ -82,6 +82,8 @@ pub(crate) async fn follow_all(
             }
             Ok(Round { full: false, .. }) => {
                 let next_page = tokio::time::Instant::now() + PAGE_INTERVAL;
+                // Taking the wake-ups of the interval here keeps them from ending a
+                // later idle wait at once: the next page reads what they announced.
                 wakeups.wait(PAGE_INTERVAL).await;
                 tokio::time::sleep_until(next_page).await;
             }
@@ -96,7 +98,8 @@ pub(crate) async fn follow_all(
     }
 }
 
-/// What one round did.
+/// What one round did (`Default`: nothing read).
+#[derive(Default)]
 struct Round {
     /// How many events were applied by any projection (0: nothing to do for now).
     applied: usize,
@@ -107,20 +110,16 @@ struct Round {
 /// Reads the next page after the furthest-behind checkpoint and lets every projection
 /// apply its part.
 async fn round(store: &EventStore, followers: &mut [Follower]) -> Result<Round, ProjectorError> {
-    let idle = Round {
-        applied: 0,
-        full: false,
-    };
     for follower in followers.iter_mut() {
         if follower.known.is_none() {
             follower.known = Some(store.load_checkpoint(&follower.checkpoint).await?);
         }
     }
     let Some(from) = followers.iter().filter_map(|f| f.known).min() else {
-        return Ok(idle);
+        return Ok(Round::default());
     };
     let Some(page) = read(store, from).await? else {
-        return Ok(idle);
+        return Ok(Round::default());
     };
     Ok(Round {
         applied: apply_everywhere(store, followers, &page).await?,

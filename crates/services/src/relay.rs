@@ -77,8 +77,7 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
         // its next look (within FALLBACK_POLL). Events published since the last save
         // are published again after a crash, which consumers make harmless (derived
         // event ids).
-        flight.settle(&mut cursor, false).await?;
-        cursor.save(store, false).await?;
+        settle_and_save(&mut flight, &mut cursor, store).await?;
         let limit = match next_read(read) {
             NextRead::AtOnce => continue,
             NextRead::OnAppendOrAfter(limit) => limit,
@@ -108,12 +107,21 @@ async fn wait_for_the_log(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::select! {
             () = confirmed.notified(), if !flight.is_empty() => {
-                flight.settle(cursor, false).await?;
-                cursor.save(store, false).await?;
+                settle_and_save(flight, cursor, store).await?;
             }
             _ = wakeups.wait(left) => return Ok(()),
         }
     }
+}
+
+/// Moves the cursor past the pages confirmed so far and saves it when it is due.
+async fn settle_and_save(
+    flight: &mut Flight,
+    cursor: &mut Cursor,
+    store: &EventStore,
+) -> Result<(), ServiceError> {
+    flight.settle(cursor, false).await?;
+    cursor.save(store, false).await
 }
 
 /// When the relay reads next.
