@@ -10,6 +10,7 @@ use tracing::debug;
 use uuid::Uuid;
 
 use crate::generations::Generations;
+use crate::timers::Handover;
 use crate::ServiceError;
 
 /// Conflicts are retried at once, this many times, before the message is retried later.
@@ -50,13 +51,18 @@ impl Cause {
         }
     }
 
+    /// The id of the event at `index` of what this cause appends.
+    pub fn event_id(&self, index: usize) -> Uuid {
+        derive_event_id(self.causation_id, &self.handler, index)
+    }
+
     /// The events of a decision, ready to append (ids numbered from `first_index`).
     pub fn new_events(&self, events: &[DomainEvent], first_index: usize) -> Vec<NewEvent> {
         events
             .iter()
             .enumerate()
             .map(|(i, event)| NewEvent {
-                event_id: derive_event_id(self.causation_id, &self.handler, first_index + i),
+                event_id: self.event_id(first_index + i),
                 event_type: event.event_type().to_owned(),
                 schema_version: event.schema_version(),
                 payload: event.to_payload(),
@@ -151,11 +157,13 @@ const CACHED_SHIPMENTS: usize = 10_000;
 /// the delivery timer on the shipment shipping started. Each would otherwise read the
 /// stream from the log at its first message about an order, because the one before it
 /// ran in another worker. Workers in other processes still meet each other's appends
-/// as conflicts, as they always did.
+/// as conflicts, as they always did. Shipping also hands the delivery timers it sets
+/// to the process's scheduler through it ([`Handover`]).
 #[derive(Clone)]
 pub struct SharedCaches {
     pub orders: Arc<StreamCache<OrderState>>,
     pub shipments: Arc<StreamCache<ShipmentState>>,
+    pub timers: Handover,
 }
 
 impl Default for SharedCaches {
@@ -163,6 +171,7 @@ impl Default for SharedCaches {
         SharedCaches {
             orders: Arc::new(StreamCache::new(CACHED_ORDERS)),
             shipments: Arc::new(StreamCache::new(CACHED_SHIPMENTS)),
+            timers: Handover::default(),
         }
     }
 }

@@ -14,9 +14,11 @@ use domain::{
 };
 use eventstore::EventStore;
 use futures::future::BoxFuture;
+use projector::timers::DELIVERY;
 use tracing::info;
 
 use crate::exec::{append_together, cached_or_read, Cause, SharedCaches, StreamCache};
+use crate::timers::{DueTimer, Handover};
 use crate::worker::EventService;
 use crate::ServiceError;
 
@@ -29,6 +31,8 @@ pub struct Shipping {
     orders: Arc<StreamCache<OrderState>>,
     /// Shipments, shared with the delivery timer.
     shipments: Arc<StreamCache<ShipmentState>>,
+    /// The process's scheduler, to which a delivery due soon is handed over.
+    timers: Handover,
 }
 
 impl Shipping {
@@ -43,6 +47,7 @@ impl Shipping {
             store,
             orders: Arc::clone(&caches.orders),
             shipments: Arc::clone(&caches.shipments),
+            timers: caches.timers.clone(),
         }
     }
 
@@ -108,6 +113,7 @@ impl Shipping {
                             shipment_version,
                             &shipment_events,
                         );
+                        self.hand_over_delivery(&cause, order_events.len(), &shipment_events);
                         info!(order_id = %confirmed.order_id, "order shipped");
                     }
                     return Ok(());
@@ -121,6 +127,25 @@ impl Shipping {
         Err(ServiceError::Contended {
             stream: order_stream,
         })
+    }
+}
+
+impl Shipping {
+    /// Hands the delivery timer of a shipment just appended (its events numbered from
+    /// `first_index` of `cause`'s) to the process's scheduler, when it is due soon.
+    fn hand_over_delivery(&self, cause: &Cause, first_index: usize, events: &[DomainEvent]) {
+        for (i, event) in events.iter().enumerate() {
+            if let DomainEvent::ShipmentShipped(shipped) = event {
+                let timer = DueTimer {
+                    // The timers projection's id for it: the event's.
+                    timer_id: cause.event_id(first_index + i),
+                    kind: DELIVERY.to_owned(),
+                    order_id: shipped.order_id,
+                    due_at: shipped.deliver_at,
+                };
+                self.timers.offer(timer, Utc::now());
+            }
+        }
     }
 }
 

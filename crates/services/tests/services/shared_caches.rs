@@ -188,6 +188,104 @@ async fn the_workers_of_one_process_decide_an_order_from_placement_to_delivery_w
     Ok(())
 }
 
+/// Runs `scheduler` until the returned sender is dropped or sent to, once it takes
+/// hand-overs through `caches`.
+async fn running(
+    scheduler: Arc<Scheduler>,
+    caches: &SharedCaches,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), services::ServiceError>>,
+)> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(scheduler.run(async move {
+        let _ = stopped.await;
+    }));
+    testkit::wait_until("the scheduler to take hand-overs", DEADLINE, || async {
+        Ok(caches.timers.attached().then_some(()))
+    })
+    .await?;
+    Ok((stop, task))
+}
+
+/// A confirmed order shipped through a process whose scheduler runs, with its
+/// delivery due at once; returns once the scheduler delivered it and stopped. No
+/// projector runs: the timers table never had the delivery, so only the hand-over can
+/// have fired it.
+async fn delivered_in_process(db: &TestDb, caches: &SharedCaches) -> anyhow::Result<Process> {
+    let process = confirmed_order(db, caches).await?;
+    let (stop, scheduler) = running(Arc::clone(&process.scheduler), caches).await?;
+    let order = streams::order(process.order_id);
+    for confirmed in delivered(db, &order, "OrderConfirmed").await? {
+        process.shipping.react(&confirmed).await?;
+    }
+    let shipment = streams::shipment(process.order_id);
+    testkit::wait_until("the shipment to be delivered", DEADLINE, || async {
+        let types = types(&db.store, &shipment).await?;
+        Ok((types.len() == 2).then_some(()))
+    })
+    .await?;
+    let _ = stop.send(());
+    scheduler.await??;
+    assert_eq!(
+        types(&db.store, &shipment).await?,
+        ["ShipmentShipped", "ShipmentDelivered"]
+    );
+    Ok(process)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_due_at_once_is_fired_in_process_before_the_timers_table_has_it(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let caches = SharedCaches::default();
+    let process = delivered_in_process(&db, &caches).await?;
+    assert_eq!(
+        caches.shipments.reads(),
+        0,
+        "fired on the shipment shipping left"
+    );
+    // The projector then sees the timer set and ended in one page: no row is left
+    // for a scheduler to claim.
+    catch_up(&db.store, &TimersProjection).await?;
+    assert_eq!(timers(&db.store).await?, vec![]);
+    assert_eq!(process.scheduler.fire_due().await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_fired_in_process_and_then_from_the_table_is_delivered_once(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let caches = SharedCaches::default();
+    let process = delivered_in_process(&db, &caches).await?;
+    // The row a projector writes when it reads the shipment before its delivery (or
+    // after a crash that lost the hand-over): a scheduler claims it later.
+    let shipment = streams::shipment(process.order_id);
+    let shipped = delivered(&db, &shipment, "ShipmentShipped").await?;
+    let [shipped] = shipped.as_slice() else {
+        anyhow::bail!("expected one ShipmentShipped, got {}", shipped.len());
+    };
+    sqlx::query(
+        "INSERT INTO timers (timer_id, kind, order_id, due_at, scheduled_at)
+         VALUES ($1, $2, $3, now(), now())",
+    )
+    .bind(shipped.event_id)
+    .bind(projector::timers::DELIVERY)
+    .bind(process.order_id)
+    .execute(db.pool())
+    .await?;
+    let other_process = Scheduler::new(db.second_store().await?);
+    assert_eq!(other_process.fire_due().await?, 1);
+    assert_eq!(
+        types(&db.store, &shipment).await?,
+        ["ShipmentShipped", "ShipmentDelivered"],
+        "the second firing decided on the delivered shipment and appended nothing"
+    );
+    assert_eq!(timers(&db.store).await?, vec![]);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shipping_on_a_cached_order_that_was_cancelled_since_reads_it_and_ships_nothing(
 ) -> anyhow::Result<()> {
