@@ -330,7 +330,9 @@ impl Scheduler {
                 };
                 firing.spawn(Arc::clone(&self).fire_handed_over(timer));
             }
-            let soon_due = soon.next_due();
+            // While every firing slot is busy, the next firing waits for a slot, not
+            // for its time (which may have passed: waiting on it would spin).
+            let soon_due = soon.next_due().filter(|_| firing.len() < FIRING_AT_ONCE);
             look = false;
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),

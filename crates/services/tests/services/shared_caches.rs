@@ -188,26 +188,6 @@ async fn the_workers_of_one_process_decide_an_order_from_placement_to_delivery_w
     Ok(())
 }
 
-/// Runs `scheduler` until the returned sender is dropped or sent to, once it takes
-/// hand-overs through `caches`.
-async fn running(
-    scheduler: Arc<Scheduler>,
-    caches: &SharedCaches,
-) -> anyhow::Result<(
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), services::ServiceError>>,
-)> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(scheduler.run(async move {
-        let _ = stopped.await;
-    }));
-    testkit::wait_until("the scheduler to take hand-overs", DEADLINE, || async {
-        Ok(caches.timers.attached().then_some(()))
-    })
-    .await?;
-    Ok((stop, task))
-}
-
 /// A confirmed order shipped through a process whose scheduler runs, with its
 /// delivery due at once; returns once the scheduler delivered it and stopped. No
 /// projector runs: the timers table never had the delivery, so only the hand-over can

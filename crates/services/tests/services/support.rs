@@ -146,3 +146,23 @@ pub async fn ledger(store: &EventStore, key: &str) -> anyhow::Result<Vec<(String
     .fetch_all(store.pool())
     .await?)
 }
+
+/// Runs `scheduler` until the returned sender is dropped or sent to, once it takes
+/// hand-overs through `caches`.
+pub async fn running(
+    scheduler: std::sync::Arc<services::timers::Scheduler>,
+    caches: &services::exec::SharedCaches,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), services::ServiceError>>,
+)> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(scheduler.run(async move {
+        let _ = stopped.await;
+    }));
+    testkit::wait_until("the scheduler to take hand-overs", DEADLINE, || async {
+        Ok(caches.timers.attached().then_some(()))
+    })
+    .await?;
+    Ok((stop, task))
+}

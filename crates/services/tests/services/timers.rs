@@ -2,8 +2,9 @@ use chrono::{Duration, Utc};
 use domain::commands::{Shipping, ShippingMethod};
 use domain::events::{PaymentCaptured, PaymentRequested, ShipmentShipped};
 use domain::{streams, DomainEvent};
-use projector::timers::TimersProjection;
-use services::timers::Scheduler;
+use projector::timers::{TimersProjection, PAYMENT_TIMEOUT};
+use services::exec::SharedCaches;
+use services::timers::{DueTimer, Scheduler};
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -324,5 +325,49 @@ async fn timers_due_together_fire_together_and_share_commits() -> anyhow::Result
         transactions < (TIMERS / 2) as i64,
         "{TIMERS} timers fired in {transactions} transactions"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timers_handed_over_together_all_fire_once_though_more_than_fire_at_once(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    const TIMERS: usize = 40;
+    let caches = SharedCaches::default();
+    let scheduler = Scheduler::sharing(db.store.clone(), &caches);
+    let (stop, running) = running(scheduler, &caches).await?;
+    let mut streams_due = Vec::with_capacity(TIMERS);
+    for _ in 0..TIMERS {
+        let stream = overdue_payment(&db).await?;
+        let requested = db.store.read_stream(&stream, 0).await?;
+        let [requested] = requested.as_slice() else {
+            anyhow::bail!("expected one PaymentRequested on {stream}");
+        };
+        let timer = DueTimer {
+            timer_id: requested.event_id,
+            kind: PAYMENT_TIMEOUT.to_owned(),
+            order_id: Uuid::parse_str(stream.trim_start_matches("payment-"))?,
+            due_at: Utc::now() - Duration::seconds(1),
+        };
+        assert!(caches.timers.offer(timer, Utc::now()), "handed over");
+        streams_due.push(stream);
+    }
+    // No projector runs, so the table never has them: only the hand-over fires them.
+    testkit::wait_until("every handed-over timer to fire", DEADLINE, || async {
+        let fired: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'PaymentTimedOut'")
+                .fetch_one(db.pool())
+                .await?;
+        Ok((fired >= TIMERS as i64).then_some(()))
+    })
+    .await?;
+    let _ = stop.send(());
+    running.await??;
+    for stream in &streams_due {
+        assert_eq!(
+            types(&db.store, stream).await?,
+            ["PaymentRequested", "PaymentTimedOut"]
+        );
+    }
     Ok(())
 }
