@@ -14,7 +14,7 @@
 //! wait for the projector's page and the scheduler's look (a delivery due at once was
 //! recorded about 18 ms after its shipment at p50, 50 ms at p99, at half load).
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -121,10 +121,13 @@ struct Soon {
 }
 
 impl Soon {
-    fn push(&mut self, timer: DueTimer) {
-        if self.timers.len() < HANDED_OVER_AT_MOST {
-            self.timers.push(Reverse((timer.due_at, timer)));
+    /// Keeps `timer` unless full; whether it was kept.
+    fn push(&mut self, timer: DueTimer) -> bool {
+        if self.timers.len() >= HANDED_OVER_AT_MOST {
+            return false;
         }
+        self.timers.push(Reverse((timer.due_at, timer)));
+        true
     }
 
     /// The next timer if it is due at `now`.
@@ -145,11 +148,59 @@ impl Soon {
     }
 }
 
+/// The timers a scheduler holds in memory: handed over and not fired yet, or fired
+/// (when), remembered for a lease's length. Their rows, if the projector has written
+/// them, are not the table's to fire meanwhile: a claim leaves them leased, and the
+/// projector deletes them when it sees the firing's outcome. A hand-over that failed
+/// to fire is let go, so its row fires once its lease runs out.
+#[derive(Default)]
+struct Held {
+    timers: HashMap<Uuid, Option<Instant>>,
+    fired: VecDeque<(Instant, Uuid)>,
+}
+
+impl Held {
+    fn hold(&mut self, timer_id: Uuid) {
+        self.timers.insert(timer_id, None);
+    }
+
+    fn fired(&mut self, timer_id: Uuid, now: Instant) {
+        if let Some(at) = self.timers.get_mut(&timer_id) {
+            *at = Some(now);
+            self.fired.push_back((now, timer_id));
+        }
+    }
+
+    fn let_go(&mut self, timer_id: Uuid) {
+        self.timers.remove(&timer_id);
+    }
+
+    fn holds(&self, timer_id: Uuid) -> bool {
+        self.timers.contains_key(&timer_id)
+    }
+
+    /// Forgets the timers fired a lease ago or more: a row still there by then (the
+    /// projector is behind) fires again from the table, which decides nothing.
+    fn forget_fired_before(&mut self, before: Instant) {
+        while let Some(&(at, timer_id)) = self.fired.front() {
+            if at > before {
+                break;
+            }
+            self.fired.pop_front();
+            if self.timers.get(&timer_id) == Some(&Some(at)) {
+                self.timers.remove(&timer_id);
+            }
+        }
+    }
+}
+
 pub struct Scheduler {
     store: EventStore,
     /// The process's folded order and shipment streams: a delivery is decided on the
     /// shipment that shipping left, a review expiry on the order the saga left.
     caches: SharedCaches,
+    /// The timers handed over to this scheduler (see the module's note).
+    held: Mutex<Held>,
 }
 
 impl Scheduler {
@@ -163,7 +214,20 @@ impl Scheduler {
         Arc::new(Scheduler {
             store,
             caches: caches.clone(),
+            held: Mutex::new(Held::default()),
         })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether this scheduler holds the timer in memory (handed over, and not fired a
+    /// lease ago or failed).
+    pub fn holds(&self, timer_id: Uuid) -> bool {
+        self.held().holds(timer_id)
     }
 
     /// Fires every due timer once; returns how many fired.
@@ -183,6 +247,14 @@ impl Scheduler {
         .bind(LEASE)
         .fetch_all(pool)
         .await?;
+        // Rows of timers held in memory stay leased instead: the memory copy fires.
+        let due: Vec<DueTimer> = {
+            let mut held = self.held();
+            held.forget_fired_before(Instant::now() - LEASE);
+            due.into_iter()
+                .filter(|timer| !held.holds(timer.timer_id))
+                .collect()
+        };
         // Concurrently: each firing is a decision and an append on its own stream, and
         // one after another the last of a full batch waited for all the others' commits
         // (with group commit, firings in flight together also share commits).
@@ -336,7 +408,12 @@ impl Scheduler {
             look = false;
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                Some(timer) = handed_over.recv() => soon.push(timer),
+                Some(timer) = handed_over.recv() => {
+                    let timer_id = timer.timer_id;
+                    if soon.push(timer) {
+                        self.held().hold(timer_id);
+                    }
+                }
                 Some(_) = firing.join_next(), if !firing.is_empty() => {}
                 () = tokio::time::sleep_until(soon_due.unwrap_or(next_look)), if soon_due.is_some() => {}
                 _ = wakeups.wait(next_look.saturating_duration_since(Instant::now())) => look = true,
@@ -346,8 +423,12 @@ impl Scheduler {
 
     /// Fires a timer handed over in process. If it cannot, the table still has it.
     async fn fire_handed_over(self: Arc<Self>, timer: DueTimer) {
-        if let Err(error) = self.fire(&timer).await {
-            warn!(kind = %timer.kind, order_id = %timer.order_id, %error, "a timer handed over could not fire; its row in the timers table will");
+        match self.fire(&timer).await {
+            Ok(()) => self.held().fired(timer.timer_id, Instant::now()),
+            Err(error) => {
+                self.held().let_go(timer.timer_id);
+                warn!(kind = %timer.kind, order_id = %timer.order_id, %error, "a timer handed over could not fire; its row in the timers table will");
+            }
         }
     }
 }
@@ -392,6 +473,26 @@ mod tests {
         drop(rx);
         assert!(!handover.attached());
         assert!(!handover.offer(timer(now), now), "the scheduler stopped");
+    }
+
+    #[test]
+    fn a_held_timer_is_forgotten_a_lease_after_it_fired_or_at_once_when_it_failed() {
+        let mut held = Held::default();
+        let (fired, pending, failed) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        for timer_id in [fired, pending, failed] {
+            held.hold(timer_id);
+        }
+        let start = Instant::now();
+        held.fired(fired, start);
+        held.let_go(failed);
+        held.forget_fired_before(start - Duration::from_millis(1));
+        assert!(held.holds(fired) && held.holds(pending) && !held.holds(failed));
+        held.forget_fired_before(start);
+        assert!(!held.holds(fired), "fired a lease ago");
+        assert!(
+            held.holds(pending),
+            "a pending timer is held until it fires"
+        );
     }
 
     #[test]

@@ -371,3 +371,67 @@ async fn timers_handed_over_together_all_fire_once_though_more_than_fire_at_once
     }
     Ok(())
 }
+
+/// A timer whose row is in the table before it is due (a delivery 2 s out, say) is
+/// fired by the memory copy; a claim of its row when it is due leaves the row leased
+/// instead of firing the timer a second time at the same moment.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_of_a_timer_held_in_memory_is_left_to_the_memory_copy() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let order_id = Uuid::new_v4();
+    let stream = streams::payment(order_id);
+    append(
+        &db.store,
+        &stream,
+        &[requested(order_id, Duration::seconds(1))],
+    )
+    .await?;
+    catch_up(&db.store, &TimersProjection).await?;
+    let requested = db.store.read_stream(&stream, 0).await?;
+    let [requested] = requested.as_slice() else {
+        anyhow::bail!("expected one PaymentRequested on {stream}");
+    };
+    let caches = SharedCaches::default();
+    let scheduler = Scheduler::sharing(db.store.clone(), &caches);
+    let (stop, running) = running(std::sync::Arc::clone(&scheduler), &caches).await?;
+    // Held in memory, due two seconds after its row.
+    let timer = DueTimer {
+        timer_id: requested.event_id,
+        kind: PAYMENT_TIMEOUT.to_owned(),
+        order_id,
+        due_at: Utc::now() + Duration::seconds(3),
+    };
+    assert!(caches.timers.offer(timer, Utc::now()));
+    testkit::wait_until("the scheduler to hold the timer", DEADLINE, || async {
+        Ok(scheduler.holds(requested.event_id).then_some(()))
+    })
+    .await?;
+    testkit::wait_until("the row to fall due", DEADLINE, || async {
+        let due: bool = sqlx::query_scalar("SELECT bool_and(due_at <= now()) FROM timers")
+            .fetch_one(db.pool())
+            .await?;
+        Ok(due.then_some(()))
+    })
+    .await?;
+    assert_eq!(scheduler.fire_due().await?, 0, "held in memory");
+    assert_eq!(count_of(&db, &stream, "PaymentTimedOut").await?, 0);
+
+    testkit::wait_until("the memory copy to fire", DEADLINE, || async {
+        Ok((count_of(&db, &stream, "PaymentTimedOut").await? == 1).then_some(()))
+    })
+    .await?;
+    let _ = stop.send(());
+    running.await??;
+    assert_eq!(timers(&db.store).await?.len(), 1, "left to the projector");
+    catch_up(&db.store, &TimersProjection).await?;
+    assert_eq!(
+        timers(&db.store).await?,
+        vec![],
+        "the projector ended the wait"
+    );
+    assert_eq!(
+        types(&db.store, &stream).await?,
+        ["PaymentRequested", "PaymentTimedOut"]
+    );
+    Ok(())
+}
