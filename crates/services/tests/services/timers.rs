@@ -30,15 +30,34 @@ async fn count_of(db: &TestDb, stream_name: &str, event_type: &str) -> anyhow::R
 
 /// A new order's payment stream, requested with a timeout that was due a second ago.
 async fn overdue_payment(db: &TestDb) -> anyhow::Result<String> {
+    Ok(payment_due_in(db, -Duration::seconds(1)).await?.0)
+}
+
+/// A new order's payment stream and order, requested with a timeout due `in_` from now.
+async fn payment_due_in(db: &TestDb, in_: Duration) -> anyhow::Result<(String, Uuid)> {
     let order_id = Uuid::new_v4();
     let stream = streams::payment(order_id);
-    append(
-        &db.store,
-        &stream,
-        &[requested(order_id, -Duration::seconds(1))],
-    )
-    .await?;
-    Ok(stream)
+    append(&db.store, &stream, &[requested(order_id, in_)]).await?;
+    Ok((stream, order_id))
+}
+
+/// The payment timeout of `order_id`'s request, due at `due_at`, as a hand-over.
+async fn payment_timer(
+    db: &TestDb,
+    order_id: Uuid,
+    due_at: chrono::DateTime<Utc>,
+) -> anyhow::Result<DueTimer> {
+    let stream = streams::payment(order_id);
+    let records = db.store.read_stream(&stream, 0).await?;
+    let [requested] = records.as_slice() else {
+        anyhow::bail!("expected one PaymentRequested on {stream}");
+    };
+    Ok(DueTimer {
+        timer_id: requested.event_id,
+        kind: PAYMENT_TIMEOUT.to_owned(),
+        order_id,
+        due_at,
+    })
 }
 
 /// A database with one payment whose timeout was due a second ago, its timer
@@ -338,17 +357,8 @@ async fn timers_handed_over_together_all_fire_once_though_more_than_fire_at_once
     let (stop, running) = running(scheduler, &caches).await?;
     let mut streams_due = Vec::with_capacity(TIMERS);
     for _ in 0..TIMERS {
-        let stream = overdue_payment(&db).await?;
-        let requested = db.store.read_stream(&stream, 0).await?;
-        let [requested] = requested.as_slice() else {
-            anyhow::bail!("expected one PaymentRequested on {stream}");
-        };
-        let timer = DueTimer {
-            timer_id: requested.event_id,
-            kind: PAYMENT_TIMEOUT.to_owned(),
-            order_id: Uuid::parse_str(stream.trim_start_matches("payment-"))?,
-            due_at: Utc::now() - Duration::seconds(1),
-        };
+        let (stream, order_id) = payment_due_in(&db, -Duration::seconds(1)).await?;
+        let timer = payment_timer(&db, order_id, Utc::now() - Duration::seconds(1)).await?;
         assert!(caches.timers.offer(timer, Utc::now()), "handed over");
         streams_due.push(stream);
     }
@@ -378,32 +388,17 @@ async fn timers_handed_over_together_all_fire_once_though_more_than_fire_at_once
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_of_a_timer_held_in_memory_is_left_to_the_memory_copy() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let order_id = Uuid::new_v4();
-    let stream = streams::payment(order_id);
-    append(
-        &db.store,
-        &stream,
-        &[requested(order_id, Duration::seconds(1))],
-    )
-    .await?;
+    let (stream, order_id) = payment_due_in(&db, Duration::seconds(1)).await?;
     catch_up(&db.store, &TimersProjection).await?;
-    let requested = db.store.read_stream(&stream, 0).await?;
-    let [requested] = requested.as_slice() else {
-        anyhow::bail!("expected one PaymentRequested on {stream}");
-    };
     let caches = SharedCaches::default();
     let scheduler = Scheduler::sharing(db.store.clone(), &caches);
     let (stop, running) = running(std::sync::Arc::clone(&scheduler), &caches).await?;
     // Held in memory, due two seconds after its row.
-    let timer = DueTimer {
-        timer_id: requested.event_id,
-        kind: PAYMENT_TIMEOUT.to_owned(),
-        order_id,
-        due_at: Utc::now() + Duration::seconds(3),
-    };
+    let timer = payment_timer(&db, order_id, Utc::now() + Duration::seconds(3)).await?;
+    let timer_id = timer.timer_id;
     assert!(caches.timers.offer(timer, Utc::now()));
     testkit::wait_until("the scheduler to hold the timer", DEADLINE, || async {
-        Ok(scheduler.holds(requested.event_id).then_some(()))
+        Ok(scheduler.holds(timer_id).then_some(()))
     })
     .await?;
     testkit::wait_until("the row to fall due", DEADLINE, || async {
