@@ -508,7 +508,8 @@ fn where_the_time_goes(report: &Report) -> String {
          projection writes a page in one statement (order_milestones: two when a page \
          continues order streams, to read their progress): order_status an UPDATE of the \
          orders that have a row and an INSERT of those that have none in one statement, \
-         without reading the rows first; stock_levels reads and upserts the page's SKUs; \
+         without reading the rows first; stock_levels, since 5 Dec, likewise (each \
+         SKU's change in the page: its last stock.set and the units moved after it); \
          timers one DELETE (in a CTE) and INSERT keeping the order of effects; \
          order_milestones reads what `reserved`/`paid` need from `order_milestone_progress` \
          instead of folding every order stream again. What is left is the server's work \

@@ -1,6 +1,4 @@
 //! `stock_levels`: units free to sell (`on_hand`) and units held for orders (`reserved`).
-use std::collections::HashMap;
-
 use domain::{DomainEvent, EventEnvelope};
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
@@ -50,6 +48,62 @@ pub fn apply(level: Level, event: &DomainEvent) -> Level {
     }
 }
 
+/// What a page does to one SKU's level, whatever it was before: `on_hand` is set to
+/// `set_to` (the page's last `stock.set`, if any) and then moves by `on_hand_by`;
+/// `reserved` moves by `reserved_by`. Folding the page's events with [`apply`] from
+/// any level gives the same level, so the page is written without reading the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Change {
+    pub set_to: Option<i64>,
+    pub on_hand_by: i64,
+    pub reserved_by: i64,
+}
+
+impl Change {
+    fn then(self, event: &DomainEvent) -> Change {
+        use DomainEvent::*;
+        match event {
+            // Sets the units free to sell: what moved them before no longer counts.
+            StockSet(e) => Change {
+                set_to: Some(e.quantity),
+                on_hand_by: 0,
+                ..self
+            },
+            _ => {
+                let moved = apply(Level::default(), event);
+                Change {
+                    on_hand_by: self.on_hand_by + moved.on_hand,
+                    reserved_by: self.reserved_by + moved.reserved,
+                    ..self
+                }
+            }
+        }
+    }
+
+    /// The level after this change from `level`.
+    pub fn applied_to(self, level: Level) -> Level {
+        Level {
+            on_hand: self.set_to.unwrap_or(level.on_hand) + self.on_hand_by,
+            reserved: level.reserved + self.reserved_by,
+        }
+    }
+}
+
+/// Each SKU's change in a page, in SKU order.
+pub fn page_changes(events: &[EventEnvelope]) -> Vec<(String, Change)> {
+    let mut changes: std::collections::BTreeMap<&str, Change> = Default::default();
+    for env in events {
+        if let Some(sku) = sku_of(&env.event) {
+            let change = changes.entry(sku).or_default();
+            *change = change.then(&env.event);
+        }
+    }
+    changes
+        .into_iter()
+        .map(|(sku, change)| (sku.to_owned(), change))
+        .collect()
+}
+
 pub struct StockLevelsProjection;
 
 impl Projection for StockLevelsProjection {
@@ -66,55 +120,55 @@ impl Projection for StockLevelsProjection {
         conn: &'a mut PgConnection,
         events: &'a [EventEnvelope],
     ) -> BoxFuture<'a, Result<(), ProjectorError>> {
-        Box::pin(async move {
-            let mut skus: Vec<String> = events
-                .iter()
-                .filter_map(|e| sku_of(&e.event).map(str::to_owned))
-                .collect();
-            if skus.is_empty() {
-                return Ok(());
-            }
-            skus.sort();
-            skus.dedup();
-            let mut levels = load(conn, &skus).await?;
-            for env in events {
-                if let Some(sku) = sku_of(&env.event) {
-                    let level = levels.get(sku).copied().unwrap_or_default();
-                    levels.insert(sku.to_owned(), apply(level, &env.event));
-                }
-            }
-            upsert(conn, &levels).await
-        })
+        Box::pin(async move { write(conn, &page_changes(events)).await })
     }
 }
 
-async fn load(
+/// Writes a page's changes in one statement (one round trip, no read first): an UPDATE
+/// of the SKUs that have a row and an INSERT of those that have none. Only one
+/// projector applies a page at a time (the projection's lock), so no row appears in
+/// between.
+async fn write(
     conn: &mut PgConnection,
-    skus: &[String],
-) -> Result<HashMap<String, Level>, ProjectorError> {
-    let rows: Vec<(String, i64, i64)> =
-        sqlx::query_as("SELECT sku, on_hand, reserved FROM stock_levels WHERE sku = ANY($1)")
-            .bind(skus)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(sku, on_hand, reserved)| (sku, Level { on_hand, reserved }))
-        .collect())
-}
-
-async fn upsert(
-    conn: &mut PgConnection,
-    levels: &HashMap<String, Level>,
+    changes: &[(String, Change)],
 ) -> Result<(), ProjectorError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
-        "INSERT INTO stock_levels (sku, on_hand, reserved)
-         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
-         ON CONFLICT (sku) DO UPDATE SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved",
+        "WITH page AS (
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+               AS p(sku, set_to, on_hand_by, reserved_by)
+         ), updated AS (
+             UPDATE stock_levels s
+                SET on_hand = coalesce(p.set_to, s.on_hand) + p.on_hand_by,
+                    reserved = s.reserved + p.reserved_by
+               FROM page p WHERE s.sku = p.sku
+             RETURNING s.sku
+         )
+         INSERT INTO stock_levels (sku, on_hand, reserved)
+         SELECT sku, coalesce(set_to, 0) + on_hand_by, reserved_by FROM page
+          WHERE sku NOT IN (SELECT sku FROM updated)",
     )
-    .bind(levels.keys().cloned().collect::<Vec<_>>())
-    .bind(levels.values().map(|l| l.on_hand).collect::<Vec<_>>())
-    .bind(levels.values().map(|l| l.reserved).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|(sku, _)| sku.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(changes.iter().map(|(_, c)| c.set_to).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|(_, c)| c.on_hand_by)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|(_, c)| c.reserved_by)
+            .collect::<Vec<_>>(),
+    )
     .execute(conn)
     .await?;
     Ok(())
@@ -172,5 +226,75 @@ mod tests {
                 reserved: 0
             }
         );
+    }
+
+    #[test]
+    fn a_pages_change_gives_the_level_its_events_fold_to_from_any_level() {
+        let o = Uuid::nil();
+        let reserve = |q| {
+            DomainEvent::StockReserved(StockReserved {
+                sku: "A".into(),
+                order_id: o,
+                line: 0,
+                quantity: q,
+            })
+        };
+        let release = |q| {
+            DomainEvent::StockReleased(StockReleased {
+                sku: "A".into(),
+                order_id: o,
+                line: 0,
+                quantity: q,
+            })
+        };
+        let commit = |q| {
+            DomainEvent::StockCommitted(StockCommitted {
+                sku: "A".into(),
+                order_id: o,
+                line: 0,
+                quantity: q,
+            })
+        };
+        let set = |q| {
+            DomainEvent::StockSet(StockSet {
+                sku: "A".into(),
+                quantity: q,
+            })
+        };
+        let pages = [
+            vec![reserve(3), release(1), commit(2)],
+            vec![reserve(3), set(7), reserve(2), commit(3)],
+            vec![set(5), set(9)],
+            vec![release(2), set(1), release(1)],
+        ];
+        let starts = [
+            Level::default(),
+            Level {
+                on_hand: 10,
+                reserved: 4,
+            },
+        ];
+        for page in &pages {
+            let envs: Vec<EventEnvelope> = page
+                .iter()
+                .enumerate()
+                .map(|(i, event)| {
+                    let i = i64::try_from(i).unwrap_or_default();
+                    crate::test_events::envelope("stock-A", i, i, event.clone())
+                })
+                .collect();
+            let changes = page_changes(&envs);
+            let [(sku, change)] = changes.as_slice() else {
+                panic!("one SKU, one change: {changes:?}");
+            };
+            assert_eq!(sku, "A");
+            for start in starts {
+                assert_eq!(
+                    change.applied_to(start),
+                    page.iter().fold(start, apply),
+                    "{page:?} from {start:?}"
+                );
+            }
+        }
     }
 }
