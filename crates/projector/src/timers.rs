@@ -32,15 +32,21 @@ pub enum TimerChange {
 
 /// What an event does to the timers, if anything.
 pub fn change(env: &EventEnvelope) -> Option<TimerChange> {
+    change_of(env.event_id, &env.event)
+}
+
+/// What the event `event_id` does to the timers, if anything: a timer it schedules
+/// has the event's id.
+pub fn change_of(event_id: Uuid, event: &DomainEvent) -> Option<TimerChange> {
     use DomainEvent::*;
     let schedule = |order_id, kind, due_at| TimerChange::Schedule {
         order_id,
         kind,
-        timer_id: env.event_id,
+        timer_id: event_id,
         due_at,
     };
     let cancel = |order_id, kind| TimerChange::Cancel { order_id, kind };
-    Some(match &env.event {
+    Some(match event {
         OrderSentForReview(e) => schedule(e.order_id, REVIEW_EXPIRY, e.expires_at),
         OrderApproved(e) => cancel(e.order_id, REVIEW_EXPIRY),
         OrderCancelled(e) => cancel(e.order_id, REVIEW_EXPIRY),

@@ -14,7 +14,7 @@ use domain::{
 };
 use eventstore::EventStore;
 use futures::future::BoxFuture;
-use projector::timers::DELIVERY;
+use projector::timers::{self, TimerChange};
 use tracing::info;
 
 use crate::exec::{append_together, cached_or_read, Cause, SharedCaches, StreamCache};
@@ -113,7 +113,7 @@ impl Shipping {
                             shipment_version,
                             &shipment_events,
                         );
-                        self.hand_over_delivery(&cause, order_events.len(), &shipment_events);
+                        self.hand_over_timers(&cause, order_events.len(), &shipment_events);
                         info!(order_id = %confirmed.order_id, "order shipped");
                     }
                     return Ok(());
@@ -128,20 +128,25 @@ impl Shipping {
             stream: order_stream,
         })
     }
-}
 
-impl Shipping {
-    /// Hands the delivery timer of a shipment just appended (its events numbered from
-    /// `first_index` of `cause`'s) to the process's scheduler, when it is due soon.
-    fn hand_over_delivery(&self, cause: &Cause, first_index: usize, events: &[DomainEvent]) {
+    /// Hands the timers a shipment just appended schedules (its delivery; its events
+    /// numbered from `first_index` of `cause`'s) to the process's scheduler, when they
+    /// are due soon.
+    fn hand_over_timers(&self, cause: &Cause, first_index: usize, events: &[DomainEvent]) {
         for (i, event) in events.iter().enumerate() {
-            if let DomainEvent::ShipmentShipped(shipped) = event {
+            let event_id = cause.event_id(first_index + i);
+            if let Some(TimerChange::Schedule {
+                order_id,
+                kind,
+                timer_id,
+                due_at,
+            }) = timers::change_of(event_id, event)
+            {
                 let timer = DueTimer {
-                    // The timers projection's id for it: the event's.
-                    timer_id: cause.event_id(first_index + i),
-                    kind: DELIVERY.to_owned(),
-                    order_id: shipped.order_id,
-                    due_at: shipped.deliver_at,
+                    timer_id,
+                    kind: kind.to_owned(),
+                    order_id,
+                    due_at,
                 };
                 self.timers.offer(timer, Utc::now());
             }
