@@ -561,7 +561,10 @@ fn where_the_time_goes(report: &Report) -> String {
          **What \"sustained\" counts** (since 4 Dec): the burst is done when every \
          order is final *and* the work that follows is done too (every reservation \
          committed, every notification written); the row's note also gives the rate to \
-         the last final status. Before, the burst stopped at the last final status \
+         the last final status. The end of that work is read from the rows' own timestamps, as the final \
+         statuses are, and the bench looks every 200 ms (since 5 Dec: its 50 ms poll, a \
+         join over every notification, took about 0.4 of a core of PostgreSQL while the \
+         burst drained). Before, the burst stopped at the last final status \
          while the notification and inventory queues still held about 13,000 and 2,800 \
          messages (0.5 scale): the notification service, with 16 of the process's \
          roughly 300 handlers, gets a small share of the cores while everything is \
@@ -620,7 +623,23 @@ fn where_the_time_goes(report: &Report) -> String {
          day's changes (timer looks, empty re-reads, projector pages at most every \
          10 ms), against 9 in the burst. Half of the \
          burst's rate is therefore close to what the machine can keep up without \
-         queues, and the tail is queueing for the cores. The delivery timer, due at \
+         queues, and the tail is queueing for the cores. The cost per order falls as \
+         the rate rises, because more of it is shared (5 Dec, 0.5 scale, CPU of all \
+         three processes over 10 s of the paced run): about 24 ms at 50 orders/s \
+         (1.26 cores busy; PostgreSQL served 40 statements per order), 11.7 ms at 150 \
+         and 9.5 ms at 200 (1.75 and 1.9 cores), against 4.4 ms in the burst: a p99 of \
+         50 ms at half load needs the cost of an order at a steady rate about halved, \
+         not a faster handler. In the burst the cores are busy throughout (vmstat: \
+         1–3% idle, a quarter of it in the kernel, about 100 context switches per \
+         order) and the backlog sits in the inventory's queue (about 3,000 messages at \
+         0.5 scale, the saga's about 1,100): its decisions on the four hot stock \
+         streams go 1.9 to an append; with twice the handlers (64), 2.2, and the rate \
+         did not move (373 and 401 against 387 and \
+         394 orders/s, A B A B), so the cores, not the stock streams, set it. Tried and \
+         not kept (5 Dec): the gateway simulator's ledger committing asynchronously \
+         (safe, since the payment's append that records the answer flushes the log \
+         up to it) saved 5–10% of the WAL flushes at 100 orders/s and changed neither \
+         rate nor latency measurably. The delivery timer, due at \
          once here, is handed by shipping to the scheduler of its process and fired \
          from memory (since 5 Dec; ARCHITECTURE, \"Durable timers\"): about 3 ms at \
          p50 and 5 ms at p99 from shipment to delivery, against 18–19 and 25–50 ms \
