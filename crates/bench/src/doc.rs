@@ -630,8 +630,8 @@ fn where_the_time_goes(report: &Report) -> String {
          and 9.5 ms at 200 (1.75 and 1.9 cores), against 4.4 ms in the burst: a p99 of \
          50 ms at half load needs the cost of an order at a steady rate about halved, \
          not a faster handler. In the burst the cores are busy throughout (vmstat: \
-         1–3% idle, a quarter of it in the kernel, about 100 context switches per \
-         order) and the backlog sits in the inventory's queue (about 3,000 messages at \
+         1–3% idle, about a quarter of the busy time in the kernel, about 100 \
+         context switches per order) and the backlog sits in the inventory's queue (about 3,000 messages at \
          0.5 scale, the saga's about 1,100): its decisions on the four hot stock \
          streams go 1.9 to an append; with twice the handlers (64), 2.2, and the rate \
          did not move (373 and 401 against 387 and \
