@@ -220,26 +220,18 @@ impl EventStore {
     /// A wake-up source for a follower of a projection rather than of the log (the timer
     /// scheduler follows the `timers` table): in this process only
     /// [`notify_projected`](Self::notify_projected) wakes it, not every append; from
-    /// other processes every notification does. Uses one connection of its own for
-    /// `LISTEN`.
+    /// other processes every notification does. The store's followers share one
+    /// connection for `LISTEN`, outside its pool.
     pub async fn follow_projections(&self) -> Result<Wakeups, StoreError> {
-        Wakeups::start(
-            &self.pool,
-            self.signals.subscribe_projected(),
-            self.signals.notifier(),
-        )
-        .await
+        let remote = self.signals.hear(&self.pool).await?;
+        Ok(Wakeups::new(self.signals.subscribe_projected(), remote))
     }
 
-    /// A wake-up source for a follower of the log (see `Wakeups`). Uses one connection
-    /// of its own for `LISTEN`.
+    /// A wake-up source for a follower of the log (see `Wakeups`). The store's
+    /// followers share one connection for `LISTEN`, outside its pool.
     pub async fn follow(&self) -> Result<Wakeups, StoreError> {
-        Wakeups::start(
-            &self.pool,
-            self.signals.subscribe(),
-            self.signals.notifier(),
-        )
-        .await
+        let remote = self.signals.hear(&self.pool).await?;
+        Ok(Wakeups::new(self.signals.subscribe(), remote))
     }
 
     /// The stream's events from `from_version` on, oldest first.

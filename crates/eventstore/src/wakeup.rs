@@ -10,6 +10,10 @@
 //! log's visible horizon back. A follower ignores the notifications its own store sent:
 //! it was woken in process by the appends they announce, and their echo would wake
 //! every follower of the process once more, to read nothing new.
+//!
+//! The followers of one store share one `LISTEN` connection: each notification from
+//! elsewhere wakes one server backend and one task of the process, which passes it on
+//! to every follower, instead of one backend and one connection per follower.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +21,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection, PgPool};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::StoreError;
@@ -41,6 +45,11 @@ pub(crate) struct Signals {
     /// The backend pid of the coalescer's connection (0 before it connects): the
     /// sender of this store's own notifications.
     notifier: Arc<AtomicU32>,
+    /// Bumped for every notification from elsewhere (and after the listener lost its
+    /// connection): what the followers of this store wait on besides `appended`.
+    heard: watch::Sender<u64>,
+    /// The task that listens for all of them, started by the first follower.
+    listener: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Signals {
@@ -50,7 +59,30 @@ impl Signals {
             projected: watch::Sender::new(0),
             coalescer: Mutex::new(None),
             notifier: Arc::new(AtomicU32::new(0)),
+            heard: watch::Sender::new(0),
+            listener: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The notifications from elsewhere, from now on. Starts the store's listener
+    /// first if it is not running (the first follower, or a new runtime: each
+    /// `#[tokio::test]` has its own), and returns once it listens, so every append
+    /// committed after this call is heard.
+    pub(crate) async fn hear(&self, pool: &PgPool) -> Result<watch::Receiver<u64>, StoreError> {
+        let mut slot = self.listener.lock().await;
+        if slot.as_ref().is_none_or(JoinHandle::is_finished) {
+            let own_pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with((*pool.connect_options()).clone());
+            let mut listener = PgListener::connect_with(&own_pool).await?;
+            listener.listen(CHANNEL).await?;
+            *slot = Some(tokio::spawn(forward_notifications(
+                listener,
+                self.heard.clone(),
+                self.notifier(),
+            )));
+        }
+        Ok(self.heard.subscribe())
     }
 
     /// Called after every committed append: wakes local followers at once and lets the
@@ -110,6 +142,9 @@ impl Drop for Signals {
             if let Some(task) = slot.take() {
                 task.abort();
             }
+        }
+        if let Some(task) = self.listener.get_mut().take() {
+            task.abort();
         }
     }
 }
@@ -173,33 +208,20 @@ pub enum Wake {
 pub struct Wakeups {
     local: watch::Receiver<u64>,
     local_open: bool,
-    remote: Arc<Notify>,
-    listener: JoinHandle<()>,
+    remote: watch::Receiver<u64>,
+    remote_open: bool,
 }
 
 impl Wakeups {
-    /// Listens before returning, so every append committed after this call wakes it.
-    /// The listener has a connection of its own, outside the store's pool.
-    /// `own` is the backend pid its store notifies from: those notifications are echoes
-    /// of appends `local` already announced.
-    pub(crate) async fn start(
-        pool: &PgPool,
-        local: watch::Receiver<u64>,
-        own: Arc<AtomicU32>,
-    ) -> Result<Self, StoreError> {
-        let own_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with((*pool.connect_options()).clone());
-        let mut listener = PgListener::connect_with(&own_pool).await?;
-        listener.listen(CHANNEL).await?;
-        let remote = Arc::new(Notify::new());
-        let listener = tokio::spawn(forward_notifications(listener, remote.clone(), own));
-        Ok(Self {
+    /// `local` announces this process's appends; `remote` the notifications the
+    /// store's listener heard from elsewhere ([`Signals::hear`]).
+    pub(crate) fn new(local: watch::Receiver<u64>, remote: watch::Receiver<u64>) -> Self {
+        Self {
             local,
             local_open: true,
             remote,
-            listener,
-        })
+            remote_open: true,
+        }
     }
 
     /// Returns when an append happened since the last call, or after `max`.
@@ -212,36 +234,41 @@ impl Wakeups {
                 }
                 Wake::Signalled
             }
-            () = self.remote.notified() => Wake::Signalled,
+            changed = self.remote.changed(), if self.remote_open => {
+                if changed.is_err() {
+                    // The store and its listener are gone; only the fallback remains.
+                    self.remote_open = false;
+                }
+                Wake::Signalled
+            }
             () = tokio::time::sleep(max) => Wake::TimedOut,
         }
     }
 }
 
-impl Drop for Wakeups {
-    fn drop(&mut self) {
-        self.listener.abort();
-    }
-}
-
-/// Turns notifications into wake-ups. `notify_one` keeps a permit, so a notification
-/// that arrives while the follower reads is not lost. The store's own notifications
-/// are skipped (see the module's note).
-async fn forward_notifications(mut listener: PgListener, wake: Arc<Notify>, own: Arc<AtomicU32>) {
+/// Turns notifications into wake-ups for every follower of the store. A follower
+/// that is reading when one arrives sees the bump at its next wait, so none is lost.
+/// The store's own notifications are skipped (see the module's note).
+async fn forward_notifications(
+    mut listener: PgListener,
+    heard: watch::Sender<u64>,
+    own: Arc<AtomicU32>,
+) {
+    let wake = || heard.send_modify(|n| *n = n.wrapping_add(1));
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
                 if notification.process_id() != own.load(Ordering::Relaxed) {
-                    wake.notify_one();
+                    wake();
                 }
             }
             // The connection dropped and was re-established: notifications may have been
-            // missed meanwhile, so let the follower look.
-            Ok(None) => wake.notify_one(),
+            // missed meanwhile, so let the followers look.
+            Ok(None) => wake(),
             Err(sqlx::Error::PoolClosed) => return,
             Err(error) => {
                 tracing::warn!(%error, "LISTEN {CHANNEL} failed; retrying");
-                wake.notify_one();
+                wake();
                 tokio::time::sleep(RECONNECT_PAUSE).await;
             }
         }

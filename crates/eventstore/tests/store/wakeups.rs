@@ -114,3 +114,39 @@ async fn a_follower_of_projections_wakes_on_a_projected_page_not_on_an_append() 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn followers_of_one_store_share_one_listen_and_each_is_woken_from_elsewhere(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let mut log = db.store.follow().await?;
+    let mut again = db.store.follow().await?;
+    let mut projections = db.store.follow_projections().await?;
+    let listening: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE datname = current_database() AND query ILIKE 'LISTEN %'",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    assert_eq!(
+        listening, 1,
+        "LISTEN connections of three followers of one store"
+    );
+    // Another process's append reaches this one by the notification alone.
+    let other = db.second_store().await?;
+    other
+        .append("order-1", ExpectedVersion::NoStream, events(1))
+        .await?;
+    for (name, follower) in [
+        ("log", &mut log),
+        ("again", &mut again),
+        ("projections", &mut projections),
+    ] {
+        assert_eq!(
+            tokio::time::timeout(DEADLINE, follower.wait(FALLBACK)).await?,
+            Wake::Signalled,
+            "{name}"
+        );
+    }
+    Ok(())
+}
