@@ -166,10 +166,21 @@ impl Held {
         self.timers.insert(timer_id, None);
     }
 
+    /// Records a firing at `now`, and forgets those fired a lease before it: most
+    /// handed-over timers never get a row (the projector sees them set and ended in one
+    /// page), so no claim of the table would ever prune them.
     fn fired(&mut self, timer_id: Uuid, now: Instant) {
         if let Some(at) = self.timers.get_mut(&timer_id) {
             *at = Some(now);
             self.fired.push_back((now, timer_id));
+        }
+        self.forget_stale(now);
+    }
+
+    /// Forgets the timers fired a lease or more before `now`.
+    fn forget_stale(&mut self, now: Instant) {
+        if let Some(before) = now.checked_sub(LEASE) {
+            self.forget_fired_before(before);
         }
     }
 
@@ -252,7 +263,7 @@ impl Scheduler {
         // Rows of timers held in memory stay leased instead: the memory copy fires.
         let due: Vec<DueTimer> = {
             let mut held = self.held();
-            held.forget_fired_before(Instant::now() - LEASE);
+            held.forget_stale(Instant::now());
             due.into_iter()
                 .filter(|timer| !held.holds(timer.timer_id))
                 .collect()
@@ -495,6 +506,21 @@ mod tests {
             held.holds(pending),
             "a pending timer is held until it fires"
         );
+    }
+
+    #[test]
+    fn a_firing_forgets_the_timers_fired_a_lease_before_it() {
+        let mut held = Held::default();
+        let (early, late) = (Uuid::new_v4(), Uuid::new_v4());
+        held.hold(early);
+        held.hold(late);
+        let start = Instant::now();
+        held.fired(early, start);
+        held.fired(late, start + LEASE);
+        assert!(!held.holds(early), "fired a lease before the last firing");
+        assert!(held.holds(late));
+        assert_eq!(held.timers.len(), 1);
+        assert_eq!(held.fired.len(), 1);
     }
 
     #[test]
