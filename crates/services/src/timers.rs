@@ -81,20 +81,14 @@ impl Handover {
         if !due_soon(timer.due_at, now) {
             return false;
         }
-        let guard = self
-            .scheduler
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        guard
+        self.scheduler()
             .as_ref()
             .is_some_and(|scheduler| scheduler.try_send(timer).is_ok())
     }
 
     /// Whether a running scheduler takes hand-overs.
     pub fn attached(&self) -> bool {
-        self.scheduler
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.scheduler()
             .as_ref()
             .is_some_and(|scheduler| !scheduler.is_closed())
     }
@@ -102,11 +96,14 @@ impl Handover {
     /// Makes the caller the scheduler handed over to (the last to attach wins).
     fn attach(&self) -> mpsc::Receiver<DueTimer> {
         let (tx, rx) = mpsc::channel(HAND_OVER_QUEUE);
-        *self
-            .scheduler
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        *self.scheduler() = Some(tx);
         rx
+    }
+
+    fn scheduler(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<DueTimer>>> {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
