@@ -62,6 +62,7 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 pub struct Fleet {
     binary: PathBuf,
     env: Vec<(String, String)>,
+    log_dir: PathBuf,
     log_prefix: String,
     processes: BTreeMap<String, Vec<&'static str>>,
     running: BTreeMap<String, Child>,
@@ -71,7 +72,7 @@ pub struct Fleet {
 
 impl Fleet {
     /// `layout` lists the workers of each process; `env` is given to every process;
-    /// logs go to `<tmp>/<log_prefix>-<process>.log`.
+    /// logs go to `<harness::log_dir>/<log_prefix>-<process>.log`.
     pub fn new(
         env: Vec<(String, String)>,
         log_prefix: &str,
@@ -80,6 +81,7 @@ impl Fleet {
         Ok(Fleet {
             binary: binary()?,
             env,
+            log_dir: crate::harness::log_dir()?,
             log_prefix: log_prefix.to_owned(),
             processes: layout.into_iter().map(|w| (w.join("+"), w)).collect(),
             running: BTreeMap::new(),
@@ -93,7 +95,8 @@ impl Fleet {
     }
 
     pub fn log_path(&self, process: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("{}-{process}.log", self.log_prefix))
+        self.log_dir
+            .join(format!("{}-{process}.log", self.log_prefix))
     }
 
     /// Where the logs are, for failure messages.

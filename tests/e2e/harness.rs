@@ -79,6 +79,17 @@ impl DeadLetter {
     }
 }
 
+/// Where the systems under test write their logs: Cargo's scratch directory for
+/// integration tests (`target/tmp`), so that a test run leaves nothing in the machine's
+/// `/tmp` and `cargo clean` removes them. They are kept after a passing run too: a test
+/// that fails by returning an error has already dropped its system, and its message
+/// points at the log.
+pub fn log_dir() -> anyhow::Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("orderflow-logs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// `target/<profile>/orderflow`, next to this test binary's `deps` directory.
 fn binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the test executable")?;
@@ -111,7 +122,7 @@ impl System {
     ) -> anyhow::Result<System> {
         let db = TestDb::new().await?;
         let vhost = TestVhost::new().await?;
-        let log_path = std::env::temp_dir().join(format!("{}.log", db.name));
+        let log_path = log_dir()?.join(format!("{}.log", db.name));
         eprintln!("orderflow log: {}", log_path.display());
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), db.url.clone()),
