@@ -184,21 +184,29 @@ fn metadata_json(metadata: &crate::Metadata) -> serde_json::Value {
 }
 
 /// The last version of each of the named streams (absent: the stream has no events).
+///
+/// One `max` per name, not `max … GROUP BY stream_name` over `stream_name = ANY(…)`: a
+/// lone `max` is answered by the last entry of the stream's index, while the grouped
+/// form reads every event of every named stream, so its cost grew with the streams'
+/// length (a stream of 100,000 events: 119 ms against 0.1 ms, EXPLAIN ANALYZE, 5 Dec).
 pub(crate) async fn current_versions(
     conn: &mut PgConnection,
     appends: &[StreamAppend],
 ) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let mut names: Vec<String> = appends.iter().map(|a| a.stream_name.clone()).collect();
-    names.sort();
+    let mut names: Vec<&str> = appends.iter().map(|a| a.stream_name.as_str()).collect();
+    names.sort_unstable();
     names.dedup();
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT stream_name, max(stream_version) FROM events \
-         WHERE stream_name = ANY($1) GROUP BY stream_name",
+    let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT n.name, (SELECT max(stream_version) FROM events WHERE stream_name = n.name) \
+         FROM unnest($1::text[]) AS n(name)",
     )
     .bind(&names)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, version)| Some((name, version?)))
+        .collect())
 }
 
 /// `Any` appends to one stream take turns on a transaction-scoped advisory lock, so
