@@ -284,9 +284,13 @@ impl EventStore {
         stream_names: &[String],
         event_type: &str,
     ) -> Result<Vec<String>, StoreError> {
+        // An EXISTS per stream stops at its first event of the type (a stock stream's
+        // `StockSet` is usually its first), where `DISTINCT … WHERE stream_name = ANY`
+        // read every event of every named stream.
         let found: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT stream_name FROM events \
-             WHERE stream_name = ANY($1) AND event_type = $2 ORDER BY stream_name",
+            "SELECT DISTINCT n.name FROM unnest($1::text[]) AS n(name) \
+             WHERE EXISTS (SELECT 1 FROM events WHERE stream_name = n.name AND event_type = $2) \
+             ORDER BY n.name",
         )
         .bind(stream_names)
         .bind(event_type)
