@@ -110,7 +110,7 @@ impl CommandService {
             store,
             rules,
             known_skus: RwLock::new(BTreeSet::new()),
-            stock: StreamCache::new(CACHED_STOCK_STREAMS),
+            stock: StreamCache::with_snapshots(CACHED_STOCK_STREAMS, crate::snapshots::stock()),
             placing: Arc::clone(&caches.orders),
             orders: OrderCache::default(),
             placement_lookups: std::sync::atomic::AtomicU64::new(0),

@@ -10,6 +10,7 @@ use tracing::debug;
 use uuid::Uuid;
 
 use crate::generations::Generations;
+use crate::snapshots::Snapshots;
 use crate::timers::Handover;
 use crate::ServiceError;
 
@@ -128,6 +129,9 @@ pub struct StreamCache<S> {
     reads: AtomicU64,
     /// Decisions waiting for their stream's turn ([`decide_together_on_cached`]).
     waiting: Mutex<HashMap<String, Vec<Waiting<S>>>>,
+    /// Where a stream not in the cache starts from, and what it leaves for the next
+    /// process (long streams only: [`crate::snapshots`]).
+    snapshots: Option<Snapshots<S>>,
 }
 
 /// A decision's rule, boxed so that whoever holds the stream's turn can decide it.
@@ -183,6 +187,16 @@ impl<S: Clone> StreamCache<S> {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             reads: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
+            snapshots: None,
+        }
+    }
+
+    /// A cache whose streams start from their snapshot when they are not cached, and
+    /// leave one every [`crate::snapshots::SNAPSHOT_EVERY`] events.
+    pub fn with_snapshots(capacity: usize, snapshots: Snapshots<S>) -> StreamCache<S> {
+        StreamCache {
+            snapshots: Some(snapshots),
+            ..StreamCache::new(capacity)
         }
     }
 
@@ -235,6 +249,32 @@ impl<S: Clone> StreamCache<S> {
             .insert(stream.to_owned(), (state.clone(), version));
     }
 
+    /// Keeps `state`, the stream folded to `version` (read or just appended), and
+    /// snapshots it when that is due.
+    async fn settle(&self, store: &EventStore, stream: &str, state: &S, version: Option<i64>) {
+        self.put(stream, state, version);
+        if let (Some(snapshots), Some(version)) = (&self.snapshots, version) {
+            snapshots.take_if_due(store, stream, state, version).await;
+        }
+    }
+
+    /// Where a stream that is not cached starts: its snapshot, else its beginning.
+    async fn start_of(
+        &self,
+        store: &EventStore,
+        stream: &str,
+    ) -> Result<(S, Option<i64>), ServiceError>
+    where
+        S: Default,
+    {
+        if let Some(snapshots) = &self.snapshots {
+            if let Some((state, version)) = snapshots.load(store, stream).await? {
+                return Ok((state, Some(version)));
+            }
+        }
+        Ok((S::default(), None))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Generations<(S, Option<i64>)>> {
         self.entries
             .lock()
@@ -247,16 +287,22 @@ pub async fn load<S: Evolve>(store: &EventStore, stream: &str) -> Result<Loaded<
     fold_from(store, stream, S::default(), None).await
 }
 
-/// Reads and folds a stream, starting from the cached state when there is one.
+/// Reads and folds a stream, starting from the cached state when there is one, else
+/// from the stream's snapshot when the cache keeps them.
 pub async fn load_cached<S: Evolve + Clone>(
     store: &EventStore,
     cache: &StreamCache<S>,
     stream: &str,
 ) -> Result<Loaded<S>, ServiceError> {
-    let (state, version) = cache.cached(stream).unwrap_or_default();
+    let (state, version) = match cache.cached(stream) {
+        Some(cached) => cached,
+        None => cache.start_of(store, stream).await?,
+    };
     cache.reads.fetch_add(1, Ordering::Relaxed);
     let loaded = fold_from(store, stream, state, version).await?;
-    cache.put(stream, &loaded.state, loaded.version);
+    cache
+        .settle(store, stream, &loaded.state, loaded.version)
+        .await;
     Ok(loaded)
 }
 
@@ -337,7 +383,7 @@ where
                 state,
                 version,
             } => {
-                cache.put(stream, &state, Some(version));
+                cache.settle(store, stream, &state, Some(version)).await;
                 return Ok(Decided::Appended {
                     events,
                     state: Arc::new(state),
@@ -442,7 +488,9 @@ async fn decide_queued<S: Evolve + Clone>(
         match store.append(stream, expected(version), new_events).await {
             Ok(appended) => {
                 crate::metrics::events_appended(count);
-                cache.put(stream, &state, Some(appended.next_expected_version));
+                cache
+                    .settle(store, stream, &state, Some(appended.next_expected_version))
+                    .await;
                 let state = Arc::new(state);
                 for (waiting, events) in together {
                     let state = Arc::clone(&state);

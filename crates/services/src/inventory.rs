@@ -14,7 +14,8 @@ use crate::ServiceError;
 
 pub struct Inventory {
     store: EventStore,
-    /// Stock streams are long (every order touches them): fold only what is new.
+    /// Stock streams are long (every order touches them): fold only what is new, and
+    /// after a restart start from the stream's snapshot.
     cache: StreamCache<StockState>,
 }
 
@@ -25,7 +26,7 @@ impl Inventory {
     pub fn new(store: EventStore) -> Inventory {
         Inventory {
             store,
-            cache: StreamCache::new(CACHED_SKUS),
+            cache: StreamCache::with_snapshots(CACHED_SKUS, crate::snapshots::stock()),
         }
     }
 

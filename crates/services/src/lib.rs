@@ -23,6 +23,7 @@ pub mod runtime;
 pub mod saga;
 pub mod settings;
 pub mod shipping;
+pub mod snapshots;
 pub mod timers;
 pub mod vault;
 pub mod worker;

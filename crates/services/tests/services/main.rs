@@ -9,5 +9,6 @@ mod partitions;
 mod payment;
 mod relay;
 mod shared_caches;
+mod snapshots;
 mod support;
 mod timers;
