@@ -25,6 +25,10 @@ const STREAMS_PER_BATCH: usize = 10;
 const COMMAND_STREAM_LEN: usize = 10;
 /// Events in the long (hot SKU) stock stream.
 const LONG_STREAM_LEN: usize = 5_000;
+/// Events in the stock stream a restarted process folds (months of a popular SKU).
+const COLD_STREAM_LEN: usize = 100_000;
+/// Cold folds timed each way (the median is reported).
+const COLD_FOLDS: usize = 5;
 
 const RAW_INSERT_ONE: &str = "INSERT INTO raw_events \
     (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
@@ -196,7 +200,64 @@ async fn measure(ctx: &Ctx, db: &BenchDb, report: &mut Report) -> anyhow::Result
             long.p_ms(99.0)
         ),
     });
+
+    let len = COLD_STREAM_LEN;
+    eprintln!("== storage: a stock stream of {len} events folded by a cache that does not hold it");
+    let (from_start, from_snapshot) = cold_folds(&store, len).await?;
+    report.add(Row {
+        key: "cold_stock",
+        section: "event store",
+        what: format!(
+            "the first decision's fold of a stock stream of {len} events after a restart, from its snapshot"
+        ),
+        value: from_snapshot,
+        unit: "ms",
+        baseline: Some(("the same fold from the stream's first event".to_owned(), from_start)),
+        note: format!(
+            "median of {COLD_FOLDS} each; a snapshot every {} events (services::snapshots)",
+            services::snapshots::SNAPSHOT_EVERY
+        ),
+    });
     Ok(())
+}
+
+/// How long a cache that does not hold a stock stream of `len` events takes to fold it:
+/// from the stream's first event, and from its snapshot (ms, medians).
+async fn cold_folds(store: &EventStore, len: usize) -> anyhow::Result<(f64, f64)> {
+    use services::exec::{load_cached, StreamCache};
+    use services::snapshots;
+
+    let sku = format!("cold{len}");
+    let stream = streams::stock(&sku);
+    fill_stock_stream(store, &sku, len).await?;
+    let mut from_start = Vec::with_capacity(COLD_FOLDS);
+    for _ in 0..COLD_FOLDS {
+        let cache = StreamCache::<StockState>::new(1);
+        let started = std::time::Instant::now();
+        load_cached(store, &cache, &stream).await?;
+        from_start.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    // The first cache that keeps snapshots finds none, folds from the start, leaves one.
+    let first = StreamCache::with_snapshots(1, snapshots::stock());
+    load_cached(store, &first, &stream).await?;
+    let mut from_snapshot = Vec::with_capacity(COLD_FOLDS);
+    for _ in 0..COLD_FOLDS {
+        let cache = StreamCache::with_snapshots(1, snapshots::stock());
+        let started = std::time::Instant::now();
+        let loaded = load_cached(store, &cache, &stream).await?;
+        from_snapshot.push(started.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            cache.reads() == 1 && loaded.version == Some(len as i64 - 1),
+            "the fold from the snapshot ended at {:?}, not at the stream's last version",
+            loaded.version
+        );
+    }
+    Ok((median(from_start), median(from_snapshot)))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn bench_event(payload: &serde_json::Value) -> NewEvent {
@@ -503,6 +564,19 @@ async fn command_once(
 /// committed pairs): what a hot SKU's stream costs every reservation.
 async fn long_stream_command(store: &EventStore, len: usize, ctx: &Ctx) -> anyhow::Result<Timed> {
     let sku = format!("long{len}");
+    fill_stock_stream(store, &sku, len).await?;
+    let store = store.clone();
+    run_clients(1, Until::Elapsed(ctx.op_duration), move |_, _| {
+        let (store, sku) = (store.clone(), sku.clone());
+        async move { command_once(&store, sku, None).await }
+    })
+    .await
+}
+
+/// Writes `sku`'s stock stream of `len` events: a `StockSet`, then reserved and
+/// committed pairs, as a popular SKU's stream grows.
+async fn fill_stock_stream(store: &EventStore, sku: &str, len: usize) -> anyhow::Result<()> {
+    let sku = sku.to_owned();
     let stream = streams::stock(&sku);
     let mut events = vec![new_event(&DomainEvent::StockSet(
         domain::events::StockSet {
@@ -537,12 +611,7 @@ async fn long_stream_command(store: &EventStore, len: usize, ctx: &Ctx) -> anyho
         let result = store.append(&stream, expected, chunk.to_vec()).await?;
         version = Some(result.next_expected_version);
     }
-    let store = store.clone();
-    run_clients(1, Until::Elapsed(ctx.op_duration), move |_, _| {
-        let (store, sku) = (store.clone(), sku.clone());
-        async move { command_once(&store, sku, None).await }
-    })
-    .await
+    Ok(())
 }
 
 /// A target on `row`'s ratio to its baseline: passes at `floor` or above.
