@@ -11,7 +11,10 @@
 //! committed: the state a [`StreamCache`] holds after a read or after its own append.
 //! Each names its `format`; one of another format (an older build's, a state whose
 //! fields or fold changed) is ignored, the stream is folded from its start, and the
-//! next snapshot replaces it. Deleting rows of `stream_snapshots` is always safe.
+//! next snapshot replaces it. Each also names the event at its version: one whose
+//! event is not in the log (a log restored to an earlier point beside newer snapshots)
+//! is ignored and replaced the same way. Deleting rows of `stream_snapshots` is always
+//! safe.
 //!
 //! [`StreamCache`]: crate::exec::StreamCache
 use std::collections::HashMap;
@@ -60,14 +63,18 @@ impl<S> Snapshots<S> {
         }
     }
 
-    /// The stream's last snapshot of this format, as a state and its version.
+    /// The stream's last snapshot of this format whose event is in the log, as a state
+    /// and its version.
     pub async fn load(
         &self,
         store: &EventStore,
         stream: &str,
     ) -> Result<Option<(S, i64)>, ServiceError> {
         let row: Option<(i64, serde_json::Value)> = sqlx::query_as(
-            "SELECT version, state FROM stream_snapshots WHERE stream_name = $1 AND format = $2",
+            "SELECT s.version, s.state FROM stream_snapshots s
+               JOIN events e ON e.stream_name = s.stream_name
+                            AND e.stream_version = s.version AND e.event_id = s.event_id
+              WHERE s.stream_name = $1 AND s.format = $2",
         )
         .bind(stream)
         .bind(self.format)
@@ -105,15 +112,21 @@ impl<S> Snapshots<S> {
                 return;
             }
         };
-        // Never replaces a newer snapshot of the same format (another process's).
+        // Never replaces a newer snapshot of the same format (another process's) that
+        // matches the log.
         let written = sqlx::query(
-            "INSERT INTO stream_snapshots (stream_name, format, version, state)
-             VALUES ($1, $2, $3, $4)
+            "INSERT INTO stream_snapshots (stream_name, format, version, event_id, state)
+             SELECT $1, $2, $3, e.event_id, $4 FROM events e
+              WHERE e.stream_name = $1 AND e.stream_version = $3
              ON CONFLICT (stream_name) DO UPDATE
                 SET format = EXCLUDED.format, version = EXCLUDED.version,
-                    state = EXCLUDED.state, taken_at = now()
+                    event_id = EXCLUDED.event_id, state = EXCLUDED.state, taken_at = now()
               WHERE stream_snapshots.format <> EXCLUDED.format
-                 OR stream_snapshots.version < EXCLUDED.version",
+                 OR stream_snapshots.version < EXCLUDED.version
+                 OR NOT EXISTS (SELECT 1 FROM events e
+                                 WHERE e.stream_name = stream_snapshots.stream_name
+                                   AND e.stream_version = stream_snapshots.version
+                                   AND e.event_id = stream_snapshots.event_id)",
         )
         .bind(stream)
         .bind(self.format)

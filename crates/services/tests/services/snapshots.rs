@@ -1,6 +1,6 @@
 //! Snapshots of stock streams: a cache that starts a stream from its snapshot folds
-//! only the events after it, a snapshot of another format is ignored, and deciding on a
-//! long stream leaves snapshots as it goes.
+//! only the events after it, a snapshot of another format or of another history is
+//! ignored, and deciding on a long stream leaves snapshots as it goes.
 use domain::{stock, streams, DomainEvent, Evolve, StockInput, StockState};
 use eventstore::EventStore;
 use services::exec::{decide_on_cached, load_cached, Cause, StreamCache};
@@ -60,22 +60,31 @@ async fn fold_to(store: &EventStore, stream: &str, version: i64) -> anyhow::Resu
     Ok(state)
 }
 
+/// Writes a snapshot of `state` at `version` as the event at that version, or as
+/// `event_id` when given.
 async fn write_snapshot(
     db: &TestDb,
     stream: &str,
     format: &str,
-    version: i64,
+    (version, event_id): (i64, Option<Uuid>),
     state: &StockState,
 ) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO stream_snapshots (stream_name, format, version, state) VALUES ($1, $2, $3, $4)",
+    let written = sqlx::query(
+        "INSERT INTO stream_snapshots (stream_name, format, version, event_id, state)
+         SELECT $1, $2, $3, coalesce($4, e.event_id), $5 FROM events e
+          WHERE e.stream_name = $1 AND e.stream_version = $3",
     )
     .bind(stream)
     .bind(format)
     .bind(version)
+    .bind(event_id)
     .bind(encode_stock(state)?)
     .execute(db.pool())
     .await?;
+    anyhow::ensure!(
+        written.rows_affected() == 1,
+        "{stream} has no version {version}"
+    );
     Ok(())
 }
 
@@ -124,7 +133,7 @@ async fn a_stream_not_cached_starts_from_its_snapshot_and_folds_only_what_follow
     // the stream's start would say 981.
     let mut marked = fold_to(&db.store, &stream, 19).await?;
     marked.on_hand = 5_000;
-    write_snapshot(&db, &stream, STOCK_FORMAT, 19, &marked).await?;
+    write_snapshot(&db, &stream, STOCK_FORMAT, (19, None), &marked).await?;
 
     let fresh = StreamCache::with_snapshots(16, snapshots(1_000));
     let loaded = load_cached(&db.store, &fresh, &stream).await?;
@@ -144,7 +153,7 @@ async fn a_snapshot_of_another_format_is_ignored_and_replaced() -> anyhow::Resul
     reserve_many(&db.store, &StreamCache::new(16), &stream, 29).await?;
     let mut marked = fold_to(&db.store, &stream, 19).await?;
     marked.on_hand = 5_000;
-    write_snapshot(&db, &stream, "stock/0", 19, &marked).await?;
+    write_snapshot(&db, &stream, "stock/0", (19, None), &marked).await?;
 
     let fresh = StreamCache::with_snapshots(16, snapshots(10));
     let loaded = load_cached(&db.store, &fresh, &stream).await?;
@@ -156,5 +165,32 @@ async fn a_snapshot_of_another_format_is_ignored_and_replaced() -> anyhow::Resul
     };
     assert_eq!((format.as_str(), version), (STOCK_FORMAT, 29));
     assert_eq!(decode_stock(state, version), Some(truth));
+    Ok(())
+}
+
+/// A snapshot whose event at its version is another than the log's (the log was
+/// restored to an earlier point, and the stream went on differently) folds another
+/// history: it is ignored and replaced.
+#[tokio::test]
+async fn a_snapshot_of_another_history_is_ignored_and_replaced() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    reserve_many(&db.store, &StreamCache::new(16), &stream, 29).await?;
+    // At the stream's last version: only its event tells it from the log's.
+    let mut marked = fold_to(&db.store, &stream, 29).await?;
+    marked.on_hand = 5_000;
+    let elsewhere = Some(Uuid::new_v4());
+    write_snapshot(&db, &stream, STOCK_FORMAT, (29, elsewhere), &marked).await?;
+
+    let fresh = StreamCache::with_snapshots(16, snapshots(10));
+    let loaded = load_cached(&db.store, &fresh, &stream).await?;
+    let truth = fold_to(&db.store, &stream, 29).await?;
+    assert_eq!(loaded.state, truth, "folded from the stream's start");
+
+    let Some((_, version, state)) = snapshot_row(&db, &stream).await? else {
+        anyhow::bail!("the snapshot of {stream} is gone");
+    };
+    assert_eq!(version, 29);
+    assert_eq!(decode_stock(state, version), Some(truth), "replaced");
     Ok(())
 }
