@@ -254,6 +254,62 @@ mod tests {
         Ok(())
     }
 
+    /// Pins what `stock/1` means: a fixed history folds to this snapshot. If this
+    /// fails, `StockState` or its fold changed, and snapshots written by the build
+    /// before would now be read wrongly: give `STOCK_FORMAT` a new name, then update
+    /// the expected JSON here.
+    #[test]
+    fn the_stock_format_names_this_fold_of_this_state() -> Result<(), serde_json::Error> {
+        use domain::events::{StockCommitted, StockReleased, StockReserved, StockSet};
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let sku = || "A".to_owned();
+        let reserved = |order_id, line, quantity| {
+            DomainEvent::StockReserved(StockReserved {
+                sku: sku(),
+                order_id,
+                line,
+                quantity,
+            })
+        };
+        let history = [
+            DomainEvent::StockSet(StockSet {
+                sku: sku(),
+                quantity: 10,
+            }),
+            reserved(a, 0, 2),
+            reserved(a, 1, 1),
+            reserved(b, 0, 3),
+            DomainEvent::StockReleased(StockReleased {
+                sku: sku(),
+                order_id: b,
+                line: 0,
+                quantity: 3,
+            }),
+            DomainEvent::StockCommitted(StockCommitted {
+                sku: sku(),
+                order_id: a,
+                line: 0,
+                quantity: 2,
+            }),
+        ];
+        let mut state = StockState::default();
+        for event in &history {
+            state.apply(event);
+        }
+        assert_eq!(STOCK_FORMAT, "stock/1");
+        assert_eq!(state.version, Some(5));
+        assert_eq!(
+            encode_stock(&state)?,
+            serde_json::json!({
+                "known": true,
+                "on_hand": 7,
+                "reserved": 1,
+                "reservations": [[a, 1, 1]],
+            })
+        );
+        Ok(())
+    }
+
     #[test]
     fn a_snapshot_that_does_not_read_is_no_state() {
         assert_eq!(decode_stock(serde_json::json!({"on_hand": 3}), 4), None);
