@@ -215,3 +215,55 @@ async fn stock_projected_then_damaged(
     sqlx::query(damage).execute(db.pool()).await?;
     Ok(live)
 }
+
+/// Orders per status as `order_status_counts` keeps them (zeros left out), and as
+/// counting `order_status` gives them.
+async fn counts(db: &TestDb) -> anyhow::Result<(Vec<(String, i64)>, Vec<(String, i64)>)> {
+    let kept = sqlx::query_as(
+        "SELECT status, orders FROM order_status_counts WHERE orders <> 0 ORDER BY status",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    let counted =
+        sqlx::query_as("SELECT status, count(*) FROM order_status GROUP BY status ORDER BY status")
+            .fetch_all(db.pool())
+            .await?;
+    Ok((kept, counted))
+}
+
+/// The counts per status follow every write of `order_status`: the projector's pages,
+/// rows changed and added and deleted by hand, a rebuild (TRUNCATE, then INSERT).
+#[tokio::test]
+async fn the_orders_per_status_follow_every_write_of_order_status() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    mixed_log(store).await?;
+    catch_up_all(store).await?;
+    let (kept, counted) = counts(&db).await?;
+    assert_eq!(kept, counted);
+    assert_eq!(counted.iter().map(|(_, n)| n).sum::<i64>(), 4);
+
+    sqlx::query("UPDATE order_status SET status = 'bogus' WHERE status = 'cancelled'")
+        .execute(db.pool())
+        .await?;
+    sqlx::query(
+        "INSERT INTO order_status (order_id, customer_id, status, total_cents, currency, item_count,
+                                   placed_at, updated_at, last_global_position)
+         VALUES ($1, 'ghost', 'pending', 1, 'EUR', 1, now(), now(), 1)",
+    )
+    .bind(Uuid::new_v4())
+    .execute(db.pool())
+    .await?;
+    sqlx::query("DELETE FROM order_status WHERE status = 'delivered'")
+        .execute(db.pool())
+        .await?;
+    let (kept, counted) = counts(&db).await?;
+    assert_eq!(kept, counted);
+    assert!(kept.iter().any(|(status, _)| status == "bogus"));
+
+    replay_all(store).await?;
+    let (kept, counted) = counts(&db).await?;
+    assert_eq!(kept, counted, "after a rebuild");
+    assert_eq!(counted.iter().map(|(_, n)| n).sum::<i64>(), 4);
+    Ok(())
+}
