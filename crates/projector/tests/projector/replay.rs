@@ -65,6 +65,19 @@ async fn replay_gives_the_rows_incremental_projection_gives() -> anyhow::Result<
     Ok(())
 }
 
+/// A row of `order_status` that the log knows nothing of.
+async fn insert_ghost_order(db: &TestDb) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO order_status (order_id, customer_id, status, total_cents, currency, item_count,
+                                   placed_at, updated_at, last_global_position)
+         VALUES ($1, 'ghost', 'pending', 1, 'EUR', 1, now(), now(), 1)",
+    )
+    .bind(Uuid::new_v4())
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn replay_over_existing_rows_replaces_them() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
@@ -77,14 +90,7 @@ async fn replay_over_existing_rows_replaces_them() -> anyhow::Result<()> {
     sqlx::query("UPDATE order_status SET status = 'bogus', item_count = 99")
         .execute(db.pool())
         .await?;
-    sqlx::query(
-        "INSERT INTO order_status (order_id, customer_id, status, total_cents, currency, item_count,
-                                   placed_at, updated_at, last_global_position)
-         VALUES ($1, 'ghost', 'pending', 1, 'EUR', 1, now(), now(), 1)",
-    )
-    .bind(Uuid::new_v4())
-    .execute(db.pool())
-    .await?;
+    insert_ghost_order(&db).await?;
     sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1000")
         .execute(db.pool())
         .await?;
@@ -246,14 +252,7 @@ async fn the_orders_per_status_follow_every_write_of_order_status() -> anyhow::R
     sqlx::query("UPDATE order_status SET status = 'bogus' WHERE status = 'cancelled'")
         .execute(db.pool())
         .await?;
-    sqlx::query(
-        "INSERT INTO order_status (order_id, customer_id, status, total_cents, currency, item_count,
-                                   placed_at, updated_at, last_global_position)
-         VALUES ($1, 'ghost', 'pending', 1, 'EUR', 1, now(), now(), 1)",
-    )
-    .bind(Uuid::new_v4())
-    .execute(db.pool())
-    .await?;
+    insert_ghost_order(&db).await?;
     sqlx::query("DELETE FROM order_status WHERE status = 'delivered'")
         .execute(db.pool())
         .await?;

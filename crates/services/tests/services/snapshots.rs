@@ -123,17 +123,49 @@ async fn deciding_on_a_long_stream_leaves_a_snapshot_every_so_many_events() -> a
     Ok(())
 }
 
+/// Stock stream `A` of 30 events (versions 0 to 29), decided without snapshots.
+async fn thirty_events(db: &TestDb) -> anyhow::Result<String> {
+    let stream = streams::stock("A");
+    reserve_many(&db.store, &StreamCache::new(16), &stream, 29).await?;
+    Ok(stream)
+}
+
+/// A snapshot of the stream at `at` (version, and the event id it names: the log's
+/// when `None`) that says 5,000 units were on hand, which no fold of the stream says.
+async fn marked_snapshot(
+    db: &TestDb,
+    stream: &str,
+    format: &str,
+    at: (i64, Option<Uuid>),
+) -> anyhow::Result<()> {
+    let mut marked = fold_to(&db.store, stream, at.0).await?;
+    marked.on_hand = 5_000;
+    write_snapshot(db, stream, format, at, &marked).await
+}
+
+/// A cache that meets the stream's snapshot ignores it: it folds the stream from its
+/// start, and replaces the snapshot with its own (due: it snapshots every 10 events).
+async fn ignored_and_replaced(db: &TestDb, stream: &str) -> anyhow::Result<()> {
+    let fresh = StreamCache::with_snapshots(16, snapshots(10));
+    let loaded = load_cached(&db.store, &fresh, stream).await?;
+    let truth = fold_to(&db.store, stream, 29).await?;
+    assert_eq!(loaded.state, truth, "folded from the stream's start");
+
+    let Some((format, version, state)) = snapshot_row(db, stream).await? else {
+        anyhow::bail!("the snapshot of {stream} is gone");
+    };
+    assert_eq!((format.as_str(), version), (STOCK_FORMAT, 29), "replaced");
+    assert_eq!(decode_stock(state, version), Some(truth));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_stream_not_cached_starts_from_its_snapshot_and_folds_only_what_follows(
 ) -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let stream = streams::stock("A");
-    reserve_many(&db.store, &StreamCache::new(16), &stream, 29).await?;
-    // A snapshot at version 19 that says 5,000 units were on hand: a state folded from
-    // the stream's start would say 981.
-    let mut marked = fold_to(&db.store, &stream, 19).await?;
-    marked.on_hand = 5_000;
-    write_snapshot(&db, &stream, STOCK_FORMAT, (19, None), &marked).await?;
+    let stream = thirty_events(&db).await?;
+    // At version 19; a fold from the stream's start would say 971 units on hand.
+    marked_snapshot(&db, &stream, STOCK_FORMAT, (19, None)).await?;
 
     let fresh = StreamCache::with_snapshots(16, snapshots(1_000));
     let loaded = load_cached(&db.store, &fresh, &stream).await?;
@@ -149,23 +181,9 @@ async fn a_stream_not_cached_starts_from_its_snapshot_and_folds_only_what_follow
 #[tokio::test]
 async fn a_snapshot_of_another_format_is_ignored_and_replaced() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let stream = streams::stock("A");
-    reserve_many(&db.store, &StreamCache::new(16), &stream, 29).await?;
-    let mut marked = fold_to(&db.store, &stream, 19).await?;
-    marked.on_hand = 5_000;
-    write_snapshot(&db, &stream, "stock/0", (19, None), &marked).await?;
-
-    let fresh = StreamCache::with_snapshots(16, snapshots(10));
-    let loaded = load_cached(&db.store, &fresh, &stream).await?;
-    let truth = fold_to(&db.store, &stream, 29).await?;
-    assert_eq!(loaded.state, truth, "folded from the stream's start");
-
-    let Some((format, version, state)) = snapshot_row(&db, &stream).await? else {
-        anyhow::bail!("the snapshot of {stream} is gone");
-    };
-    assert_eq!((format.as_str(), version), (STOCK_FORMAT, 29));
-    assert_eq!(decode_stock(state, version), Some(truth));
-    Ok(())
+    let stream = thirty_events(&db).await?;
+    marked_snapshot(&db, &stream, "stock/0", (19, None)).await?;
+    ignored_and_replaced(&db, &stream).await
 }
 
 /// A snapshot whose event at its version is another than the log's (the log was
@@ -174,23 +192,8 @@ async fn a_snapshot_of_another_format_is_ignored_and_replaced() -> anyhow::Resul
 #[tokio::test]
 async fn a_snapshot_of_another_history_is_ignored_and_replaced() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let stream = streams::stock("A");
-    reserve_many(&db.store, &StreamCache::new(16), &stream, 29).await?;
+    let stream = thirty_events(&db).await?;
     // At the stream's last version: only its event tells it from the log's.
-    let mut marked = fold_to(&db.store, &stream, 29).await?;
-    marked.on_hand = 5_000;
-    let elsewhere = Some(Uuid::new_v4());
-    write_snapshot(&db, &stream, STOCK_FORMAT, (29, elsewhere), &marked).await?;
-
-    let fresh = StreamCache::with_snapshots(16, snapshots(10));
-    let loaded = load_cached(&db.store, &fresh, &stream).await?;
-    let truth = fold_to(&db.store, &stream, 29).await?;
-    assert_eq!(loaded.state, truth, "folded from the stream's start");
-
-    let Some((_, version, state)) = snapshot_row(&db, &stream).await? else {
-        anyhow::bail!("the snapshot of {stream} is gone");
-    };
-    assert_eq!(version, 29);
-    assert_eq!(decode_stock(state, version), Some(truth), "replaced");
-    Ok(())
+    marked_snapshot(&db, &stream, STOCK_FORMAT, (29, Some(Uuid::new_v4()))).await?;
+    ignored_and_replaced(&db, &stream).await
 }
