@@ -240,12 +240,25 @@ impl EventStore {
         stream_name: &str,
         from_version: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_stream_page(stream_name, from_version, i64::MAX)
+            .await
+    }
+
+    /// At most `limit` events of the stream from `from_version` on, in version order: a
+    /// long stream read page by page, so that its length does not set the memory used.
+    pub async fn read_stream_page(
+        &self,
+        stream_name: &str,
+        from_version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(&format!(
             "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE stream_name = $1 AND stream_version >= $2 ORDER BY stream_version"
+             WHERE stream_name = $1 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
         ))
         .bind(stream_name)
         .bind(from_version)
+        .bind(limit.max(0))
         .fetch_all(&self.pool)
         .await?;
         into_events(rows)

@@ -152,45 +152,63 @@ pub async fn orders(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Events `orderflow events` reads and prints at a time: a stream of any length is
+/// printed in constant memory.
+const EVENTS_PAGE: i64 = 1_000;
+
 pub async fn events(store: &EventStore, stream_name: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let mut events = store
-        .read_stream(stream_name, 0)
-        .await
-        .with_context(|| format!("cannot read stream {stream_name}"))?;
     // Personal data is shown in clear while the customer's key exists, else as
     // [forgotten] (docs/adr/0004-crypto-shredding.md).
     let vault = services::vault::Vault::new(store.pool().clone());
-    for e in &mut events {
-        vault
-            .open_payload(&e.event_type, &mut e.payload)
+    let mut from_version = 0;
+    loop {
+        let mut page = store
+            .read_stream_page(stream_name, from_version, EVENTS_PAGE)
             .await
-            .context("cannot open the events' personal data")?;
-    }
-    if json {
-        for e in &events {
-            let line = serde_json::json!({
-                "global_position": e.global_position,
-                "stream_name": e.stream_name,
-                "stream_version": e.stream_version,
-                "event_id": e.event_id,
-                "event_type": e.event_type,
-                "schema_version": e.schema_version,
-                "payload": e.payload,
-                "metadata": e.metadata,
-                "recorded_at": e.recorded_at,
-            });
-            println!("{line}");
+            .with_context(|| format!("cannot read stream {stream_name}"))?;
+        for e in &mut page {
+            vault
+                .open_payload(&e.event_type, &mut e.payload)
+                .await
+                .context("cannot open the events' personal data")?;
         }
-        return Ok(ExitCode::SUCCESS);
+        if from_version == 0 && !json {
+            if page.is_empty() {
+                anyhow::bail!("stream {stream_name} has no events");
+            }
+            println!(
+                "{:>7}  {:>8}  {:<23}  {:<24}  payload",
+                "version", "position", "recorded_at", "event_type"
+            );
+        }
+        for e in &page {
+            print_event(e, json);
+        }
+        match page.last() {
+            Some(last) if i64::try_from(page.len()).is_ok_and(|n| n >= EVENTS_PAGE) => {
+                from_version = last.stream_version + 1;
+            }
+            _ => return Ok(ExitCode::SUCCESS),
+        }
     }
-    if events.is_empty() {
-        anyhow::bail!("stream {stream_name} has no events");
-    }
-    println!(
-        "{:>7}  {:>8}  {:<23}  {:<24}  payload",
-        "version", "position", "recorded_at", "event_type"
-    );
-    for e in &events {
+}
+
+/// One event: a JSON object per line with `json`, else a row of the table.
+fn print_event(e: &eventstore::RecordedEvent, json: bool) {
+    if json {
+        let line = serde_json::json!({
+            "global_position": e.global_position,
+            "stream_name": e.stream_name,
+            "stream_version": e.stream_version,
+            "event_id": e.event_id,
+            "event_type": e.event_type,
+            "schema_version": e.schema_version,
+            "payload": e.payload,
+            "metadata": e.metadata,
+            "recorded_at": e.recorded_at,
+        });
+        println!("{line}");
+    } else {
         println!(
             "{:>7}  {:>8}  {:<23}  {:<24}  {}",
             e.stream_version,
@@ -200,7 +218,6 @@ pub async fn events(store: &EventStore, stream_name: &str, json: bool) -> anyhow
             e.payload
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn replay(store: &EventStore, projection: Option<&str>) -> anyhow::Result<ExitCode> {

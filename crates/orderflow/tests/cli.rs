@@ -176,6 +176,44 @@ async fn events_prints_a_stream_oldest_first_and_as_json_lines() -> anyhow::Resu
     Ok(())
 }
 
+/// A stream longer than the pages `events` reads (1,000 events) is printed whole, in
+/// version order, with one header.
+#[tokio::test]
+async fn events_prints_a_stream_longer_than_its_pages_whole_and_in_order() -> anyhow::Result<()> {
+    const LEN: usize = 2_345;
+    let db = TestDb::new().await?;
+    let stream = "stock-CLI-LONG".to_owned();
+    let sets = (0..LEN)
+        .map(|quantity| ("StockSet", json!({"sku": "CLI-LONG", "quantity": quantity})))
+        .collect();
+    append(&db.store, &stream, sets).await?;
+
+    let out = orderflow(&["events", &stream], &[("DATABASE_URL", db.url())]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().filter(|l| l.contains("event_type")).count(), 1);
+    let versions: Vec<usize> = text
+        .lines()
+        .filter(|l| l.contains("StockSet"))
+        .map(|row| row.split_whitespace().next().unwrap_or("").parse())
+        .collect::<Result<_, _>>()
+        .context("every row begins with its version")?;
+    assert_eq!(versions, (0..LEN).collect::<Vec<_>>());
+
+    let out = orderflow(
+        &["events", &stream, "--json"],
+        &[("DATABASE_URL", db.url())],
+    )
+    .await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let quantities: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).map(|e| e["payload"]["quantity"].clone()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(quantities, (0..LEN).map(|q| json!(q)).collect::<Vec<_>>());
+    Ok(())
+}
+
 type OrderRow = (
     Uuid,
     String,

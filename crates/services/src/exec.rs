@@ -306,6 +306,10 @@ pub async fn load_cached<S: Evolve + Clone>(
     Ok(loaded)
 }
 
+/// Events a fold reads at a time: a stream folded from far back (no cached state, no
+/// snapshot) is read in pages, so its length does not set the memory used.
+const FOLD_PAGE: i64 = 1_000;
+
 /// Folds the events after `version` into `state`.
 async fn fold_from<S: Evolve>(
     store: &EventStore,
@@ -313,19 +317,23 @@ async fn fold_from<S: Evolve>(
     mut state: S,
     mut version: Option<i64>,
 ) -> Result<Loaded<S>, ServiceError> {
-    let records = store
-        .read_stream(stream, version.map_or(0, |v| v + 1))
-        .await?;
-    for rec in &records {
-        let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)
-            .map_err(|e| ServiceError::CorruptStream {
-                stream: stream.to_owned(),
-                reason: e.to_string(),
-            })?;
-        state.apply(&event);
-        version = Some(rec.stream_version);
+    loop {
+        let records = store
+            .read_stream_page(stream, version.map_or(0, |v| v + 1), FOLD_PAGE)
+            .await?;
+        for rec in &records {
+            let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)
+                .map_err(|e| ServiceError::CorruptStream {
+                    stream: stream.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            state.apply(&event);
+            version = Some(rec.stream_version);
+        }
+        if i64::try_from(records.len()).map_or(true, |read| read < FOLD_PAGE) {
+            return Ok(Loaded { state, version });
+        }
     }
-    Ok(Loaded { state, version })
 }
 
 /// Like [`decide_on`], deciding on the cached state when there is one, without

@@ -61,6 +61,32 @@ async fn read_stream_starts_at_the_given_version() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn read_stream_page_reads_at_most_its_limit_from_the_given_version() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    db.store
+        .append("order-1", ExpectedVersion::NoStream, events(7))
+        .await?;
+    let versions = |page: Vec<eventstore::RecordedEvent>| -> Vec<i64> {
+        page.iter().map(|e| e.stream_version).collect()
+    };
+    assert_eq!(
+        versions(db.store.read_stream_page("order-1", 0, 3).await?),
+        [0, 1, 2]
+    );
+    assert_eq!(
+        versions(db.store.read_stream_page("order-1", 3, 3).await?),
+        [3, 4, 5]
+    );
+    assert_eq!(
+        versions(db.store.read_stream_page("order-1", 6, 3).await?),
+        [6]
+    );
+    assert!(db.store.read_stream_page("order-1", 7, 3).await?.is_empty());
+    assert!(db.store.read_stream_page("order-1", 0, 0).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
 async fn stream_has_event_type_tells_whether_a_type_was_ever_recorded() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     db.store

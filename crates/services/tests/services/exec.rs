@@ -294,3 +294,40 @@ async fn a_stream_wrongly_assumed_new_is_read_and_decided_again() -> anyhow::Res
     assert_eq!(decided.state(), &truth.state);
     Ok(())
 }
+
+/// A stream folded from its start is read in pages (of 1,000 events): every event is
+/// folded once, across the pages' edges.
+#[tokio::test]
+async fn a_stream_longer_than_a_page_is_folded_whole() -> anyhow::Result<()> {
+    use eventstore::ExpectedVersion;
+    const LEN: i64 = 2_500;
+    let db = TestDb::new().await?;
+    let stream = streams::stock("A");
+    let cause = cause("bulk");
+    let events: Vec<DomainEvent> = (0..LEN)
+        .map(|quantity| {
+            DomainEvent::StockSet(domain::events::StockSet {
+                sku: "A".into(),
+                quantity,
+            })
+        })
+        .collect();
+    for (i, chunk) in events.chunks(500).enumerate() {
+        let expected = match i {
+            0 => ExpectedVersion::NoStream,
+            _ => ExpectedVersion::Exact(i64::try_from(i * 500)? - 1),
+        };
+        db.store
+            .append(&stream, expected, cause.new_events(chunk, i * 500))
+            .await?;
+    }
+    let loaded = load::<StockState>(&db.store, &stream).await?;
+    assert_eq!(loaded.version, Some(LEN - 1));
+    assert_eq!(
+        loaded.state.version,
+        Some(LEN - 1),
+        "every event folded once"
+    );
+    assert_eq!(loaded.state.on_hand, LEN - 1, "the last set wins");
+    Ok(())
+}
