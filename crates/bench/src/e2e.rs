@@ -387,15 +387,20 @@ async fn drive(
         confirmed(publish(&channel, "orderflow.commands", "stock.set", body.as_bytes()).await?)
             .await?;
     }
-    wait_until(Duration::from_secs(60), "stock levels", || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM stock_levels WHERE sku LIKE 'BENCH-%' AND on_hand >= $1",
-        )
-        .bind(STOCK - 1_000_000)
-        .fetch_one(pool)
-        .await?;
-        Ok(n == SKUS.len() as i64)
-    })
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "stock levels",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM stock_levels WHERE sku LIKE 'BENCH-%' AND on_hand >= $1",
+            )
+            .bind(STOCK - 1_000_000)
+            .fetch_one(pool)
+            .await?;
+            Ok(n == SKUS.len() as i64)
+        },
+    )
     .await?;
 
     let k = ctx.orders;
@@ -717,7 +722,12 @@ fn bus_intake() -> &'static str {
     "orderflow.commands.router"
 }
 
-async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+async fn wait_until<F, Fut>(
+    limit: Duration,
+    period: Duration,
+    what: &str,
+    mut check: F,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
@@ -727,7 +737,7 @@ where
         if Instant::now() > deadline {
             bail!("timed out after {limit:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(period).await;
     }
     Ok(())
 }
@@ -744,15 +754,13 @@ where
 /// joins every notification with its order, and a poll every 50 ms took about 0.4 of a
 /// core of PostgreSQL from the system it measured while the burst drained.
 async fn drained(pool: &PgPool, customer: &str, limit: Duration) -> anyhow::Result<DateTime<Utc>> {
-    let deadline = Instant::now() + limit;
-    while !(stock_settled(pool).await? && notifications_written(pool, customer).await?) {
-        if Instant::now() > deadline {
-            bail!(
-                "timed out after {limit:?} waiting for the burst's stock commits and notifications"
-            );
-        }
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
+    wait_until(
+        limit,
+        DRAIN_POLL,
+        "the burst's stock commits and notifications",
+        || async { Ok(stock_settled(pool).await? && notifications_written(pool, customer).await?) },
+    )
+    .await?;
     let streams: Vec<String> = SKUS.iter().map(|sku| format!("stock-{sku}")).collect();
     let last: Option<DateTime<Utc>> = sqlx::query_scalar(
         "SELECT greatest( \
