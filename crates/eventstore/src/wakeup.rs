@@ -206,10 +206,32 @@ pub enum Wake {
 /// that arrives while reading is kept, so none is lost between two waits.
 #[derive(Debug)]
 pub struct Wakeups {
-    local: watch::Receiver<u64>,
-    local_open: bool,
-    remote: watch::Receiver<u64>,
-    remote_open: bool,
+    /// This process's appends.
+    local: Signal,
+    /// The notifications the store's listener heard from elsewhere.
+    remote: Signal,
+}
+
+/// One source of wake-ups, and whether its sender is still there: once the store (or
+/// its listener) is gone it is not waited on again, and only the others and the
+/// fallback remain.
+#[derive(Debug)]
+struct Signal {
+    bumps: watch::Receiver<u64>,
+    open: bool,
+}
+
+impl Signal {
+    fn new(bumps: watch::Receiver<u64>) -> Self {
+        Signal { bumps, open: true }
+    }
+
+    /// Returns at the next bump, or when the sender is gone.
+    async fn changed(&mut self) {
+        if self.bumps.changed().await.is_err() {
+            self.open = false;
+        }
+    }
 }
 
 impl Wakeups {
@@ -217,30 +239,16 @@ impl Wakeups {
     /// store's listener heard from elsewhere ([`Signals::hear`]).
     pub(crate) fn new(local: watch::Receiver<u64>, remote: watch::Receiver<u64>) -> Self {
         Self {
-            local,
-            local_open: true,
-            remote,
-            remote_open: true,
+            local: Signal::new(local),
+            remote: Signal::new(remote),
         }
     }
 
     /// Returns when an append happened since the last call, or after `max`.
     pub async fn wait(&mut self, max: Duration) -> Wake {
         tokio::select! {
-            changed = self.local.changed(), if self.local_open => {
-                if changed.is_err() {
-                    // The store is gone; only notifications and the fallback remain.
-                    self.local_open = false;
-                }
-                Wake::Signalled
-            }
-            changed = self.remote.changed(), if self.remote_open => {
-                if changed.is_err() {
-                    // The store and its listener are gone; only the fallback remains.
-                    self.remote_open = false;
-                }
-                Wake::Signalled
-            }
+            () = self.local.changed(), if self.local.open => Wake::Signalled,
+            () = self.remote.changed(), if self.remote.open => Wake::Signalled,
             () = tokio::time::sleep(max) => Wake::TimedOut,
         }
     }
