@@ -15,7 +15,7 @@ mod wakeup;
 
 pub use database::drop_database;
 pub use error::StoreError;
-pub use store::{connect, connect_with, EventStore, MIGRATOR};
+pub use store::{connect, connect_with, EventStore, StreamPages, MIGRATOR};
 pub use transaction::begin;
 pub use types::{
     AppendResult, ExpectedVersion, LogPosition, Metadata, NewEvent, RecordedEvent, StreamAppend,

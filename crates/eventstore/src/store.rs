@@ -264,6 +264,23 @@ impl EventStore {
         into_events(rows)
     }
 
+    /// The stream from `from_version` on, read `page` events at a time: a long stream
+    /// whose length must not set the memory used.
+    pub fn stream_pages<'a>(
+        &'a self,
+        stream_name: &'a str,
+        from_version: i64,
+        page: i64,
+    ) -> StreamPages<'a> {
+        StreamPages {
+            store: self,
+            stream_name,
+            next_version: from_version,
+            page: page.max(1),
+            done: false,
+        }
+    }
+
     /// The stream's last version, `None` if it has no events.
     pub async fn stream_version(&self, stream_name: &str) -> Result<Option<i64>, StoreError> {
         let version: Option<i64> =
@@ -579,6 +596,36 @@ fn lost_every_race(appends: &[StreamAppend]) -> StoreError {
 }
 
 /// `read_all`'s query: the gap-safe page after `($1, $2)`, at most `$3` rows.
+/// A stream read page by page, oldest first ([`EventStore::stream_pages`]).
+#[derive(Debug)]
+pub struct StreamPages<'a> {
+    store: &'a EventStore,
+    stream_name: &'a str,
+    next_version: i64,
+    page: i64,
+    /// A page came back short: the stream ended there.
+    done: bool,
+}
+
+impl StreamPages<'_> {
+    /// The next page, `None` once the stream's last event was read.
+    pub async fn next(&mut self) -> Result<Option<Vec<RecordedEvent>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let events = self
+            .store
+            .read_stream_page(self.stream_name, self.next_version, self.page)
+            .await?;
+        self.done = i64::try_from(events.len()).map_or(true, |read| read < self.page);
+        let Some(last) = events.last() else {
+            return Ok(None);
+        };
+        self.next_version = last.stream_version + 1;
+        Ok(Some(events))
+    }
+}
+
 fn read_all_sql(columns: &str) -> String {
     format!(
         "SELECT {columns} FROM events \

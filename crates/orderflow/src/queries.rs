@@ -160,37 +160,34 @@ pub async fn events(store: &EventStore, stream_name: &str, json: bool) -> anyhow
     // Personal data is shown in clear while the customer's key exists, else as
     // [forgotten] (docs/adr/0004-crypto-shredding.md).
     let vault = services::vault::Vault::new(store.pool().clone());
-    let mut from_version = 0;
-    loop {
-        let mut page = store
-            .read_stream_page(stream_name, from_version, EVENTS_PAGE)
-            .await
-            .with_context(|| format!("cannot read stream {stream_name}"))?;
+    let mut pages = store.stream_pages(stream_name, 0, EVENTS_PAGE);
+    let mut printed = false;
+    while let Some(mut page) = pages
+        .next()
+        .await
+        .with_context(|| format!("cannot read stream {stream_name}"))?
+    {
         for e in &mut page {
             vault
                 .open_payload(&e.event_type, &mut e.payload)
                 .await
                 .context("cannot open the events' personal data")?;
         }
-        if from_version == 0 && !json {
-            if page.is_empty() {
-                anyhow::bail!("stream {stream_name} has no events");
-            }
+        if !printed && !json {
             println!(
                 "{:>7}  {:>8}  {:<23}  {:<24}  payload",
                 "version", "position", "recorded_at", "event_type"
             );
         }
+        printed = true;
         for e in &page {
             print_event(e, json);
         }
-        match page.last() {
-            Some(last) if i64::try_from(page.len()).is_ok_and(|n| n >= EVENTS_PAGE) => {
-                from_version = last.stream_version + 1;
-            }
-            _ => return Ok(ExitCode::SUCCESS),
-        }
     }
+    if !printed && !json {
+        anyhow::bail!("stream {stream_name} has no events");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One event: a JSON object per line with `json`, else a row of the table.

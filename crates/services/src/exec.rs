@@ -317,10 +317,8 @@ async fn fold_from<S: Evolve>(
     mut state: S,
     mut version: Option<i64>,
 ) -> Result<Loaded<S>, ServiceError> {
-    loop {
-        let records = store
-            .read_stream_page(stream, version.map_or(0, |v| v + 1), FOLD_PAGE)
-            .await?;
+    let mut pages = store.stream_pages(stream, version.map_or(0, |v| v + 1), FOLD_PAGE);
+    while let Some(records) = pages.next().await? {
         for rec in &records {
             let event = DomainEvent::decode(&rec.event_type, rec.schema_version, &rec.payload)
                 .map_err(|e| ServiceError::CorruptStream {
@@ -330,10 +328,8 @@ async fn fold_from<S: Evolve>(
             state.apply(&event);
             version = Some(rec.stream_version);
         }
-        if i64::try_from(records.len()).map_or(true, |read| read < FOLD_PAGE) {
-            return Ok(Loaded { state, version });
-        }
     }
+    Ok(Loaded { state, version })
 }
 
 /// Like [`decide_on`], deciding on the cached state when there is one, without
