@@ -10,12 +10,12 @@ CREATE TABLE IF NOT EXISTS order_status_counts (
     orders bigint NOT NULL
 );
 
--- Adds `changes` (status, change) to the counts, in status order: concurrent writers
--- take the count rows' locks in one order.
-CREATE FUNCTION order_status_counts_add(changes jsonb) RETURNS void
+-- Adds `changes[i]` orders to `statuses[i]`, in status order: concurrent writers take
+-- the count rows' locks in one order.
+CREATE FUNCTION order_status_counts_add(statuses text[], changes bigint[]) RETURNS void
 LANGUAGE sql AS $$
     INSERT INTO order_status_counts AS c (status, orders)
-    SELECT status, change FROM jsonb_to_recordset(changes) AS x(status text, change bigint)
+    SELECT status, change FROM unnest(statuses, changes) AS x(status, change)
      WHERE change <> 0
      ORDER BY status
     ON CONFLICT (status) DO UPDATE SET orders = c.orders + EXCLUDED.orders
@@ -26,18 +26,18 @@ LANGUAGE plpgsql AS $$
 BEGIN
     -- Each branch names only the transition tables its trigger declares.
     IF TG_OP = 'INSERT' THEN
-        PERFORM order_status_counts_add(jsonb_agg(x)) FROM (
-            SELECT status, count(*) AS change FROM new_rows GROUP BY status) AS x;
+        PERFORM order_status_counts_add(array_agg(status), array_agg(n))
+           FROM (SELECT status, count(*) AS n FROM new_rows GROUP BY status) AS x;
     ELSIF TG_OP = 'DELETE' THEN
-        PERFORM order_status_counts_add(jsonb_agg(x)) FROM (
-            SELECT status, -count(*) AS change FROM old_rows GROUP BY status) AS x;
+        PERFORM order_status_counts_add(array_agg(status), array_agg(-n))
+           FROM (SELECT status, count(*) AS n FROM old_rows GROUP BY status) AS x;
     ELSIF TG_OP = 'UPDATE' THEN
-        PERFORM order_status_counts_add(jsonb_agg(x)) FROM (
-            SELECT status, sum(change) AS change FROM (
-                SELECT status, 1 AS change FROM new_rows
-                UNION ALL
-                SELECT status, -1 FROM old_rows) AS moved
-             GROUP BY status) AS x;
+        PERFORM order_status_counts_add(array_agg(status), array_agg(n))
+           FROM (SELECT status, sum(change)::bigint AS n FROM (
+                     SELECT status, 1 AS change FROM new_rows
+                     UNION ALL
+                     SELECT status, -1 FROM old_rows) AS moved
+                  GROUP BY status) AS x;
     ELSE
         -- TRUNCATE
         UPDATE order_status_counts SET orders = 0 WHERE orders <> 0;
