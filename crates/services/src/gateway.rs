@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rand::Rng;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +105,30 @@ pub struct Simulator {
     attempts: Mutex<HashMap<String, u32>>,
 }
 
+/// Connections of the simulator's own pool ([`Simulator::beside`]): a ledger write is
+/// one short statement, and the payment handlers that wait for one are few at a time.
+const LEDGER_CONNECTIONS: u32 = 4;
+
 impl Simulator {
+    /// The simulator on the database of `pool`, with a small pool of its own whose
+    /// commits do not wait for their WAL flush (`synchronous_commit = off`). That is
+    /// safe here, and only here: every ledger write is followed by the payment's
+    /// append, whose commit flushes the WAL up to itself and so the ledger row before
+    /// it. A crash in between loses the row and the event together, and the
+    /// redelivered message captures once, as if the first call had never reached the
+    /// gateway. A real gateway keeps its ledger on its side; the simulator's
+    /// bookkeeping should cost the shop's database as little as it can (one commit per
+    /// payment, a fifth of the flushing commits of an order in the bench's burst).
+    pub fn beside(pool: &PgPool, latency: Duration, failure_rate: f64) -> Simulator {
+        let options = (*pool.connect_options())
+            .clone()
+            .options([("synchronous_commit", "off")]);
+        let own = PgPoolOptions::new()
+            .max_connections(LEDGER_CONNECTIONS)
+            .connect_lazy_with(options);
+        Simulator::new(own, latency, failure_rate)
+    }
+
     pub fn new(pool: PgPool, latency: Duration, failure_rate: f64) -> Simulator {
         Simulator {
             pool,
@@ -112,6 +136,11 @@ impl Simulator {
             failure_rate,
             attempts: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The pool the ledger is written through.
+    pub fn ledger(&self) -> &PgPool {
+        &self.pool
     }
 
     fn count_attempt(&self, key: &str) -> u32 {

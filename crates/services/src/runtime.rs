@@ -374,8 +374,8 @@ fn start(
                 .await
             }
             "payment" => {
-                let gateway = Arc::new(Simulator::new(
-                    store.pool().clone(),
+                let gateway = Arc::new(Simulator::beside(
+                    store.pool(),
                     settings.gateway_latency,
                     settings.gateway_failure_rate,
                 ));

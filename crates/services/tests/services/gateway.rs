@@ -54,6 +54,39 @@ async fn a_capture_repeated_with_its_key_returns_the_first_result_and_moves_mone
 }
 
 #[tokio::test]
+async fn the_simulator_beside_the_shop_commits_its_ledger_without_waiting_for_the_flush_and_stays_idempotent(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let gateway = Simulator::beside(db.pool(), Duration::ZERO, 0.0);
+    let mode = |pool: &sqlx::PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+                .fetch_one(&pool)
+                .await
+        }
+    };
+    assert_eq!(mode(gateway.ledger()).await?, "off");
+    assert_eq!(
+        mode(db.pool()).await?,
+        "on",
+        "the shop's own pool is untouched"
+    );
+
+    let first = gateway.capture(capture("capture-1", "tok_ok")).await?;
+    let again = Simulator::beside(db.pool(), Duration::ZERO, 0.0)
+        .capture(capture("capture-1", "tok_ok"))
+        .await?;
+    assert_eq!(again, first);
+    assert_eq!(
+        ledger(&db.store, "capture-1").await?,
+        vec![("capture".to_owned(), "captured".to_owned(), 1_234)],
+        "the row is in the shop's database, seen through its own pool"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn declined_tokens_are_declined_and_move_no_money() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let gateway = simulator(&db);
