@@ -142,6 +142,24 @@ impl Bus {
         self.publish_all(&prepared, sent).await
     }
 
+    /// Publishes one message with `mandatory` set and waits for the confirm: `false`
+    /// when no queue is bound to receive it (the broker returned it), `true` when one
+    /// is. Other failures are errors, as for [`Bus::publish`].
+    pub async fn publish_if_routed(&self, message: &OutgoingMessage) -> Result<bool, BusError> {
+        let prepared = Prepared::new(
+            &message.exchange,
+            &message.routing_key,
+            &message.body,
+            message.properties.to_amqp()?,
+            true,
+        )?;
+        match self.publish_prepared(&prepared).await {
+            Ok(()) => Ok(true),
+            Err(BusError::Unroutable { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     pub(crate) async fn publish_prepared(&self, message: &Prepared<'_>) -> Result<(), BusError> {
         self.publish_all(std::slice::from_ref(message), None).await
     }

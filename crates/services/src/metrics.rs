@@ -39,6 +39,9 @@ pub const EVENTS_APPENDED: &str = "orderflow_events_appended_total";
 pub const EVENTS_PROJECTED: &str = "orderflow_events_projected_total";
 /// Events this process published to `orderflow.events`.
 pub const EVENTS_RELAYED: &str = "orderflow_events_relayed_total";
+/// Events the relay did not publish because no queue was bound to their routing key
+/// (the broker would have dropped them).
+pub const EVENTS_UNROUTED: &str = "orderflow_events_unrouted_total";
 /// The highest global position in the log.
 pub const LOG_HEAD: &str = "orderflow_log_head_position";
 /// Positions between a follower's checkpoint and the log head (0 when caught up), per

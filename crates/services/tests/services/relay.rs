@@ -247,3 +247,96 @@ async fn pages_sent_before_the_last_is_confirmed_arrive_once_and_in_log_order() 
     relay.await??;
     Ok(())
 }
+
+/// `stock.StockSet` is a key no service binds: until a queue is bound to it the relay
+/// does not send its events (the broker would drop them), yet it moves past them; a
+/// queue bound afterwards receives the key's events once the relay asks again (at
+/// most a second later), and from then on every one of them, in log order.
+#[tokio::test]
+async fn events_no_queue_is_bound_to_are_not_sent_and_a_queue_bound_later_receives_them(
+) -> anyhow::Result<()> {
+    const LATE: &str = "test.bound-late";
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let set = |quantity| {
+        vec![DomainEvent::StockSet(StockSet {
+            sku: "L".into(),
+            quantity,
+        })]
+    };
+    let (stop, relay) = start_relay(&db, &bus);
+    append(&db.store, &streams::stock("L"), &set(0)).await?;
+    let before = testkit::wait_readable(&db.store, DEADLINE).await?;
+    checkpoint_reaches(&db, before).await?;
+
+    let channel = bus.open_channel().await?;
+    channel
+        .queue_declare(
+            ShortString::from(LATE),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            ShortString::from(LATE),
+            ShortString::from(bus::EVENTS_EXCHANGE),
+            ShortString::from("stock.StockSet"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let next = std::sync::atomic::AtomicI64::new(1);
+    let first = testkit::wait_until("the late queue's first event", DEADLINE, || async {
+        let quantity = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        append(&db.store, &streams::stock("L"), &set(quantity)).await?;
+        let got = drain_queue(&channel, LATE).await?;
+        Ok((!got.is_empty()).then_some(got))
+    })
+    .await?;
+    let log = db.store.read_all(before, 10_000).await?;
+    let appended_after_binding: Vec<String> = log.iter().map(|r| r.event_id.to_string()).collect();
+    assert!(
+        first.iter().all(|id| appended_after_binding.contains(id)),
+        "nothing from before the binding: {first:?}"
+    );
+
+    let from = testkit::wait_readable(&db.store, DEADLINE).await?;
+    for quantity in 1_000..1_003 {
+        append(&db.store, &streams::stock("L"), &set(quantity)).await?;
+    }
+    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
+    checkpoint_reaches(&db, end).await?;
+    let expected: Vec<String> = db
+        .store
+        .read_all(from, 100)
+        .await?
+        .iter()
+        .map(|r| r.event_id.to_string())
+        .collect();
+    assert_eq!(expected.len(), 3);
+    let mut got = drain_queue(&channel, LATE).await?;
+    // Events the wait appended after the first answer may still have been queued.
+    got.retain(|id| expected.contains(id));
+    assert_eq!(
+        got, expected,
+        "once the key is bound, every event, in log order"
+    );
+    let _ = stop.send(());
+    relay.await??;
+    Ok(())
+}
+
+/// The message ids in `queue`, in queue order.
+async fn drain_queue(channel: &Channel, queue: &str) -> anyhow::Result<Vec<String>> {
+    let mut got = Vec::new();
+    while let Some(m) = channel
+        .basic_get(ShortString::from(queue), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        let id = m.delivery.properties.message_id().as_ref();
+        got.push(id.map(|s| s.to_string()).unwrap_or_default());
+    }
+    Ok(got)
+}
