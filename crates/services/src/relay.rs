@@ -2,7 +2,7 @@
 //! reader, publishes each committed event to `orderflow.events` with publisher
 //! confirms, and only then moves its checkpoint. A crash in between republishes the
 //! page; consumers dedupe by event id, so that is harmless. Events whose routing key
-//! no queue is bound to are not sent ([`Bindings`]): the broker would drop them.
+//! no queue is bound to are not sent (`Bindings`): the broker would drop them.
 //!
 //! One relay publishes at a time: it holds a session advisory lock on a connection of
 //! its own; other instances wait as hot standbys and take over when that connection
