@@ -607,7 +607,8 @@ fn where_the_time_goes(report: &Report) -> String {
          order: 1.95 appends alone and 0.43 grouped appends (about 8 decisions each; \
          group commit, `ORDERFLOW_APPEND_SLOTS`, 8 slots by default since 4 Dec: the \
          decisions appended while every slot is busy go in one statement), 0.5 \
-         two-stream appends (shipping), one gateway-ledger statement, one customer-key \
+         two-stream appends (shipping), one gateway-ledger statement (committed \
+         without waiting for its flush since 5 Dec, see below), one customer-key \
          lookup, 0.09 notification inserts (rows of 20 ms share one since 4 Dec: 2.1 \
          inserts per order before), 0.4 NOTIFY, and about one for the followers (pages \
          read, projection writes, checkpoints). Three changes of 4 Dec cut the commits \
@@ -617,9 +618,14 @@ fn where_the_time_goes(report: &Report) -> String {
          group commit on by default (292–324 → 330–375 orders/s). Stream reads went \
          from 2.5 per order to none: the workers of a process share their folded order \
          and shipment streams, so the saga, shipping and the delivery timer decide on \
-         the state the worker before them left. Each order is also ~{} confirmed \
-         publishes by the relay and about 12 deliveries (router, partition, order 2, \
-         inventory 2, payment, shipping, notification 3.5). 500 orders/s on this \
+         the state the worker before them left. Of an order's ~{} events the relay \
+         publishes, with confirms, those some queue is bound to (since 5 Dec: 8 of a \
+         physical order's 13; `PaymentRequested`, `OrderPaymentCaptured`, \
+         `OrderLineReserved`, `OrderShipped` and `StockCommitted` go to no queue of the \
+         services, and unless an outside program binds one the broker would drop them: \
+         burst A B A B 505/518 → 521/551 orders/s, RabbitMQ's CPU per order −12%), and \
+         each order is about 12 deliveries (router, partition, order 2, inventory 2, \
+         payment, shipping, notification 3.5). 500 orders/s on this \
          machine would need about {} ms of CPU per order in total; what is left is the \
          number of messages and round trips per order, not what any one of \
          them computes. At half load the latency is the sum of the hops (command → \
@@ -656,11 +662,13 @@ fn where_the_time_goes(report: &Report) -> String {
          0.5 scale, the saga's about 1,100): its decisions on the four hot stock \
          streams go 1.9 to an append; with twice the handlers (64), 2.2, and the rate \
          did not move (373 and 401 against 387 and \
-         394 orders/s, A B A B), so the cores, not the stock streams, set it. Tried and \
-         not kept (5 Dec): the gateway simulator's ledger committing asynchronously \
-         (safe, since the payment's append that records the answer flushes the log \
-         up to it) saved 5–10% of the WAL flushes at 100 orders/s and changed neither \
-         rate nor latency measurably. The delivery timer, due at \
+         394 orders/s, A B A B), so the cores, not the stock streams, set it. The \
+         gateway simulator's ledger commits without waiting for its WAL flush (a pool \
+         of its own with `synchronous_commit = off`; safe, since the payment's append \
+         that records the answer flushes the log up to it): one flushing commit less \
+         per order, B A B A at 0.5 scale 460/456 and 484/455 orders/s (5 Dec; an earlier \
+         try had shown 5–10% fewer WAL flushes at 100 orders/s and no \
+         measurable change). The delivery timer, due at \
          once here, is handed by shipping to the scheduler of its process and fired \
          from memory (since 5 Dec; ARCHITECTURE, \"Durable timers\"): about 3 ms at \
          p50 and 5 ms at p99 from shipment to delivery, against 18–19 and 25–50 ms \
