@@ -13,30 +13,41 @@ const QUEUE: &str = "test.every-event";
 /// A queue that sees every event the relay publishes.
 async fn tap(bus: &Bus) -> anyhow::Result<Channel> {
     let channel = bus.open_channel().await?;
+    bind_queue(&channel, QUEUE, "#").await?;
+    Ok(channel)
+}
+
+/// Declares `queue` and binds it to `orderflow.events` with `key`.
+async fn bind_queue(channel: &Channel, queue: &str, key: &str) -> anyhow::Result<()> {
     channel
         .queue_declare(
-            ShortString::from(QUEUE),
+            ShortString::from(queue),
             QueueDeclareOptions::default(),
             FieldTable::default(),
         )
         .await?;
     channel
         .queue_bind(
-            ShortString::from(QUEUE),
+            ShortString::from(queue),
             ShortString::from(bus::EVENTS_EXCHANGE),
-            ShortString::from("#"),
+            ShortString::from(key),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    Ok(channel)
+    Ok(())
 }
 
-/// (message_id, routing_key) of every message in the queue, in queue order.
+/// (message_id, routing_key) of every message in the tap, in queue order.
 async fn drain(channel: &Channel) -> anyhow::Result<Vec<(String, String)>> {
+    drain_queue(channel, QUEUE).await
+}
+
+/// (message_id, routing_key) of every message in `queue`, in queue order.
+async fn drain_queue(channel: &Channel, queue: &str) -> anyhow::Result<Vec<(String, String)>> {
     let mut got = Vec::new();
     while let Some(m) = channel
-        .basic_get(ShortString::from(QUEUE), BasicGetOptions { no_ack: true })
+        .basic_get(ShortString::from(queue), BasicGetOptions { no_ack: true })
         .await?
     {
         let id = m
@@ -271,27 +282,12 @@ async fn events_no_queue_is_bound_to_are_not_sent_and_a_queue_bound_later_receiv
     checkpoint_reaches(&db, before).await?;
 
     let channel = bus.open_channel().await?;
-    channel
-        .queue_declare(
-            ShortString::from(LATE),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            ShortString::from(LATE),
-            ShortString::from(bus::EVENTS_EXCHANGE),
-            ShortString::from("stock.StockSet"),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    bind_queue(&channel, LATE, "stock.StockSet").await?;
     let next = std::sync::atomic::AtomicI64::new(1);
     let first = testkit::wait_until("the late queue's first event", DEADLINE, || async {
         let quantity = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         append(&db.store, &streams::stock("L"), &set(quantity)).await?;
-        let got = drain_queue(&channel, LATE).await?;
+        let got = ids(drain_queue(&channel, LATE).await?);
         Ok((!got.is_empty()).then_some(got))
     })
     .await?;
@@ -316,7 +312,7 @@ async fn events_no_queue_is_bound_to_are_not_sent_and_a_queue_bound_later_receiv
         .map(|r| r.event_id.to_string())
         .collect();
     assert_eq!(expected.len(), 3);
-    let mut got = drain_queue(&channel, LATE).await?;
+    let mut got = ids(drain_queue(&channel, LATE).await?);
     // Events the wait appended after the first answer may still have been queued.
     got.retain(|id| expected.contains(id));
     assert_eq!(
@@ -328,15 +324,6 @@ async fn events_no_queue_is_bound_to_are_not_sent_and_a_queue_bound_later_receiv
     Ok(())
 }
 
-/// The message ids in `queue`, in queue order.
-async fn drain_queue(channel: &Channel, queue: &str) -> anyhow::Result<Vec<String>> {
-    let mut got = Vec::new();
-    while let Some(m) = channel
-        .basic_get(ShortString::from(queue), BasicGetOptions { no_ack: true })
-        .await?
-    {
-        let id = m.delivery.properties.message_id().as_ref();
-        got.push(id.map(|s| s.to_string()).unwrap_or_default());
-    }
-    Ok(got)
+fn ids(messages: Vec<(String, String)>) -> Vec<String> {
+    messages.into_iter().map(|(id, _)| id).collect()
 }
