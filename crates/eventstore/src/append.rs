@@ -388,8 +388,66 @@ pub(crate) async fn single_statement(
     events: &[crate::NewEvent],
 ) -> Result<AppendResult, StoreError> {
     let expected_last = expected_as_option(expected);
+    let row = match events {
+        [event] => one_event_if_at(pool, stream_name, event, expected_last).await,
+        _ => events_if_at(pool, stream_name, events, expected_last).await,
+    };
+    match row.map_err(classify) {
+        Ok(Some((last_global_position, version))) => Ok(AppendResult {
+            next_expected_version: version,
+            last_global_position,
+        }),
+        Ok(None) | Err(AttemptFailure::VersionTaken) => {
+            Err(explain_refused(pool, stream_name, expected, events).await?)
+        }
+        Err(AttemptFailure::EventIdTaken) => {
+            let mut conn = pool.acquire().await?;
+            Err(explain_duplicate(&mut conn, &one_append(stream_name, expected, events)).await?)
+        }
+        Err(AttemptFailure::Conflict(mismatch)) => Err(mismatch.into()),
+        Err(AttemptFailure::Database(error)) => Err(error.into()),
+    }
+}
+
+/// One event, if the stream's last version is `expected_last`: its position and
+/// version (`None`: not at that version). The statement of [`events_if_at`] without
+/// the arrays, which is most appends: an event's decision is usually one event.
+async fn one_event_if_at(
+    pool: &sqlx::PgPool,
+    stream_name: &str,
+    event: &crate::NewEvent,
+    expected_last: Option<i64>,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH current AS ( \
+           SELECT max(stream_version) AS v FROM events WHERE stream_name = $1) \
+         INSERT INTO events \
+           (stream_name, stream_version, event_id, event_type, schema_version, payload, metadata) \
+         SELECT $1, coalesce(current.v, -1) + 1, $2, $3, $4, $5, $6 FROM current \
+         WHERE current.v IS NOT DISTINCT FROM $7 \
+         RETURNING global_position, stream_version",
+    )
+    .bind(stream_name)
+    .bind(event.event_id)
+    .bind(&event.event_type)
+    .bind(event.schema_version)
+    .bind(&event.payload)
+    .bind(metadata_json(&event.metadata))
+    .bind(expected_last)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The events, numbered on from `expected_last`, if that is the stream's last version:
+/// the last one's position and version (`None`: not at that version).
+async fn events_if_at(
+    pool: &sqlx::PgPool,
+    stream_name: &str,
+    events: &[crate::NewEvent],
+    expected_last: Option<i64>,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
     let columns = EventColumns::of(events);
-    let row: Result<(i64, Option<i64>, Option<i64>), sqlx::Error> = sqlx::query_as(
+    let row: (i64, Option<i64>, Option<i64>) = sqlx::query_as(
         "WITH current AS ( \
            SELECT max(stream_version) AS v FROM events WHERE stream_name = $1), \
          inserted AS ( \
@@ -412,24 +470,11 @@ pub(crate) async fn single_statement(
     .bind(&columns.metadata)
     .bind(expected_last)
     .fetch_one(pool)
-    .await;
-    match row.map_err(classify) {
-        Ok((inserted, Some(last_global_position), Some(version))) if inserted > 0 => {
-            Ok(AppendResult {
-                next_expected_version: version,
-                last_global_position,
-            })
-        }
-        Ok(_) | Err(AttemptFailure::VersionTaken) => {
-            Err(explain_refused(pool, stream_name, expected, events).await?)
-        }
-        Err(AttemptFailure::EventIdTaken) => {
-            let mut conn = pool.acquire().await?;
-            Err(explain_duplicate(&mut conn, &one_append(stream_name, expected, events)).await?)
-        }
-        Err(AttemptFailure::Conflict(mismatch)) => Err(mismatch.into()),
-        Err(AttemptFailure::Database(error)) => Err(error.into()),
-    }
+    .await?;
+    Ok(match row {
+        (inserted, Some(position), Some(version)) if inserted > 0 => Some((position, version)),
+        _ => None,
+    })
 }
 
 /// Whether [`batch_statement`] can append `appends`: every stream's last version is
