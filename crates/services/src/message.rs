@@ -45,6 +45,12 @@ pub fn event_routing_key<P>(rec: &RecordedEvent<P>) -> String {
 /// A committed event as the relay publishes it: the payload as body (the JSON text
 /// PostgreSQL gives, sent as it is), the rest as properties and headers.
 pub fn event_message(rec: RecordedEvent<String>) -> OutgoingMessage {
+    let routing_key = event_routing_key(&rec);
+    keyed_event_message(rec, routing_key)
+}
+
+/// [`event_message`] with the routing key already made ([`event_routing_key`]).
+pub fn keyed_event_message(rec: RecordedEvent<String>, routing_key: String) -> OutgoingMessage {
     let properties = OutgoingProperties::new(rec.event_id.to_string())
         .with_correlation_id(rec.metadata.correlation_id.to_string())
         .with_type(rec.event_type.clone())
@@ -56,7 +62,7 @@ pub fn event_message(rec: RecordedEvent<String>) -> OutgoingMessage {
         .with_header(HEADER_RECORDED_AT, rec.recorded_at.to_rfc3339());
     OutgoingMessage {
         exchange: bus::EVENTS_EXCHANGE.to_owned(),
-        routing_key: event_routing_key(&rec),
+        routing_key,
         body: rec.payload.into_bytes(),
         properties,
     }

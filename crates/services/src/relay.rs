@@ -17,7 +17,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tracing::{debug, info, warn};
 
-use crate::message::event_message;
+use crate::message::{event_routing_key, keyed_event_message};
 use crate::ServiceError;
 
 pub const CHECKPOINT: &str = "relay";
@@ -311,11 +311,23 @@ enum Route {
     Skip,
 }
 
-/// What the active relay knows of the routing keys no service of ours binds (an
-/// outside program may bind a queue to any of them: contract, section 7).
-#[derive(Debug, Default)]
+/// What the active relay knows of the routing keys: those the services bind are
+/// known to be routed from the start; any other (an outside program may bind a queue
+/// to it: contract, section 7) is learnt from the broker.
+#[derive(Debug)]
 struct Bindings {
     keys: std::collections::HashMap<String, Known>,
+}
+
+impl Default for Bindings {
+    fn default() -> Self {
+        let keys = bus::topology::SERVICE_QUEUES
+            .iter()
+            .flat_map(|(_, keys)| keys.iter())
+            .map(|key| ((*key).to_owned(), Known::Routed))
+            .collect();
+        Bindings { keys }
+    }
 }
 
 impl Bindings {
@@ -323,12 +335,6 @@ impl Bindings {
     /// know (or no longer trusts) is sent to ask, and the key's later events are
     /// published with their pages until the answer comes.
     fn route(&mut self, routing_key: &str, now: Instant) -> Route {
-        if bus::topology::SERVICE_QUEUES
-            .iter()
-            .any(|(_, keys)| keys.contains(&routing_key))
-        {
-            return Route::Publish;
-        }
         match self.keys.get(routing_key) {
             Some(Known::Routed | Known::Asking) => Route::Publish,
             Some(Known::Unrouted(at)) if now.saturating_duration_since(*at) < UNBOUND_RECHECK => {
@@ -370,12 +376,18 @@ impl SortedPage {
         let now = Instant::now();
         let mut bindings = lock(bindings);
         for record in records {
-            match bindings.route(&crate::message::event_routing_key(&record), now) {
-                Route::Publish => match page.parts.last_mut() {
-                    Some(Part::Together(run)) => run.push(event_message(record)),
-                    _ => page.parts.push(Part::Together(vec![event_message(record)])),
-                },
-                Route::Ask => page.parts.push(Part::Alone(event_message(record))),
+            let routing_key = event_routing_key(&record);
+            match bindings.route(&routing_key, now) {
+                Route::Publish => {
+                    let message = keyed_event_message(record, routing_key);
+                    match page.parts.last_mut() {
+                        Some(Part::Together(run)) => run.push(message),
+                        _ => page.parts.push(Part::Together(vec![message])),
+                    }
+                }
+                Route::Ask => page
+                    .parts
+                    .push(Part::Alone(keyed_event_message(record, routing_key))),
                 Route::Skip => page.skipped += 1,
             }
         }
