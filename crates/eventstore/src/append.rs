@@ -447,7 +447,7 @@ async fn events_if_at(
     expected_last: Option<i64>,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
     let columns = EventColumns::of(events);
-    let row: (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+    let row: (Option<i64>, Option<i64>) = sqlx::query_as(
         "WITH current AS ( \
            SELECT max(stream_version) AS v FROM events WHERE stream_name = $1), \
          inserted AS ( \
@@ -460,7 +460,7 @@ async fn events_if_at(
            WHERE (SELECT v FROM current) IS NOT DISTINCT FROM $7 \
            ORDER BY t.ord \
            RETURNING global_position, stream_version) \
-         SELECT count(*), max(global_position), max(stream_version) FROM inserted",
+         SELECT max(global_position), max(stream_version) FROM inserted",
     )
     .bind(stream_name)
     .bind(&columns.event_ids)
@@ -471,10 +471,8 @@ async fn events_if_at(
     .bind(expected_last)
     .fetch_one(pool)
     .await?;
-    Ok(match row {
-        (inserted, Some(position), Some(version)) if inserted > 0 => Some((position, version)),
-        _ => None,
-    })
+    // Over no inserted row both are NULL.
+    Ok(row.0.zip(row.1))
 }
 
 /// Whether [`batch_statement`] can append `appends`: every stream's last version is
