@@ -267,6 +267,10 @@ impl Projection for MilestonesProjection {
         &["order_milestone_progress"]
     }
 
+    fn first_wins_tables(&self) -> &'static [&'static str] {
+        &["order_milestones"]
+    }
+
     fn apply_page<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -466,7 +470,7 @@ async fn write(
          )
          INSERT INTO order_milestones (order_id, milestone, reached_at, global_position)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[])
-         ON CONFLICT (order_id, milestone) DO NOTHING",
+         ON CONFLICT DO NOTHING",
     )
     .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
     .bind(

@@ -67,6 +67,15 @@ pub trait Projection: Send + Sync + 'static {
     fn state_tables(&self) -> &'static [&'static str] {
         &[]
     }
+    /// Those of its [`Projection::tables`] whose rows it only adds, a row with the key
+    /// of one already there being ignored (`ON CONFLICT DO NOTHING` without a conflict
+    /// target): the first row of a key wins. A rebuild writes them into copies without
+    /// indexes, where nothing is ignored, and keeps each key's first row when it
+    /// installs them ([`install_rebuild`]): one sort at the end instead of an index
+    /// insertion per row at a random place.
+    fn first_wins_tables(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Whether others wait on what it writes, so that committing a page of it should
     /// wake them (`EventStore::notify_projected`): the timer scheduler follows
     /// `timers`, and looks only when this wakes it, another process notifies, or its
@@ -298,8 +307,14 @@ async fn begin_rebuild(
     for table in rebuilt_tables(projection) {
         // `pg_temp` comes first on every search path: the projection's own statements,
         // which name their tables unqualified, write the copy.
+        let copy = if projection.first_wins_tables().contains(&table) {
+            // Numbered as the rows arrive, so that the install knows which came first.
+            format!("LIKE public.{table} INCLUDING ALL EXCLUDING INDEXES, {ARRIVAL} bigint GENERATED ALWAYS AS IDENTITY")
+        } else {
+            format!("LIKE public.{table} INCLUDING ALL")
+        };
         sqlx::query(&format!(
-            "CREATE TEMP TABLE {table} (LIKE public.{table} INCLUDING ALL) ON COMMIT DROP"
+            "CREATE TEMP TABLE {table} ({copy}) ON COMMIT DROP"
         ))
         .execute(&mut *tx)
         .await?;
@@ -359,23 +374,50 @@ const TRUNCATE_LOCK_WAIT: &str = "200ms";
 /// the table longer than [`TRUNCATE_LOCK_WAIT`], `DELETE` does it (slower, and readers
 /// go on seeing the old rows until the commit).
 async fn install_rebuild(done: &mut Rebuilt) -> Result<(), ProjectorError> {
-    for table in rebuilt_tables(done.projection.as_ref()) {
-        empty_live_table(&mut done.tx, table).await?;
-        // In key order, the index grows at its right edge instead of at random pages.
-        let key = crate::tables::primary_key(&mut done.tx, table).await?;
-        let order = if key.is_empty() {
-            String::new()
-        } else {
-            format!(" ORDER BY {}", key.join(", "))
-        };
-        sqlx::query(&format!(
-            "INSERT INTO public.{table} SELECT * FROM pg_temp.{table}{order}"
-        ))
+    sqlx::query(&format!("SET LOCAL work_mem = '{INSTALL_WORK_MEM}'"))
         .execute(&mut *done.tx)
         .await?;
+    for table in rebuilt_tables(done.projection.as_ref()) {
+        empty_live_table(&mut done.tx, table).await?;
+        let columns = crate::tables::columns_of(&mut done.tx, table).await?;
+        let key: Vec<String> = columns
+            .iter()
+            .filter(|(_, key)| *key)
+            .map(|(column, _)| crate::tables::ident(column))
+            .collect();
+        let listed = columns
+            .iter()
+            .map(|(column, _)| crate::tables::ident(column))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let select = if key.is_empty() {
+            format!("SELECT {listed} FROM pg_temp.{table}")
+        } else if done.projection.first_wins_tables().contains(&table) {
+            // In key order, the index grows at its right edge instead of at random pages.
+            format!(
+                "SELECT DISTINCT ON ({key}) {listed} FROM pg_temp.{table} ORDER BY {key}, {ARRIVAL}",
+                key = key.join(", ")
+            )
+        } else {
+            format!(
+                "SELECT {listed} FROM pg_temp.{table} ORDER BY {}",
+                key.join(", ")
+            )
+        };
+        sqlx::query(&format!("INSERT INTO public.{table} ({listed}) {select}"))
+            .execute(&mut *done.tx)
+            .await?;
     }
     Ok(())
 }
+
+/// The column that numbers the rows of a first-wins table's copy in the order they
+/// were added ([`Projection::first_wins_tables`]).
+const ARRIVAL: &str = "rebuild_arrival";
+
+/// Memory for the install's sorts (the server's default of 4 MB sorts half a million
+/// rows on disk); only for the rebuild's transaction.
+const INSTALL_WORK_MEM: &str = "256MB";
 
 async fn empty_live_table(
     tx: &mut Transaction<'static, Postgres>,

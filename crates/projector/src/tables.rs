@@ -20,19 +20,6 @@ pub(crate) async fn columns_of(
     .await?)
 }
 
-/// The table's primary key columns, quoted, in column order (empty without one).
-pub(crate) async fn primary_key(
-    conn: &mut PgConnection,
-    table: &str,
-) -> Result<Vec<String>, ProjectorError> {
-    Ok(columns_of(conn, table)
-        .await?
-        .into_iter()
-        .filter(|(_, key)| *key)
-        .map(|(column, _)| ident(&column))
-        .collect())
-}
-
 /// A quoted SQL identifier.
 pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -1,6 +1,8 @@
 use domain::commands::CancelOrder;
-use domain::OrderInput;
-use projector::ProjectorError;
+use domain::{EventEnvelope, OrderInput};
+use futures::future::BoxFuture;
+use projector::{Projection, ProjectorError};
+use sqlx::PgConnection;
 use testkit::TestDb;
 use uuid::Uuid;
 
@@ -264,5 +266,93 @@ async fn the_orders_per_status_follow_every_write_of_order_status() -> anyhow::R
     let (kept, counted) = counts(&db).await?;
     assert_eq!(kept, counted, "after a rebuild");
     assert_eq!(counted.iter().map(|(_, n)| n).sum::<i64>(), 4);
+    Ok(())
+}
+
+/// A projection whose table keeps, for each stream, the first row added for it
+/// (`first_wins_tables`). It adds a page's events last to first, so the row that wins
+/// is each stream's *last* event: the order rows arrive in decides, not their position.
+struct FirstAdded;
+
+impl Projection for FirstAdded {
+    fn name(&self) -> &'static str {
+        "first_added"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["first_added"]
+    }
+
+    fn first_wins_tables(&self) -> &'static [&'static str] {
+        &["first_added"]
+    }
+
+    fn apply_page<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [EventEnvelope],
+    ) -> BoxFuture<'a, Result<(), ProjectorError>> {
+        Box::pin(async move {
+            for env in events.iter().rev() {
+                sqlx::query(
+                    "INSERT INTO first_added (stream_name, global_position) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&env.stream_name)
+                .bind(env.global_position)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn first_added_rows(store: &eventstore::EventStore) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(
+        sqlx::query_as("SELECT stream_name, global_position FROM first_added ORDER BY stream_name")
+            .fetch_all(store.pool())
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn a_rebuild_keeps_the_first_row_added_for_each_key_of_a_first_wins_table(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let store = &db.store;
+    sqlx::query(
+        "CREATE TABLE first_added (stream_name text PRIMARY KEY, global_position bigint NOT NULL)",
+    )
+    .execute(db.pool())
+    .await?;
+    mixed_log(store).await?;
+    let projection = std::sync::Arc::new(FirstAdded);
+    catch_up(store, projection.as_ref()).await?;
+    let live = first_added_rows(store).await?;
+    let last_of_each: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_name, max(global_position) FROM events GROUP BY stream_name ORDER BY stream_name",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    assert_eq!(
+        live, last_of_each,
+        "the live projection keeps the first row added"
+    );
+    let longer: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM events GROUP BY stream_name HAVING count(*) > 1) s",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    assert!(longer > 0, "some stream has several events to choose from");
+
+    sqlx::query("UPDATE first_added SET global_position = -1")
+        .execute(db.pool())
+        .await?;
+    sqlx::query("INSERT INTO first_added VALUES ('ghost', 1)")
+        .execute(db.pool())
+        .await?;
+    projector::replay(store, projection, |_| {}).await?;
+    assert_eq!(first_added_rows(store).await?, live);
     Ok(())
 }
