@@ -6,33 +6,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use crate::harness::{order, System, DEADLINE};
+use testkit::http::{sample, scrape};
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// The body of `GET /metrics`.
-async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    anyhow::ensure!(response.starts_with("HTTP/1.0 200"), "{response}");
-    Ok(response)
-}
-
-/// The value of the sample `name{labels}` (exactly as rendered), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -50,6 +30,7 @@ async fn metrics_move_when_orders_flow() -> anyhow::Result<()> {
     sys.wait_status(id, "completed", DEADLINE).await?;
 
     let wanted = [
+        "orderflow_messages_handled_total{worker=\"router\"}",
         "orderflow_messages_handled_total{worker=\"commands\"}",
         "orderflow_messages_handled_total{worker=\"order\"}",
         "orderflow_messages_handled_total{worker=\"inventory\"}",

@@ -5,8 +5,6 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::Child;
 use uuid::Uuid;
 
@@ -29,19 +27,12 @@ async fn metrics_addrs(system: &System) -> anyhow::Result<Vec<SocketAddr>> {
 
 /// `orderflow_messages_handled_total{worker="commands"}` of the process serving `addr`.
 async fn commands_handled(addr: SocketAddr) -> anyhow::Result<f64> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("orderflow_messages_handled_total{worker=\"commands\"} ")
-        })
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0))
+    let metrics = testkit::http::scrape(addr).await?;
+    Ok(testkit::http::sample(
+        &metrics,
+        "orderflow_messages_handled_total{worker=\"commands\"}",
+    )
+    .unwrap_or(0.0))
 }
 
 /// How many processes own command partitions, waited for until it is `processes`,

@@ -405,8 +405,10 @@ async fn drive(
 
     let k = ctx.orders;
     let cpu_before = cpu_by_name();
+    let moved_before = processes.messages().await?;
     let burst = burst(pool, &channel, "bench-burst", k).await?;
     let cpu_after = cpu_by_name();
+    let moved = processes.messages().await?.since(moved_before);
     let (sustained, span, done, failed) = (burst.sustained, burst.span, burst.done, burst.failed);
     report.add(Row {
         key: "e2e_orders",
@@ -453,6 +455,7 @@ async fn drive(
             note: format!("{used:.1} CPU-s over {span:.1} s"),
         });
     }
+    messages_per_order(report, moved, k, raw_rate, sustained);
     report.note(format!(
         "CPU time during the burst of {k} orders ({span:.1} s on {} cores = {:.0} core-seconds): {} (postgres includes other sessions' work on the same server)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -610,6 +613,59 @@ async fn drive(
         ),
     });
     Ok(sustained)
+}
+
+/// The messages an order moves (deliveries and publishes during the burst, from the
+/// process's `/metrics`), and the rate the raw RabbitMQ baseline allows at that count.
+fn messages_per_order(
+    report: &mut Report,
+    moved: crate::workers::Messages,
+    orders: u64,
+    raw_rate: f64,
+    sustained: f64,
+) {
+    let per_order = |n: f64| n / orders as f64;
+    let delivered = per_order(moved.delivered);
+    // The shop's publish, the router's forward, the relay's events.
+    let published = 1.0 + per_order(moved.forwarded) + per_order(moved.relayed);
+    report.add(Row {
+        key: "e2e_msgs_per_order",
+        section: "end to end",
+        what: "messages per order during the burst: deliveries the workers took".to_owned(),
+        value: delivered,
+        unit: "deliveries",
+        baseline: None,
+        note: "from the process's /metrics: handled or failed, every worker".to_owned(),
+    });
+    report.add(Row {
+        key: "e2e_publishes_per_order",
+        section: "end to end",
+        what: "messages per order during the burst: publishes with confirms".to_owned(),
+        value: published,
+        unit: "publishes",
+        baseline: None,
+        note: format!(
+            "the shop's 1, the router's {:.2} forwards, the relay's {:.2} events",
+            per_order(moved.forwarded),
+            per_order(moved.relayed)
+        ),
+    });
+    if delivered > 0.0 {
+        let ceiling = raw_rate / delivered;
+        report.add(Row {
+            key: "e2e_broker_ceiling",
+            section: "end to end",
+            what: "orders/s the raw RabbitMQ rate allows at that many deliveries per order (the broker alone, the whole machine to itself)".to_owned(),
+            value: ceiling,
+            unit: "orders/s",
+            baseline: None,
+            note: format!(
+                "raw publish + consume {} msgs/s ÷ {delivered:.2}; the burst ran at {:.0}% of it with PostgreSQL and orderflow on the same cores",
+                fmt_value(raw_rate),
+                100.0 * sustained / ceiling
+            ),
+        });
+    }
 }
 
 /// Paced orders: published one by one at `rate`, latency from each publish to the

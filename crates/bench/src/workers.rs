@@ -2,6 +2,7 @@
 //! several `orderflow run --only …` side by side, on the bench's database and vhost;
 //! stopped with SIGINT; their CPU time read from /proc.
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,6 +19,48 @@ pub const WORKERS: [&str; 9] = services::runtime::ALL_WORKERS;
 struct Process {
     workers: Vec<&'static str>,
     child: Child,
+    /// Where it serves `/metrics` (`ORDERFLOW_HTTP_ADDR`).
+    http: SocketAddr,
+}
+
+/// What the processes' `/metrics` count of the messages they moved, summed over them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Messages {
+    /// Deliveries a handler finished (acked, forwarded, or failed and retried or
+    /// dead-lettered): every message the broker delivered and a worker took.
+    pub delivered: f64,
+    /// Of those, the commands the router forwarded to a partition queue (a publish).
+    pub forwarded: f64,
+    /// Events the relay published.
+    pub relayed: f64,
+}
+
+impl Messages {
+    fn of(metrics: &str) -> Messages {
+        use testkit::http::{sample, sum};
+        Messages {
+            delivered: sum(metrics, services::metrics::MESSAGES_HANDLED)
+                + sum(metrics, services::metrics::MESSAGES_FAILED),
+            forwarded: sample(
+                metrics,
+                &format!(
+                    "{}{{worker=\"router\"}}",
+                    services::metrics::MESSAGES_HANDLED
+                ),
+            )
+            .unwrap_or(0.0),
+            relayed: sum(metrics, services::metrics::EVENTS_RELAYED),
+        }
+    }
+
+    /// What was moved between `before` and `self`.
+    pub fn since(self, before: Messages) -> Messages {
+        Messages {
+            delivered: self.delivered - before.delivered,
+            forwarded: self.forwarded - before.forwarded,
+            relayed: self.relayed - before.relayed,
+        }
+    }
 }
 
 /// Processes started together, sharing one log file.
@@ -42,6 +85,7 @@ impl Processes {
             .open(&log_path)?;
         let mut running = Vec::with_capacity(layout.len());
         for workers in layout {
+            let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
             let mut command = Command::new(&ctx.orderflow_bin);
             command.arg("run");
             for worker in workers {
@@ -53,6 +97,7 @@ impl Processes {
                 .env("ORDERFLOW_DELIVERY_DELAY", "0s")
                 .env("ORDERFLOW_EXPRESS_DELIVERY_DELAY", "0s")
                 .env("RUST_LOG", "warn")
+                .env("ORDERFLOW_HTTP_ADDR", http.to_string())
                 .stdout(Stdio::null())
                 .stderr(log.try_clone()?)
                 .kill_on_drop(true)
@@ -61,6 +106,7 @@ impl Processes {
             running.push(Process {
                 workers: workers.clone(),
                 child,
+                http,
             });
         }
         Ok(Processes { running, log_path })
@@ -77,6 +123,24 @@ impl Processes {
             }
         }
         Ok(())
+    }
+
+    /// The messages every process has moved so far, from their `/metrics`.
+    pub async fn messages(&self) -> anyhow::Result<Messages> {
+        let mut total = Messages::default();
+        for process in &self.running {
+            let metrics = testkit::http::scrape(process.http).await.with_context(|| {
+                format!(
+                    "reading the metrics of orderflow run {}",
+                    label(&process.workers)
+                )
+            })?;
+            let moved = Messages::of(&metrics);
+            total.delivered += moved.delivered;
+            total.forwarded += moved.forwarded;
+            total.relayed += moved.relayed;
+        }
+        Ok(total)
     }
 
     /// CPU seconds used so far by each process, by what it runs (two processes of the

@@ -486,15 +486,18 @@ async fn consume_commands(
     // after the previous one closed its channel, so what it had prefetched is back at
     // the front of the queue first (with single active consumer alone, a waiting
     // router would become active at the cancel, before those return).
+    let routing: Arc<dyn bus::Handler> = Arc::new(crate::metrics::Metered::new(
+        "router",
+        Arc::new(CommandRouter),
+    ));
     let route_one: ConsumeOne = {
         let bus = bus.clone();
+        let routing = routing.clone();
         Arc::new(move |queue, stop| {
             let bus = bus.clone();
+            let routing = routing.clone();
             Box::pin(async move {
-                Ok(
-                    bus::consume(&bus, queue, router_options(), Arc::new(CommandRouter), stop)
-                        .await?,
-                )
+                Ok(bus::consume(&bus, queue, router_options(), routing, stop).await?)
             })
         })
     };
@@ -513,7 +516,7 @@ async fn consume_commands(
         &bus,
         LEGACY_COMMAND_INTAKE_QUEUE,
         router_options(),
-        Arc::new(CommandRouter),
+        routing,
         shutdown.clone(),
     );
     let owned = crate::partitions::consume_owned(partitioned, consume_one, shutdown.clone());

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use services::settings::{HttpAddr, Settings};
+use testkit::http::get;
 use testkit::{TestDb, TestVhost};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -92,26 +92,6 @@ fn reroute(url: &str, via: SocketAddr) -> anyhow::Result<(String, String)> {
         authority.to_owned(),
         format!("{scheme}://{userinfo}@{via}/{path}"),
     ))
-}
-
-/// `GET path` over HTTP/1.0: (status, body).
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Waits until `GET path` answers `status`; returns the body.

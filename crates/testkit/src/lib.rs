@@ -5,6 +5,7 @@
 mod broker;
 mod db;
 pub mod fixtures;
+pub mod http;
 mod url;
 mod wait;
 
