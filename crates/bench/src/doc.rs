@@ -564,7 +564,16 @@ fn where_the_time_goes(report: &Report) -> String {
          insertion into a unique index at a random place (order ids are random) is \
          replaced by one sort when the copy is installed, which keeps each key's first \
          arrival (`Projection::first_wins_tables`; 1M events, A B A B: order_milestones \
-         alone 153k → 176k events/s, all four 123k → 137k). Both cores are busy throughout: only less work per \
+         alone 153k → 176k events/s, all four 123k → 137k). The copies are never \
+         analysed, and the planner took them for small: order_status's page statement \
+         joined a page's keys to its copy by hashing a scan of the whole copy, twice, \
+         on every page, so the rebuild slowed down as the copy grew (about 50 ms a page \
+         near the end of a million events; found with auto_explain). A rebuild now turns \
+         sequential scans off for its transaction (every statement of a projection \
+         finds rows by key; `runner::find_rows_by_key`, also for verify's rebuild): \
+         order_status's pages take a few ms, and order_status alone went from \
+         169-177k to 193k events/s, all four from 125-130k to 139k (5 Dec, one run each \
+         with auto_explain on). Both cores are busy throughout: only less work per \
          event, not more overlap, raises this rate further.",
         v(report, "replay_order_status"),
         v(report, "replay_stock_levels"),

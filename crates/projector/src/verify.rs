@@ -25,7 +25,7 @@ use eventstore::{EventStore, LogPosition, RecordedEvent};
 use sqlx::PgConnection;
 use tracing::{info, warn};
 
-use crate::runner::{checkpoint_name, ensure_schema};
+use crate::runner::{checkpoint_name, ensure_schema, find_rows_by_key};
 use crate::tables::{columns_of, ident};
 use crate::{Projection, ProjectorError, PAGE_SIZE};
 
@@ -151,7 +151,10 @@ pub async fn verify(
         .chain(projections.iter().flat_map(|p| p.state_tables()).copied())
         .collect();
     create_shadow(&mut tx, &shadowed).await?;
+    find_rows_by_key(&mut tx, true).await?;
     let events = rebuild(store, &mut tx, projections, &checkpoints).await?;
+    // The comparison reads every row of both sides.
+    find_rows_by_key(&mut tx, false).await?;
     let mut diffs = Vec::with_capacity(tables.len());
     for table in &tables {
         diffs.push(diff_table(&mut tx, table).await?);
