@@ -409,10 +409,10 @@ async fn install_rebuild(done: &mut Rebuilt) -> Result<(), ProjectorError> {
             .map(|(column, _)| crate::tables::ident(column))
             .collect::<Vec<_>>()
             .join(", ");
+        // In key order, the index grows at its right edge instead of at random pages.
         let select = if key.is_empty() {
             format!("SELECT {listed} FROM pg_temp.{table}")
         } else if done.projection.first_wins_tables().contains(&table) {
-            // In key order, the index grows at its right edge instead of at random pages.
             format!(
                 "SELECT DISTINCT ON ({key}) {listed} FROM pg_temp.{table} ORDER BY {key}, {ARRIVAL}",
                 key = key.join(", ")
