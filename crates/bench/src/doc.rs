@@ -435,6 +435,19 @@ fn ratio(report: &Report, key: &str) -> String {
         .map_or_else(|| "n/a".to_owned(), crate::report::fmt_ratio)
 }
 
+/// Orders/s the raw work of RabbitMQ and PostgreSQL alone allows, each measured with
+/// the whole machine to itself: an order's deliveries at the raw publish + consume
+/// rate, then its appending transactions at the raw single-row INSERT rate (8 clients).
+/// Returns that INSERT rate and the ceiling; `None` unless this run measured both.
+fn raw_services_ceiling(report: &Report) -> Option<(f64, f64)> {
+    let rabbit = report.value("rabbit")?;
+    let insert = report.get("append1_8")?.baseline.as_ref()?.1;
+    let deliveries = report.value("e2e_msgs_per_order")?;
+    let transactions = report.value("e2e_tx_per_order")?;
+    let seconds = deliveries / rabbit + transactions / insert;
+    (seconds > 0.0).then(|| (insert, 1.0 / seconds))
+}
+
 /// The analysis, with this run's numbers.
 fn where_the_time_goes(report: &Report) -> String {
     let mut out = String::new();
@@ -447,6 +460,22 @@ fn where_the_time_goes(report: &Report) -> String {
         cores * 1000.0 / cpu_per_order
     } else {
         f64::NAN
+    };
+    let with_postgres = match raw_services_ceiling(report) {
+        Some((insert, ceiling)) => format!(
+            "with PostgreSQL's {} appending transactions per order at its raw single-row \
+             INSERT rate with 8 clients ({} per s, the storage rows), the two servers' raw \
+             work alone caps this machine near {} orders/s, however little orderflow itself \
+             costs",
+            v(report, "e2e_tx_per_order"),
+            fmt_value(insert),
+            fmt_value(ceiling)
+        ),
+        None => format!(
+            "PostgreSQL's {} appending transactions per order come on top (its raw \
+             single-row INSERT rate is in the storage rows, of another run)",
+            v(report, "e2e_tx_per_order")
+        ),
     };
     let _ = writeln!(
         out,
@@ -643,9 +672,8 @@ fn where_the_time_goes(report: &Report) -> String {
          the partition, and the events each service waits for). The raw RabbitMQ \
          baseline above moves {} messages/s with the whole machine to itself (a \
          publish with confirm and a delivery with ack each): at {} deliveries per order \
-         that is {} orders/s for the broker alone, before PostgreSQL (4–5 flushing \
-         commits per order against its raw single-INSERT rate, in the storage rows) or \
-         orderflow use a cycle. 1,000 orders/s on this machine would need about {} ms \
+         that is {} orders/s for the broker alone, before PostgreSQL or orderflow use a \
+         cycle; {with_postgres}. 1,000 orders/s on this machine would need about {} ms \
          of CPU per order in total; what is left is the number of messages and round \
          trips per order, not what any one of them computes. At half load the latency is the sum of the hops (command → \
          OrderPlaced/Accepted → relay → inventory and payment → relay → saga → \
