@@ -270,8 +270,9 @@ async fn the_orders_per_status_follow_every_write_of_order_status() -> anyhow::R
 }
 
 /// A projection whose table keeps, for each stream, the first row added for it
-/// (`first_wins_tables`). It adds a page's events last to first, so the row that wins
-/// is each stream's *last* event: the order rows arrive in decides, not their position.
+/// (`first_wins_tables`): its first event, whatever the pages. Each row's `rank` falls
+/// as the log goes on, so the row that must win has the greatest rank of its key: the
+/// order rows arrive in decides, not the order of a column.
 struct FirstAdded;
 
 impl Projection for FirstAdded {
@@ -293,13 +294,13 @@ impl Projection for FirstAdded {
         events: &'a [EventEnvelope],
     ) -> BoxFuture<'a, Result<(), ProjectorError>> {
         Box::pin(async move {
-            for env in events.iter().rev() {
+            for env in events {
                 sqlx::query(
-                    "INSERT INTO first_added (stream_name, global_position) VALUES ($1, $2)
+                    "INSERT INTO first_added (stream_name, rank) VALUES ($1, $2)
                      ON CONFLICT DO NOTHING",
                 )
                 .bind(&env.stream_name)
-                .bind(env.global_position)
+                .bind(-env.global_position)
                 .execute(&mut *conn)
                 .await?;
             }
@@ -310,7 +311,7 @@ impl Projection for FirstAdded {
 
 async fn first_added_rows(store: &eventstore::EventStore) -> anyhow::Result<Vec<(String, i64)>> {
     Ok(
-        sqlx::query_as("SELECT stream_name, global_position FROM first_added ORDER BY stream_name")
+        sqlx::query_as("SELECT stream_name, rank FROM first_added ORDER BY stream_name")
             .fetch_all(store.pool())
             .await?,
     )
@@ -321,22 +322,21 @@ async fn a_rebuild_keeps_the_first_row_added_for_each_key_of_a_first_wins_table(
 ) -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let store = &db.store;
-    sqlx::query(
-        "CREATE TABLE first_added (stream_name text PRIMARY KEY, global_position bigint NOT NULL)",
-    )
-    .execute(db.pool())
-    .await?;
+    sqlx::query("CREATE TABLE first_added (stream_name text PRIMARY KEY, rank bigint NOT NULL)")
+        .execute(db.pool())
+        .await?;
     mixed_log(store).await?;
     let projection = std::sync::Arc::new(FirstAdded);
     catch_up(store, projection.as_ref()).await?;
     let live = first_added_rows(store).await?;
-    let last_of_each: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT stream_name, max(global_position) FROM events GROUP BY stream_name ORDER BY stream_name",
+    // A stream's events are in the log in the order of their positions.
+    let first_of_each: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_name, -min(global_position) FROM events GROUP BY stream_name ORDER BY stream_name",
     )
     .fetch_all(db.pool())
     .await?;
     assert_eq!(
-        live, last_of_each,
+        live, first_of_each,
         "the live projection keeps the first row added"
     );
     let longer: i64 = sqlx::query_scalar(
@@ -346,7 +346,7 @@ async fn a_rebuild_keeps_the_first_row_added_for_each_key_of_a_first_wins_table(
     .await?;
     assert!(longer > 0, "some stream has several events to choose from");
 
-    sqlx::query("UPDATE first_added SET global_position = -1")
+    sqlx::query("UPDATE first_added SET rank = 1")
         .execute(db.pool())
         .await?;
     sqlx::query("INSERT INTO first_added VALUES ('ghost', 1)")
