@@ -399,35 +399,36 @@ async fn install_rebuild(done: &mut Rebuilt) -> Result<(), ProjectorError> {
     for table in rebuilt_tables(done.projection.as_ref()) {
         empty_live_table(&mut done.tx, table).await?;
         let columns = crate::tables::columns_of(&mut done.tx, table).await?;
-        let key: Vec<String> = columns
-            .iter()
-            .filter(|(_, key)| *key)
-            .map(|(column, _)| crate::tables::ident(column))
-            .collect();
-        let listed = columns
-            .iter()
-            .map(|(column, _)| crate::tables::ident(column))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // In key order, the index grows at its right edge instead of at random pages.
-        let select = if key.is_empty() {
-            format!("SELECT {listed} FROM pg_temp.{table}")
-        } else if done.projection.first_wins_tables().contains(&table) {
-            format!(
-                "SELECT DISTINCT ON ({key}) {listed} FROM pg_temp.{table} ORDER BY {key}, {ARRIVAL}",
-                key = key.join(", ")
-            )
-        } else {
-            format!(
-                "SELECT {listed} FROM pg_temp.{table} ORDER BY {}",
-                key.join(", ")
-            )
-        };
-        sqlx::query(&format!("INSERT INTO public.{table} ({listed}) {select}"))
+        let first_wins = done.projection.first_wins_tables().contains(&table);
+        sqlx::query(&install_sql(table, &columns, first_wins))
             .execute(&mut *done.tx)
             .await?;
     }
     Ok(())
+}
+
+/// The statement that copies `table`'s rebuilt rows into the live table: in key
+/// order, so that the index grows at its right edge instead of at random pages, and
+/// for a first-wins table only each key's first arrival. `columns` as
+/// [`crate::tables::columns_of`] gives them.
+fn install_sql(table: &str, columns: &[(String, bool)], first_wins: bool) -> String {
+    let named = |keys_only: bool| {
+        columns
+            .iter()
+            .filter(|(_, key)| *key || !keys_only)
+            .map(|(column, _)| crate::tables::ident(column))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (listed, key) = (named(false), named(true));
+    let select = match (key.is_empty(), first_wins) {
+        (true, _) => format!("SELECT {listed} FROM pg_temp.{table}"),
+        (false, false) => format!("SELECT {listed} FROM pg_temp.{table} ORDER BY {key}"),
+        (false, true) => format!(
+            "SELECT DISTINCT ON ({key}) {listed} FROM pg_temp.{table} ORDER BY {key}, {ARRIVAL}"
+        ),
+    };
+    format!("INSERT INTO public.{table} ({listed}) {select}")
 }
 
 /// The column that numbers the rows of a first-wins table's copy in the order they
