@@ -645,8 +645,9 @@ fn messages_per_order(
         unit: "publishes",
         baseline: None,
         note: format!(
-            "the shop's 1, the router's {:.2} forwards, the relay's {:.2} events",
+            "the shop's 1, the router's {:.2} forwards ({:.2} more handed over in process), the relay's {:.2} events",
             per_order(moved.forwarded),
+            per_order(moved.handed_over),
             per_order(moved.relayed)
         ),
     });

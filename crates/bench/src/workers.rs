@@ -26,11 +26,14 @@ struct Process {
 /// What the processes' `/metrics` count of the messages they moved, summed over them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Messages {
-    /// Deliveries a handler finished (acked, forwarded, or failed and retried or
-    /// dead-lettered): every message the broker delivered and a worker took.
+    /// Deliveries from the broker a handler finished (acked, forwarded, or failed and
+    /// retried or dead-lettered): the handlers' count less the commands the router
+    /// handed over in process, which two handlers see in one delivery.
     pub delivered: f64,
-    /// Of those, the commands the router forwarded to a partition queue (a publish).
+    /// Commands the router published to a partition queue.
     pub forwarded: f64,
+    /// Commands the router handed over to a partition of its own process.
+    pub handed_over: f64,
     /// Events the relay published.
     pub relayed: f64,
 }
@@ -38,17 +41,21 @@ pub struct Messages {
 impl Messages {
     fn of(metrics: &str) -> Messages {
         use testkit::http::{sample, sum};
+        let handed_over = sum(metrics, bus::MESSAGES_HANDED_OVER);
+        let routed = sample(
+            metrics,
+            &format!(
+                "{}{{worker=\"router\"}}",
+                services::metrics::MESSAGES_HANDLED
+            ),
+        )
+        .unwrap_or(0.0);
         Messages {
             delivered: sum(metrics, services::metrics::MESSAGES_HANDLED)
-                + sum(metrics, services::metrics::MESSAGES_FAILED),
-            forwarded: sample(
-                metrics,
-                &format!(
-                    "{}{{worker=\"router\"}}",
-                    services::metrics::MESSAGES_HANDLED
-                ),
-            )
-            .unwrap_or(0.0),
+                + sum(metrics, services::metrics::MESSAGES_FAILED)
+                - handed_over,
+            forwarded: routed - handed_over,
+            handed_over,
             relayed: sum(metrics, services::metrics::EVENTS_RELAYED),
         }
     }
@@ -58,6 +65,7 @@ impl Messages {
         Messages {
             delivered: self.delivered - before.delivered,
             forwarded: self.forwarded - before.forwarded,
+            handed_over: self.handed_over - before.handed_over,
             relayed: self.relayed - before.relayed,
         }
     }
@@ -138,6 +146,7 @@ impl Processes {
             let moved = Messages::of(&metrics);
             total.delivered += moved.delivered;
             total.forwarded += moved.forwarded;
+            total.handed_over += moved.handed_over;
             total.relayed += moved.relayed;
         }
         Ok(total)

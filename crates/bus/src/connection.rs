@@ -14,7 +14,8 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use crate::consume::answered;
+use crate::consume::{answered, LocalConsumer};
+use crate::local::LocalQueues;
 use crate::topology::declare_topology;
 use crate::BusError;
 
@@ -63,6 +64,8 @@ struct Inner {
     send_turn: Mutex<()>,
     /// Leases on the channels for mandatory publishes (see [`Bus::lease_returning_channel`]).
     returning_slots: Arc<Semaphore>,
+    /// The queues this process's consumers take forwarded messages for in process.
+    local: LocalQueues<LocalConsumer>,
 }
 
 /// How many mandatory publishes may be in flight at once, each on a channel of its own.
@@ -123,12 +126,17 @@ impl Bus {
                 connects: AtomicU64::new(0),
                 send_turn: Mutex::new(()),
                 returning_slots: Arc::new(Semaphore::new(RETURNING_CHANNELS)),
+                local: LocalQueues::default(),
             }),
         };
         let mut state = bus.inner.state.lock().await;
         bus.ensure_connected(&mut state).await?;
         drop(state);
         Ok(bus)
+    }
+
+    pub(crate) fn local_queues(&self) -> &LocalQueues<LocalConsumer> {
+        &self.inner.local
     }
 
     /// `host:port/vhost` of the broker (no credentials).

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::acks::Acks;
+use crate::local::{Entry, Gate, HandedOver, Sink, MARKER_TYPE};
 use crate::message::{headers, short};
 use crate::publish::Prepared;
 use crate::topology::DEAD_LETTER_QUEUE;
@@ -80,6 +81,14 @@ pub struct ConsumeOptions {
     /// transient failure: a handler stuck on something that never answers must not
     /// hold its delivery, and every message queued behind it, for ever.
     pub handler_timeout: Duration,
+    /// Take the messages this process forwards to this queue in process, without the
+    /// broker, once the queue is drained (see `local`): for a queue only this
+    /// process consumes while it does (a partition).
+    pub local_hand_off: bool,
+    /// This consumer's handler forwards (a router): each time it starts, the queues
+    /// that take hand-offs here drain again, since another process's router may have
+    /// forwarded to them until now.
+    pub forwards: bool,
 }
 
 impl Default for ConsumeOptions {
@@ -94,6 +103,8 @@ impl Default for ConsumeOptions {
             shutdown_grace: Duration::from_secs(30),
             delayed_retry_rounds: 4,
             handler_timeout: Duration::from_secs(30),
+            local_hand_off: false,
+            forwards: false,
         }
     }
 }
@@ -145,6 +156,12 @@ pub async fn consume(
     let semaphore = Arc::new(Semaphore::new(permits as usize));
     let lanes = Lanes::start(permits as usize, bus, &handler, &options);
     let queue_arc: Arc<str> = Arc::from(queue);
+    let gate = options
+        .local_hand_off
+        .then(|| bus.local_queues().gate(queue));
+    // What was handed over before the channel died: it goes through the queue, and
+    // the next marker waits for it.
+    let mut lost: Option<Arc<Sink<LocalConsumer>>> = None;
     let mut reconnect = crate::connection::reconnect_schedule(Duration::MAX);
     reconnect.max_elapsed_time = None;
     tokio::pin!(shutdown);
@@ -173,6 +190,25 @@ pub async fn consume(
         reconnect.reset();
         info!(queue, consumer_tag = %consumer.tag(), "consuming");
         let acks = Acks::start(options.prefetch);
+        if let Some(gate) = &gate {
+            let marker = gate.install(Arc::new(Sink::new(LocalConsumer {
+                bus: bus.clone(),
+                handler: handler.clone(),
+                lanes: lanes.clone(),
+                options: options.clone(),
+            })));
+            if let Some(stale) = lost.take() {
+                stale.settled().await;
+            }
+            drain_through(bus, gate, marker).await;
+        }
+        if options.forwards {
+            for consumed in bus.local_queues().consumed() {
+                if let Some(marker) = consumed.redrain() {
+                    drain_through(bus, &consumed, marker).await;
+                }
+            }
+        }
 
         let stopped = loop {
             let permit = tokio::select! {
@@ -191,6 +227,14 @@ pub async fn consume(
             };
             match next {
                 Some(Ok(delivery)) => {
+                    if let Some(marker) = marker_of(&delivery) {
+                        acks.delivered(delivery.delivery_tag);
+                        acks.finished(delivery.delivery_tag, delivery.acker.clone());
+                        if gate.as_ref().is_some_and(|gate| gate.arrived(marker)) {
+                            info!(queue, "queue drained: messages forwarded to it in this process are handed over");
+                        }
+                        continue;
+                    }
                     let span = info_span!(
                         "delivery",
                         queue,
@@ -214,19 +258,11 @@ pub async fn consume(
                         acks: acks.clone(),
                         delivery,
                         incoming,
-                        permit,
+                        _permit: permit,
                         span,
+                        handed_over: None,
                     };
-                    match handler.ordering_key(&job.incoming) {
-                        Some(key) => lanes.push(&key, job),
-                        None => {
-                            let span = job.span.clone();
-                            tokio::spawn(
-                                process(bus.clone(), handler.clone(), job, options.clone())
-                                    .instrument(span),
-                            );
-                        }
-                    }
+                    dispatch(bus, &handler, &lanes, &options, job);
                 }
                 Some(Err(err)) => {
                     warn!(queue, error = %err, "consumer failed; reconnecting");
@@ -242,6 +278,7 @@ pub async fn consume(
             }
         };
         if stopped {
+            let handed_to_us = gate.as_ref().and_then(|gate| gate.close(false));
             let tag = consumer.tag();
             let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
             match answered("cancelling the consumer", cancel).await {
@@ -250,6 +287,15 @@ pub async fn consume(
                 Err(err) => debug!(queue, error = %err, "cancelling the consumer failed"),
             }
             drain(&semaphore, permits, options.shutdown_grace, queue).await;
+            if let Some(sink) = handed_to_us {
+                let settled = sink.settled();
+                if tokio::time::timeout(options.shutdown_grace, settled)
+                    .await
+                    .is_err()
+                {
+                    warn!(queue, "messages handed over did not finish in time (the broker will redeliver them)");
+                }
+            }
             // The finished handlers' acks go out before the channel closes; closing
             // first would return their messages to the queue.
             let _ = answered("sending the last acks", acks.flush()).await;
@@ -259,6 +305,9 @@ pub async fn consume(
             )
             .await;
             return Ok(());
+        }
+        if let Some(gate) = &gate {
+            lost = gate.close(true);
         }
         drop(consumer);
         drop(channel);
@@ -317,12 +366,126 @@ struct Job {
     acks: Acks,
     delivery: Delivery,
     incoming: Incoming,
-    permit: OwnedSemaphorePermit,
+    /// Its concurrency permit, given back when the job is dropped (settled).
+    _permit: OwnedSemaphorePermit,
     span: tracing::Span,
+    /// Forwarded by a router of this process and handed over to this consumer (the
+    /// delivery, acks and permit are the router's).
+    handed_over: Option<HandedOver<LocalConsumer>>,
+}
+
+/// Runs a job on its key's lane, or at once when it has no key.
+fn dispatch(
+    bus: &Bus,
+    handler: &Arc<dyn Handler>,
+    lanes: &Lanes,
+    options: &ConsumeOptions,
+    job: Job,
+) {
+    match handler.ordering_key(&job.incoming) {
+        Some(key) => lanes.push(&key, job),
+        None => {
+            let span = job.span.clone();
+            tokio::spawn(
+                process(bus.clone(), handler.clone(), job, options.clone()).instrument(span),
+            );
+        }
+    }
+}
+
+/// A consumer that takes hand-offs: what [`dispatch`] needs.
+pub(crate) struct LocalConsumer {
+    bus: Bus,
+    handler: Arc<dyn Handler>,
+    lanes: Lanes,
+    options: ConsumeOptions,
+}
+
+/// Messages handed over to a consumer of this process instead of published to its
+/// queue, per queue.
+pub const MESSAGES_HANDED_OVER: &str = "orderflow_messages_handed_over_total";
+
+/// How long a forward waits for a queue's marker before it gives up handing over to
+/// it (until the next drain) and publishes. The marker is behind the queue's backlog,
+/// which its consumer takes at full speed: this only guards against one lost.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Forwards `job` to `queue`: to this process's consumer of it when its gate is open,
+/// else published (returned with the publish's result, to be settled).
+async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), BusError>)> {
+    let gate = bus.local_queues().gate(queue);
+    let patience = tokio::time::sleep(DRAIN_PATIENCE);
+    tokio::pin!(patience);
+    loop {
+        let changed = gate.changed();
+        match gate.enter() {
+            Entry::HandOver(handed) => {
+                let mut job = job;
+                let to = handed.sink.clone();
+                job.handed_over = Some(handed);
+                metrics::counter!(MESSAGES_HANDED_OVER, "queue" => queue.to_owned()).increment(1);
+                let consumer = &to.consumer;
+                dispatch(
+                    &consumer.bus,
+                    &consumer.handler,
+                    &consumer.lanes,
+                    &consumer.options,
+                    job,
+                );
+                return None;
+            }
+            Entry::Publish(publishing) => {
+                let published = forward(bus, &job.delivery, &job.incoming, queue).await;
+                drop(publishing);
+                return Some((job, published));
+            }
+            Entry::Wait(marker) => {
+                tokio::select! {
+                    () = changed => {}
+                    () = &mut patience => {
+                        warn!(queue, ?DRAIN_PATIENCE, "the queue's hand-off marker did not come back; forwarding through the queue");
+                        if let Some(marker) = marker {
+                            gate.abandon(marker);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends `marker` to the gate's queue once no forward to it is being published; one
+/// that cannot be sent leaves the gate closed (forwards are published).
+async fn drain_through(bus: &Bus, gate: &Gate<LocalConsumer>, marker: uuid::Uuid) {
+    gate.quiet().await;
+    let properties = lapin::BasicProperties::default()
+        .with_type(ShortString::from(MARKER_TYPE))
+        .with_message_id(ShortString::from(marker.to_string()));
+    let sent = match Prepared::new("", gate.queue(), &[], properties, true) {
+        Ok(message) => bus.publish_prepared(&message).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = sent {
+        warn!(queue = gate.queue(), %error, "cannot send the hand-off marker; forwarding through the queue");
+        gate.abandon(marker);
+    }
+}
+
+/// The marker, if the delivery is one.
+fn marker_of(delivery: &Delivery) -> Option<uuid::Uuid> {
+    let properties = &delivery.properties;
+    if properties.kind().as_ref().map(ShortString::as_str) != Some(MARKER_TYPE) {
+        return None;
+    }
+    properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| id.as_str().parse().ok())
 }
 
 /// Sequential lanes for keyed messages: a key always maps to the same lane, and a lane
 /// handles its jobs one after another in the order they were delivered.
+#[derive(Clone)]
 struct Lanes {
     senders: Vec<mpsc::UnboundedSender<Job>>,
 }
@@ -386,48 +549,87 @@ enum Verdict {
 /// Runs the handler (retrying as asked), then acks or dead-letters. Holds its
 /// semaphore permit until the delivery is settled.
 async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: ConsumeOptions) {
-    let Job {
-        queue,
-        acks,
-        delivery,
-        incoming,
-        permit: _permit,
-        span: _,
-    } = job;
-    if delivery.acker.poisoned() {
+    if job.delivery.acker.poisoned() {
         // Its channel died while it waited in a lane: the broker has requeued it and
         // delivers it again on the new channel. Handling it here would do the work
         // twice, and its ack could not reach the broker anyway.
         debug!("the delivery's channel is gone; left for redelivery");
-        acks.settled(delivery.delivery_tag);
+        job.acks.settled(job.delivery.delivery_tag);
         return;
     }
-    let verdict = run_handler(&handler, &incoming, &options).await;
-    let settled = match verdict {
+    let stale = job.handed_over.as_ref().filter(|handed| handed.is_stale());
+    let verdict = match stale {
+        // Its consumer lost its channel: the messages the broker requeued come first,
+        // so this one goes behind them, through the queue.
+        Some(handed) => {
+            let queue = handed.gate.queue().to_owned();
+            debug!(
+                queue,
+                "handed over before the consumer's channel died; publishing it to its queue"
+            );
+            let published = forward(&bus, &job.delivery, &job.incoming, &queue).await;
+            return settle(job, published).await;
+        }
+        None => run_handler(&handler, &job.incoming, &options).await,
+    };
+    let (job, settled) = match verdict {
+        Verdict::Forward { queue } => match hand_over(&bus, &queue, job).await {
+            Some(published) => published,
+            None => return,
+        },
+        verdict => {
+            let settled = conclude(&bus, &handler, &job, &options, verdict).await;
+            (job, settled)
+        }
+    };
+    settle(job, settled).await;
+}
+
+/// Carries out a verdict other than a forward.
+async fn conclude(
+    bus: &Bus,
+    handler: &Arc<dyn Handler>,
+    job: &Job,
+    options: &ConsumeOptions,
+    verdict: Verdict,
+) -> Result<(), BusError> {
+    let Job {
+        queue,
+        delivery,
+        incoming,
+        ..
+    } = job;
+    let bus = bus.clone();
+    match verdict {
         Verdict::Ack => Ok(()),
-        Verdict::Forward { queue } => forward(&bus, &delivery, &incoming, &queue).await,
+        Verdict::Forward { queue } => forward(&bus, delivery, incoming, &queue).await,
         Verdict::RetryLater { reason, attempts } => {
-            let round = retry_round(&incoming).saturating_add(1);
-            if let Some(parking) = handler.park(&incoming, &reason, attempts) {
+            let round = retry_round(incoming).saturating_add(1);
+            if let Some(parking) = handler.park(incoming, &reason, attempts) {
                 park(parking, &reason, attempts).await
             } else if round <= options.delayed_retry_rounds {
                 let tier = crate::topology::retry_tier(round);
                 warn!(reason = %reason, attempts, round, tier, "retrying later");
-                delay(&bus, &queue, &delivery, &incoming, tier, round, attempts).await
+                delay(&bus, queue, delivery, incoming, tier, round, attempts).await
             } else {
                 let reason = format!(
                     "{reason} (gave up after {attempts} attempts and {} delayed retries)",
                     round - 1
                 );
                 warn!(reason = %reason, attempts, "dead-lettering message");
-                dead_letter(&bus, &delivery, &incoming, &reason, attempts).await
+                dead_letter(&bus, delivery, incoming, &reason, attempts).await
             }
         }
         Verdict::DeadLetter { reason, attempts } => {
             warn!(reason = %reason, attempts, "dead-lettering message");
-            dead_letter(&bus, &delivery, &incoming, &reason, attempts).await
+            dead_letter(&bus, delivery, incoming, &reason, attempts).await
         }
-    };
+    }
+}
+
+/// Acks the delivery once what became of it is done, or returns it to its queue.
+async fn settle(job: Job, settled: Result<(), BusError>) {
+    let Job { acks, delivery, .. } = job;
     match settled {
         Ok(()) => acks.finished(delivery.delivery_tag, delivery.acker.clone()),
         Err(err) => {

@@ -14,14 +14,16 @@ mod connection;
 mod consume;
 mod dlq;
 mod error;
+mod local;
 mod message;
 mod publish;
 pub mod topology;
 
 pub use connection::{Bus, BusOptions};
-pub use consume::{consume, ConsumeOptions, Handler};
+pub use consume::{consume, ConsumeOptions, Handler, MESSAGES_HANDED_OVER};
 pub use dlq::{dead_letter_copy, dlq_list, dlq_retry, DeadLetter, DlqSelector};
 pub use error::BusError;
+pub use local::MARKER_TYPE;
 pub use message::{
     headers as header_names, Incoming, Outcome, OutgoingMessage, OutgoingProperties,
 };

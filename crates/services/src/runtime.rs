@@ -418,22 +418,27 @@ fn start(
 
 /// Consume options of one command partition: a process may own all of them, so each
 /// gets a share of what the intake had alone (8 × 8 handlers at most per process).
+/// Commands the router of this process forwards to a partition it owns are handed
+/// over in process (ADR 0005, "Hand-off").
 fn partition_options() -> ConsumeOptions {
     ConsumeOptions {
         prefetch: 32,
         concurrency: 8,
         consumer_tag_prefix: "orderflow-commands".to_owned(),
+        local_hand_off: true,
         ..ConsumeOptions::default()
     }
 }
 
 /// The router's options: the intake's one consumer, forwarding many orders' commands
-/// at once.
+/// at once. A command handed over in process holds its router permit until handled:
+/// enough permits for every partition's handlers (8 × 8) and as many on their way.
 fn router_options() -> ConsumeOptions {
     ConsumeOptions {
         prefetch: 256,
-        concurrency: 64,
+        concurrency: 128,
         consumer_tag_prefix: "orderflow-router".to_owned(),
+        forwards: true,
         ..ConsumeOptions::default()
     }
 }

@@ -3,6 +3,7 @@
 mod backpressure;
 mod consume;
 mod dlq;
+mod hand_off;
 mod parking;
 mod partition;
 mod publish;
