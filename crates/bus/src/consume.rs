@@ -599,10 +599,10 @@ async fn conclude(
         incoming,
         ..
     } = job;
-    let bus = bus.clone();
     match verdict {
         Verdict::Ack => Ok(()),
-        Verdict::Forward { queue } => forward(&bus, delivery, incoming, &queue).await,
+        // Forwards are carried out by `hand_over`; this one only if called with one.
+        Verdict::Forward { queue } => forward(bus, delivery, incoming, &queue).await,
         Verdict::RetryLater { reason, attempts } => {
             let round = retry_round(incoming).saturating_add(1);
             if let Some(parking) = handler.park(incoming, &reason, attempts) {
@@ -610,19 +610,19 @@ async fn conclude(
             } else if round <= options.delayed_retry_rounds {
                 let tier = crate::topology::retry_tier(round);
                 warn!(reason = %reason, attempts, round, tier, "retrying later");
-                delay(&bus, queue, delivery, incoming, tier, round, attempts).await
+                delay(bus, queue, delivery, incoming, tier, round, attempts).await
             } else {
                 let reason = format!(
                     "{reason} (gave up after {attempts} attempts and {} delayed retries)",
                     round - 1
                 );
                 warn!(reason = %reason, attempts, "dead-lettering message");
-                dead_letter(&bus, delivery, incoming, &reason, attempts).await
+                dead_letter(bus, delivery, incoming, &reason, attempts).await
             }
         }
         Verdict::DeadLetter { reason, attempts } => {
             warn!(reason = %reason, attempts, "dead-lettering message");
-            dead_letter(&bus, delivery, incoming, &reason, attempts).await
+            dead_letter(bus, delivery, incoming, &reason, attempts).await
         }
     }
 }
