@@ -444,11 +444,12 @@ async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), 
                     () = changed => {}
                     () = &mut patience => {
                         warn!(queue, ?DRAIN_PATIENCE, "the queue's hand-off marker did not come back; forwarding through the queue");
-                        if let Some(marker) = marker {
-                            gate.abandon(marker);
-                        }
+                        gate.abandon(marker);
                     }
                 }
+            }
+            Entry::Full(in_flight) => {
+                let _ = in_flight.acquire().await;
             }
         }
     }

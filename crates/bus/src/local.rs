@@ -112,9 +112,11 @@ pub(crate) enum Entry<S> {
     HandOver(HandedOver<S>),
     /// Publish it; the guard counts the publish until its confirm.
     Publish(Publishing<S>),
-    /// A marker is on its way (or, never in practice, too much is in flight): wait
-    /// for the gate to change.
-    Wait(Option<Uuid>),
+    /// This marker is on its way: wait for the gate to change.
+    Wait(Uuid),
+    /// The consumer has [`IN_FLIGHT_LIMIT`] hand-offs in flight (never in practice):
+    /// wait for one to finish, then enter again.
+    Full(Arc<Semaphore>),
 }
 
 /// A message handed over: the consumer it went to, and the gate's generation then.
@@ -174,9 +176,9 @@ impl<S> Gate<S> {
                     generation: state.generation,
                     _in_flight: permit,
                 }),
-                Err(_) => Entry::Wait(None),
+                Err(_) => Entry::Full(sink.in_flight.clone()),
             },
-            (Mode::Draining(marker), Some(_)) => Entry::Wait(Some(marker)),
+            (Mode::Draining(marker), Some(_)) => Entry::Wait(marker),
             _ => {
                 state.publishing += 1;
                 Entry::Publish(Publishing(self.clone()))
@@ -280,7 +282,7 @@ mod tests {
         assert!(is_publish(&before), "no consumer: published");
         let marker = gate.install(Arc::new(Sink::new(())));
         assert!(
-            matches!(gate.enter(), Entry::Wait(Some(_))),
+            matches!(gate.enter(), Entry::Wait(_)),
             "draining: forwards wait"
         );
         let quiet = gate.quiet();
@@ -321,7 +323,7 @@ mod tests {
         let first = gate.install(Arc::new(Sink::new(())));
         gate.arrived(first);
         let redrained = gate.redrain();
-        assert!(matches!(gate.enter(), Entry::Wait(Some(_))));
+        assert!(matches!(gate.enter(), Entry::Wait(_)));
         assert!(!gate.arrived(first), "the old marker no longer opens");
         let Some(marker) = redrained else {
             panic!("a consumed gate drains again");

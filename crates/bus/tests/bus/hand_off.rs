@@ -86,6 +86,23 @@ fn start_partitions(bus: &bus::Bus, seen: &Seen) -> Vec<Running> {
         .collect()
 }
 
+fn start_router(bus: &bus::Bus) -> Running {
+    Running::start(
+        bus,
+        COMMAND_INTAKE_QUEUE,
+        router_options(),
+        Arc::new(Router),
+    )
+}
+
+async fn stop_all(router: Running, partitions: Vec<Running>) -> anyhow::Result<()> {
+    router.stop().await?;
+    for partition in partitions {
+        partition.stop().await?;
+    }
+    Ok(())
+}
+
 fn message(key: usize, seq: usize, exchange: &str, routing_key: &str) -> bus::OutgoingMessage {
     bus::OutgoingMessage {
         exchange: exchange.to_owned(),
@@ -174,12 +191,7 @@ async fn forwards_are_handed_over_behind_what_the_queue_held_and_queued_while_no
 
     let seen = Seen::default();
     let partitions = start_partitions(&bus, &seen);
-    let router = Running::start(
-        &bus,
-        COMMAND_INTAKE_QUEUE,
-        router_options(),
-        Arc::new(Router),
-    );
+    let router = start_router(&bus);
     // Rounds 20..40 arrive while the backlog drains: none may overtake it.
     through_router(&bus, 20..40).await?;
     wait_seen(&seen, 40 * KEYS).await?;
@@ -223,10 +235,7 @@ async fn forwards_are_handed_over_behind_what_the_queue_held_and_queued_while_no
     );
     assert_in_order(&seen, 43);
 
-    router.stop().await?;
-    for partition in partitions {
-        partition.stop().await?;
-    }
+    stop_all(router, partitions).await?;
     assert_eq!(
         ready_count(&bus, COMMAND_INTAKE_QUEUE).await?,
         0,
@@ -241,12 +250,7 @@ async fn a_lost_connection_keeps_each_keys_order_and_loses_nothing_handed_over(
     let (vhost, bus) = connected().await?;
     let seen = Seen::default();
     let partitions = start_partitions(&bus, &seen);
-    let router = Running::start(
-        &bus,
-        COMMAND_INTAKE_QUEUE,
-        router_options(),
-        Arc::new(Router),
-    );
+    let router = start_router(&bus);
     through_router(&bus, 0..30).await?;
     testkit::wait_until("some messages handled", DEADLINE, || async {
         Ok((seen.all().len() >= 5 * KEYS).then_some(()))
@@ -261,9 +265,6 @@ async fn a_lost_connection_keeps_each_keys_order_and_loses_nothing_handed_over(
     })
     .await?;
     assert_in_order(&seen, 60);
-    router.stop().await?;
-    for partition in partitions {
-        partition.stop().await?;
-    }
+    stop_all(router, partitions).await?;
     Ok(())
 }
