@@ -419,7 +419,11 @@ async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), 
     loop {
         let changed = gate.changed();
         match gate.enter() {
-            Entry::HandOver(handed) => {
+            Entry::HandOver(mut handed) => {
+                // The forwarder's lane waits for the message as it waited for a
+                // publish's confirm: its key's next message must not pass this one,
+                // which, should the consumer lose its channel, still goes to the queue.
+                let settled = handed.settled();
                 let mut job = job;
                 let to = handed.sink.clone();
                 job.handed_over = Some(handed);
@@ -432,6 +436,8 @@ async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), 
                     &consumer.options,
                     job,
                 );
+                drop(to);
+                settled.await;
                 return None;
             }
             Entry::Publish(publishing) => {

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 /// Handed-over messages in flight per consumer, at most: far more than a router's
@@ -125,9 +125,20 @@ pub(crate) struct HandedOver<S> {
     pub(crate) sink: Arc<Sink<S>>,
     generation: u64,
     _in_flight: OwnedSemaphorePermit,
+    /// Dropped with the message once it is settled, which wakes [`HandedOver::settled`].
+    settled: Option<oneshot::Sender<()>>,
 }
 
 impl<S> HandedOver<S> {
+    /// Resolves once the message is settled (handled and acknowledged, or returned).
+    pub(crate) fn settled(&mut self) -> impl std::future::Future<Output = ()> {
+        let (settled, done) = oneshot::channel();
+        self.settled = Some(settled);
+        async move {
+            let _ = done.await;
+        }
+    }
+
     /// The consumer lost its channel since: the message must go through the queue.
     pub(crate) fn is_stale(&self) -> bool {
         lock(&self.gate.state).generation != self.generation
@@ -175,6 +186,7 @@ impl<S> Gate<S> {
                     sink,
                     generation: state.generation,
                     _in_flight: permit,
+                    settled: None,
                 }),
                 Err(_) => Entry::Full(sink.in_flight.clone()),
             },
@@ -301,8 +313,8 @@ mod tests {
         assert!(matches!(gate.enter(), Entry::HandOver(_)));
     }
 
-    #[test]
-    fn a_lost_consumer_makes_what_was_handed_over_stale_and_closes_the_gate() {
+    #[tokio::test]
+    async fn a_lost_consumer_makes_what_was_handed_over_stale_and_closes_the_gate() {
         let gate = gate();
         let marker = gate.install(Arc::new(Sink::new(())));
         gate.arrived(marker);
@@ -313,6 +325,15 @@ mod tests {
         let sink = gate.close(true);
         assert!(sink.is_some());
         assert!(handed.is_stale(), "requeued messages now come first");
+        let mut handed = handed;
+        let settled = handed.settled();
+        futures::pin_mut!(settled);
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        drop(handed);
+        assert!(
+            futures::poll!(settled).is_ready(),
+            "the forwarder goes on once the message is settled"
+        );
         assert!(is_publish(&gate.enter()));
         assert!(gate.redrain().is_none(), "no consumer: nothing to drain");
     }
