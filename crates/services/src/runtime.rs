@@ -144,9 +144,13 @@ const STORE_CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_se
 
 /// Database connections for a process running `workers` workers: enough that the
 /// workers do not queue for connections, few enough that several processes (and the
-/// tests' parallel systems) stay well under PostgreSQL's default 100.
+/// tests' parallel systems) stay well under PostgreSQL's default 100. More
+/// connections than cores mostly add PostgreSQL's work per statement: all workers in
+/// one process on 2 cores (5 Dec, 0.5-scale bursts, A B A B) ran at 550–561 orders/s
+/// with 24, 554–586 with 16 (PostgreSQL's CPU per order 1.37 → 1.29 ms; at 270
+/// orders/s p50 37–39 → 34–38 ms), 488–539 with 40.
 fn pool_size(workers: usize) -> u32 {
-    u32::try_from(4 + 4 * workers).unwrap_or(u32::MAX).min(24)
+    u32::try_from(4 + 4 * workers).unwrap_or(u32::MAX).min(16)
 }
 
 /// The pool size: `ORDERFLOW_DB_POOL_SIZE` when set, else [`pool_size`].
@@ -572,7 +576,7 @@ mod tests {
     fn the_pool_grows_with_the_workers_up_to_a_cap_unless_set() {
         let unset = Settings::default();
         assert_eq!(pool_for(&unset, 1), 8);
-        assert_eq!(pool_for(&unset, ALL_WORKERS.len()), 24);
+        assert_eq!(pool_for(&unset, ALL_WORKERS.len()), 16);
         let set = Settings {
             db_pool_size: Some(6),
             ..Settings::default()

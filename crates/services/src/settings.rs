@@ -63,7 +63,7 @@ pub struct Settings {
     /// (`ORDERFLOW_HEARTBEAT_INTERVAL`); silent for three of them = gone.
     pub heartbeat_interval: Duration,
     /// Database connections in this process's pool (`ORDERFLOW_DB_POOL_SIZE`; unset:
-    /// 4 + 4 per worker, at most 24), to keep the sum over all processes under
+    /// 4 + 4 per worker, at most 16), to keep the sum over all processes under
     /// PostgreSQL's `max_connections`.
     pub db_pool_size: Option<u32>,
     /// Grouped appends in flight at once (`ORDERFLOW_APPEND_SLOTS`; default 8, 0 turns
@@ -361,7 +361,7 @@ fn parse_pool_size((name, value): (&'static str, String)) -> Result<u32, Setting
         _ => Err(invalid(
             name,
             &value,
-            "must be a whole number of connections, at least 2 (leave it unset for 4 + 4 per worker, at most 24)",
+            "must be a whole number of connections, at least 2 (leave it unset for 4 + 4 per worker, at most 16)",
         )),
     }
 }
