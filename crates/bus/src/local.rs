@@ -1,4 +1,4 @@
-//! In-process hand-off (ADR 0005, "Per-order ordering", hand-off): a message a router
+//! In-process hand-off (ADR 0005, "The hand-off in process"): a message a router
 //! forwards to a queue that this very process consumes goes straight to that consumer's
 //! lanes instead of through the broker, saving a publish, its confirm, a delivery and
 //! its ack. Nothing is acked before its handler finished: the handed-over message is

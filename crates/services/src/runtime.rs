@@ -423,7 +423,7 @@ fn start(
 /// Consume options of one command partition: a process may own all of them, so each
 /// gets a share of what the intake had alone (8 × 8 handlers at most per process).
 /// Commands the router of this process forwards to a partition it owns are handed
-/// over in process (ADR 0005, "Hand-off").
+/// over in process (ADR 0005, "The hand-off in process").
 fn partition_options() -> ConsumeOptions {
     ConsumeOptions {
         prefetch: 32,

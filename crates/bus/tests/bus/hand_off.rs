@@ -1,7 +1,7 @@
-//! The in-process hand-off (ADR 0005, "Hand-off"): a router forwarding to a queue that
-//! a consumer of the same process takes hand-offs for gives it the message directly,
-//! once the queue's earlier messages are in the consumer's lanes, and through the
-//! queue whenever that consumer is not there.
+//! The hand-off in process (ADR 0005): a router forwarding to a queue that a consumer
+//! of the same process takes hand-offs for gives it the message directly, once the
+//! queue's earlier messages are in the consumer's lanes, and through the queue
+//! whenever that consumer is not there.
 use std::sync::Arc;
 
 use bus::{header_names, Incoming, Outcome, COMMAND_INTAKE_QUEUE, COMMAND_PARTITION_QUEUES};
