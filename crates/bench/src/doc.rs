@@ -648,7 +648,8 @@ fn where_the_time_goes(report: &Report) -> String {
          **The work per order** (pg_stat_statements, 4 Dec, 0.5 scale, after this \
          session's changes): about 6.4 commits and 9 statements reach PostgreSQL per \
          order: 1.95 appends alone and 0.43 grouped appends (about 8 decisions each; \
-         group commit, `ORDERFLOW_APPEND_SLOTS`, 8 slots by default since 4 Dec: the \
+         group commit, `ORDERFLOW_APPEND_SLOTS`, 8 slots by default from 4 Dec, 4 \
+         since 5 Dec with pools of at most 16 connections: the \
          decisions appended while every slot is busy go in one statement), 0.5 \
          two-stream appends (shipping), one gateway-ledger statement (committed \
          without waiting for its flush since 5 Dec, see below), one customer-key \

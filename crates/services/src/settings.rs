@@ -74,11 +74,14 @@ pub struct Settings {
     pub append_slots: usize,
 }
 
-/// Grouped appends in flight at once unless set (`ORDERFLOW_APPEND_SLOTS`). With 4,
-/// appends at half load queued for a slot and p99 grew (4 Dec); with 8, only a burst
-/// fills them (4 Dec, 0.3 scale, A B A B: 170 orders/s p99 to the final status 110 and
-/// 124 → 107 and 99 ms; 250 orders/s 292 and 444 → 235 and 231 ms).
-pub const DEFAULT_APPEND_SLOTS: usize = 8;
+/// Grouped appends in flight at once unless set (`ORDERFLOW_APPEND_SLOTS`). Each slot
+/// is a pooled connection while its statement runs. 8 on 4 Dec, when 4 made appends at
+/// half load queue for a slot (pools of 24 then, commands forwarded through the
+/// broker); 4 since 5 Dec, with pools of at most 16 and commands handed over in
+/// process (all workers in one process, 0.5 scale, A B A B: bursts 545, 545, 552, 549
+/// → 570, 552, 570, 564 orders/s with 4; at 270 orders/s p50 to the final status
+/// 38–40 → 32–36 ms, p99 73 and 246 → 57 and 61 ms).
+pub const DEFAULT_APPEND_SLOTS: usize = 4;
 
 /// The variable naming the optional settings file.
 pub const CONFIG_FILE_VAR: &str = "ORDERFLOW_CONFIG";
@@ -521,11 +524,11 @@ mod tests {
     }
 
     #[test]
-    fn append_slots_default_to_eight_and_can_be_set_or_turned_off() {
-        assert_eq!(with(&[]).map(|s| s.append_slots), Ok(8));
+    fn append_slots_default_to_four_and_can_be_set_or_turned_off() {
+        assert_eq!(with(&[]).map(|s| s.append_slots), Ok(4));
         assert_eq!(
-            with(&[("ORDERFLOW_APPEND_SLOTS", "4")]).map(|s| s.append_slots),
-            Ok(4)
+            with(&[("ORDERFLOW_APPEND_SLOTS", "8")]).map(|s| s.append_slots),
+            Ok(8)
         );
         assert_eq!(
             with(&[("ORDERFLOW_APPEND_SLOTS", "0")]).map(|s| s.append_slots),
