@@ -635,7 +635,7 @@ fn messages_per_order(
         value: delivered,
         unit: "deliveries",
         baseline: None,
-        note: "from the process's /metrics: handled or failed, every worker".to_owned(),
+        note: "from the process's /metrics: handled or failed, every worker, less the commands handed over in process".to_owned(),
     });
     report.add(Row {
         key: "e2e_publishes_per_order",

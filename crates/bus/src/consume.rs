@@ -155,6 +155,13 @@ pub async fn consume(
     let queue_name = short("queue", queue)?;
     let semaphore = Arc::new(Semaphore::new(permits as usize));
     let lanes = Lanes::start(permits as usize, bus, &handler, &options);
+    let dispatcher = LocalConsumer {
+        bus: bus.clone(),
+        handler: handler.clone(),
+        lanes,
+        options: options.clone(),
+        handed_over: metrics::counter!(MESSAGES_HANDED_OVER, "queue" => queue.to_owned()),
+    };
     let queue_arc: Arc<str> = Arc::from(queue);
     let gate = options
         .local_hand_off
@@ -191,12 +198,7 @@ pub async fn consume(
         info!(queue, consumer_tag = %consumer.tag(), "consuming");
         let acks = Acks::start(options.prefetch);
         if let Some(gate) = &gate {
-            let marker = gate.install(Arc::new(Sink::new(LocalConsumer {
-                bus: bus.clone(),
-                handler: handler.clone(),
-                lanes: lanes.clone(),
-                options: options.clone(),
-            })));
+            let marker = gate.install(Arc::new(Sink::new(dispatcher.clone())));
             if let Some(stale) = lost.take() {
                 stale.settled().await;
             }
@@ -262,7 +264,7 @@ pub async fn consume(
                         span,
                         handed_over: None,
                     };
-                    dispatch(bus, &handler, &lanes, &options, job);
+                    dispatcher.dispatch(job);
                 }
                 Some(Err(err)) => {
                     warn!(queue, error = %err, "consumer failed; reconnecting");
@@ -374,31 +376,37 @@ struct Job {
     handed_over: Option<HandedOver<LocalConsumer>>,
 }
 
-/// Runs a job on its key's lane, or at once when it has no key.
-fn dispatch(
-    bus: &Bus,
-    handler: &Arc<dyn Handler>,
-    lanes: &Lanes,
-    options: &ConsumeOptions,
-    job: Job,
-) {
-    match handler.ordering_key(&job.incoming) {
-        Some(key) => lanes.push(&key, job),
-        None => {
-            let span = job.span.clone();
-            tokio::spawn(
-                process(bus.clone(), handler.clone(), job, options.clone()).instrument(span),
-            );
-        }
-    }
-}
-
-/// A consumer that takes hand-offs: what [`dispatch`] needs.
+/// What a consumer runs its jobs with: those it takes from the broker and those handed
+/// over to it in process.
+#[derive(Clone)]
 pub(crate) struct LocalConsumer {
     bus: Bus,
     handler: Arc<dyn Handler>,
     lanes: Lanes,
     options: ConsumeOptions,
+    /// [`MESSAGES_HANDED_OVER`] of its queue.
+    handed_over: metrics::Counter,
+}
+
+impl LocalConsumer {
+    /// Runs a job on its key's lane, or at once when it has no key.
+    fn dispatch(&self, job: Job) {
+        match self.handler.ordering_key(&job.incoming) {
+            Some(key) => self.lanes.push(&key, job),
+            None => {
+                let span = job.span.clone();
+                tokio::spawn(
+                    process(
+                        self.bus.clone(),
+                        self.handler.clone(),
+                        job,
+                        self.options.clone(),
+                    )
+                    .instrument(span),
+                );
+            }
+        }
+    }
 }
 
 /// Messages handed over to a consumer of this process instead of published to its
@@ -424,19 +432,12 @@ async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), 
                 // publish's confirm: its key's next message must not pass this one,
                 // which, should the consumer lose its channel, still goes to the queue.
                 let settled = handed.settled();
+                let consumer = handed.sink.clone();
                 let mut job = job;
-                let to = handed.sink.clone();
                 job.handed_over = Some(handed);
-                metrics::counter!(MESSAGES_HANDED_OVER, "queue" => queue.to_owned()).increment(1);
-                let consumer = &to.consumer;
-                dispatch(
-                    &consumer.bus,
-                    &consumer.handler,
-                    &consumer.lanes,
-                    &consumer.options,
-                    job,
-                );
-                drop(to);
+                consumer.consumer.handed_over.increment(1);
+                consumer.consumer.dispatch(job);
+                drop(consumer);
                 settled.await;
                 return None;
             }

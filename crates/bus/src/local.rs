@@ -49,10 +49,14 @@ impl<S> Default for LocalQueues<S> {
 impl<S> LocalQueues<S> {
     /// The gate of `queue` (closed until a consumer installs itself).
     pub(crate) fn gate(&self, queue: &str) -> Arc<Gate<S>> {
-        lock(&self.gates)
-            .entry(queue.to_owned())
-            .or_insert_with(|| Arc::new(Gate::new(queue)))
-            .clone()
+        let mut gates = lock(&self.gates);
+        // Looked up on every forward: the queue's name is copied only the first time.
+        if let Some(gate) = gates.get(queue) {
+            return gate.clone();
+        }
+        let gate = Arc::new(Gate::new(queue));
+        gates.insert(queue.to_owned(), gate.clone());
+        gate
     }
 
     /// Gates with a consumer behind them.
