@@ -16,15 +16,16 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
 use std::hash::{Hash, Hasher};
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use lapin::BasicProperties;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::acks::Acks;
-use crate::local::{Entry, Gate, HandedOver, Sink, MARKER_TYPE};
+use crate::local::{Entry, Gate, HandedOver, Publishing, Sink, MARKER_TYPE};
 use crate::message::{headers, short};
 use crate::publish::Prepared;
 use crate::topology::DEAD_LETTER_QUEUE;
-use crate::{Bus, BusError, Incoming, Outcome};
+use crate::{Bus, BusError, Incoming, Outcome, OutgoingMessage};
 
 /// Handles one message. The handler commits its effects before returning; the bus acks
 /// only then. It must be idempotent: a message can be delivered again after a crash or
@@ -234,6 +235,8 @@ pub async fn consume(
                         acks.finished(delivery.delivery_tag, delivery.acker.clone());
                         if gate.as_ref().is_some_and(|gate| gate.arrived(marker)) {
                             info!(queue, "queue drained: messages forwarded to it in this process are handed over");
+                        } else {
+                            bounce_marker(bus, queue, &delivery);
                         }
                         continue;
                     }
@@ -257,10 +260,12 @@ pub async fn consume(
                     acks.delivered(delivery.delivery_tag);
                     let job = Job {
                         queue: queue_arc.clone(),
-                        acks: acks.clone(),
-                        delivery,
+                        source: Source::Delivery {
+                            acks: acks.clone(),
+                            delivery,
+                            _permit: permit,
+                        },
                         incoming,
-                        _permit: permit,
                         span,
                         handed_over: None,
                     };
@@ -360,20 +365,51 @@ async fn drain(semaphore: &Semaphore, permits: u32, grace: Duration, queue: &str
     }
 }
 
-/// One delivery on its way to the handler, holding its concurrency permit.
+/// One message on its way to the handler.
 struct Job {
     /// The queue it was consumed from (delayed retries return it there).
     queue: Arc<str>,
-    /// Its channel's acknowledger.
-    acks: Acks,
-    delivery: Delivery,
+    source: Source,
     incoming: Incoming,
-    /// Its concurrency permit, given back when the job is dropped (settled).
-    _permit: OwnedSemaphorePermit,
     span: tracing::Span,
-    /// Forwarded by a router of this process and handed over to this consumer (the
-    /// delivery, acks and permit are the router's).
+    /// Handed over to this consumer in process: forwarded by a router of this process
+    /// (the delivery, acks and permit are the router's), or offered ([`Bus::offer`]).
     handed_over: Option<HandedOver<LocalConsumer>>,
+}
+
+/// Where a job came from, which says how it is settled.
+enum Source {
+    /// A broker delivery: acknowledged, or returned, on its channel.
+    Delivery {
+        /// Its channel's acknowledger.
+        acks: Acks,
+        delivery: Delivery,
+        /// Its concurrency permit, given back when the job is dropped (settled).
+        _permit: OwnedSemaphorePermit,
+    },
+    /// A message offered in process with no delivery behind it: its offerer is told
+    /// how it ended.
+    Offered {
+        body: Vec<u8>,
+        properties: BasicProperties,
+        done: oneshot::Sender<Result<(), BusError>>,
+    },
+}
+
+impl Source {
+    fn body(&self) -> &[u8] {
+        match self {
+            Source::Delivery { delivery, .. } => &delivery.data,
+            Source::Offered { body, .. } => body,
+        }
+    }
+
+    fn properties(&self) -> &BasicProperties {
+        match self {
+            Source::Delivery { delivery, .. } => &delivery.properties,
+            Source::Offered { properties, .. } => properties,
+        }
+    }
 }
 
 /// What a consumer runs its jobs with: those it takes from the broker and those handed
@@ -421,31 +457,43 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(60);
 /// Forwards `job` to `queue`: to this process's consumer of it when its gate is open,
 /// else published (returned with the publish's result, to be settled).
 async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), BusError>)> {
+    match ready_entry(bus, queue).await {
+        Ok(mut handed) => {
+            // The forwarder's lane waits for the message as it waited for a publish's
+            // confirm: its key's next message must not pass this one, which, should the
+            // consumer lose its channel, still goes to the queue.
+            let settled = handed.settled();
+            let mut job = job;
+            let consumer = handed.sink.clone();
+            job.handed_over = Some(handed);
+            consumer.consumer.handed_over.increment(1);
+            consumer.consumer.dispatch(job);
+            drop(consumer);
+            settled.await;
+            None
+        }
+        Err(publishing) => {
+            let published = forward(bus, &job.source, &job.incoming, queue).await;
+            drop(publishing);
+            Some((job, published))
+        }
+    }
+}
+
+/// Enters `queue`'s gate once it is not draining: `Ok` to hand a message over, `Err` to
+/// publish it (the guard counts the publish until it is dropped).
+async fn ready_entry(
+    bus: &Bus,
+    queue: &str,
+) -> Result<HandedOver<LocalConsumer>, Publishing<LocalConsumer>> {
     let gate = bus.local_queues().gate(queue);
     let patience = tokio::time::sleep(DRAIN_PATIENCE);
     tokio::pin!(patience);
     loop {
         let changed = gate.changed();
         match gate.enter() {
-            Entry::HandOver(mut handed) => {
-                // The forwarder's lane waits for the message as it waited for a
-                // publish's confirm: its key's next message must not pass this one,
-                // which, should the consumer lose its channel, still goes to the queue.
-                let settled = handed.settled();
-                let consumer = handed.sink.clone();
-                let mut job = job;
-                job.handed_over = Some(handed);
-                consumer.consumer.handed_over.increment(1);
-                consumer.consumer.dispatch(job);
-                drop(consumer);
-                settled.await;
-                return None;
-            }
-            Entry::Publish(publishing) => {
-                let published = forward(bus, &job.delivery, &job.incoming, queue).await;
-                drop(publishing);
-                return Some((job, published));
-            }
+            Entry::HandOver(handed) => return Ok(handed),
+            Entry::Publish(publishing) => return Err(publishing),
             Entry::Wait(marker) => {
                 tokio::select! {
                     () = changed => {}
@@ -462,13 +510,112 @@ async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), 
     }
 }
 
+/// What [`Bus::offer`] made of a message for a queue.
+pub enum Offer {
+    /// Handed over to this process's consumer of the queue.
+    Handed(HandOff),
+    /// No consumer of this process takes it now: the offerer publishes it so that it
+    /// reaches the queue, and keeps the guard until the broker has confirmed it (a
+    /// consumer that starts sends its drain marker only after such publishes).
+    Publish {
+        message: OutgoingMessage,
+        guard: PublishGuard,
+    },
+}
+
+/// A message [`Bus::offer`] handed over, until its consumer settles it.
+#[must_use = "a hand-off is done only once it is settled"]
+pub struct HandOff(oneshot::Receiver<Result<(), BusError>>);
+
+impl HandOff {
+    /// Resolves once the consumer is done with the message: `Ok` when it was handled,
+    /// dead-lettered, parked, or sent on through the broker (a delayed retry, or its
+    /// consumer lost its channel meanwhile); `Err` when it could not be moved on, and
+    /// is the offerer's again.
+    pub async fn settled(self) -> Result<(), BusError> {
+        self.0.await.unwrap_or_else(|_| {
+            Err(BusError::HandOff {
+                reason: "its consumer stopped before it was settled".to_owned(),
+            })
+        })
+    }
+}
+
+/// Counts a publish that [`Bus::offer`] left to its offerer, until dropped.
+pub struct PublishGuard {
+    _publishing: Publishing<LocalConsumer>,
+}
+
+impl Bus {
+    /// Whether a message offered for `queue` now would be handed over: a consumer of
+    /// this process takes hand-offs for it and has drained it.
+    pub fn hands_over_to(&self, queue: &str) -> bool {
+        self.local_queues().gate(queue).is_open()
+    }
+
+    /// Offers `message` to this process's consumer of `queue` (ADR 0005, "The hand-off
+    /// in process"): handed over when that consumer has drained the queue, with no
+    /// broker in between; otherwise given back to be published. Waits while the
+    /// queue drains.
+    pub async fn offer(&self, queue: &str, message: OutgoingMessage) -> Result<Offer, BusError> {
+        let properties = message.properties.to_amqp()?;
+        let handed = match ready_entry(self, queue).await {
+            Ok(handed) => handed,
+            Err(publishing) => {
+                return Ok(Offer::Publish {
+                    message,
+                    guard: PublishGuard {
+                        _publishing: publishing,
+                    },
+                })
+            }
+        };
+        let incoming = Incoming::from_parts(
+            &message.exchange,
+            &message.routing_key,
+            &message.body,
+            &properties,
+            false,
+        );
+        let span = info_span!(
+            "offered",
+            queue,
+            message_id = incoming.message_id.as_deref(),
+            correlation_id = incoming.correlation_id.as_deref(),
+            routing_key = incoming.routing_key.as_str(),
+        );
+        let (done, settled) = oneshot::channel();
+        let consumer = handed.sink.clone();
+        let job = Job {
+            queue: Arc::from(queue),
+            source: Source::Offered {
+                body: message.body,
+                properties,
+                done,
+            },
+            incoming,
+            span,
+            handed_over: Some(handed),
+        };
+        consumer.consumer.handed_over.increment(1);
+        consumer.consumer.dispatch(job);
+        Ok(Offer::Handed(HandOff(settled)))
+    }
+}
+
 /// Sends `marker` to the gate's queue once no forward to it is being published; one
 /// that cannot be sent leaves the gate closed (forwards are published).
 async fn drain_through(bus: &Bus, gate: &Gate<LocalConsumer>, marker: uuid::Uuid) {
     gate.quiet().await;
+    let mut owner = FieldTable::default();
+    owner.insert(
+        ShortString::from(MARKER_OWNER),
+        AMQPValue::LongString(LongString::from(bus.local_queues().id().to_string())),
+    );
     let properties = lapin::BasicProperties::default()
         .with_type(ShortString::from(MARKER_TYPE))
-        .with_message_id(ShortString::from(marker.to_string()));
+        .with_message_id(ShortString::from(marker.to_string()))
+        .with_headers(owner);
     let sent = match Prepared::new("", gate.queue(), &[], properties, true) {
         Ok(message) => bus.publish_prepared(&message).await,
         Err(error) => Err(error),
@@ -477,6 +624,55 @@ async fn drain_through(bus: &Bus, gate: &Gate<LocalConsumer>, marker: uuid::Uuid
         warn!(queue = gate.queue(), %error, "cannot send the hand-off marker; forwarding through the queue");
         gate.abandon(marker);
     }
+}
+
+/// The header naming the process (its bus) whose consumer sent a marker.
+const MARKER_OWNER: &str = "x-orderflow-marker-of";
+/// How many times a marker is sent on after reaching another process's consumer.
+const MARKER_HOPS: &str = "x-orderflow-marker-hops";
+/// At most this many hops: with N consumers a marker reaches its own after N on
+/// average; one that keeps missing leaves its gate to [`DRAIN_PATIENCE`].
+const MAX_MARKER_HOPS: i64 = 32;
+
+/// A marker another process's consumer sent (the queue has competing consumers): it
+/// goes back to the queue, behind everything queued so far, until it reaches its own.
+/// A marker of this process that is no longer awaited is dropped.
+fn bounce_marker(bus: &Bus, queue: &str, delivery: &Delivery) {
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let field = |name: &str| {
+        headers
+            .inner()
+            .get(&ShortString::from(name))
+            .map(crate::message::render_value)
+    };
+    let ours = bus.local_queues().id().to_string();
+    if field(MARKER_OWNER).is_none_or(|owner| owner == ours) {
+        return;
+    }
+    let hops = field(MARKER_HOPS)
+        .and_then(|hops| hops.parse::<i64>().ok())
+        .unwrap_or(0)
+        + 1;
+    if hops > MAX_MARKER_HOPS {
+        debug!(
+            queue,
+            hops, "dropping a hand-off marker that keeps missing its consumer"
+        );
+        return;
+    }
+    let mut table = headers;
+    table.insert(ShortString::from(MARKER_HOPS), AMQPValue::LongLongInt(hops));
+    let properties = delivery.properties.clone().with_headers(table);
+    let (bus, queue) = (bus.clone(), queue.to_owned());
+    tokio::spawn(async move {
+        let sent = match Prepared::new("", &queue, &[], properties, true) {
+            Ok(message) => bus.publish_prepared(&message).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = sent {
+            debug!(queue, %error, "could not send another process's hand-off marker on");
+        }
+    });
 }
 
 /// The marker, if the delivery is one.
@@ -557,13 +753,15 @@ enum Verdict {
 /// Runs the handler (retrying as asked), then acks or dead-letters. Holds its
 /// semaphore permit until the delivery is settled.
 async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: ConsumeOptions) {
-    if job.delivery.acker.poisoned() {
-        // Its channel died while it waited in a lane: the broker has requeued it and
-        // delivers it again on the new channel. Handling it here would do the work
-        // twice, and its ack could not reach the broker anyway.
-        debug!("the delivery's channel is gone; left for redelivery");
-        job.acks.settled(job.delivery.delivery_tag);
-        return;
+    if let Source::Delivery { acks, delivery, .. } = &job.source {
+        if delivery.acker.poisoned() {
+            // Its channel died while it waited in a lane: the broker has requeued it
+            // and delivers it again on the new channel. Handling it here would do the
+            // work twice, and its ack could not reach the broker anyway.
+            debug!("the delivery's channel is gone; left for redelivery");
+            acks.settled(delivery.delivery_tag);
+            return;
+        }
     }
     let stale = job.handed_over.as_ref().filter(|handed| handed.is_stale());
     let verdict = match stale {
@@ -575,7 +773,7 @@ async fn process(bus: Bus, handler: Arc<dyn Handler>, job: Job, options: Consume
                 queue,
                 "handed over before the consumer's channel died; publishing it to its queue"
             );
-            let published = forward(&bus, &job.delivery, &job.incoming, &queue).await;
+            let published = forward(&bus, &job.source, &job.incoming, &queue).await;
             return settle(job, published).await;
         }
         None => run_handler(&handler, &job.incoming, &options).await,
@@ -603,14 +801,14 @@ async fn conclude(
 ) -> Result<(), BusError> {
     let Job {
         queue,
-        delivery,
+        source,
         incoming,
         ..
     } = job;
     match verdict {
         Verdict::Ack => Ok(()),
         // Forwards are carried out by `hand_over`; this one only if called with one.
-        Verdict::Forward { queue } => forward(bus, delivery, incoming, &queue).await,
+        Verdict::Forward { queue } => forward(bus, source, incoming, &queue).await,
         Verdict::RetryLater { reason, attempts } => {
             let round = retry_round(incoming).saturating_add(1);
             if let Some(parking) = handler.park(incoming, &reason, attempts) {
@@ -618,26 +816,36 @@ async fn conclude(
             } else if round <= options.delayed_retry_rounds {
                 let tier = crate::topology::retry_tier(round);
                 warn!(reason = %reason, attempts, round, tier, "retrying later");
-                delay(bus, queue, delivery, incoming, tier, round, attempts).await
+                delay(bus, queue, source, incoming, tier, round, attempts).await
             } else {
                 let reason = format!(
                     "{reason} (gave up after {attempts} attempts and {} delayed retries)",
                     round - 1
                 );
                 warn!(reason = %reason, attempts, "dead-lettering message");
-                dead_letter(bus, delivery, incoming, &reason, attempts).await
+                dead_letter(bus, source, incoming, &reason, attempts).await
             }
         }
         Verdict::DeadLetter { reason, attempts } => {
             warn!(reason = %reason, attempts, "dead-lettering message");
-            dead_letter(bus, delivery, incoming, &reason, attempts).await
+            dead_letter(bus, source, incoming, &reason, attempts).await
         }
     }
 }
 
-/// Acks the delivery once what became of it is done, or returns it to its queue.
+/// Acks the delivery once what became of it is done, or returns it to its queue; tells
+/// the offerer of an offered message.
 async fn settle(job: Job, settled: Result<(), BusError>) {
-    let Job { acks, delivery, .. } = job;
+    let (acks, delivery) = match job.source {
+        Source::Delivery { acks, delivery, .. } => (acks, delivery),
+        Source::Offered { done, .. } => {
+            if let Err(error) = &settled {
+                error!(%error, "could not move the offered message on; its offerer takes it back");
+            }
+            let _ = done.send(settled);
+            return;
+        }
+    };
     match settled {
         Ok(()) => acks.finished(delivery.delivery_tag, delivery.acker.clone()),
         Err(err) => {
@@ -773,18 +981,18 @@ pub(crate) async fn answered<T>(
         })
 }
 
-/// Publishes the delivery to `orderflow.dead-letter` through the default exchange with
+/// Publishes the message to `orderflow.dead-letter` through the default exchange with
 /// its body and properties as received plus the `x-orderflow-*` headers, and waits for
 /// the confirm.
-pub(crate) async fn dead_letter(
+async fn dead_letter(
     bus: &Bus,
-    delivery: &Delivery,
+    source: &Source,
     incoming: &Incoming,
     reason: &str,
     attempts: u32,
 ) -> Result<(), BusError> {
     let properties = with_origin(
-        delivery,
+        source,
         incoming,
         &[
             (
@@ -797,43 +1005,43 @@ pub(crate) async fn dead_letter(
             ),
         ],
     );
-    let message = Prepared::new("", DEAD_LETTER_QUEUE, &delivery.data, properties, true)?;
+    let message = Prepared::new("", DEAD_LETTER_QUEUE, source.body(), properties, true)?;
     bus.publish_prepared(&message).await
 }
 
-/// Publishes the delivery to `queue` through the default exchange with its body and
+/// Publishes the message to `queue` through the default exchange with its body and
 /// properties as received plus its origin, and waits for the confirm (mandatory: a
 /// missing queue is an error, and the message goes back to where it came from).
 async fn forward(
     bus: &Bus,
-    delivery: &Delivery,
+    source: &Source,
     incoming: &Incoming,
     queue: &str,
 ) -> Result<(), BusError> {
     let properties = with_origin(
-        delivery,
+        source,
         incoming,
         &[(
             headers::ROUTED_TO,
             AMQPValue::LongString(LongString::from(queue.as_bytes())),
         )],
     );
-    let message = Prepared::new("", queue, &delivery.data, properties, true)?;
+    let message = Prepared::new("", queue, source.body(), properties, true)?;
     bus.publish_prepared(&message).await
 }
 
-/// Publishes the delivery to a delay tier, addressed back to the queue it came from.
+/// Publishes the message to a delay tier, addressed back to the queue it came from.
 async fn delay(
     bus: &Bus,
     queue: &str,
-    delivery: &Delivery,
+    source: &Source,
     incoming: &Incoming,
     tier: &str,
     round: u32,
     attempts: u32,
 ) -> Result<(), BusError> {
     let properties = with_origin(
-        delivery,
+        source,
         incoming,
         &[
             (
@@ -848,18 +1056,18 @@ async fn delay(
     );
     // The tier dead-letters it through the default exchange: its routing key is the
     // name of the queue it returns to.
-    let message = Prepared::new(tier, queue, &delivery.data, properties, true)?;
+    let message = Prepared::new(tier, queue, source.body(), properties, true)?;
     bus.publish_prepared(&message).await
 }
 
-/// The delivery's properties with its origin (first exchange and routing key) and
+/// The message's properties with its origin (first exchange and routing key) and
 /// `extra` headers added.
 fn with_origin(
-    delivery: &Delivery,
+    source: &Source,
     incoming: &Incoming,
     extra: &[(&str, AMQPValue)],
 ) -> lapin::BasicProperties {
-    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    let mut table = source.properties().headers().clone().unwrap_or_default();
     let mut put = |name: &str, value: AMQPValue| {
         table.insert(ShortString::from(name), value);
     };
@@ -874,7 +1082,7 @@ fn with_origin(
     for (name, value) in extra {
         put(name, value.clone());
     }
-    delivery.properties.clone().with_headers(table)
+    source.properties().clone().with_headers(table)
 }
 
 #[cfg(test)]

@@ -45,6 +45,9 @@ pub enum BusError {
     #[error("could not park the message: {reason}")]
     Park { reason: String },
 
+    #[error("a message handed over in process was not settled: {reason}")]
+    HandOff { reason: String },
+
     #[error("invalid consume options: {reason}")]
     InvalidOptions { reason: String },
 }

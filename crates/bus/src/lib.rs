@@ -20,7 +20,9 @@ mod publish;
 pub mod topology;
 
 pub use connection::{Bus, BusOptions};
-pub use consume::{consume, ConsumeOptions, Handler, MESSAGES_HANDED_OVER};
+pub use consume::{
+    consume, ConsumeOptions, HandOff, Handler, Offer, PublishGuard, MESSAGES_HANDED_OVER,
+};
 pub use dlq::{dead_letter_copy, dlq_list, dlq_retry, DeadLetter, DlqSelector};
 pub use error::BusError;
 pub use local::MARKER_TYPE;

@@ -36,17 +36,25 @@ pub const MARKER_TYPE: &str = "orderflow.hand-off-marker";
 /// Every queue of this process that a consumer may take forwarded messages for.
 pub(crate) struct LocalQueues<S> {
     gates: Mutex<HashMap<String, Arc<Gate<S>>>>,
+    /// Names this process's markers, so that a consumer of another process that
+    /// receives one sends it on.
+    id: Uuid,
 }
 
 impl<S> Default for LocalQueues<S> {
     fn default() -> Self {
         LocalQueues {
             gates: Mutex::new(HashMap::new()),
+            id: Uuid::new_v4(),
         }
     }
 }
 
 impl<S> LocalQueues<S> {
+    pub(crate) fn id(&self) -> Uuid {
+        self.id
+    }
+
     /// The gate of `queue` (closed until a consumer installs itself).
     pub(crate) fn gate(&self, queue: &str) -> Arc<Gate<S>> {
         let mut gates = lock(&self.gates);
@@ -200,6 +208,12 @@ impl<S> Gate<S> {
                 Entry::Publish(Publishing(self.clone()))
             }
         }
+    }
+
+    /// Whether a forward now would be handed over.
+    pub(crate) fn is_open(&self) -> bool {
+        let state = lock(&self.state);
+        state.mode == Mode::Open && state.sink.is_some()
     }
 
     /// Resolves when the gate changes after this call (create it before looking).

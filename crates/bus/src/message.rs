@@ -132,7 +132,23 @@ pub struct Incoming {
 
 impl Incoming {
     pub(crate) fn from_delivery(delivery: &Delivery) -> Self {
-        let properties = &delivery.properties;
+        Incoming::from_parts(
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            &delivery.properties,
+            delivery.redelivered,
+        )
+    }
+
+    /// A message as it arrived through `exchange` with `routing_key`.
+    pub(crate) fn from_parts(
+        exchange: &str,
+        routing_key: &str,
+        data: &[u8],
+        properties: &BasicProperties,
+        redelivered: bool,
+    ) -> Self {
         let headers = render_headers(properties.headers().as_ref());
         // A message back from a delay queue, or forwarded to a partition by the router,
         // arrives through the default exchange with the queue's name as routing key; the
@@ -142,25 +158,22 @@ impl Incoming {
             headers.get(headers::ORIGINAL_EXCHANGE),
             headers.get(headers::ORIGINAL_ROUTING_KEY),
         ) {
-            (true, Some(exchange), Some(key)) if delivery.exchange.as_str().is_empty() => {
-                (exchange.clone(), key.clone())
+            (true, Some(original), Some(key)) if exchange.is_empty() => {
+                (original.clone(), key.clone())
             }
-            _ => (
-                delivery.exchange.to_string(),
-                delivery.routing_key.to_string(),
-            ),
+            _ => (exchange.to_owned(), routing_key.to_owned()),
         };
         Incoming {
             exchange,
             routing_key,
-            body: delivery.data.clone(),
+            body: data.to_vec(),
             message_id: text(properties.message_id()),
             correlation_id: text(properties.correlation_id()),
             message_type: text(properties.kind()),
             content_type: text(properties.content_type()),
             timestamp: properties.timestamp().and_then(timestamp),
             headers,
-            redelivered: delivery.redelivered,
+            redelivered,
         }
     }
 }

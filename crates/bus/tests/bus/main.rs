@@ -4,6 +4,7 @@ mod backpressure;
 mod consume;
 mod dlq;
 mod hand_off;
+mod offer;
 mod parking;
 mod partition;
 mod publish;

@@ -1,0 +1,167 @@
+//! Messages offered in process (`Bus::offer`, ADR 0005): what the relay does with an
+//! event for a queue that a consumer of its own process takes hand-offs for. The
+//! message has no delivery behind it; the offerer learns when it is settled.
+use std::sync::Arc;
+
+use bus::topology::INVENTORY_QUEUE;
+use bus::{header_names, Incoming, Offer, Outcome, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE};
+use futures::future::BoxFuture;
+
+use crate::support::{connected, ready_count, take_one, Running, Seen, DEADLINE};
+
+/// Records every message; dead-letters those whose body is `poison`.
+struct Recorder(Seen);
+
+impl bus::Handler for Recorder {
+    fn ordering_key(&self, _msg: &Incoming) -> Option<String> {
+        Some("one key".to_owned())
+    }
+
+    fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
+        let poison = msg.body == b"poison";
+        self.0.push(msg);
+        Box::pin(async move {
+            if poison {
+                Outcome::DeadLetter {
+                    reason: "poison".to_owned(),
+                }
+            } else {
+                Outcome::Ack
+            }
+        })
+    }
+}
+
+async fn wait_drained(bus: &bus::Bus) -> anyhow::Result<()> {
+    testkit::wait_until("the queue drained by this process", DEADLINE, || async {
+        Ok(bus.hands_over_to(INVENTORY_QUEUE).then_some(()))
+    })
+    .await
+}
+
+fn consumer_options() -> bus::ConsumeOptions {
+    bus::ConsumeOptions {
+        local_hand_off: true,
+        ..crate::support::options(0)
+    }
+}
+
+fn event(id: &str, body: &str) -> bus::OutgoingMessage {
+    bus::OutgoingMessage {
+        exchange: EVENTS_EXCHANGE.to_owned(),
+        routing_key: "order.OrderAccepted".to_owned(),
+        body: body.as_bytes().to_vec(),
+        properties: bus::OutgoingProperties::new(id).with_correlation_id("corr-offer"),
+    }
+}
+
+/// Offers `message` and returns what became of it: `true` handed over (and settled),
+/// `false` published to the queue by the offerer, as the relay does.
+async fn offer(bus: &bus::Bus, message: bus::OutgoingMessage) -> anyhow::Result<bool> {
+    let offered = tokio::time::timeout(DEADLINE, bus.offer(INVENTORY_QUEUE, message)).await??;
+    match offered {
+        Offer::Handed(handed) => {
+            tokio::time::timeout(DEADLINE, handed.settled()).await??;
+            Ok(true)
+        }
+        Offer::Publish { message, guard } => {
+            let direct = bus::OutgoingMessage {
+                exchange: String::new(),
+                routing_key: INVENTORY_QUEUE.to_owned(),
+                ..message
+            };
+            bus.publish_many(vec![direct]).await?;
+            drop(guard);
+            Ok(false)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offered_message_is_handed_over_behind_what_the_queue_held_and_published_while_no_consumer_is_here(
+) -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    assert!(
+        !offer(&bus, event("queued", "first")).await?,
+        "no consumer here: the offerer publishes it"
+    );
+    assert_eq!(ready_count(&bus, INVENTORY_QUEUE).await?, 1);
+
+    let seen = Seen::default();
+    let consumer = Running::start(
+        &bus,
+        INVENTORY_QUEUE,
+        consumer_options(),
+        Arc::new(Recorder(seen.clone())),
+    );
+    wait_drained(&bus).await?;
+    assert!(
+        offer(&bus, event("handed", "second")).await?,
+        "once the queue is drained, handed over"
+    );
+    assert_eq!(
+        seen.ids(),
+        vec!["queued".to_owned(), "handed".to_owned()],
+        "what the queue held first"
+    );
+    let handed = seen.wait_for_id("handed").await?;
+    assert_eq!(
+        handed.exchange, EVENTS_EXCHANGE,
+        "as published, not forwarded"
+    );
+    assert_eq!(handed.routing_key, "order.OrderAccepted");
+    assert_eq!(handed.correlation_id.as_deref(), Some("corr-offer"));
+    assert!(!handed.headers.contains_key(header_names::ROUTED_TO));
+
+    assert!(offer(&bus, event("poisoned", "poison")).await?);
+    let dead = take_one(&bus, DEAD_LETTER_QUEUE).await?;
+    assert_eq!(
+        dead.properties.message_id().as_ref().map(|id| id.as_str()),
+        Some("poisoned"),
+        "a dead letter is settled, not lost"
+    );
+
+    consumer.stop().await?;
+    assert!(!offer(&bus, event("after", "third")).await?, "stopped");
+    assert_eq!(ready_count(&bus, INVENTORY_QUEUE).await?, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_process_of_a_queue_with_competing_consumers_gets_its_own_marker_back(
+) -> anyhow::Result<()> {
+    // Four processes consume the queue; a marker the broker gives to another one's
+    // consumer is sent on until it reaches its own (without that, most of them would
+    // wait out the drain's patience, a minute, and publish meanwhile).
+    let (vhost, first) = connected().await?;
+    let mut buses = vec![first];
+    for _ in 1..4 {
+        buses.push(bus::Bus::connect(&vhost.url).await?);
+    }
+    let seen = Seen::default();
+    let consumers: Vec<Running> = buses
+        .iter()
+        .map(|bus| {
+            Running::start(
+                bus,
+                INVENTORY_QUEUE,
+                consumer_options(),
+                Arc::new(Recorder(seen.clone())),
+            )
+        })
+        .collect();
+    for bus in &buses {
+        wait_drained(bus).await?;
+    }
+    for (index, bus) in buses.iter().enumerate() {
+        assert!(
+            offer(bus, event(&format!("process-{index}"), "hello")).await?,
+            "process {index} hands over"
+        );
+    }
+    assert_eq!(seen.all().len(), 4);
+    for consumer in consumers {
+        consumer.stop().await?;
+    }
+    Ok(())
+}
