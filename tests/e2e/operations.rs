@@ -38,7 +38,9 @@ async fn metrics_move_when_orders_flow() -> anyhow::Result<()> {
         "orderflow_handler_duration_seconds_count{worker=\"payment\"}",
         "orderflow_events_appended_total",
         "orderflow_events_projected_total{projection=\"order_status\"}",
-        "orderflow_events_relayed_total",
+        // The services of this process take the relay's events in process; the
+        // broker sees only the commands (nothing outside is bound to the events).
+        "orderflow_messages_handed_over_total{queue=\"orderflow.inventory\"}",
         "orderflow_relay_delay_seconds_count",
         "orderflow_relay_read_delay_seconds_count",
         "orderflow_log_head_position",
@@ -65,8 +67,8 @@ async fn metrics_move_when_orders_flow() -> anyhow::Result<()> {
         let text = scrape(addr).await?;
         Ok([
             "orderflow_follower_lag_events{follower=\"projection:order_status\"}",
-            "orderflow_follower_lag_events{follower=\"relay\"}",
-            "orderflow_follower_lag_seconds{follower=\"relay\"}",
+            "orderflow_follower_lag_events{follower=\"relay.v2\"}",
+            "orderflow_follower_lag_seconds{follower=\"relay.v2\"}",
         ]
         .iter()
         .all(|series| sample(&text, series) == Some(0.0))

@@ -635,7 +635,11 @@ fn messages_per_order(
         value: delivered,
         unit: "deliveries",
         baseline: None,
-        note: "from the process's /metrics: handled or failed, every worker, less the commands handed over in process".to_owned(),
+        note: format!(
+            "from the process's /metrics: handled or failed, every worker, less the messages handed over in process (commands {:.2}, events {:.2})",
+            per_order(moved.handed_over),
+            per_order(moved.events_handed_over)
+        ),
     });
     report.add(Row {
         key: "e2e_publishes_per_order",
@@ -645,10 +649,11 @@ fn messages_per_order(
         unit: "publishes",
         baseline: None,
         note: format!(
-            "the shop's 1, the router's {:.2} forwards ({:.2} more handed over in process), the relay's {:.2} events",
+            "the shop's 1, the router's {:.2} forwards ({:.2} more handed over in process), the relay's {:.2} events (each to every service queue that takes it and has no consumer in the relay's process; {:.2} hand-offs to services besides)",
             per_order(moved.forwarded),
             per_order(moved.handed_over),
-            per_order(moved.relayed)
+            per_order(moved.relayed),
+            per_order(moved.events_handed_over)
         ),
     });
     if delivered > 0.0 {

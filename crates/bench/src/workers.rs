@@ -27,21 +27,36 @@ struct Process {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Messages {
     /// Deliveries from the broker a handler finished (acked, forwarded, or failed and
-    /// retried or dead-lettered): the handlers' count less the commands the router
-    /// handed over in process, which two handlers see in one delivery.
+    /// retried or dead-lettered): the handlers' count less the messages handed over in
+    /// process (a command the router hands over is one delivery for two handlers; an
+    /// event the relay hands over is none).
     pub delivered: f64,
     /// Commands the router published to a partition queue.
     pub forwarded: f64,
     /// Commands the router handed over to a partition of its own process.
     pub handed_over: f64,
-    /// Events the relay published.
+    /// Events the relay handed over to the services of its own process (one per
+    /// service queue that takes the event).
+    pub events_handed_over: f64,
+    /// Events the relay published (once each, however many queues it reached).
     pub relayed: f64,
 }
 
 impl Messages {
     fn of(metrics: &str) -> Messages {
         use testkit::http::{sample, sum};
-        let handed_over = sum(metrics, bus::MESSAGES_HANDED_OVER);
+        let handed_over_to = |queue: &str| {
+            sample(
+                metrics,
+                &format!("{}{{queue=\"{queue}\"}}", bus::MESSAGES_HANDED_OVER),
+            )
+            .unwrap_or(0.0)
+        };
+        let commands_handed_over: f64 = bus::COMMAND_PARTITION_QUEUES
+            .iter()
+            .map(|queue| handed_over_to(queue))
+            .sum();
+        let all_handed_over = sum(metrics, bus::MESSAGES_HANDED_OVER);
         let routed = sample(
             metrics,
             &format!(
@@ -53,21 +68,28 @@ impl Messages {
         Messages {
             delivered: sum(metrics, services::metrics::MESSAGES_HANDLED)
                 + sum(metrics, services::metrics::MESSAGES_FAILED)
-                - handed_over,
-            forwarded: routed - handed_over,
-            handed_over,
+                - all_handed_over,
+            forwarded: routed - commands_handed_over,
+            handed_over: commands_handed_over,
+            events_handed_over: all_handed_over - commands_handed_over,
             relayed: sum(metrics, services::metrics::EVENTS_RELAYED),
+        }
+    }
+
+    /// Each field of `self` and `other` combined by `f`.
+    fn zip(self, other: Messages, f: impl Fn(f64, f64) -> f64) -> Messages {
+        Messages {
+            delivered: f(self.delivered, other.delivered),
+            forwarded: f(self.forwarded, other.forwarded),
+            handed_over: f(self.handed_over, other.handed_over),
+            events_handed_over: f(self.events_handed_over, other.events_handed_over),
+            relayed: f(self.relayed, other.relayed),
         }
     }
 
     /// What was moved between `before` and `self`.
     pub fn since(self, before: Messages) -> Messages {
-        Messages {
-            delivered: self.delivered - before.delivered,
-            forwarded: self.forwarded - before.forwarded,
-            handed_over: self.handed_over - before.handed_over,
-            relayed: self.relayed - before.relayed,
-        }
+        self.zip(before, |now, then| now - then)
     }
 }
 
@@ -143,11 +165,7 @@ impl Processes {
                     label(&process.workers)
                 )
             })?;
-            let moved = Messages::of(&metrics);
-            total.delivered += moved.delivered;
-            total.forwarded += moved.forwarded;
-            total.handed_over += moved.handed_over;
-            total.relayed += moved.relayed;
+            total = total.zip(Messages::of(&metrics), |sum, more| sum + more);
         }
         Ok(total)
     }

@@ -206,11 +206,7 @@ pub async fn consume(
             drain_through(bus, gate, marker).await;
         }
         if options.forwards {
-            for consumed in bus.local_queues().consumed() {
-                if let Some(marker) = consumed.redrain() {
-                    drain_through(bus, &consumed, marker).await;
-                }
-            }
+            bus.drain_local_queues().await;
         }
 
         let stopped = loop {
@@ -517,10 +513,7 @@ pub enum Offer {
     /// No consumer of this process takes it now: the offerer publishes it so that it
     /// reaches the queue, and keeps the guard until the broker has confirmed it (a
     /// consumer that starts sends its drain marker only after such publishes).
-    Publish {
-        message: OutgoingMessage,
-        guard: PublishGuard,
-    },
+    Publish(PublishGuard),
 }
 
 /// A message [`Bus::offer`] handed over, until its consumer settles it.
@@ -547,6 +540,17 @@ pub struct PublishGuard {
 }
 
 impl Bus {
+    /// A forwarder starts (a router, or the relay): every queue that a consumer of this
+    /// process takes hand-offs for drains again, since another process's forwarder
+    /// may have published to it until now.
+    pub async fn drain_local_queues(&self) {
+        for consumed in self.local_queues().consumed() {
+            if let Some(marker) = consumed.redrain() {
+                drain_through(self, &consumed, marker).await;
+            }
+        }
+    }
+
     /// Whether a message offered for `queue` now would be handed over: a consumer of
     /// this process takes hand-offs for it and has drained it.
     pub fn hands_over_to(&self, queue: &str) -> bool {
@@ -555,52 +559,71 @@ impl Bus {
 
     /// Offers `message` to this process's consumer of `queue` (ADR 0005, "The hand-off
     /// in process"): handed over when that consumer has drained the queue, with no
-    /// broker in between; otherwise given back to be published. Waits while the
+    /// broker in between; otherwise left to the offerer to publish. Waits while the
     /// queue drains.
-    pub async fn offer(&self, queue: &str, message: OutgoingMessage) -> Result<Offer, BusError> {
-        let properties = message.properties.to_amqp()?;
-        let handed = match ready_entry(self, queue).await {
-            Ok(handed) => handed,
-            Err(publishing) => {
-                return Ok(Offer::Publish {
-                    message,
-                    guard: PublishGuard {
-                        _publishing: publishing,
-                    },
-                })
-            }
-        };
-        let incoming = Incoming::from_parts(
-            &message.exchange,
-            &message.routing_key,
-            &message.body,
-            &properties,
-            false,
-        );
-        let span = info_span!(
-            "offered",
-            queue,
-            message_id = incoming.message_id.as_deref(),
-            correlation_id = incoming.correlation_id.as_deref(),
-            routing_key = incoming.routing_key.as_str(),
-        );
-        let (done, settled) = oneshot::channel();
-        let consumer = handed.sink.clone();
-        let job = Job {
-            queue: Arc::from(queue),
-            source: Source::Offered {
-                body: message.body,
-                properties,
-                done,
-            },
-            incoming,
-            span,
-            handed_over: Some(handed),
-        };
-        consumer.consumer.handed_over.increment(1);
-        consumer.consumer.dispatch(job);
-        Ok(Offer::Handed(HandOff(settled)))
+    pub async fn offer(&self, queue: &str, message: &OutgoingMessage) -> Result<Offer, BusError> {
+        match ready_entry(self, queue).await {
+            Ok(handed) => offered(queue, handed, message),
+            Err(publishing) => Ok(Offer::Publish(PublishGuard {
+                _publishing: publishing,
+            })),
+        }
     }
+
+    /// [`Bus::offer`] without waiting: `None` while the queue drains (or, never in
+    /// practice, while its consumer has every hand-off permit taken).
+    pub fn try_offer(
+        &self,
+        queue: &str,
+        message: &OutgoingMessage,
+    ) -> Result<Option<Offer>, BusError> {
+        match self.local_queues().gate(queue).enter() {
+            Entry::HandOver(handed) => offered(queue, handed, message).map(Some),
+            Entry::Publish(publishing) => Ok(Some(Offer::Publish(PublishGuard {
+                _publishing: publishing,
+            }))),
+            Entry::Wait(_) | Entry::Full(_) => Ok(None),
+        }
+    }
+}
+
+/// Hands `message` to the consumer behind `handed`.
+fn offered(
+    queue: &str,
+    handed: HandedOver<LocalConsumer>,
+    message: &OutgoingMessage,
+) -> Result<Offer, BusError> {
+    let properties = message.properties.to_amqp()?;
+    let incoming = Incoming::from_parts(
+        &message.exchange,
+        &message.routing_key,
+        &message.body,
+        &properties,
+        false,
+    );
+    let span = info_span!(
+        "offered",
+        queue,
+        message_id = incoming.message_id.as_deref(),
+        correlation_id = incoming.correlation_id.as_deref(),
+        routing_key = incoming.routing_key.as_str(),
+    );
+    let (done, settled) = oneshot::channel();
+    let consumer = handed.sink.clone();
+    let job = Job {
+        queue: Arc::from(queue),
+        source: Source::Offered {
+            body: message.body.clone(),
+            properties,
+            done,
+        },
+        incoming,
+        span,
+        handed_over: Some(handed),
+    };
+    consumer.consumer.handed_over.increment(1);
+    consumer.consumer.dispatch(job);
+    Ok(Offer::Handed(HandOff(settled)))
 }
 
 /// Sends `marker` to the gate's queue once no forward to it is being published; one

@@ -45,6 +45,9 @@ pub struct OutgoingProperties {
     pub headers: BTreeMap<String, String>,
     /// Sent with second precision (AMQP timestamps are seconds); `None` sends none.
     pub timestamp: Option<DateTime<Utc>>,
+    /// More routing keys the exchange routes the message by (RabbitMQ's sender-selected
+    /// distribution: the `BCC` header, which the broker removes before delivery).
+    pub bcc: Vec<String>,
 }
 
 impl OutgoingProperties {
@@ -56,6 +59,7 @@ impl OutgoingProperties {
             message_type: None,
             headers: BTreeMap::new(),
             timestamp: Some(Utc::now()),
+            bcc: Vec::new(),
         }
     }
 
@@ -89,13 +93,21 @@ impl OutgoingProperties {
             properties =
                 properties.with_timestamp(u64::try_from(timestamp.timestamp()).unwrap_or(0));
         }
-        if !self.headers.is_empty() {
+        if !self.headers.is_empty() || !self.bcc.is_empty() {
             let mut table = FieldTable::default();
             for (name, value) in &self.headers {
                 table.insert(
                     short("header name", name)?,
                     AMQPValue::LongString(LongString::from(value.as_bytes())),
                 );
+            }
+            if !self.bcc.is_empty() {
+                let keys = self
+                    .bcc
+                    .iter()
+                    .map(|key| AMQPValue::LongString(LongString::from(key.as_bytes())))
+                    .collect::<Vec<_>>();
+                table.insert(ShortString::from("BCC"), AMQPValue::FieldArray(keys.into()));
             }
             properties = properties.with_headers(table);
         }

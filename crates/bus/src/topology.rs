@@ -66,7 +66,9 @@ pub fn retry_tier(round: u32) -> &'static str {
     RETRY_TIERS[index.min(RETRY_TIERS.len() - 1)].0
 }
 
-/// Service queues and the event routing keys bound to them on [`EVENTS_EXCHANGE`].
+/// Service queues and the event routing keys each takes. The relay routes events to
+/// them itself (in process, or through [`EVENTS_EXCHANGE`] addressed by the queue's
+/// name): each queue is bound to the exchange by its own name only.
 pub const SERVICE_QUEUES: &[(&str, &[&str])] = &[
     (
         ORDER_QUEUE,
@@ -146,8 +148,14 @@ pub async fn declare_topology(channel: &Channel) -> Result<(), BusError> {
     // binds it again when it reconnects; duplicates have no effect, see "Upgrading").
     unbind(channel, LEGACY_COMMAND_INTAKE_QUEUE, COMMANDS_EXCHANGE, "#").await?;
     for (queue, keys) in SERVICE_QUEUES {
+        // The relay addresses a service queue by its name (a `BCC` routing key) when it
+        // does not hand the event over in process; the events' own routing keys are
+        // for outside programs. A queue still bound to them (by a build before 5 Dec,
+        // which also relays with another lock and checkpoint) gets duplicates, which
+        // its consumer ignores.
+        bind(channel, queue, EVENTS_EXCHANGE, queue).await?;
         for key in *keys {
-            bind(channel, queue, EVENTS_EXCHANGE, key).await?;
+            unbind(channel, queue, EVENTS_EXCHANGE, key).await?;
         }
     }
     Ok(())

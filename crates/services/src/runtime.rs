@@ -114,6 +114,12 @@ fn consume_options(worker: &str) -> ConsumeOptions {
         prefetch,
         concurrency,
         consumer_tag_prefix: format!("orderflow-{worker}"),
+        // The services take the events the relay of their process hands over
+        // (ADR 0005, "Events handed over").
+        local_hand_off: matches!(
+            worker,
+            "order" | "inventory" | "payment" | "shipping" | "notification"
+        ),
         ..ConsumeOptions::default()
     }
 }

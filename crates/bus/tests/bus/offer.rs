@@ -58,13 +58,13 @@ fn event(id: &str, body: &str) -> bus::OutgoingMessage {
 /// Offers `message` and returns what became of it: `true` handed over (and settled),
 /// `false` published to the queue by the offerer, as the relay does.
 async fn offer(bus: &bus::Bus, message: bus::OutgoingMessage) -> anyhow::Result<bool> {
-    let offered = tokio::time::timeout(DEADLINE, bus.offer(INVENTORY_QUEUE, message)).await??;
+    let offered = tokio::time::timeout(DEADLINE, bus.offer(INVENTORY_QUEUE, &message)).await??;
     match offered {
         Offer::Handed(handed) => {
             tokio::time::timeout(DEADLINE, handed.settled()).await??;
             Ok(true)
         }
-        Offer::Publish { message, guard } => {
+        Offer::Publish(guard) => {
             let direct = bus::OutgoingMessage {
                 exchange: String::new(),
                 routing_key: INVENTORY_QUEUE.to_owned(),

@@ -18,6 +18,7 @@ async fn a_confirmed_publish_is_consumed_with_its_properties_intact() -> anyhow:
         message_type: Some("PlaceOrder".to_owned()),
         headers: [("x-tenant".to_owned(), "acme".to_owned())].into(),
         timestamp: Some(timestamp),
+        bcc: Vec::new(),
     };
     bus.publish(
         COMMANDS_EXCHANGE,
