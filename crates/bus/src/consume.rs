@@ -846,12 +846,12 @@ async fn conclude(
                     round - 1
                 );
                 warn!(reason = %reason, attempts, "dead-lettering message");
-                dead_letter(bus, source, incoming, &reason, attempts).await
+                dead_letter(bus, queue, source, incoming, &reason, attempts).await
             }
         }
         Verdict::DeadLetter { reason, attempts } => {
             warn!(reason = %reason, attempts, "dead-lettering message");
-            dead_letter(bus, source, incoming, &reason, attempts).await
+            dead_letter(bus, queue, source, incoming, &reason, attempts).await
         }
     }
 }
@@ -1009,6 +1009,7 @@ pub(crate) async fn answered<T>(
 /// the confirm.
 async fn dead_letter(
     bus: &Bus,
+    queue: &str,
     source: &Source,
     incoming: &Incoming,
     reason: &str,
@@ -1025,6 +1026,10 @@ async fn dead_letter(
             (
                 headers::ATTEMPTS,
                 AMQPValue::LongLongInt(i64::from(attempts)),
+            ),
+            (
+                headers::DEAD_LETTERED_FROM,
+                AMQPValue::LongString(LongString::from(queue.as_bytes())),
             ),
         ],
     );

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::message::{headers, render_headers, Incoming, PERSISTENT};
 use crate::publish::Prepared;
-use crate::topology::DEAD_LETTER_QUEUE;
+use crate::topology::{DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, SERVICE_QUEUES};
 use crate::{Bus, BusError};
 
 /// Header the broker adds to messages redelivered from a quorum queue; stripped on retry.
@@ -190,6 +190,14 @@ async fn retry_on(bus: &Bus, channel: &Channel, selector: &DlqSelector) -> Resul
                 }
             }
         }
+        let addresses = service_addresses(&letter);
+        if !addresses.is_empty() {
+            let keys = addresses
+                .iter()
+                .map(|queue| AMQPValue::LongString(LongString::from(queue.as_bytes())))
+                .collect::<Vec<_>>();
+            table.insert(ShortString::from("BCC"), AMQPValue::FieldArray(keys.into()));
+        }
         let properties = delivery.properties.clone().with_headers(table);
         let message = Prepared::new(
             &letter.exchange,
@@ -216,6 +224,28 @@ async fn retry_on(bus: &Bus, channel: &Channel, selector: &DlqSelector) -> Resul
         retried += 1;
     }
     Ok(retried)
+}
+
+/// The service queues a retried event goes back to, by their names (`BCC`): they are
+/// bound to the events exchange by those, not by the events' routing keys, which are
+/// left to outside programs. The queue it was dead-lettered from; for a dead letter
+/// that does not say (a parked message's copy, or one dead-lettered before 5 Dec),
+/// every service queue that takes its routing key, as the exchange routed it then.
+fn service_addresses(letter: &DeadLetter) -> Vec<String> {
+    if letter.exchange != EVENTS_EXCHANGE {
+        return Vec::new();
+    }
+    let takes = |queue: &str| SERVICE_QUEUES.iter().any(|(name, _)| *name == queue);
+    if let Some(queue) = letter.headers.get(headers::DEAD_LETTERED_FROM) {
+        if takes(queue) {
+            return vec![queue.clone()];
+        }
+    }
+    SERVICE_QUEUES
+        .iter()
+        .filter(|(_, keys)| keys.contains(&letter.routing_key.as_str()))
+        .map(|(queue, _)| (*queue).to_owned())
+        .collect()
 }
 
 async fn get(channel: &Channel) -> Result<Option<BasicGetMessage>, BusError> {

@@ -25,6 +25,9 @@ pub mod headers {
     /// On a message the router forwarded to a partition queue: that queue. Its
     /// origin headers say where it was first published.
     pub const ROUTED_TO: &str = "x-orderflow-routed-to";
+    /// On a dead letter: the queue it was taken from (an event goes back there on
+    /// `orderflow dlq retry`).
+    pub const DEAD_LETTERED_FROM: &str = "x-orderflow-queue";
     /// Prefix of every header the bus adds (stripped again by `dlq_retry`).
     pub const PREFIX: &str = "x-orderflow-";
 }

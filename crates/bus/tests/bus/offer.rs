@@ -165,3 +165,36 @@ async fn each_process_of_a_queue_with_competing_consumers_gets_its_own_marker_ba
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_dead_lettered_in_process_goes_back_to_its_queue_on_retry() -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let consumer = Running::start(
+        &bus,
+        INVENTORY_QUEUE,
+        consumer_options(),
+        Arc::new(Recorder(seen.clone())),
+    );
+    wait_drained(&bus).await?;
+    assert!(offer(&bus, event("poisoned", "poison")).await?);
+    testkit::wait_until("the dead letter", DEADLINE, || async {
+        Ok((ready_count(&bus, DEAD_LETTER_QUEUE).await? == 1).then_some(()))
+    })
+    .await?;
+
+    // The queue is bound to the events exchange by its name only: the retry finds it
+    // by the queue the dead letter says it came from.
+    let retried = bus::dlq_retry(&bus, bus::DlqSelector::MessageId("poisoned".into())).await?;
+    assert_eq!(retried, 1);
+    testkit::wait_until("the event handled again", DEADLINE, || async {
+        Ok((seen.ids().len() == 2).then_some(()))
+    })
+    .await?;
+    let again = &seen.all()[1];
+    assert_eq!(again.message_id.as_deref(), Some("poisoned"));
+    assert_eq!(again.exchange, EVENTS_EXCHANGE);
+    assert_eq!(again.routing_key, "order.OrderAccepted");
+    consumer.stop().await?;
+    Ok(())
+}
