@@ -633,7 +633,7 @@ impl Cursor {
         let Some(published) = self.published else {
             return Ok(());
         };
-        let published = holdback.map_or(published, |holdback| holdback.min(published));
+        let published = savable(published, holdback);
         let due = match self.saved {
             None => true,
             Some((saved, _)) if saved == published => false,
@@ -655,6 +655,12 @@ impl Cursor {
     }
 }
 
+/// How far the checkpoint may move: past what is published, unless events handed over
+/// before that are not settled yet (`holdback`: where their page was read from).
+fn savable(published: LogPosition, holdback: Option<LogPosition>) -> LogPosition {
+    holdback.map_or(published, |holdback| holdback.min(published))
+}
+
 /// Routes the next page after the checkpoint, waits for its confirms and hand-offs
 /// and saves the checkpoint; returns how many events it read.
 pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceError> {
@@ -674,9 +680,10 @@ pub async fn relay_page(store: &EventStore, bus: &Bus) -> Result<usize, ServiceE
 #[cfg(test)]
 mod tests {
     use super::{
-        next_read, Bindings, NextRead, Route, FALLBACK_POLL, PAGE, SHORT_PAGE_RECHECK,
-        UNBOUND_RECHECK,
+        next_read, savable, Bindings, Cursor, Flight, NextRead, Route, FALLBACK_POLL, PAGE,
+        SHORT_PAGE_RECHECK, UNBOUND_RECHECK,
     };
+    use eventstore::LogPosition;
     use std::time::{Duration, Instant};
 
     #[test]
@@ -699,6 +706,47 @@ mod tests {
             Route::Publish,
             "bound stays bound"
         );
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_stops_before_the_oldest_page_with_events_handed_over_and_unsettled(
+    ) -> Result<(), String> {
+        let at = |global_position| LogPosition {
+            transaction_id: 1,
+            global_position,
+        };
+        let mut flight = Flight::default();
+        assert_eq!(savable(at(90), flight.holdback()), at(90));
+        let (settle, settled) = tokio::sync::oneshot::channel::<()>();
+        let waiting = tokio::spawn(async move {
+            let _ = settled.await;
+            Ok(())
+        });
+        flight.handing.push_back((at(40), waiting));
+        let later = tokio::spawn(async { Ok(()) });
+        flight.handing.push_back((at(60), later));
+        assert_eq!(flight.holdback(), Some(at(40)));
+        assert_eq!(savable(at(90), flight.holdback()), at(40));
+        assert_eq!(
+            savable(at(30), flight.holdback()),
+            at(30),
+            "nor past what is published"
+        );
+
+        let mut cursor = Cursor::default();
+        flight
+            .settle(&mut cursor, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(flight.holdback(), Some(at(40)), "the oldest is not settled");
+        let _ = settle.send(());
+        flight
+            .settle(&mut cursor, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(flight.holdback(), None);
+        assert_eq!(savable(at(90), flight.holdback()), at(90));
+        Ok(())
     }
 
     #[test]

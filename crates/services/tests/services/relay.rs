@@ -327,3 +327,258 @@ async fn events_no_queue_is_bound_to_are_not_sent_and_a_queue_bound_later_receiv
 fn ids(messages: Vec<(String, String)>) -> Vec<String> {
     messages.into_iter().map(|(id, _)| id).collect()
 }
+
+/// A service of the relay's process, as the bus sees it: records the ids of the events
+/// it handles, one order after another, and holds each until `open` is true.
+struct Service {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl bus::Handler for Service {
+    fn ordering_key(&self, msg: &bus::Incoming) -> Option<String> {
+        msg.correlation_id.clone()
+    }
+
+    fn handle(&self, msg: bus::Incoming) -> futures::future::BoxFuture<'static, bus::Outcome> {
+        let (seen, mut open) = (self.seen.clone(), self.open.clone());
+        Box::pin(async move {
+            let _ = open.wait_for(|open| *open).await;
+            let id = msg.message_id.unwrap_or_default();
+            seen.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+            bus::Outcome::Ack
+        })
+    }
+}
+
+/// A running [`Service`] on `queue`: what it handled, what releases it, what stops it.
+struct Running {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    open: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), bus::BusError>>,
+}
+
+impl Running {
+    async fn start(bus: &Bus, queue: &'static str, open: bool) -> anyhow::Result<Running> {
+        let (open, opened) = tokio::sync::watch::channel(open);
+        let seen = std::sync::Arc::default();
+        let handler = std::sync::Arc::new(Service {
+            seen: std::sync::Arc::clone(&seen),
+            open: opened,
+        });
+        let options = bus::ConsumeOptions {
+            local_hand_off: true,
+            handler_timeout: DEADLINE * 4,
+            ..bus::ConsumeOptions::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let consumer = bus.clone();
+        let task = tokio::spawn(async move {
+            bus::consume(&consumer, queue, options, handler, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        testkit::wait_until("the queue drained by this process", DEADLINE, || async {
+            Ok(bus.hands_over_to(queue).then_some(()))
+        })
+        .await?;
+        Ok(Running {
+            seen,
+            open,
+            stop,
+            task,
+        })
+    }
+
+    async fn has_seen(&self, id: &str) -> anyhow::Result<()> {
+        testkit::wait_until(&format!("event {id} handled"), DEADLINE, || async {
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            Ok(seen.iter().any(|seen| seen == id).then_some(()))
+        })
+        .await
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.open.send(true);
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Places an order; returns the id of its `OrderAccepted` and of its `OrderPlaced`.
+async fn accepted_order(db: &TestDb) -> anyhow::Result<(String, String)> {
+    let from = testkit::wait_readable(&db.store, DEADLINE).await?;
+    place(&db.store, "tok_ok", vec![line("A", 1, 100)]).await?;
+    let log = db.store.read_all(from, 100).await?;
+    let id_of = |event_type: &str| {
+        log.iter()
+            .find(|r| r.event_type == event_type)
+            .map(|r| r.event_id.to_string())
+            .ok_or_else(|| anyhow::anyhow!("no {event_type} in {log:?}"))
+    };
+    Ok((id_of("OrderAccepted")?, id_of("OrderPlaced")?))
+}
+
+const SPY: &str = "test.service-addresses";
+const OUTSIDE: &str = "test.outside-accepted";
+
+/// Events go to the services of the relay's own process without the broker; the
+/// broker carries them only to service queues consumed elsewhere (addressed by the
+/// queue's name) and to queues outside programs bind to their routing keys.
+#[tokio::test]
+async fn the_relay_hands_events_to_its_own_processs_services_and_publishes_only_what_others_need(
+) -> anyhow::Result<()> {
+    use bus::topology::{INVENTORY_QUEUE, NOTIFICATION_QUEUE, PAYMENT_QUEUE};
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let channel = bus.open_channel().await?;
+    // What reaches the inventory's and the payment's queues through the broker.
+    bind_queue(&channel, SPY, INVENTORY_QUEUE).await?;
+    bind_queue(&channel, SPY, PAYMENT_QUEUE).await?;
+    bind_queue(&channel, OUTSIDE, "order.OrderAccepted").await?;
+    let inventory = Running::start(&bus, INVENTORY_QUEUE, true).await?;
+    let payment = Running::start(&bus, PAYMENT_QUEUE, true).await?;
+    let (stop, relay) = start_relay(&db, &bus);
+
+    let (accepted, placed) = accepted_order(&db).await?;
+    inventory.has_seen(&accepted).await?;
+    payment.has_seen(&accepted).await?;
+    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
+    checkpoint_reaches(&db, end).await?;
+    assert_eq!(
+        ids(drain_queue(&channel, SPY).await?),
+        Vec::<String>::new(),
+        "handed over, not published to the services' queues"
+    );
+    assert_eq!(
+        drain_queue(&channel, OUTSIDE).await?,
+        vec![(accepted.clone(), "order.OrderAccepted".to_owned())],
+        "an outside queue bound to the key receives it"
+    );
+    assert_eq!(
+        drain_queue(&channel, NOTIFICATION_QUEUE).await?,
+        vec![(placed, "order.OrderPlaced".to_owned())],
+        "a service with no consumer here gets it through its queue"
+    );
+
+    // Inventory's consumer stops: its events go through the broker again.
+    inventory.stop().await?;
+    let (accepted, _) = accepted_order(&db).await?;
+    payment.has_seen(&accepted).await?;
+    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
+    checkpoint_reaches(&db, end).await?;
+    assert_eq!(
+        drain_queue(&channel, SPY).await?,
+        vec![(accepted.clone(), "order.OrderAccepted".to_owned())],
+        "published once, for the inventory only (the payment's was handed over)"
+    );
+    assert_eq!(ids(drain_queue(&channel, OUTSIDE).await?), vec![accepted]);
+    let _ = stop.send(());
+    relay.await??;
+    payment.stop().await?;
+    Ok(())
+}
+
+/// A service of the relay's process that hangs (payment waiting on a gateway that never
+/// answers) holds back neither the relay nor the other services, only the checkpoint:
+/// a crash then would route its events again.
+#[tokio::test]
+async fn a_hung_service_holds_back_the_relays_checkpoint_but_not_the_other_services(
+) -> anyhow::Result<()> {
+    use bus::topology::{INVENTORY_QUEUE, PAYMENT_QUEUE};
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let inventory = Running::start(&bus, INVENTORY_QUEUE, true).await?;
+    let payment = Running::start(&bus, PAYMENT_QUEUE, false).await?;
+    append(
+        &db.store,
+        &streams::stock("A"),
+        &[DomainEvent::StockSet(StockSet {
+            sku: "A".into(),
+            quantity: 5,
+        })],
+    )
+    .await?;
+    let before = testkit::wait_readable(&db.store, DEADLINE).await?;
+    let (stop, relay) = start_relay(&db, &bus);
+    checkpoint_reaches(&db, before).await?;
+
+    let (first, _) = accepted_order(&db).await?;
+    let (second, _) = accepted_order(&db).await?;
+    inventory.has_seen(&first).await?;
+    inventory.has_seen(&second).await?;
+    // A look at one moment (the relay's unit tests prove the rule itself): the
+    // inventory has handled both orders, the checkpoint is still where it was.
+    assert_eq!(
+        db.store
+            .load_checkpoint(services::relay::CHECKPOINT)
+            .await?,
+        before,
+        "not past events the payment has not settled"
+    );
+
+    let _ = payment.open.send(true);
+    payment.has_seen(&first).await?;
+    payment.has_seen(&second).await?;
+    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
+    checkpoint_reaches(&db, end).await?;
+    let _ = stop.send(());
+    relay.await??;
+    inventory.stop().await?;
+    payment.stop().await?;
+    Ok(())
+}
+
+/// Upgrading from a build whose relay used the checkpoint `relay`: this relay starts
+/// where that one left off, and keeps that checkpoint with its own while it holds the
+/// old relays' lock (none of them can become active meanwhile).
+#[tokio::test]
+async fn a_relay_starts_where_an_older_builds_relay_left_off_and_keeps_its_checkpoint(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    let channel = tap(&bus).await?;
+    let set = |quantity| {
+        vec![DomainEvent::StockSet(StockSet {
+            sku: "U".into(),
+            quantity,
+        })]
+    };
+    append(&db.store, &streams::stock("U"), &set(1)).await?;
+    let published_by_the_old_relay = testkit::wait_readable(&db.store, DEADLINE).await?;
+    let mut conn = db.store.pool().acquire().await?;
+    db.store
+        .save_checkpoint(&mut conn, "relay", published_by_the_old_relay)
+        .await?;
+    drop(conn);
+    append(&db.store, &streams::stock("U"), &set(2)).await?;
+    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
+    let after: Vec<String> = db
+        .store
+        .read_all(published_by_the_old_relay, 100)
+        .await?
+        .iter()
+        .map(|r| r.event_id.to_string())
+        .collect();
+
+    let (stop, relay) = start_relay(&db, &bus);
+    checkpoint_reaches(&db, end).await?;
+    testkit::wait_until("the old checkpoint kept too", DEADLINE, || async {
+        Ok((db.store.load_checkpoint("relay").await? == end).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        ids(drain(&channel).await?),
+        after,
+        "only what the old relay had not published"
+    );
+    let _ = stop.send(());
+    relay.await??;
+    Ok(())
+}
