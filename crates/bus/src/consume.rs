@@ -199,14 +199,14 @@ pub async fn consume(
         info!(queue, consumer_tag = %consumer.tag(), "consuming");
         let acks = Acks::start(options.prefetch);
         if let Some(gate) = &gate {
-            let marker = gate.install(Arc::new(Sink::new(dispatcher.clone())));
+            gate.install(Arc::new(Sink::new(dispatcher.clone(), options.prefetch)));
             if let Some(stale) = lost.take() {
                 stale.settled().await;
             }
-            drain_through(bus, gate, marker).await;
+            reopen_when_idle(bus, gate);
         }
         if options.forwards {
-            bus.drain_local_queues().await;
+            bus.drain_local_queues();
         }
 
         let stopped = loop {
@@ -453,7 +453,7 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(60);
 /// Forwards `job` to `queue`: to this process's consumer of it when its gate is open,
 /// else published (returned with the publish's result, to be settled).
 async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), BusError>)> {
-    match ready_entry(bus, queue).await {
+    match ready_entry(bus, queue, false).await {
         Ok(mut handed) => {
             // The forwarder's lane waits for the message as it waited for a publish's
             // confirm: its key's next message must not pass this one, which, should the
@@ -481,21 +481,32 @@ async fn hand_over(bus: &Bus, queue: &str, job: Job) -> Option<(Job, Result<(), 
 async fn ready_entry(
     bus: &Bus,
     queue: &str,
+    offer: bool,
 ) -> Result<HandedOver<LocalConsumer>, Publishing<LocalConsumer>> {
     let gate = bus.local_queues().gate(queue);
     let patience = tokio::time::sleep(DRAIN_PATIENCE);
     tokio::pin!(patience);
     loop {
         let changed = gate.changed();
-        match gate.enter() {
+        let entry = if offer {
+            gate.enter_offer()
+        } else {
+            gate.enter()
+        };
+        match entry {
             Entry::HandOver(handed) => return Ok(handed),
             Entry::Publish(publishing) => return Err(publishing),
+            Entry::Overflow(publishing) => {
+                reopen_when_idle(bus, &gate);
+                return Err(publishing);
+            }
             Entry::Wait(marker) => {
                 tokio::select! {
                     () = changed => {}
                     () = &mut patience => {
                         warn!(queue, ?DRAIN_PATIENCE, "the queue's hand-off marker did not come back; forwarding through the queue");
                         gate.abandon(marker);
+                        reopen_when_idle(bus, &gate);
                     }
                 }
             }
@@ -504,6 +515,116 @@ async fn ready_entry(
             }
         }
     }
+}
+
+/// How often a closed gate's task looks whether its queue is idle.
+const REOPEN_POLL: Duration = Duration::from_millis(200);
+
+/// Drains `gate`'s queue once it is idle: nothing offered to its consumer unsettled
+/// and no message ready in the queue, so that the marker passes an empty queue and
+/// forwards wait for it only a moment (see `local`). One task per gate at a time. A
+/// marker that does not come back within [`MARKER_PATIENCE`] (another process's
+/// consumer of a queue with competing consumers sent it on too often) is given up, and
+/// the task starts again.
+fn reopen_when_idle(bus: &Bus, gate: &Arc<Gate<LocalConsumer>>) {
+    let Some(sink) = gate.to_reopen() else {
+        return;
+    };
+    let (bus, gate) = (bus.clone(), Arc::clone(gate));
+    tokio::spawn(async move {
+        let mut channel = None;
+        loop {
+            wait_until_idle(&bus, &gate, &sink, &mut channel).await;
+            let Some(marker) = gate.reopen(&sink) else {
+                break;
+            };
+            if drain_through(&bus, &gate, marker).await {
+                if came_back(&gate, marker).await {
+                    break;
+                }
+                debug!(
+                    queue = gate.queue(),
+                    "the hand-off marker did not come back; draining again"
+                );
+                gate.abandon(marker);
+            } else {
+                tokio::time::sleep(REOPEN_POLL).await;
+            }
+            if gate.to_reopen().is_none() {
+                break;
+            }
+        }
+        if let Some(channel) = channel {
+            let _ = answered("closing a channel", channel.close(200, "done".into())).await;
+        }
+    });
+}
+
+/// How long a reopening waits for its marker before it sends another.
+const MARKER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Whether the gate stopped waiting for `marker` (it came back, or the gate changed
+/// otherwise) within [`MARKER_PATIENCE`].
+async fn came_back(gate: &Gate<LocalConsumer>, marker: uuid::Uuid) -> bool {
+    let patience = tokio::time::sleep(MARKER_PATIENCE);
+    tokio::pin!(patience);
+    loop {
+        let changed = gate.changed();
+        if !gate.awaits(marker) {
+            return true;
+        }
+        tokio::select! {
+            () = changed => {}
+            () = &mut patience => return !gate.awaits(marker),
+        }
+    }
+}
+
+/// Returns once nothing offered to `sink` is unsettled and `gate`'s queue has no
+/// message ready, or once `sink` no longer consumes it.
+async fn wait_until_idle(
+    bus: &Bus,
+    gate: &Gate<LocalConsumer>,
+    sink: &Arc<Sink<LocalConsumer>>,
+    channel: &mut Option<Channel>,
+) {
+    while gate.serves(sink) {
+        sink.offers_settled().await;
+        match ready_messages(bus, channel, gate.queue()).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) => {
+                debug!(queue = gate.queue(), %error, "cannot count the queue's messages");
+                *channel = None;
+            }
+        }
+        tokio::time::sleep(REOPEN_POLL).await;
+    }
+}
+
+/// Messages ready in `queue` (not counting those delivered and unacknowledged), on
+/// `channel`, opened first if it is `None`.
+async fn ready_messages(
+    bus: &Bus,
+    channel: &mut Option<Channel>,
+    queue: &str,
+) -> Result<u32, BusError> {
+    let open = match channel {
+        Some(open) => open,
+        None => channel.insert(bus.open_channel().await?),
+    };
+    let declare = open.queue_declare(
+        short("queue", queue)?,
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    );
+    let declared = answered("counting a queue's messages", declare)
+        .await?
+        .map_err(|e| BusError::amqp(format!("counting the messages of {queue}"), e))?;
+    Ok(declared.message_count())
 }
 
 /// What [`Bus::offer`] made of a message for a queue.
@@ -541,13 +662,12 @@ pub struct PublishGuard {
 
 impl Bus {
     /// A forwarder starts (a router, or the relay): every queue that a consumer of this
-    /// process takes hand-offs for drains again, since another process's forwarder
-    /// may have published to it until now.
-    pub async fn drain_local_queues(&self) {
+    /// process takes hand-offs for is closed and drained again once idle, since
+    /// another process's forwarder may have published to it until now.
+    pub fn drain_local_queues(&self) {
         for consumed in self.local_queues().consumed() {
-            if let Some(marker) = consumed.redrain() {
-                drain_through(self, &consumed, marker).await;
-            }
+            consumed.close_to_reopen();
+            reopen_when_idle(self, &consumed);
         }
     }
 
@@ -562,7 +682,7 @@ impl Bus {
     /// broker in between; otherwise left to the offerer to publish. Waits while the
     /// queue drains.
     pub async fn offer(&self, queue: &str, message: &OutgoingMessage) -> Result<Offer, BusError> {
-        match ready_entry(self, queue).await {
+        match ready_entry(self, queue, true).await {
             Ok(handed) => offered(queue, handed, message),
             Err(publishing) => Ok(Offer::Publish(PublishGuard {
                 _publishing: publishing,
@@ -577,11 +697,18 @@ impl Bus {
         queue: &str,
         message: &OutgoingMessage,
     ) -> Result<Option<Offer>, BusError> {
-        match self.local_queues().gate(queue).enter() {
+        let gate = self.local_queues().gate(queue);
+        match gate.enter_offer() {
             Entry::HandOver(handed) => offered(queue, handed, message).map(Some),
             Entry::Publish(publishing) => Ok(Some(Offer::Publish(PublishGuard {
                 _publishing: publishing,
             }))),
+            Entry::Overflow(publishing) => {
+                reopen_when_idle(self, &gate);
+                Ok(Some(Offer::Publish(PublishGuard {
+                    _publishing: publishing,
+                })))
+            }
             Entry::Wait(_) | Entry::Full(_) => Ok(None),
         }
     }
@@ -627,8 +754,8 @@ fn offered(
 }
 
 /// Sends `marker` to the gate's queue once no forward to it is being published; one
-/// that cannot be sent leaves the gate closed (forwards are published).
-async fn drain_through(bus: &Bus, gate: &Gate<LocalConsumer>, marker: uuid::Uuid) {
+/// that cannot be sent leaves the gate closed (forwards are published). Whether sent.
+async fn drain_through(bus: &Bus, gate: &Gate<LocalConsumer>, marker: uuid::Uuid) -> bool {
     gate.quiet().await;
     let mut owner = FieldTable::default();
     owner.insert(
@@ -643,10 +770,11 @@ async fn drain_through(bus: &Bus, gate: &Gate<LocalConsumer>, marker: uuid::Uuid
         Ok(message) => bus.publish_prepared(&message).await,
         Err(error) => Err(error),
     };
-    if let Err(error) = sent {
+    if let Err(error) = &sent {
         warn!(queue = gate.queue(), %error, "cannot send the hand-off marker; forwarding through the queue");
         gate.abandon(marker);
     }
+    sent.is_ok()
 }
 
 /// The header naming the process (its bus) whose consumer sent a marker.
@@ -687,7 +815,11 @@ fn bounce_marker(bus: &Bus, queue: &str, delivery: &Delivery) {
     table.insert(ShortString::from(MARKER_HOPS), AMQPValue::LongLongInt(hops));
     let properties = delivery.properties.clone().with_headers(table);
     let (bus, queue) = (bus.clone(), queue.to_owned());
+    // After a pause of a few milliseconds, different each time: markers sent on at
+    // once by consumers served in turn could each keep reaching the same wrong one.
+    let pause = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 16));
     tokio::spawn(async move {
+        tokio::time::sleep(pause).await;
         let sent = match Prepared::new("", &queue, &[], properties, true) {
             Ok(message) => bus.publish_prepared(&message).await,
             Err(error) => Err(error),

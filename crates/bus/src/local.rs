@@ -15,8 +15,14 @@
 //! - `Open`: the marker came back, so everything queued before it is in the lanes, in
 //!   queue order; forwards are handed over, behind it.
 //!
-//! A forwarder that starts (a router taking over the intake) re-drains every open
-//! gate, since the router before it, in another process, may have queued messages.
+//! A consumer that starts leaves its gate closed until its queue has no message ready
+//! (and nothing offered to it is unsettled), then drains it: the marker then passes an
+//! empty queue, and a forward waits for it only a moment, never for a backlog.
+//! A forwarder that starts (a router taking over the intake, a relay taking over) closes
+//! every open gate the same way, since the one before it, in another process, may have
+//! queued messages. Messages offered (by the relay) that a consumer has not settled are
+//! bounded by its prefetch, as the broker bounds deliveries: past that, the gate closes
+//! and offers are published to the queue until the consumer has caught up.
 //! A consumer that loses its channel bumps the gate's generation: messages handed over
 //! before then are published to the queue when their turn comes (behind what the
 //! broker requeued), and the next marker waits for them.
@@ -89,6 +95,8 @@ struct State<S> {
     sink: Option<Arc<Sink<S>>>,
     generation: u64,
     publishing: usize,
+    /// A task waits for the queue to be idle to drain it ([`Gate::to_reopen`]).
+    reopening: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,19 +110,30 @@ enum Mode {
 pub(crate) struct Sink<S> {
     pub(crate) consumer: S,
     in_flight: Arc<Semaphore>,
+    /// Of those, the offered ones, at most `offer_limit`.
+    offered: Arc<Semaphore>,
+    offer_limit: u32,
 }
 
 impl<S> Sink<S> {
-    pub(crate) fn new(consumer: S) -> Self {
+    pub(crate) fn new(consumer: S, offer_limit: u16) -> Self {
+        let offer_limit = u32::from(offer_limit.max(1));
         Sink {
             consumer,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_LIMIT as usize)),
+            offered: Arc::new(Semaphore::new(offer_limit as usize)),
+            offer_limit,
         }
     }
 
     /// Waits until every message handed over to this consumer is settled.
     pub(crate) async fn settled(&self) {
         let _ = self.in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
+    }
+
+    /// Waits until every message offered to this consumer is settled.
+    pub(crate) async fn offers_settled(&self) {
+        let _ = self.offered.acquire_many(self.offer_limit).await;
     }
 }
 
@@ -129,6 +148,9 @@ pub(crate) enum Entry<S> {
     /// The consumer has [`IN_FLIGHT_LIMIT`] hand-offs in flight (never in practice):
     /// wait for one to finish, then enter again.
     Full(Arc<Semaphore>),
+    /// An offer found the consumer with its offer limit reached: the gate is closed,
+    /// and the offer is published; the queue is to be reopened ([`Gate::to_reopen`]).
+    Overflow(Publishing<S>),
 }
 
 /// A message handed over: the consumer it went to, and the gate's generation then.
@@ -137,6 +159,8 @@ pub(crate) struct HandedOver<S> {
     pub(crate) sink: Arc<Sink<S>>,
     generation: u64,
     _in_flight: OwnedSemaphorePermit,
+    /// An offered message's share of the offer limit.
+    _offered: Option<OwnedSemaphorePermit>,
     /// Dropped with the message once it is settled, which wakes [`HandedOver::settled`].
     settled: Option<oneshot::Sender<()>>,
 }
@@ -179,6 +203,7 @@ impl<S> Gate<S> {
                 sink: None,
                 generation: 0,
                 publishing: 0,
+                reopening: false,
             }),
             changed: Notify::new(),
         }
@@ -190,18 +215,43 @@ impl<S> Gate<S> {
 
     /// What a forward to this queue does now.
     pub(crate) fn enter(self: &Arc<Self>) -> Entry<S> {
+        self.enter_with(false)
+    }
+
+    /// What an offer to this queue does now: as a forward, within the offer limit.
+    pub(crate) fn enter_offer(self: &Arc<Self>) -> Entry<S> {
+        self.enter_with(true)
+    }
+
+    fn enter_with(self: &Arc<Self>, offer: bool) -> Entry<S> {
         let mut state = lock(&self.state);
         match (state.mode, state.sink.clone()) {
-            (Mode::Open, Some(sink)) => match sink.in_flight.clone().try_acquire_owned() {
-                Ok(permit) => Entry::HandOver(HandedOver {
-                    gate: self.clone(),
-                    sink,
-                    generation: state.generation,
-                    _in_flight: permit,
-                    settled: None,
-                }),
-                Err(_) => Entry::Full(sink.in_flight.clone()),
-            },
+            (Mode::Open, Some(sink)) => {
+                let offered = if offer {
+                    match sink.offered.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            state.mode = Mode::Closed;
+                            state.publishing += 1;
+                            self.changed.notify_waiters();
+                            return Entry::Overflow(Publishing(self.clone()));
+                        }
+                    }
+                } else {
+                    None
+                };
+                match sink.in_flight.clone().try_acquire_owned() {
+                    Ok(permit) => Entry::HandOver(HandedOver {
+                        gate: self.clone(),
+                        sink,
+                        generation: state.generation,
+                        _in_flight: permit,
+                        _offered: offered,
+                        settled: None,
+                    }),
+                    Err(_) => Entry::Full(sink.in_flight.clone()),
+                }
+            }
             (Mode::Draining(marker), Some(_)) => Entry::Wait(marker),
             _ => {
                 state.publishing += 1;
@@ -221,26 +271,65 @@ impl<S> Gate<S> {
         self.changed.notified()
     }
 
-    /// A consumer of the queue starts: forwards wait from now on, and the marker
-    /// returned is to be published once [`Gate::quiet`] resolves.
-    pub(crate) fn install(&self, sink: Arc<Sink<S>>) -> Uuid {
-        let marker = Uuid::new_v4();
+    /// A consumer of the queue starts: forwards are published until it is reopened.
+    pub(crate) fn install(&self, sink: Arc<Sink<S>>) {
         let mut state = lock(&self.state);
-        state.mode = Mode::Draining(marker);
+        state.mode = Mode::Closed;
         state.sink = Some(sink);
         self.changed.notify_waiters();
-        marker
     }
 
-    /// A forwarder starts: an open gate drains again (see the module's documentation).
-    /// The marker returned is to be published once [`Gate::quiet`] resolves.
-    pub(crate) fn redrain(&self) -> Option<Uuid> {
+    /// A forwarder starts: a consumed gate closes, to be reopened (see the module's
+    /// documentation).
+    pub(crate) fn close_to_reopen(&self) {
         let mut state = lock(&self.state);
-        state.sink.as_ref()?;
+        if state.sink.is_some() {
+            state.mode = Mode::Closed;
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The consumer to reopen the gate for, unless a task already does, or it has none.
+    pub(crate) fn to_reopen(&self) -> Option<Arc<Sink<S>>> {
+        let mut state = lock(&self.state);
+        if state.reopening || state.mode != Mode::Closed {
+            return None;
+        }
+        let sink = state.sink.clone()?;
+        state.reopening = true;
+        Some(sink)
+    }
+
+    /// Drains the closed gate of `sink` (the marker returned is to be published once
+    /// [`Gate::quiet`] resolves), or ends the reopening when `sink` is gone. `None`:
+    /// nothing to drain.
+    pub(crate) fn reopen(&self, sink: &Arc<Sink<S>>) -> Option<Uuid> {
+        let mut state = lock(&self.state);
+        state.reopening = false;
+        let same = state
+            .sink
+            .as_ref()
+            .is_some_and(|now| Arc::ptr_eq(now, sink));
+        if !same || state.mode != Mode::Closed {
+            return None;
+        }
         let marker = Uuid::new_v4();
         state.mode = Mode::Draining(marker);
         self.changed.notify_waiters();
         Some(marker)
+    }
+
+    /// Whether the gate still waits for `marker`.
+    pub(crate) fn awaits(&self, marker: Uuid) -> bool {
+        lock(&self.state).mode == Mode::Draining(marker)
+    }
+
+    /// Whether `sink` is still this gate's consumer.
+    pub(crate) fn serves(&self, sink: &Arc<Sink<S>>) -> bool {
+        lock(&self.state)
+            .sink
+            .as_ref()
+            .is_some_and(|now| Arc::ptr_eq(now, sink))
     }
 
     /// Resolves once no forward is being published to the queue.
@@ -305,12 +394,36 @@ mod tests {
         matches!(entry, Entry::Publish(_))
     }
 
+    /// Installs a consumer (with an offer limit of `limit`) and opens the gate for it.
+    fn open(gate: &Arc<Gate<()>>, limit: u16) -> Arc<Sink<()>> {
+        let sink = Arc::new(Sink::new((), limit));
+        gate.install(sink.clone());
+        let Some(to_reopen) = gate.to_reopen() else {
+            panic!("a new consumer's gate is to be reopened");
+        };
+        let Some(marker) = gate.reopen(&to_reopen) else {
+            panic!("a closed gate drains");
+        };
+        assert!(gate.arrived(marker));
+        sink
+    }
+
     #[tokio::test]
     async fn forwards_are_published_until_the_marker_sent_after_them_comes_back() {
         let gate = gate();
         let before = gate.enter();
         assert!(is_publish(&before), "no consumer: published");
-        let marker = gate.install(Arc::new(Sink::new(())));
+        let sink = Arc::new(Sink::new((), 8));
+        gate.install(sink.clone());
+        let during = gate.enter();
+        assert!(is_publish(&during), "installed: published until reopened");
+        let Some(to_reopen) = gate.to_reopen() else {
+            panic!("to be reopened");
+        };
+        assert!(gate.to_reopen().is_none(), "one reopening at a time");
+        let Some(marker) = gate.reopen(&to_reopen) else {
+            panic!("drains");
+        };
         assert!(
             matches!(gate.enter(), Entry::Wait(_)),
             "draining: forwards wait"
@@ -319,9 +432,11 @@ mod tests {
         futures::pin_mut!(quiet);
         assert!(
             futures::poll!(quiet.as_mut()).is_pending(),
-            "the marker waits for the publish in flight"
+            "the marker waits for the publishes in flight"
         );
         drop(before);
+        assert!(futures::poll!(quiet.as_mut()).is_pending());
+        drop(during);
         assert!(futures::poll!(quiet).is_ready());
         assert!(
             !gate.arrived(Uuid::new_v4()),
@@ -332,10 +447,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn offers_past_the_limit_close_the_gate_until_the_consumer_has_caught_up() {
+        let gate = gate();
+        let sink = open(&gate, 2);
+        let first = gate.enter_offer();
+        let second = gate.enter_offer();
+        assert!(matches!(first, Entry::HandOver(_)));
+        assert!(matches!(second, Entry::HandOver(_)));
+        assert!(
+            matches!(gate.enter_offer(), Entry::Overflow(_)),
+            "over the limit"
+        );
+        assert!(is_publish(&gate.enter_offer()), "closed: published");
+        assert!(is_publish(&gate.enter()), "forwards too");
+        let settled = sink.offers_settled();
+        futures::pin_mut!(settled);
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        drop(first);
+        drop(second);
+        assert!(futures::poll!(settled).is_ready());
+        let Some(to_reopen) = gate.to_reopen() else {
+            panic!("to be reopened");
+        };
+        assert!(gate.reopen(&to_reopen).is_some());
+    }
+
+    #[tokio::test]
     async fn a_lost_consumer_makes_what_was_handed_over_stale_and_closes_the_gate() {
         let gate = gate();
-        let marker = gate.install(Arc::new(Sink::new(())));
-        gate.arrived(marker);
+        open(&gate, 8);
         let Entry::HandOver(handed) = gate.enter() else {
             panic!("an open gate hands over");
         };
@@ -353,28 +493,36 @@ mod tests {
             "the forwarder goes on once the message is settled"
         );
         assert!(is_publish(&gate.enter()));
-        assert!(gate.redrain().is_none(), "no consumer: nothing to drain");
+        assert!(gate.to_reopen().is_none(), "no consumer: nothing to reopen");
     }
 
     #[tokio::test]
-    async fn a_stopped_consumer_keeps_what_was_handed_over_and_a_new_forwarder_drains_again() {
+    async fn a_stopped_consumer_keeps_what_was_handed_over_and_a_new_forwarder_closes_the_gate() {
         let gate = gate();
-        let first = gate.install(Arc::new(Sink::new(())));
-        gate.arrived(first);
-        let redrained = gate.redrain();
-        assert!(matches!(gate.enter(), Entry::Wait(_)));
-        assert!(!gate.arrived(first), "the old marker no longer opens");
-        let Some(marker) = redrained else {
-            panic!("a consumed gate drains again");
+        let first = open(&gate, 8);
+        gate.close_to_reopen();
+        assert!(is_publish(&gate.enter()), "closed for a new forwarder");
+        let Some(to_reopen) = gate.to_reopen() else {
+            panic!("to be reopened");
+        };
+        let Some(marker) = gate.reopen(&to_reopen) else {
+            panic!("drains");
         };
         gate.abandon(marker);
         assert!(is_publish(&gate.enter()), "an abandoned drain publishes");
-        let marker = gate.install(Arc::new(Sink::new(())));
-        gate.arrived(marker);
+        assert!(Arc::ptr_eq(&to_reopen, &first));
+
+        let second = open(&gate, 8);
+        assert!(!gate.serves(&first), "the new consumer replaced it");
+        assert!(
+            gate.reopen(&first).is_none(),
+            "a stale reopening does nothing"
+        );
         let Entry::HandOver(handed) = gate.enter() else {
             panic!("open again");
         };
         let sink = gate.close(false);
+        assert!(sink.as_ref().is_some_and(|sink| Arc::ptr_eq(sink, &second)));
         assert!(
             !handed.is_stale(),
             "a clean stop settles what it was handed"

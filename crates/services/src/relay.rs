@@ -84,7 +84,7 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     };
     // Another process's relay may have published to the queues this process's
     // consumers take hand-offs for.
-    bus.drain_local_queues().await;
+    bus.drain_local_queues();
     let mut wakeups = store.follow().await?;
     let mut flight = Flight::default();
     let mut lock_checked = tokio::time::Instant::now();

@@ -166,6 +166,17 @@ fn handed_over_in(seen: &Seen, seq: usize) -> Vec<bool> {
         .collect()
 }
 
+/// Waits until every partition's gate is open in this process.
+async fn wait_open(bus: &bus::Bus) -> anyhow::Result<()> {
+    testkit::wait_until("every partition handing over", DEADLINE, || async {
+        Ok(COMMAND_PARTITION_QUEUES
+            .iter()
+            .all(|queue| bus.hands_over_to(queue))
+            .then_some(()))
+    })
+    .await
+}
+
 async fn queued(bus: &bus::Bus) -> anyhow::Result<u32> {
     let mut total = 0;
     for queue in COMMAND_PARTITION_QUEUES {
@@ -197,7 +208,9 @@ async fn forwards_are_handed_over_behind_what_the_queue_held_and_queued_while_no
     wait_seen(&seen, 40 * KEYS).await?;
     assert_in_order(&seen, 40);
 
-    // Drained: the next round is handed over, none of it through a queue.
+    // Drained, and each partition's gate opened once its queue was idle: the next
+    // round is handed over, none of it through a queue.
+    wait_open(&bus).await?;
     through_router(&bus, 40..41).await?;
     wait_seen(&seen, 41 * KEYS).await?;
     assert_eq!(handed_over_in(&seen, 40), vec![true; KEYS]);
@@ -226,6 +239,7 @@ async fn forwards_are_handed_over_behind_what_the_queue_held_and_queued_while_no
         vec![false; KEYS],
         "through the queue"
     );
+    wait_open(&bus).await?;
     through_router(&bus, 42..43).await?;
     wait_seen(&seen, 43 * KEYS).await?;
     assert_eq!(

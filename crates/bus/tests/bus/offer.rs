@@ -198,3 +198,87 @@ async fn an_event_dead_lettered_in_process_goes_back_to_its_queue_on_retry() -> 
     consumer.stop().await?;
     Ok(())
 }
+
+/// Records every message, one after another, once `open` is true.
+struct Held {
+    seen: Seen,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl bus::Handler for Held {
+    fn ordering_key(&self, _msg: &Incoming) -> Option<String> {
+        Some("one key".to_owned())
+    }
+
+    fn handle(&self, msg: Incoming) -> BoxFuture<'static, Outcome> {
+        let (seen, mut open) = (self.seen.clone(), self.open.clone());
+        Box::pin(async move {
+            let _ = open.wait_for(|open| *open).await;
+            seen.push(msg);
+            Outcome::Ack
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offers_past_the_consumers_prefetch_go_through_the_queue_in_order_until_it_catches_up(
+) -> anyhow::Result<()> {
+    let (_vhost, bus) = connected().await?;
+    let seen = Seen::default();
+    let (open, opened) = tokio::sync::watch::channel(false);
+    let options = bus::ConsumeOptions {
+        prefetch: 2,
+        ..consumer_options()
+    };
+    let consumer = Running::start(
+        &bus,
+        INVENTORY_QUEUE,
+        options,
+        Arc::new(Held {
+            seen: seen.clone(),
+            open: opened,
+        }),
+    );
+    wait_drained(&bus).await?;
+    // The consumer hangs: two offers are handed over (their settling is awaited only
+    // at the end), the rest go to the queue; memory holds no more than the prefetch.
+    let mut handed = Vec::new();
+    let mut published = 0;
+    for n in 0..6 {
+        let message = event(&format!("m{n}"), "x");
+        match tokio::time::timeout(DEADLINE, bus.offer(INVENTORY_QUEUE, &message)).await?? {
+            Offer::Handed(hand_off) => handed.push(hand_off),
+            Offer::Publish(guard) => {
+                let direct = bus::OutgoingMessage {
+                    exchange: String::new(),
+                    routing_key: INVENTORY_QUEUE.to_owned(),
+                    ..message
+                };
+                bus.publish_many(vec![direct]).await?;
+                drop(guard);
+                published += 1;
+            }
+        }
+    }
+    assert_eq!((handed.len(), published), (2, 4));
+    assert!(
+        !bus.hands_over_to(INVENTORY_QUEUE),
+        "closed while it is behind"
+    );
+
+    let _ = open.send(true);
+    for hand_off in handed {
+        tokio::time::timeout(DEADLINE, hand_off.settled()).await??;
+    }
+    testkit::wait_until("every message handled", DEADLINE, || async {
+        Ok((seen.ids().len() == 6).then_some(()))
+    })
+    .await?;
+    let expected: Vec<String> = (0..6).map(|n| format!("m{n}")).collect();
+    assert_eq!(seen.ids(), expected, "in the order offered");
+    // Caught up, with its queue empty: hand-offs again.
+    wait_drained(&bus).await?;
+    assert!(offer(&bus, event("m6", "x")).await?);
+    consumer.stop().await?;
+    Ok(())
+}
