@@ -496,9 +496,17 @@ async fn ready_entry(
         match entry {
             Entry::HandOver(handed) => return Ok(handed),
             Entry::Publish(publishing) => return Err(publishing),
-            Entry::Overflow(publishing) => {
-                reopen_when_idle(bus, &gate);
-                return Err(publishing);
+            Entry::Busy(offered) => {
+                tokio::select! {
+                    permit = offered.acquire() => drop(permit),
+                    () = tokio::time::sleep(OFFER_PATIENCE) => {
+                        if let Some(publishing) = gate.overflow() {
+                            debug!(queue, ?OFFER_PATIENCE, "the consumer settled none of its offered messages for a while; offering through the queue until it has caught up");
+                            reopen_when_idle(bus, &gate);
+                            return Err(publishing);
+                        }
+                    }
+                }
             }
             Entry::Wait(marker) => {
                 tokio::select! {
@@ -516,6 +524,13 @@ async fn ready_entry(
         }
     }
 }
+
+/// How long an offer waits for a consumer that has as many offered messages unsettled
+/// as its prefetch before it goes through the queue instead: a consumer that works
+/// settles one long before (the wait is the back-pressure a busy one puts on the
+/// relay), one that hangs (payment on a gateway that never answers) must not hold the
+/// relay, and every other service, back.
+const OFFER_PATIENCE: Duration = Duration::from_secs(1);
 
 /// How often a closed gate's task looks whether its queue is idle.
 const REOPEN_POLL: Duration = Duration::from_millis(200);
@@ -690,26 +705,19 @@ impl Bus {
         }
     }
 
-    /// [`Bus::offer`] without waiting: `None` while the queue drains (or, never in
-    /// practice, while its consumer has every hand-off permit taken).
+    /// [`Bus::offer`] without waiting: `None` while the queue drains, or while its
+    /// consumer has as many offered messages unsettled as its prefetch.
     pub fn try_offer(
         &self,
         queue: &str,
         message: &OutgoingMessage,
     ) -> Result<Option<Offer>, BusError> {
-        let gate = self.local_queues().gate(queue);
-        match gate.enter_offer() {
+        match self.local_queues().gate(queue).enter_offer() {
             Entry::HandOver(handed) => offered(queue, handed, message).map(Some),
             Entry::Publish(publishing) => Ok(Some(Offer::Publish(PublishGuard {
                 _publishing: publishing,
             }))),
-            Entry::Overflow(publishing) => {
-                reopen_when_idle(self, &gate);
-                Ok(Some(Offer::Publish(PublishGuard {
-                    _publishing: publishing,
-                })))
-            }
-            Entry::Wait(_) | Entry::Full(_) => Ok(None),
+            Entry::Wait(_) | Entry::Full(_) | Entry::Busy(_) => Ok(None),
         }
     }
 }

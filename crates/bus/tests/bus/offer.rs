@@ -227,7 +227,7 @@ async fn offers_past_the_consumers_prefetch_go_through_the_queue_in_order_until_
     let seen = Seen::default();
     let (open, opened) = tokio::sync::watch::channel(false);
     let options = bus::ConsumeOptions {
-        prefetch: 2,
+        prefetch: 1,
         ..consumer_options()
     };
     let consumer = Running::start(
@@ -240,11 +240,11 @@ async fn offers_past_the_consumers_prefetch_go_through_the_queue_in_order_until_
         }),
     );
     wait_drained(&bus).await?;
-    // The consumer hangs: two offers are handed over (their settling is awaited only
-    // at the end), the rest go to the queue; memory holds no more than the prefetch.
+    // The consumer hangs: eight offers (8 × its prefetch) are handed over (their
+    // settling is awaited only at the end), the rest go to the queue.
     let mut handed = Vec::new();
     let mut published = 0;
-    for n in 0..6 {
+    for n in 0..12 {
         let message = event(&format!("m{n}"), "x");
         match tokio::time::timeout(DEADLINE, bus.offer(INVENTORY_QUEUE, &message)).await?? {
             Offer::Handed(hand_off) => handed.push(hand_off),
@@ -260,7 +260,7 @@ async fn offers_past_the_consumers_prefetch_go_through_the_queue_in_order_until_
             }
         }
     }
-    assert_eq!((handed.len(), published), (2, 4));
+    assert_eq!((handed.len(), published), (8, 4));
     assert!(
         !bus.hands_over_to(INVENTORY_QUEUE),
         "closed while it is behind"
@@ -271,14 +271,14 @@ async fn offers_past_the_consumers_prefetch_go_through_the_queue_in_order_until_
         tokio::time::timeout(DEADLINE, hand_off.settled()).await??;
     }
     testkit::wait_until("every message handled", DEADLINE, || async {
-        Ok((seen.ids().len() == 6).then_some(()))
+        Ok((seen.ids().len() == 12).then_some(()))
     })
     .await?;
-    let expected: Vec<String> = (0..6).map(|n| format!("m{n}")).collect();
+    let expected: Vec<String> = (0..12).map(|n| format!("m{n}")).collect();
     assert_eq!(seen.ids(), expected, "in the order offered");
     // Caught up, with its queue empty: hand-offs again.
     wait_drained(&bus).await?;
-    assert!(offer(&bus, event("m6", "x")).await?);
+    assert!(offer(&bus, event("m12", "x")).await?);
     consumer.stop().await?;
     Ok(())
 }
