@@ -662,19 +662,20 @@ fn where_the_time_goes(report: &Report) -> String {
          group commit on by default (292–324 → 330–375 orders/s). Stream reads went \
          from 2.5 per order to none: the workers of a process share their folded order \
          and shipment streams, so the saga, shipping and the delivery timer decide on \
-         the state the worker before them left. Of an order's ~{} events the relay \
-         publishes, with confirms, those some queue is bound to (since 5 Dec: 8 of a \
-         physical order's 13; `PaymentRequested`, `OrderPaymentCaptured`, \
-         `OrderLineReserved`, `OrderShipped` and `StockCommitted` go to no queue of the \
-         services, and unless an outside program binds one the broker would drop them: \
-         burst A B A B 505/518 → 521/551 orders/s, RabbitMQ's CPU per order −12%), and \
-         each order is {} deliveries and {} publishes (counted in the burst by the \
-         process's `/metrics`: the command, and the events each service waits for; \
-         since 5 Dec the router hands a command over in process when its own \
-         process consumes the command's partition, instead of publishing it to the \
-         partition and taking it again: 11.5 → 10.5 deliveries and 8.75 → 7.7 \
-         publishes per order, burst A B A B 512/540/511/547 orders/s, RabbitMQ's CPU \
-         per order −11%). The raw RabbitMQ \
+         the state the worker before them left. Of an order's ~{} events, the relay \
+         hands each to the services of its own process that take it, straight into \
+         their consumers' lanes (since 5 Dec, late; ADR 0005, \"Events handed over\"), \
+         and publishes with confirms only what service queues consumed by other \
+         processes, or queues outside programs bind, need (none here); each order is \
+         {} deliveries and {} publishes (counted in the burst by the process's \
+         `/metrics`: the shop's command, and whatever did go through the broker). \
+         The steps there: 11.5 deliveries and 8.75 publishes per order until the \
+         router handed a command over in process when its process consumes the \
+         command's partition (10.5 and 7.7, burst A B A B 512/540/511/547 orders/s); \
+         events no queue is bound to not sent (8 of a physical order's 13 were then \
+         published; A B A B 505/518 → 521/551 orders/s); and the events' hand-off \
+         (1.0 deliveries per order, bursts at 0.5 scale 572 → 790 and 839 orders/s, \
+         RabbitMQ's CPU per order 0.73 → 0.08–0.12 ms). The raw RabbitMQ \
          baseline above moves {} messages/s with the whole machine to itself (a \
          publish with confirm and a delivery with ack each): at {} deliveries per order \
          that is {} orders/s for the broker alone, before PostgreSQL or orderflow use a \
@@ -684,12 +685,14 @@ fn where_the_time_goes(report: &Report) -> String {
          OrderPlaced/Accepted → relay → inventory and payment → relay → saga → \
          OrderConfirmed → relay → shipping → the delivery timer → \
          ShipmentDelivered); the note on when each event is recorded shows the hops. \
-         A relay hop is about 10 ms at p50 (5 Dec, 170 orders/s, 0.5 scale, the \
-         process's histograms over the paced run: from an event's transaction start \
-         to its reading by the relay p50 ≤ 3 / p99 ≤ 15 ms, to the broker's confirm \
-         p50 ≤ 10 / p99 ≤ 25 ms; the handlers p50 1–5 ms, notification 25 ms by \
-         design): most of it is the quorum queues' commit, which a delivery waits for \
-         as the confirm does. \
+         A relay hop through the broker was about 10 ms at p50 (5 Dec, 170 orders/s, \
+         0.5 scale, the process's histograms over the paced run: from an event's \
+         transaction start to its reading by the relay p50 ≤ 3 / p99 ≤ 15 ms, to the \
+         broker's confirm p50 ≤ 10 / p99 ≤ 25 ms; the handlers p50 1–5 ms, \
+         notification 25 ms by design): most of it the quorum queues' commit, which a \
+         delivery waits for as the confirm does. Handed over in process, a hop is the \
+         relay's read and the handler: p99 to the final status 70 ms at 286 orders/s \
+         before the events' hand-off, 21–32 ms at 357–419 orders/s after (0.5 scale). \
          Every follower of the log waits for the gap-safe horizon (the oldest \
          transaction in flight), and at half load most of a hop is waiting for a core: \
          an order paced at a steady rate costs about twice the CPU of one in the burst \
@@ -703,7 +706,7 @@ fn where_the_time_goes(report: &Report) -> String {
          10 ms), against 9 in the burst. Half of the \
          burst's rate is therefore close to what the machine can keep up without \
          queues, and the tail is queueing for the cores. The cost per order falls as \
-         the rate rises, because more of it is shared (5 Dec, 0.5 scale, CPU of all \
+         the rate rises, because more of it is shared (5 Dec, before the events' hand-off, 0.5 scale, CPU of all \
          three processes over 10 s of the paced run): about 24 ms at 50 orders/s \
          (1.26 cores busy; PostgreSQL served 40 statements per order), 11.7 ms at 150 \
          and 9.5 ms at 200 (1.75 and 1.9 cores), against 4.4 ms in the burst: a p99 of \
