@@ -65,16 +65,27 @@ async fn offer(bus: &bus::Bus, message: bus::OutgoingMessage) -> anyhow::Result<
             Ok(true)
         }
         Offer::Publish(guard) => {
-            let direct = bus::OutgoingMessage {
-                exchange: String::new(),
-                routing_key: INVENTORY_QUEUE.to_owned(),
-                ..message
-            };
-            bus.publish_many(vec![direct]).await?;
-            drop(guard);
+            publish_to_the_queue(bus, message, guard).await?;
             Ok(false)
         }
     }
+}
+
+/// What the offerer does with a message not handed over: publishes it to the queue,
+/// keeping the guard until the broker has confirmed it.
+async fn publish_to_the_queue(
+    bus: &bus::Bus,
+    message: bus::OutgoingMessage,
+    guard: bus::PublishGuard,
+) -> anyhow::Result<()> {
+    let direct = bus::OutgoingMessage {
+        exchange: String::new(),
+        routing_key: INVENTORY_QUEUE.to_owned(),
+        ..message
+    };
+    bus.publish_many(vec![direct]).await?;
+    drop(guard);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -249,13 +260,7 @@ async fn offers_past_the_consumers_prefetch_go_through_the_queue_in_order_until_
         match tokio::time::timeout(DEADLINE, bus.offer(INVENTORY_QUEUE, &message)).await?? {
             Offer::Handed(hand_off) => handed.push(hand_off),
             Offer::Publish(guard) => {
-                let direct = bus::OutgoingMessage {
-                    exchange: String::new(),
-                    routing_key: INVENTORY_QUEUE.to_owned(),
-                    ..message
-                };
-                bus.publish_many(vec![direct]).await?;
-                drop(guard);
+                publish_to_the_queue(&bus, message, guard).await?;
                 published += 1;
             }
         }

@@ -10,6 +10,22 @@ use crate::support::*;
 
 const QUEUE: &str = "test.every-event";
 
+/// A database and a vhost of the test's own, and a bus on that vhost.
+async fn isolated() -> anyhow::Result<(TestDb, TestVhost, Bus)> {
+    let db = TestDb::new().await?;
+    let vhost = TestVhost::new().await?;
+    let bus = Bus::connect(&vhost.url).await?;
+    Ok((db, vhost, bus))
+}
+
+/// A `StockSet` of `sku` to `quantity`.
+fn stock_set(sku: &str, quantity: i64) -> Vec<DomainEvent> {
+    vec![DomainEvent::StockSet(StockSet {
+        sku: sku.into(),
+        quantity,
+    })]
+}
+
 /// A queue that sees every event the relay publishes.
 async fn tap(bus: &Bus) -> anyhow::Result<Channel> {
     let channel = bus.open_channel().await?;
@@ -98,20 +114,10 @@ async fn checkpoint_reaches(db: &TestDb, end: eventstore::LogPosition) -> anyhow
 #[tokio::test]
 async fn the_relay_publishes_each_committed_event_once_and_moves_its_checkpoint(
 ) -> anyhow::Result<()> {
-    let db = TestDb::new().await?;
-    let vhost = TestVhost::new().await?;
-    let bus = Bus::connect(&vhost.url).await?;
+    let (db, _vhost, bus) = isolated().await?;
     let channel = tap(&bus).await?;
 
-    append(
-        &db.store,
-        &streams::stock("A"),
-        &[DomainEvent::StockSet(StockSet {
-            sku: "A".into(),
-            quantity: 5,
-        })],
-    )
-    .await?;
+    append(&db.store, &streams::stock("A"), &stock_set("A", 5)).await?;
     place(&db.store, "tok_ok", vec![line("A", 1, 100)]).await?;
 
     let published = relay_all(&db.store, &bus).await?;
@@ -158,15 +164,7 @@ async fn the_relay_publishes_each_committed_event_once_and_moves_its_checkpoint(
     assert!(drain(&channel).await?.is_empty());
 
     // a later event is published alone
-    append(
-        &db.store,
-        &streams::stock("A"),
-        &[DomainEvent::StockSet(StockSet {
-            sku: "A".into(),
-            quantity: 9,
-        })],
-    )
-    .await?;
+    append(&db.store, &streams::stock("A"), &stock_set("A", 9)).await?;
     assert_eq!(relay_all(&db.store, &bus).await?, 1);
     let later = drain(&channel).await?;
     assert_eq!(later.len(), 1);
@@ -179,9 +177,7 @@ async fn the_relay_publishes_each_committed_event_once_and_moves_its_checkpoint(
 /// and every event was published (at least) once.
 #[tokio::test]
 async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow::Result<()> {
-    let db = TestDb::new().await?;
-    let vhost = TestVhost::new().await?;
-    let bus = Bus::connect(&vhost.url).await?;
+    let (db, _vhost, bus) = isolated().await?;
     let channel = tap(&bus).await?;
     let (stop, relay) = start_relay(&db, &bus);
     const SETS: i64 = 300;
@@ -221,9 +217,7 @@ async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow:
 #[tokio::test]
 async fn pages_sent_before_the_last_is_confirmed_arrive_once_and_in_log_order() -> anyhow::Result<()>
 {
-    let db = TestDb::new().await?;
-    let vhost = TestVhost::new().await?;
-    let bus = Bus::connect(&vhost.url).await?;
+    let (db, _vhost, bus) = isolated().await?;
     let channel = tap(&bus).await?;
     for sku in 0..9 {
         let sets: Vec<DomainEvent> = (0..500)
@@ -267,15 +261,8 @@ async fn pages_sent_before_the_last_is_confirmed_arrive_once_and_in_log_order() 
 async fn events_no_queue_is_bound_to_are_not_sent_and_a_queue_bound_later_receives_them(
 ) -> anyhow::Result<()> {
     const LATE: &str = "test.bound-late";
-    let db = TestDb::new().await?;
-    let vhost = TestVhost::new().await?;
-    let bus = Bus::connect(&vhost.url).await?;
-    let set = |quantity| {
-        vec![DomainEvent::StockSet(StockSet {
-            sku: "L".into(),
-            quantity,
-        })]
-    };
+    let (db, _vhost, bus) = isolated().await?;
+    let set = |quantity| stock_set("L", quantity);
     let (stop, relay) = start_relay(&db, &bus);
     append(&db.store, &streams::stock("L"), &set(0)).await?;
     let before = testkit::wait_readable(&db.store, DEADLINE).await?;
@@ -432,9 +419,7 @@ const OUTSIDE: &str = "test.outside-accepted";
 async fn the_relay_hands_events_to_its_own_processs_services_and_publishes_only_what_others_need(
 ) -> anyhow::Result<()> {
     use bus::topology::{INVENTORY_QUEUE, NOTIFICATION_QUEUE, PAYMENT_QUEUE};
-    let db = TestDb::new().await?;
-    let vhost = TestVhost::new().await?;
-    let bus = Bus::connect(&vhost.url).await?;
+    let (db, _vhost, bus) = isolated().await?;
     let channel = bus.open_channel().await?;
     // What reaches the inventory's and the payment's queues through the broker.
     bind_queue(&channel, SPY, INVENTORY_QUEUE).await?;
@@ -490,20 +475,10 @@ async fn the_relay_hands_events_to_its_own_processs_services_and_publishes_only_
 async fn a_hung_service_holds_back_the_relays_checkpoint_but_not_the_other_services(
 ) -> anyhow::Result<()> {
     use bus::topology::{INVENTORY_QUEUE, PAYMENT_QUEUE};
-    let db = TestDb::new().await?;
-    let vhost = TestVhost::new().await?;
-    let bus = Bus::connect(&vhost.url).await?;
+    let (db, _vhost, bus) = isolated().await?;
     let inventory = Running::start(&bus, INVENTORY_QUEUE, true).await?;
     let payment = Running::start(&bus, PAYMENT_QUEUE, false).await?;
-    append(
-        &db.store,
-        &streams::stock("A"),
-        &[DomainEvent::StockSet(StockSet {
-            sku: "A".into(),
-            quantity: 5,
-        })],
-    )
-    .await?;
+    append(&db.store, &streams::stock("A"), &stock_set("A", 5)).await?;
     let before = testkit::wait_readable(&db.store, DEADLINE).await?;
     let (stop, relay) = start_relay(&db, &bus);
     checkpoint_reaches(&db, before).await?;
@@ -540,16 +515,9 @@ async fn a_hung_service_holds_back_the_relays_checkpoint_but_not_the_other_servi
 #[tokio::test]
 async fn a_relay_starts_where_an_older_builds_relay_left_off_and_keeps_its_checkpoint(
 ) -> anyhow::Result<()> {
-    let db = TestDb::new().await?;
-    let vhost = TestVhost::new().await?;
-    let bus = Bus::connect(&vhost.url).await?;
+    let (db, _vhost, bus) = isolated().await?;
     let channel = tap(&bus).await?;
-    let set = |quantity| {
-        vec![DomainEvent::StockSet(StockSet {
-            sku: "U".into(),
-            quantity,
-        })]
-    };
+    let set = |quantity| stock_set("U", quantity);
     append(&db.store, &streams::stock("U"), &set(1)).await?;
     let published_by_the_old_relay = testkit::wait_readable(&db.store, DEADLINE).await?;
     let mut conn = db.store.pool().acquire().await?;
