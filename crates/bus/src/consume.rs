@@ -501,7 +501,7 @@ async fn ready_entry(
                     permit = offered.acquire() => drop(permit),
                     () = tokio::time::sleep(OFFER_PATIENCE) => {
                         if let Some(publishing) = gate.overflow() {
-                            debug!(queue, ?OFFER_PATIENCE, "the consumer settled none of its offered messages for a while; offering through the queue until it has caught up");
+                            info!(queue, ?OFFER_PATIENCE, "the consumer settled none of the messages offered to it for a while; they go through its queue until it has caught up");
                             reopen_when_idle(bus, &gate);
                             return Err(publishing);
                         }
@@ -526,7 +526,8 @@ async fn ready_entry(
 }
 
 /// How long an offer waits for a consumer that has as many offered messages unsettled
-/// as its prefetch before it goes through the queue instead: a consumer that works
+/// as it may hold (`local::OFFERS_PER_PREFETCH` × its prefetch) before it goes through
+/// the queue instead: a consumer that works
 /// settles one long before (the wait is the back-pressure a busy one puts on the
 /// relay), one that hangs (payment on a gateway that never answers) must not hold the
 /// relay, and every other service, back.
