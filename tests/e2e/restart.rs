@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use crate::harness::{order, shipment_stream, System, DEADLINE};
+use crate::harness::{order, order_stream, shipment_stream, System, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shipped_order_is_delivered_once_after_the_worker_is_killed() -> anyhow::Result<()> {
@@ -64,4 +64,56 @@ async fn sigterm_stops_the_workers_within_the_deadline_and_nothing_is_lost() -> 
     }
     system.wait_stock("TERM", (80, 0)).await?;
     system.audit().await
+}
+
+/// The relay hands events to the services of its own process (ADR 0005, "Events handed
+/// over"). Its process killed while payments were in flight (the gateway answers after
+/// 1 s, within the call's 2 s timeout), the process that takes over routes again what the dead one had not settled,
+/// since the checkpoint had not passed it: no order waits for its payment timer.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_a_killed_process_was_handling_are_routed_again_by_the_process_that_takes_over(
+) -> anyhow::Result<()> {
+    let env = [("ORDERFLOW_GATEWAY_LATENCY", "1s")];
+    let mut system = System::start(&env).await?;
+    // Every worker, the relay on stand-by: the first process holds its lock.
+    let mut second = system.spawn_process("second", &[], &env).await?;
+    system.set_stock("HANDED", 1_000).await?;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let id = Uuid::new_v4();
+        system
+            .place(order(id, &[("HANDED", 1, 500)], "tok_ok", None))
+            .await?;
+        ids.push(id);
+    }
+    // Every reservation recorded: the relay has routed well past the payments'
+    // events (and, were it to ignore the hand-offs it waits for, saved a checkpoint
+    // past them), which are with the gateway now, in the first process.
+    for id in &ids {
+        system
+            .wait_event(&order_stream(*id), "OrderLineReserved", 1)
+            .await?;
+    }
+    assert_eq!(
+        system
+            .count(&order_stream(ids[0]), "OrderPaymentCaptured")
+            .await?,
+        0,
+        "the payments are still in flight"
+    );
+    system.kill_worker().await?;
+
+    for id in &ids {
+        system.wait_status(*id, "completed", DEADLINE).await?;
+        assert_eq!(
+            system
+                .count(&order_stream(*id), "OrderPaymentCaptured")
+                .await?,
+            1,
+            "captured once"
+        );
+    }
+    system.audit().await?;
+    second.kill().await?;
+    Ok(())
 }
