@@ -32,6 +32,19 @@ impl bus::Handler for Recorder {
     }
 }
 
+/// A [`Recorder`] consuming the queue, once it takes hand-offs.
+async fn start_recorder(bus: &bus::Bus) -> anyhow::Result<(Seen, Running)> {
+    let seen = Seen::default();
+    let consumer = Running::start(
+        bus,
+        INVENTORY_QUEUE,
+        consumer_options(),
+        Arc::new(Recorder(seen.clone())),
+    );
+    wait_drained(bus).await?;
+    Ok((seen, consumer))
+}
+
 async fn wait_drained(bus: &bus::Bus) -> anyhow::Result<()> {
     testkit::wait_until("the queue drained by this process", DEADLINE, || async {
         Ok(bus.hands_over_to(INVENTORY_QUEUE).then_some(()))
@@ -98,14 +111,7 @@ async fn an_offered_message_is_handed_over_behind_what_the_queue_held_and_publis
     );
     assert_eq!(ready_count(&bus, INVENTORY_QUEUE).await?, 1);
 
-    let seen = Seen::default();
-    let consumer = Running::start(
-        &bus,
-        INVENTORY_QUEUE,
-        consumer_options(),
-        Arc::new(Recorder(seen.clone())),
-    );
-    wait_drained(&bus).await?;
+    let (seen, consumer) = start_recorder(&bus).await?;
     assert!(
         offer(&bus, event("handed", "second")).await?,
         "once the queue is drained, handed over"
@@ -180,14 +186,7 @@ async fn each_process_of_a_queue_with_competing_consumers_gets_its_own_marker_ba
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_dead_lettered_in_process_goes_back_to_its_queue_on_retry() -> anyhow::Result<()> {
     let (_vhost, bus) = connected().await?;
-    let seen = Seen::default();
-    let consumer = Running::start(
-        &bus,
-        INVENTORY_QUEUE,
-        consumer_options(),
-        Arc::new(Recorder(seen.clone())),
-    );
-    wait_drained(&bus).await?;
+    let (seen, consumer) = start_recorder(&bus).await?;
     assert!(offer(&bus, event("poisoned", "poison")).await?);
     testkit::wait_until("the dead letter", DEADLINE, || async {
         Ok((ready_count(&bus, DEAD_LETTER_QUEUE).await? == 1).then_some(()))
