@@ -206,7 +206,7 @@ pub async fn consume(
             reopen_when_idle(bus, gate);
         }
         if options.forwards {
-            bus.drain_local_queues();
+            bus.reopen_local_queues();
         }
 
         let stopped = loop {
@@ -618,8 +618,7 @@ async fn wait_until_idle(
     }
 }
 
-/// Messages ready in `queue` (not counting those delivered and unacknowledged), on
-/// `channel`, opened first if it is `None`.
+/// Messages ready in `queue`, on `channel`, opened first if it is `None`.
 async fn ready_messages(
     bus: &Bus,
     channel: &mut Option<Channel>,
@@ -629,18 +628,7 @@ async fn ready_messages(
         Some(open) => open,
         None => channel.insert(bus.open_channel().await?),
     };
-    let declare = open.queue_declare(
-        short("queue", queue)?,
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..lapin::options::QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    );
-    let declared = answered("counting a queue's messages", declare)
-        .await?
-        .map_err(|e| BusError::amqp(format!("counting the messages of {queue}"), e))?;
-    Ok(declared.message_count())
+    crate::topology::ready_count(open, queue).await
 }
 
 /// What [`Bus::offer`] made of a message for a queue.
@@ -680,7 +668,7 @@ impl Bus {
     /// A forwarder starts (a router, or the relay): every queue that a consumer of this
     /// process takes hand-offs for is closed and drained again once idle, since
     /// another process's forwarder may have published to it until now.
-    pub fn drain_local_queues(&self) {
+    pub fn reopen_local_queues(&self) {
         for consumed in self.local_queues().consumed() {
             consumed.close_to_reopen();
             reopen_when_idle(self, &consumed);

@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use lapin::message::{BasicGetMessage, Delivery};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use tracing::{info, warn};
 
 use crate::message::{headers, render_headers, Incoming, PERSISTENT};
 use crate::publish::Prepared;
-use crate::topology::{DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, SERVICE_QUEUES};
+use crate::topology::{queues_taking, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, SERVICE_QUEUES};
 use crate::{Bus, BusError};
 
 /// Header the broker adds to messages redelivered from a quorum queue; stripped on retry.
@@ -127,18 +127,7 @@ async fn settle(bus: &Bus, ready: u32) {
 }
 
 async fn ready_count(channel: &Channel) -> Result<u32, BusError> {
-    let queue = channel
-        .queue_declare(
-            ShortString::from(DEAD_LETTER_QUEUE),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| BusError::amqp(format!("inspecting {DEAD_LETTER_QUEUE}"), e))?;
-    Ok(queue.message_count())
+    crate::topology::ready_count(channel, DEAD_LETTER_QUEUE).await
 }
 
 /// Republishes the selected dead letters to their original exchange and routing key
@@ -241,10 +230,8 @@ fn service_addresses(letter: &DeadLetter) -> Vec<String> {
             return vec![queue.clone()];
         }
     }
-    SERVICE_QUEUES
-        .iter()
-        .filter(|(_, keys)| keys.contains(&letter.routing_key.as_str()))
-        .map(|(queue, _)| (*queue).to_owned())
+    queues_taking(&letter.routing_key)
+        .map(ToOwned::to_owned)
         .collect()
 }
 

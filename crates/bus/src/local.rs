@@ -105,6 +105,12 @@ struct State<S> {
     reopening: bool,
 }
 
+impl<S> State<S> {
+    fn serves(&self, sink: &Arc<Sink<S>>) -> bool {
+        self.sink.as_ref().is_some_and(|now| Arc::ptr_eq(now, sink))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Closed,
@@ -256,11 +262,14 @@ impl<S> Gate<S> {
                 }
             }
             (Mode::Draining(marker), Some(_)) => Entry::Wait(marker),
-            _ => {
-                state.publishing += 1;
-                Entry::Publish(Publishing(self.clone()))
-            }
+            _ => Entry::Publish(self.publishing(&mut state)),
         }
+    }
+
+    /// Counts one more publish to the queue, until the guard is dropped.
+    fn publishing(self: &Arc<Self>, state: &mut State<S>) -> Publishing<S> {
+        state.publishing += 1;
+        Publishing(self.clone())
     }
 
     /// Whether a forward now would be handed over.
@@ -309,11 +318,7 @@ impl<S> Gate<S> {
     pub(crate) fn reopen(&self, sink: &Arc<Sink<S>>) -> Option<Uuid> {
         let mut state = lock(&self.state);
         state.reopening = false;
-        let same = state
-            .sink
-            .as_ref()
-            .is_some_and(|now| Arc::ptr_eq(now, sink));
-        if !same || state.mode != Mode::Closed {
+        if !state.serves(sink) || state.mode != Mode::Closed {
             return None;
         }
         let marker = Uuid::new_v4();
@@ -331,9 +336,8 @@ impl<S> Gate<S> {
             return None;
         }
         state.mode = Mode::Closed;
-        state.publishing += 1;
         self.changed.notify_waiters();
-        Some(Publishing(self.clone()))
+        Some(self.publishing(&mut state))
     }
 
     /// Whether the gate still waits for `marker`.
@@ -343,10 +347,7 @@ impl<S> Gate<S> {
 
     /// Whether `sink` is still this gate's consumer.
     pub(crate) fn serves(&self, sink: &Arc<Sink<S>>) -> bool {
-        lock(&self.state)
-            .sink
-            .as_ref()
-            .is_some_and(|now| Arc::ptr_eq(now, sink))
+        lock(&self.state).serves(sink)
     }
 
     /// Resolves once no forward is being published to the queue.

@@ -109,6 +109,31 @@ pub const SERVICE_QUEUES: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The service queues that take events with `routing_key`.
+pub fn queues_taking(routing_key: &str) -> impl Iterator<Item = &'static str> + '_ {
+    SERVICE_QUEUES
+        .iter()
+        .filter(move |(_, keys)| keys.contains(&routing_key))
+        .map(|(queue, _)| *queue)
+}
+
+/// Messages ready in `queue` (not those delivered and unacknowledged): a passive
+/// declare, on `channel`.
+pub(crate) async fn ready_count(channel: &Channel, queue: &str) -> Result<u32, BusError> {
+    let declare = channel.queue_declare(
+        ShortString::from(queue),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    );
+    let declared = crate::consume::answered("counting a queue's messages", declare)
+        .await?
+        .map_err(|e| BusError::amqp(format!("counting the messages of {queue}"), e))?;
+    Ok(declared.message_count())
+}
+
 /// All queues this topology declares (all durable quorum queues).
 pub fn all_queues() -> impl Iterator<Item = &'static str> {
     [COMMAND_INTAKE_QUEUE, LEGACY_COMMAND_INTAKE_QUEUE]

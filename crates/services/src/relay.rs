@@ -84,7 +84,7 @@ async fn lead(store: &EventStore, bus: &Bus, database_url: &str) -> Result<(), S
     };
     // Another process's relay may have published to the queues this process's
     // consumers take hand-offs for.
-    bus.drain_local_queues();
+    bus.reopen_local_queues();
     let mut wakeups = store.follow().await?;
     let mut flight = Flight::default();
     let mut lock_checked = tokio::time::Instant::now();
@@ -373,14 +373,6 @@ struct Routed {
     cut: bool,
 }
 
-/// The service queues that take events with this routing key.
-fn service_queues(routing_key: &str) -> impl Iterator<Item = &'static str> + '_ {
-    bus::topology::SERVICE_QUEUES
-        .iter()
-        .filter(move |(_, keys)| keys.contains(&routing_key))
-        .map(|(queue, _)| *queue)
-}
-
 /// Routes the page's events in log order: each to the service queues that take it,
 /// handed over where this process's consumer of the queue has drained it, else
 /// addressed to the queue in its message. While a queue drains, a hand-off to it
@@ -393,7 +385,7 @@ async fn route(bus: &Bus, records: Vec<RecordedEvent<String>>) -> Result<Routed,
         let position = record.log_position();
         let routing_key = event_routing_key(&record);
         let mut message = keyed_event_message(record, routing_key);
-        for queue in service_queues(&message.routing_key) {
+        for queue in bus::topology::queues_taking(&message.routing_key) {
             let offer = match bus.try_offer(queue, &message)? {
                 Some(offer) => offer,
                 None if routed.guarded.contains(&queue) => {
