@@ -292,17 +292,23 @@ struct Burst {
     published_in: Duration,
     first_quarter: f64,
     last_quarter: f64,
+    /// Seconds from the first publish to the last notification written, and to the
+    /// last event of the bench's stock streams: which of the two ended the burst.
+    last_notification: f64,
+    last_stock_event: f64,
 }
 
 impl Burst {
     fn summary(&self) -> String {
         format!(
-            "{} final, {} cancelled/rejected; all work done in {:.1} s (every order final in {:.1} s: {} orders/s); published in {:.1} s; final statuses in the first quarter {} orders/s, last quarter {} orders/s",
+            "{} final, {} cancelled/rejected; all work done in {:.1} s (every order final in {:.1} s: {} orders/s; the last notification written at {:.1} s, the last stock event at {:.1} s); published in {:.1} s; final statuses in the first quarter {} orders/s, last quarter {} orders/s",
             self.done,
             self.failed,
             self.span,
             self.final_span,
             fmt_value(self.all_final),
+            self.last_notification,
+            self.last_stock_event,
             self.published_in.as_secs_f64(),
             fmt_value(self.first_quarter),
             fmt_value(self.last_quarter)
@@ -344,11 +350,8 @@ async fn burst(pool: &PgPool, channel: &Channel, customer: &str, k: u64) -> anyh
         .as_secs_f64()
         .max(1e-3);
     let drained = drained(pool, customer, burst_deadline).await?;
-    let drain_span = (drained - t0_utc)
-        .to_std()
-        .unwrap_or_default()
-        .as_secs_f64()
-        .max(span);
+    let since_start = |at: DateTime<Utc>| (at - t0_utc).to_std().unwrap_or_default().as_secs_f64();
+    let drain_span = since_start(drained.last()).max(span);
     let quarter = |from: f64, to: f64| {
         let a = t0_utc + chrono::Duration::milliseconds((span * from * 1000.0) as i64);
         let b = t0_utc + chrono::Duration::milliseconds((span * to * 1000.0) as i64);
@@ -364,6 +367,8 @@ async fn burst(pool: &PgPool, channel: &Channel, customer: &str, k: u64) -> anyh
         published_in,
         first_quarter: quarter(0.0, 0.25),
         last_quarter: quarter(0.75, 1.0),
+        last_notification: since_start(drained.notification),
+        last_stock_event: since_start(drained.stock),
     })
 }
 
@@ -815,7 +820,7 @@ where
 /// sparse and asks about notifications only once the stock is settled: counting them
 /// joins every notification with its order, and a poll every 50 ms took about 0.4 of a
 /// core of PostgreSQL from the system it measured while the burst drained.
-async fn drained(pool: &PgPool, customer: &str, limit: Duration) -> anyhow::Result<DateTime<Utc>> {
+async fn drained(pool: &PgPool, customer: &str, limit: Duration) -> anyhow::Result<Drained> {
     wait_until(
         limit,
         DRAIN_POLL,
@@ -824,17 +829,31 @@ async fn drained(pool: &PgPool, customer: &str, limit: Duration) -> anyhow::Resu
     )
     .await?;
     let streams: Vec<String> = SKUS.iter().map(|sku| format!("stock-{sku}")).collect();
-    let last: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT greatest( \
-            (SELECT max(n.created_at) FROM notifications n JOIN order_status o USING (order_id) \
-              WHERE o.customer_id = $1 AND o.status IN ('delivered', 'completed')), \
-            (SELECT max(recorded_at) FROM events WHERE stream_name = ANY($2)))",
+    let (notification, stock): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT (SELECT max(n.created_at) FROM notifications n JOIN order_status o USING (order_id) \
+                  WHERE o.customer_id = $1 AND o.status IN ('delivered', 'completed')), \
+                (SELECT max(recorded_at) FROM events WHERE stream_name = ANY($2))",
     )
     .bind(customer)
     .bind(&streams)
     .fetch_one(pool)
     .await?;
-    last.context("no notification and no stock event recorded")
+    Ok(Drained {
+        notification: notification.context("no notification recorded")?,
+        stock: stock.context("no stock event recorded")?,
+    })
+}
+
+/// When the last of the work that follows the final statuses was recorded.
+struct Drained {
+    notification: DateTime<Utc>,
+    stock: DateTime<Utc>,
+}
+
+impl Drained {
+    fn last(&self) -> DateTime<Utc> {
+        self.notification.max(self.stock)
+    }
 }
 
 /// How often [`drained`] and [`wait_orders`] look: they decide when to read the

@@ -111,6 +111,55 @@ async fn notifications_handled_within_the_linger_share_one_insert() -> anyhow::R
     Ok(())
 }
 
+/// A backlog: as many handlers at once as the consumer runs lanes, each handling its
+/// lane's notifications one after another, as the consumer's lanes do.
+async fn drain_in_lanes(
+    service: Arc<Notifications>,
+    lanes: usize,
+    per_lane: usize,
+) -> anyhow::Result<()> {
+    let mut handlers = tokio::task::JoinSet::new();
+    for _ in 0..lanes {
+        let service = service.clone();
+        let events = (0..per_lane)
+            .map(|_| placed())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        handlers.spawn(async move {
+            for env in events {
+                service.react(&env).await?;
+            }
+            Ok::<_, services::ServiceError>(())
+        });
+    }
+    while let Some(handled) = handlers.join_next().await {
+        handled??;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_backlog_is_written_without_waiting_out_the_linger() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    // A linger far longer than the test's deadline: only a batch written without
+    // waiting it out lets the handlers finish in time.
+    let service = Arc::new(Notifications::new(db.store.clone()).with_linger(DEADLINE * 10));
+    let (lanes, per_lane) = (40, 5);
+    tokio::time::timeout(DEADLINE, drain_in_lanes(service, lanes, per_lane))
+        .await
+        .map_err(|_| anyhow::anyhow!("the backlog waited for the linger"))??;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(rows, (lanes * per_lane) as i64);
+    // Rows still share inserts: far fewer than one each.
+    let transactions = insert_transactions(&db).await?;
+    assert!(
+        transactions <= (lanes * per_lane / 10) as i64,
+        "{rows} notifications took {transactions} inserts"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_handler_cancelled_while_its_row_waits_leaves_the_row_to_the_next_batch(
 ) -> anyhow::Result<()> {
