@@ -200,7 +200,7 @@ impl Notifications {
             queue.rows.push((notification, done));
             (queue.taken, queue.rows.len())
         };
-        if rows >= BUSY_BATCH && rows < FULL_BATCH {
+        if (BUSY_BATCH..FULL_BATCH).contains(&rows) {
             // The handlers that are ready to run add their rows first.
             tokio::task::yield_now().await;
         }
