@@ -340,14 +340,20 @@ pub async fn recent_orders(
     Ok(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
-/// Who placed the order: the `customer_id` of its `OrderPlaced` (one indexed query).
+/// Who placed the order: the `customer_id` of its `OrderPlaced`, read from the order's
+/// stream. The subquery (`OFFSET 0` keeps the planner from merging it) finds the
+/// stream's few rows by their index first: merged, a planner that has no statistics
+/// of `events` yet (a new database before autovacuum's first ANALYZE) took the stream
+/// for thousands of rows and also scanned the index of every `OrderPlaced`
+/// (`events_order_placed_customer`), 8 to 80 ms a lookup at 50,000 orders (5 Dec).
 pub async fn customer_of(
     store: &EventStore,
     order_id: uuid::Uuid,
 ) -> Result<Option<String>, ServiceError> {
     Ok(sqlx::query_scalar(
-        "SELECT payload->>'customer_id' FROM events
-          WHERE stream_name = $1 AND event_type = 'OrderPlaced' LIMIT 1",
+        "SELECT payload->>'customer_id'
+           FROM (SELECT payload, event_type FROM events WHERE stream_name = $1 OFFSET 0) AS stream
+          WHERE event_type = 'OrderPlaced' LIMIT 1",
     )
     .bind(streams::order(order_id))
     .fetch_optional(store.pool())

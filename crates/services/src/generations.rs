@@ -4,17 +4,19 @@
 //! the young one. Emptying the whole map when full, as the caches did before, also
 //! forgot the streams in the middle of their course, whose next messages then each
 //! read their stream from the log.
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 
-pub(crate) struct Generations<V> {
-    young: HashMap<String, V>,
-    old: HashMap<String, V>,
+pub(crate) struct Generations<V, K = String> {
+    young: HashMap<K, V>,
+    old: HashMap<K, V>,
     half: usize,
 }
 
-impl<V> Generations<V> {
+impl<V, K: Hash + Eq> Generations<V, K> {
     /// A map of at most `capacity` entries (at least 2).
-    pub(crate) fn new(capacity: usize) -> Generations<V> {
+    pub(crate) fn new(capacity: usize) -> Generations<V, K> {
         Generations {
             young: HashMap::new(),
             old: HashMap::new(),
@@ -23,7 +25,11 @@ impl<V> Generations<V> {
     }
 
     /// The entry of `key`, which counts as a use.
-    pub(crate) fn get(&mut self, key: &str) -> Option<&V> {
+    pub(crate) fn get<Q>(&mut self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if !self.young.contains_key(key) {
             let (key, value) = self.old.remove_entry(key)?;
             self.insert_young(key, value);
@@ -31,16 +37,20 @@ impl<V> Generations<V> {
         self.young.get(key)
     }
 
-    pub(crate) fn contains_key(&self, key: &str) -> bool {
+    pub(crate) fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.young.contains_key(key) || self.old.contains_key(key)
     }
 
-    pub(crate) fn insert(&mut self, key: String, value: V) {
+    pub(crate) fn insert(&mut self, key: K, value: V) {
         self.old.remove(&key);
         self.insert_young(key, value);
     }
 
-    fn insert_young(&mut self, key: String, value: V) {
+    fn insert_young(&mut self, key: K, value: V) {
         if self.young.len() >= self.half && !self.young.contains_key(&key) {
             self.old = std::mem::take(&mut self.young);
         }

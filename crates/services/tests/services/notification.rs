@@ -8,7 +8,7 @@ use domain::{DomainEvent, EventEnvelope};
 use services::notification::Notifications;
 use testkit::TestDb;
 
-use crate::support::{line, placement, DEADLINE};
+use crate::support::{append, line, placement, DEADLINE};
 use uuid::Uuid;
 
 fn confirmed(order_id: Uuid) -> EventEnvelope {
@@ -181,5 +181,34 @@ async fn a_handler_cancelled_while_its_row_waits_leaves_the_row_to_the_next_batc
     want.sort();
     written.sort();
     assert_eq!(written, want);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_order_placed_before_this_service_started_is_notified_to_its_customer(
+) -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let order_id = Uuid::new_v4();
+    let expires = Utc::now() + chrono::Duration::hours(24);
+    let events = placement(order_id, "tok_ok", &[line("SKU-N", 1, 100)], true, expires)?;
+    append(&db.store, &domain::streams::order(order_id), &events).await?;
+    // Other orders' OrderPlaced too: the lookup must find this order's, not any.
+    for _ in 0..3 {
+        let other = Uuid::new_v4();
+        let mut events = placement(other, "tok_ok", &[line("SKU-N", 1, 100)], true, expires)?;
+        if let Some(DomainEvent::OrderPlaced(placed)) = events.first_mut() {
+            placed.customer_id = format!("customer-of-{other}");
+        }
+        append(&db.store, &domain::streams::order(other), &events).await?;
+    }
+    // A fresh service (a restart) never saw the OrderPlaced.
+    let service = Notifications::new(db.store.clone());
+    tokio::time::timeout(DEADLINE, service.react(&confirmed(order_id))).await??;
+    let customer: Option<String> =
+        sqlx::query_scalar("SELECT customer_id FROM notifications WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_one(db.pool())
+            .await?;
+    assert_eq!(customer.as_deref(), Some("customer-1"));
     Ok(())
 }
