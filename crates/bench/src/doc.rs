@@ -842,8 +842,8 @@ fn scale_out(report: &Report) -> String {
          {} of all workers in one process; with a second process of {busiest}, the one \
          that used the most CPU of those that scale out (a second relay only stands by: \
          one relay publishes at a time): {} orders/s, {} of one process each). Every process runs \
-         on the same two cores as PostgreSQL and RabbitMQ, and the one-process burst \
-         already keeps both busy (CPU per order × rate, above): a second process of the \
+         on the same two cores as PostgreSQL and RabbitMQ (each split row's note says how \
+         busy they were and what each server cost per order): a second process of the \
          busiest worker adds a consumer, its connections and its caches, not a core, so \
          here it can only share the same CPU differently; on a machine with idle cores \
          it is how a worker scales (competing consumers on its queue, ordered per order \

@@ -154,7 +154,7 @@ async fn scale_out(
 ) -> anyhow::Result<()> {
     let split: Vec<Vec<&'static str>> = WORKERS.iter().map(|w| vec![*w]).collect();
     eprintln!("== e2e: each worker in its own process");
-    let (apart, cpu) = burst_with(ctx, db, vhost, pool, &split, "bench-split").await?;
+    let (apart, cpu, machine) = burst_with(ctx, db, vhost, pool, &split, "bench-split").await?;
     let per_worker = cpu
         .iter()
         .map(|(worker, used)| format!("{worker} {:.2}", used * 1000.0 / ctx.orders as f64))
@@ -172,8 +172,9 @@ async fn scale_out(
         unit: "orders/s",
         baseline: Some(("all workers in one process (above)".to_owned(), one_process)),
         note: format!(
-            "{}; CPU ms per order by process: {per_worker}",
-            apart.summary()
+            "{}; {}; CPU ms per order by process: {per_worker}",
+            apart.summary(),
+            machine.summary(apart.span, ctx.orders)
         ),
     });
     let Some(busiest) = cpu
@@ -187,7 +188,7 @@ async fn scale_out(
     eprintln!("== e2e: two processes of {busiest}, the busiest that scales out");
     let mut scaled = split.clone();
     scaled.push(vec![*busiest]);
-    let (doubled, _) = burst_with(ctx, db, vhost, pool, &scaled, "bench-scaled").await?;
+    let (doubled, _, machine) = burst_with(ctx, db, vhost, pool, &scaled, "bench-scaled").await?;
     report.add(Row {
         key: "e2e_orders_scaled",
         section: "end to end",
@@ -201,13 +202,56 @@ async fn scale_out(
             "each worker in its own process (above)".to_owned(),
             apart.sustained,
         )),
-        note: doubled.summary(),
+        note: format!(
+            "{}; {}",
+            doubled.summary(),
+            machine.summary(doubled.span, ctx.orders)
+        ),
     });
     Ok(())
 }
 
+/// CPU seconds the whole machine's share of a burst took: every orderflow process,
+/// PostgreSQL and RabbitMQ, from the first publish until the burst's work was done.
+struct MachineCpu {
+    by_name: std::collections::BTreeMap<String, f64>,
+}
+
+impl MachineCpu {
+    fn between(
+        before: &std::collections::BTreeMap<String, f64>,
+        after: std::collections::BTreeMap<String, f64>,
+    ) -> MachineCpu {
+        let by_name = after
+            .into_iter()
+            .map(|(name, seconds)| {
+                let spent = seconds - before.get(&name).copied().unwrap_or(0.0);
+                (name, spent)
+            })
+            .collect();
+        MachineCpu { by_name }
+    }
+
+    /// How busy the cores were, and each server's CPU per order.
+    fn summary(&self, span: f64, orders: u64) -> String {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let total: f64 = self.by_name.values().sum();
+        let per_order = |name: &str| {
+            self.by_name.get(name).copied().unwrap_or(0.0) * 1000.0 / orders.max(1) as f64
+        };
+        format!(
+            "the cores {:.0}% busy (CPU ms per order: every orderflow process {:.2}, PostgreSQL {:.2}, RabbitMQ {:.2})",
+            100.0 * total / (span.max(1e-3) * cores),
+            per_order("orderflow"),
+            per_order("postgres"),
+            per_order("beam.smp")
+        )
+    }
+}
+
 /// Starts `layout`, waits until it takes commands, runs a burst of `customer`'s orders
-/// and stops it. Returns the burst and each process's CPU seconds during it.
+/// and stops it. Returns the burst, each process's CPU seconds during it, and the
+/// machine's.
 async fn burst_with(
     ctx: &Ctx,
     db: &BenchDb,
@@ -215,14 +259,17 @@ async fn burst_with(
     pool: &PgPool,
     layout: &[Vec<&'static str>],
     customer: &str,
-) -> anyhow::Result<(Burst, std::collections::BTreeMap<String, f64>)> {
+) -> anyhow::Result<(Burst, std::collections::BTreeMap<String, f64>, MachineCpu)> {
     let mut processes = Processes::start(ctx, &db.url, &vhost.url, layout)?;
     let outcome = async {
         let connection = connect(&vhost.url).await?;
         let channel = ready_channel(&connection, &mut processes).await?;
-        let before = processes.cpu();
+        let (before, machine_before) = (processes.cpu(), cpu_by_name());
         let burst = burst(pool, &channel, customer, ctx.orders).await?;
-        let after = processes.cpu();
+        let (after, machine) = (
+            processes.cpu(),
+            MachineCpu::between(&machine_before, cpu_by_name()),
+        );
         let _ = connection.close(200, ShortString::from("done")).await;
         let used = after
             .into_iter()
@@ -231,7 +278,7 @@ async fn burst_with(
                 (label, spent)
             })
             .collect();
-        anyhow::Ok((burst, used))
+        anyhow::Ok((burst, used, machine))
     }
     .await;
     processes.stop(outcome.is_err()).await;
