@@ -825,6 +825,7 @@ fn scale_out(report: &Report) -> String {
     } else {
         ""
     };
+    let limit = machine_limit(report, split.value);
     let gain = scaled.value / split.value.max(f64::MIN_POSITIVE);
     let verdict = if gain >= 1.05 {
         " In this run the second process raised the split run's rate: with each worker \
@@ -850,11 +851,38 @@ fn scale_out(report: &Report) -> String {
          by its partitions). Splitting the workers apart costs CPU of its own: each \
          process opens its own connections and publishing channels and keeps its own \
          caches (the inventory's folded stock streams, the commands worker's known \
-         SKUs). The split row's note gives each worker's CPU per order.{verdict}{hot_streams}\n",
+         SKUs). The split row's note gives each worker's CPU per order.{limit}{verdict}{hot_streams}\n",
         fmt_value(split.value),
         ratio(report, "e2e_orders_split"),
         fmt_value(scaled.value),
         ratio(report, "e2e_orders_scaled"),
+    )
+}
+
+/// Whether the split burst was bound by the machine: its CPU per order against the
+/// cores, and the rate that allows.
+fn machine_limit(report: &Report, split_rate: f64) -> String {
+    let Some(cpu) = report.value("e2e_cpu_split").filter(|cpu| *cpu > 0.0) else {
+        return String::new();
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cap = cores * 1000.0 / cpu;
+    let one = report
+        .get("e2e_cpu_split")
+        .and_then(|row| row.baseline.as_ref())
+        .map_or(f64::NAN, |(_, one)| *one);
+    format!(
+        " With each worker apart an order cost {} ms of CPU (orderflow's processes, \
+         PostgreSQL and RabbitMQ together; {} in one process), which caps these {} cores \
+         near {} orders/s; the split burst ran at {} ({:.0}% of that cap): the machine, not \
+         a worker, set its rate, and a second process of any worker can only take cores \
+         from the others.",
+        fmt_value(cpu),
+        fmt_value(one),
+        cores,
+        fmt_value(cap),
+        fmt_value(split_rate),
+        100.0 * split_rate / cap
     )
 }
 

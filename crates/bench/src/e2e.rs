@@ -177,6 +177,26 @@ async fn scale_out(
             machine.summary(apart.span, ctx.orders)
         ),
     });
+    report.add(Row {
+        key: "e2e_cpu_split",
+        section: "end to end",
+        what: "CPU per order during the burst, each worker in its own process: every process of orderflow, PostgreSQL and RabbitMQ".to_owned(),
+        value: machine.per_order(ctx.orders),
+        unit: "ms CPU",
+        baseline: Some((
+            "all workers in one process (the three rows above)".to_owned(),
+            ["e2e_cpu_orderflow", "e2e_cpu_postgres", "e2e_cpu_rabbit"]
+                .iter()
+                .filter_map(|key| report.value(key))
+                .sum(),
+        )),
+        note: format!(
+            "{:.1} CPU-s over {:.1} s: the cores {:.0}% busy",
+            machine.total(),
+            apart.span,
+            machine.busy(apart.span) * 100.0
+        ),
+    });
     let Some(busiest) = cpu
         .iter()
         .filter(|(worker, _)| !STANDBY_ONLY.contains(&worker.as_str()))
@@ -232,16 +252,29 @@ impl MachineCpu {
         MachineCpu { by_name }
     }
 
+    fn total(&self) -> f64 {
+        self.by_name.values().sum()
+    }
+
+    /// The share of the cores' time over `span` seconds.
+    fn busy(&self, span: f64) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        self.total() / (span.max(1e-3) * cores)
+    }
+
+    /// CPU milliseconds per order, all three together.
+    fn per_order(&self, orders: u64) -> f64 {
+        self.total() * 1000.0 / orders.max(1) as f64
+    }
+
     /// How busy the cores were, and each server's CPU per order.
     fn summary(&self, span: f64, orders: u64) -> String {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let total: f64 = self.by_name.values().sum();
         let per_order = |name: &str| {
             self.by_name.get(name).copied().unwrap_or(0.0) * 1000.0 / orders.max(1) as f64
         };
         format!(
             "the cores {:.0}% busy (CPU ms per order: every orderflow process {:.2}, PostgreSQL {:.2}, RabbitMQ {:.2})",
-            100.0 * total / (span.max(1e-3) * cores),
+            self.busy(span) * 100.0,
             per_order("orderflow"),
             per_order("postgres"),
             per_order("beam.smp")
