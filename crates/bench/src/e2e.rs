@@ -231,6 +231,20 @@ async fn scale_out(
     Ok(())
 }
 
+/// CPU seconds spent between two readings of the same counters, by name.
+fn spent(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<String, f64> {
+    after
+        .into_iter()
+        .map(|(name, seconds)| {
+            let used = seconds - before.get(&name).copied().unwrap_or(0.0);
+            (name, used)
+        })
+        .collect()
+}
+
 /// CPU seconds the whole machine's share of a burst took: every orderflow process,
 /// PostgreSQL and RabbitMQ, from the first publish until the burst's work was done.
 struct MachineCpu {
@@ -242,14 +256,9 @@ impl MachineCpu {
         before: &std::collections::BTreeMap<String, f64>,
         after: std::collections::BTreeMap<String, f64>,
     ) -> MachineCpu {
-        let by_name = after
-            .into_iter()
-            .map(|(name, seconds)| {
-                let spent = seconds - before.get(&name).copied().unwrap_or(0.0);
-                (name, spent)
-            })
-            .collect();
-        MachineCpu { by_name }
+        MachineCpu {
+            by_name: spent(before, after),
+        }
     }
 
     fn total(&self) -> f64 {
@@ -304,14 +313,7 @@ async fn burst_with(
             MachineCpu::between(&machine_before, cpu_by_name()),
         );
         let _ = connection.close(200, ShortString::from("done")).await;
-        let used = after
-            .into_iter()
-            .map(|(label, seconds)| {
-                let spent = seconds - before.get(&label).copied().unwrap_or(0.0);
-                (label, spent)
-            })
-            .collect();
-        anyhow::Ok((burst, used, machine))
+        anyhow::Ok((burst, spent(&before, after), machine))
     }
     .await;
     processes.stop(outcome.is_err()).await;
