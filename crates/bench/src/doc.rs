@@ -871,18 +871,24 @@ fn machine_limit(report: &Report, split_rate: f64) -> String {
         .get("e2e_cpu_split")
         .and_then(|row| row.baseline.as_ref())
         .map_or(f64::NAN, |(_, one)| *one);
+    let share = split_rate / cap;
+    let verdict = if share >= 0.9 {
+        "the machine, not a worker, set its rate, and a second process of any worker can \
+         only take cores from the others"
+    } else {
+        "the rest of its time was waiting, on the slowest worker or on round trips, which \
+         a second process of that worker can shorten"
+    };
     format!(
         " With each worker apart an order cost {} ms of CPU (orderflow's processes, \
          PostgreSQL and RabbitMQ together; {} in one process), which caps these {} cores \
-         near {} orders/s; the split burst ran at {} ({:.0}% of that cap): the machine, not \
-         a worker, set its rate, and a second process of any worker can only take cores \
-         from the others.",
+         near {} orders/s; the split burst ran at {} ({:.0}% of that cap): {verdict}.",
         fmt_value(cpu),
         fmt_value(one),
         cores,
         fmt_value(cap),
         fmt_value(split_rate),
-        100.0 * split_rate / cap
+        100.0 * share
     )
 }
 
