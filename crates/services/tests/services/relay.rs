@@ -395,18 +395,22 @@ impl Running {
     }
 }
 
-/// Places an order; returns the id of its `OrderAccepted` and of its `OrderPlaced`.
+/// Places an order; returns the id of its `OrderAccepted` and of its `OrderPlaced`,
+/// once the log shows them to readers (a transaction still open elsewhere on the
+/// server holds the gap-safe horizon back, and tests run side by side).
 async fn accepted_order(db: &TestDb) -> anyhow::Result<(String, String)> {
     let from = testkit::wait_readable(&db.store, DEADLINE).await?;
     place(&db.store, "tok_ok", vec![line("A", 1, 100)]).await?;
-    let log = db.store.read_all(from, 100).await?;
-    let id_of = |event_type: &str| {
-        log.iter()
-            .find(|r| r.event_type == event_type)
-            .map(|r| r.event_id.to_string())
-            .ok_or_else(|| anyhow::anyhow!("no {event_type} in {log:?}"))
-    };
-    Ok((id_of("OrderAccepted")?, id_of("OrderPlaced")?))
+    testkit::wait_until("the order's events readable", DEADLINE, || async {
+        let log = db.store.read_all(from, 100).await?;
+        let id_of = |event_type: &str| {
+            log.iter()
+                .find(|r| r.event_type == event_type)
+                .map(|r| r.event_id.to_string())
+        };
+        Ok(id_of("OrderAccepted").zip(id_of("OrderPlaced")))
+    })
+    .await
 }
 
 const SPY: &str = "test.service-addresses";
