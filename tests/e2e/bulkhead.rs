@@ -16,14 +16,9 @@ async fn hung_payments_do_not_starve_other_orders() -> anyhow::Result<()> {
     let system = System::start(&[("ORDERFLOW_PAYMENT_TIMEOUT", PAYMENT_TIMEOUT)]).await?;
     system.set_stock("GADGET", 100).await?;
 
-    let mut hung = Vec::with_capacity(HUNG);
-    for _ in 0..HUNG {
-        let id = Uuid::new_v4();
-        system
-            .place(order(id, &[("GADGET", 1, 1000)], "tok_timeout", None))
-            .await?;
-        hung.push(id);
-    }
+    let hung = system
+        .place_orders(HUNG, &[("GADGET", 1, 1000)], "tok_timeout")
+        .await?;
     // Each has asked for its payment: its first call timed out, so its request is
     // recorded, and its handler is waiting on the gateway again.
     for id in &hung {

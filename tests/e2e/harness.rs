@@ -383,6 +383,22 @@ impl System {
         self.send("order.place", body).await
     }
 
+    /// Places `count` digital orders of `lines` paid with `token`; their ids in order.
+    pub async fn place_orders(
+        &self,
+        count: usize,
+        lines: &[(&str, i64, i64)],
+        token: &str,
+    ) -> anyhow::Result<Vec<Uuid>> {
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            let id = Uuid::new_v4();
+            self.place(order(id, lines, token, None)).await?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
     // ------------------------------------------------------------------ reading
 
     /// `(status, cancel_reason)` from `order_status`.

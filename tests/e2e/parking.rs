@@ -106,14 +106,9 @@ async fn a_poison_message_parks_its_order_while_others_complete_and_resume_finis
         dead[0].error()
     );
 
-    let mut others = Vec::with_capacity(OTHERS);
-    for _ in 0..OTHERS {
-        let id = Uuid::new_v4();
-        system
-            .place(order(id, &[("PARK-BOOK", 1, 1_000)], "tok_ok", None))
-            .await?;
-        others.push(id);
-    }
+    let others = system
+        .place_orders(OTHERS, &[("PARK-BOOK", 1, 1_000)], "tok_ok")
+        .await?;
     for id in &others {
         system.wait_status(*id, "completed", DEADLINE).await?;
     }

@@ -41,14 +41,9 @@ async fn a_shipped_order_is_delivered_once_after_the_worker_is_killed() -> anyho
 async fn sigterm_stops_the_workers_within_the_deadline_and_nothing_is_lost() -> anyhow::Result<()> {
     let mut system = System::start(&[]).await?;
     system.set_stock("TERM", 100).await?;
-    let mut ids = Vec::new();
-    for _ in 0..20 {
-        let id = Uuid::new_v4();
-        system
-            .place(order(id, &[("TERM", 1, 250)], "tok_ok", None))
-            .await?;
-        ids.push(id);
-    }
+    let ids = system
+        .place_orders(20, &[("TERM", 1, 250)], "tok_ok")
+        .await?;
     // Stop while those orders are in flight: in-flight messages finish or go back to
     // their queue, and the process exits on its own, cleanly, well within its deadline.
     let status = system
@@ -78,14 +73,9 @@ async fn events_a_killed_process_was_handling_are_routed_again_by_the_process_th
     // Every worker, the relay on stand-by: the first process holds its lock.
     let mut second = system.spawn_process("second", &[], &env).await?;
     system.set_stock("HANDED", 1_000).await?;
-    let mut ids = Vec::new();
-    for _ in 0..20 {
-        let id = Uuid::new_v4();
-        system
-            .place(order(id, &[("HANDED", 1, 500)], "tok_ok", None))
-            .await?;
-        ids.push(id);
-    }
+    let ids = system
+        .place_orders(20, &[("HANDED", 1, 500)], "tok_ok")
+        .await?;
     // Every reservation recorded: the relay has routed well past the payments'
     // events (and, were it to ignore the hand-offs it waits for, saved a checkpoint
     // past them), which are with the gateway now, in the first process.

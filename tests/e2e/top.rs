@@ -105,13 +105,7 @@ async fn top_once_shows_orders_flowing_and_a_dead_letter() -> anyhow::Result<()>
     assert!(row(&before, "dead").contains(&"0".to_owned()), "{before}");
 
     sys.set_stock("TOP-1", 10).await?;
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let id = Uuid::new_v4();
-        sys.place(order(id, &[("TOP-1", 1, 500)], "tok_ok", None))
-            .await?;
-        ids.push(id);
-    }
+    let ids = sys.place_orders(2, &[("TOP-1", 1, 500)], "tok_ok").await?;
     sys.publish_raw("order.place", b"not json", Uuid::new_v4())
         .await?;
     for id in &ids {

@@ -98,6 +98,13 @@ fn start_relay(
     (stop, relay)
 }
 
+/// Waits until every append so far is readable, then until the relay has saved that
+/// end of the log as its checkpoint.
+async fn relay_catches_up(db: &TestDb) -> anyhow::Result<()> {
+    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
+    checkpoint_reaches(db, end).await
+}
+
 /// Waits until the relay has saved `end` as its checkpoint.
 async fn checkpoint_reaches(db: &TestDb, end: eventstore::LogPosition) -> anyhow::Result<()> {
     testkit::wait_until("the relay to save the end of the log", DEADLINE, || async {
@@ -195,8 +202,7 @@ async fn the_running_relay_checkpoints_the_end_of_the_log_once_idle() -> anyhow:
     // The end of the log, once every append is visible: other tests' transactions
     // hold the gap-safe horizon back, and a relay idling at an early horizon would
     // otherwise already be "at the end".
-    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
-    checkpoint_reaches(&db, end).await?;
+    relay_catches_up(&db).await?;
     let mut published = std::collections::BTreeSet::new();
     for (id, _) in drain(&channel).await? {
         published.insert(id);
@@ -289,8 +295,7 @@ async fn events_no_queue_is_bound_to_are_not_sent_and_a_queue_bound_later_receiv
     for quantity in 1_000..1_003 {
         append(&db.store, &streams::stock("L"), &set(quantity)).await?;
     }
-    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
-    checkpoint_reaches(&db, end).await?;
+    relay_catches_up(&db).await?;
     let expected: Vec<String> = db
         .store
         .read_all(from, 100)
@@ -436,8 +441,7 @@ async fn the_relay_hands_events_to_its_own_processs_services_and_publishes_only_
     let (accepted, placed) = accepted_order(&db).await?;
     inventory.has_seen(&accepted).await?;
     payment.has_seen(&accepted).await?;
-    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
-    checkpoint_reaches(&db, end).await?;
+    relay_catches_up(&db).await?;
     assert_eq!(
         ids(drain_queue(&channel, SPY).await?),
         Vec::<String>::new(),
@@ -458,8 +462,7 @@ async fn the_relay_hands_events_to_its_own_processs_services_and_publishes_only_
     inventory.stop().await?;
     let (accepted, _) = accepted_order(&db).await?;
     payment.has_seen(&accepted).await?;
-    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
-    checkpoint_reaches(&db, end).await?;
+    relay_catches_up(&db).await?;
     assert_eq!(
         drain_queue(&channel, SPY).await?,
         vec![(accepted.clone(), "order.OrderAccepted".to_owned())],
@@ -504,8 +507,7 @@ async fn a_hung_service_holds_back_the_relays_checkpoint_but_not_the_other_servi
     let _ = payment.open.send(true);
     payment.has_seen(&first).await?;
     payment.has_seen(&second).await?;
-    let end = testkit::wait_readable(&db.store, DEADLINE).await?;
-    checkpoint_reaches(&db, end).await?;
+    relay_catches_up(&db).await?;
     let _ = stop.send(());
     relay.await??;
     inventory.stop().await?;
