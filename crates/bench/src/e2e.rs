@@ -494,7 +494,7 @@ async fn drive(
     let cpu_before = cpu_by_name();
     let moved_before = processes.messages().await?;
     let burst = burst(pool, &channel, "bench-burst", k).await?;
-    let cpu_after = cpu_by_name();
+    let cpu_used = spent(&cpu_before, cpu_by_name());
     let moved = processes.messages().await?.since(moved_before);
     let (sustained, span, done, failed) = (burst.sustained, burst.span, burst.done, burst.failed);
     report.add(Row {
@@ -511,10 +511,9 @@ async fn drive(
         )),
         note: burst.summary(),
     });
-    let cpu: Vec<String> = cpu_after
+    let cpu: Vec<String> = cpu_used
         .iter()
-        .map(|(comm, after)| {
-            let used = after - cpu_before.get(comm).copied().unwrap_or(0.0);
+        .map(|(comm, used)| {
             format!(
                 "{comm} {used:.1} s ({:.2} ms per order)",
                 used * 1000.0 / k as f64
@@ -530,8 +529,7 @@ async fn drive(
         ("postgres", "e2e_cpu_postgres", "PostgreSQL (all backends)"),
         ("beam.smp", "e2e_cpu_rabbit", "RabbitMQ (beam.smp)"),
     ] {
-        let used = cpu_after.get(comm).copied().unwrap_or(0.0)
-            - cpu_before.get(comm).copied().unwrap_or(0.0);
+        let used = cpu_used.get(comm).copied().unwrap_or(0.0);
         report.add(Row {
             key,
             section: "end to end",
