@@ -717,7 +717,9 @@ fn offered(
     handed: HandedOver<LocalConsumer>,
     message: &OutgoingMessage,
 ) -> Result<Offer, BusError> {
-    let properties = message.properties.to_amqp()?;
+    // As the broker would deliver it: the relay's BCC of other queues (added when an
+    // earlier queue of the same event was published to) is not this consumer's.
+    let properties = message.properties.as_delivered()?;
     let incoming = Incoming::from_parts(
         &message.exchange,
         &message.routing_key,

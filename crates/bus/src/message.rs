@@ -81,7 +81,28 @@ impl OutgoingProperties {
         self
     }
 
+    /// The AMQP properties to publish with: [`Self::as_delivered`] and the `BCC`
+    /// routing keys.
     pub(crate) fn to_amqp(&self) -> Result<BasicProperties, BusError> {
+        let properties = self.as_delivered()?;
+        if self.bcc.is_empty() {
+            return Ok(properties);
+        }
+        let mut table = properties.headers().clone().unwrap_or_default();
+        let keys = self
+            .bcc
+            .iter()
+            .map(|key| AMQPValue::LongString(LongString::from(key.as_bytes())))
+            .collect::<Vec<_>>();
+        table.insert(ShortString::from("BCC"), AMQPValue::FieldArray(keys.into()));
+        Ok(properties.with_headers(table))
+    }
+
+    /// The AMQP properties as a consumer receives the message: without `BCC`, which
+    /// the broker removes before delivery. A message handed over in process carries
+    /// these, so that publishing it again (a retry's delay tier, a dead letter, its
+    /// queue after the consumer lost its channel) addresses no other queue.
+    pub(crate) fn as_delivered(&self) -> Result<BasicProperties, BusError> {
         let mut properties = BasicProperties::default()
             .with_content_type(ShortString::from(CONTENT_TYPE_JSON))
             .with_delivery_mode(PERSISTENT)
@@ -96,21 +117,13 @@ impl OutgoingProperties {
             properties =
                 properties.with_timestamp(u64::try_from(timestamp.timestamp()).unwrap_or(0));
         }
-        if !self.headers.is_empty() || !self.bcc.is_empty() {
+        if !self.headers.is_empty() {
             let mut table = FieldTable::default();
             for (name, value) in &self.headers {
                 table.insert(
                     short("header name", name)?,
                     AMQPValue::LongString(LongString::from(value.as_bytes())),
                 );
-            }
-            if !self.bcc.is_empty() {
-                let keys = self
-                    .bcc
-                    .iter()
-                    .map(|key| AMQPValue::LongString(LongString::from(key.as_bytes())))
-                    .collect::<Vec<_>>();
-                table.insert(ShortString::from("BCC"), AMQPValue::FieldArray(keys.into()));
             }
             properties = properties.with_headers(table);
         }
@@ -256,5 +269,31 @@ pub fn render_value(value: &AMQPValue) -> String {
         AMQPValue::ByteArray(v) => String::from_utf8_lossy(v.as_slice()).into_owned(),
         AMQPValue::Void => String::new(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_names(properties: &BasicProperties) -> Vec<String> {
+        properties
+            .headers()
+            .as_ref()
+            .map(|table| table.inner().keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_message_is_delivered_without_the_queues_it_was_also_addressed_to() {
+        let mut properties = OutgoingProperties::new("m-1").with_header("x-one", "1");
+        properties.bcc.push("orderflow.inventory".to_owned());
+        let published = properties.to_amqp().map(|p| header_names(&p));
+        let delivered = properties.as_delivered().map(|p| header_names(&p));
+        assert_eq!(
+            published.ok(),
+            Some(vec!["BCC".to_owned(), "x-one".to_owned()])
+        );
+        assert_eq!(delivered.ok(), Some(vec!["x-one".to_owned()]));
     }
 }
